@@ -1,0 +1,96 @@
+"""Assembly: settings → upstreams → pipeline → routes → the ASGI application."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from bastion.config import Settings
+from bastion.pipeline.chain import Pipeline
+from bastion.pipeline.route import Route
+from bastion.transport.front import Front, Receive, Scope, Send
+from bastion.upstream.pool import Upstreams
+
+log = logging.getLogger("bastion")
+
+
+def routes_for(settings: Settings) -> list[Route]:
+    """Every MCP endpoint: the virtual servers, and /servers/{name}/mcp per exposed upstream."""
+    routes = [
+        Route(
+            name=name,
+            path=vs.path.rstrip("/") or "/",
+            upstreams=vs.upstreams,
+            multiplex=True,
+            instructions=vs.instructions,
+        )
+        for name, vs in settings.virtual_servers.items()
+    ]
+    routes += [
+        Route(
+            name=f"server:{name}", path=f"/servers/{name}/mcp", upstreams=(name,), multiplex=False
+        )
+        for name, upstream in settings.upstreams.items()
+        if upstream.expose
+    ]
+    return routes
+
+
+class Gateway:
+    """The running gateway: an ASGI app whose lifespan starts and stops the upstreams."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.upstreams = Upstreams(settings)
+        self.pipeline = Pipeline(settings, self.upstreams)
+        self.routes = routes_for(settings)
+        self.front = Front(settings, self.pipeline, self.routes)
+        self._janitor: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Launch managed upstreams and begin expiring idle sessions."""
+        await self.upstreams.start()
+        self._janitor = asyncio.create_task(self._expire_sessions())
+        self.front.ready = True
+
+    async def stop(self) -> None:
+        """End sessions, close upstreams, stop launched servers."""
+        self.front.ready = False
+        if self._janitor is not None:
+            self._janitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._janitor
+        await self.pipeline.sessions.close()
+        await self.upstreams.close()
+
+    async def _expire_sessions(self) -> None:
+        period = min(60.0, self.settings.limits.session_idle_seconds / 2)
+        while True:
+            await asyncio.sleep(period)
+            expired = await self.pipeline.sessions.expire()
+            if expired:
+                log.info("expired %d idle sessions", expired)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        await self.front(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            event: Any = await receive()
+            if event["type"] == "lifespan.startup":
+                try:
+                    await self.start()
+                except Exception as exc:  # noqa: BLE001 - reported to the server, which exits
+                    log.error("startup failed: %s", exc)
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif event["type"] == "lifespan.shutdown":
+                await self.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return

@@ -1,0 +1,102 @@
+"""The `bastion` command: serve the gateway, check a config."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import typer
+
+from bastion import config
+from bastion.app import Gateway
+from bastion.errors import ConfigError
+
+cli = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Bastion, the MCP security gateway."
+)
+log = logging.getLogger("bastion")
+
+
+def _load(path: Path) -> config.Settings:
+    try:
+        return config.load(path)
+    except ConfigError as exc:
+        typer.echo(f"{path}: {len(exc.problems)} problem(s) in the configuration:", err=True)
+        for problem in exc.problems:
+            typer.echo(f"  {problem}", err=True)
+        raise typer.Exit(1) from exc
+
+
+@cli.command("check-config")
+def check_config(file: Path = typer.Argument(..., help="The YAML configuration file.")) -> None:
+    """Validate a configuration file: exit 0 when valid, else 1 with every problem and its line."""
+    settings = _load(file)
+    if settings.auth.mode == "none" and not settings.is_loopback():
+        typer.echo(
+            f"{file}: listen.host: auth: none is only allowed on a loopback address, "
+            f"found {settings.listen.host!r}",
+            err=True,
+        )
+        raise typer.Exit(1)
+    typer.echo(
+        f"{file}: valid ({len(settings.upstreams)} upstreams, "
+        f"{len(settings.virtual_servers)} virtual servers)"
+    )
+
+
+@cli.command()
+def serve(
+    config_file: Path = typer.Option(..., "--config", "-c", help="The YAML configuration file."),
+    host: str | None = typer.Option(None, help="Listen address (overrides listen.host)."),
+    port: int | None = typer.Option(None, help="Listen port (overrides listen.port)."),
+    log_level: str = typer.Option("info", help="debug, info, warning or error."),
+) -> None:
+    """Run the gateway."""
+    import uvicorn
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = _load(config_file)
+    listen = settings.listen.model_copy(
+        update={k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    )
+    settings = settings.model_copy(update={"listen": listen})
+    if settings.auth.mode == "none":
+        if not settings.is_loopback():
+            typer.echo(
+                f"refusing to start: auth: none is only allowed on a loopback address, "
+                f"not {settings.listen.host!r}",
+                err=True,
+            )
+            raise typer.Exit(1)
+        log.warning(
+            "auth: none — every caller acts as agent %r of tenant %r; loopback only",
+            settings.auth.agent,
+            settings.auth.tenant,
+        )
+    gateway = Gateway(settings)
+    base = f"http://{settings.listen.host}:{settings.listen.port}"
+    for route in gateway.routes:
+        log.info("MCP endpoint %s%s -> %s", base, route.path, ", ".join(route.upstreams))
+    uvicorn.run(
+        gateway,
+        host=settings.listen.host,
+        port=settings.listen.port,
+        loop="uvloop" if sys.platform != "win32" else "asyncio",
+        http="httptools",
+        lifespan="on",
+        log_level=log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+
+
+def main() -> None:
+    """Entry point of the `bastion` console script."""
+    cli()
+
+
+if __name__ == "__main__":
+    main()

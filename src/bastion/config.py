@@ -1,0 +1,230 @@
+"""Configuration: one YAML file parsed once into frozen, typed settings.
+
+Every problem is reported with its key path and line (`upstreams.workspace.url (line 12): …`),
+all of them at once, so an operator fixes a file in one pass.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bastion.errors import ConfigError
+
+# Upstream names become tool-name prefixes (`workspace__search_tasks`): no underscores in them,
+# so the first "__" in an exposed name always ends the prefix.
+NAME_PATTERN = r"^[a-z0-9]+(-[a-z0-9]+)*$"
+TOOL_SEPARATOR = "__"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Listen(_Frozen):
+    """Where the gateway listens."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class Auth(_Frozen):
+    """How callers are identified. Only `none` exists until the identity stage lands."""
+
+    mode: Literal["none"] = "none"
+    tenant: str = Field("default", pattern=NAME_PATTERN)
+    agent: str = "anonymous"
+
+
+class Limits(_Frozen):
+    """Bounds on what one request may cost."""
+
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_sessions: int = Field(10_000, ge=1)
+    session_idle_seconds: float = Field(3600.0, gt=0)
+    sse_replay_events: int = Field(256, ge=0)
+    sse_keepalive_seconds: float = Field(15.0, gt=0)
+
+
+class Security(_Frozen):
+    """DNS-rebinding protection: which Origin and Host values are accepted."""
+
+    allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+
+
+class Restart(_Frozen):
+    """Backoff for restarting a stdio upstream that exited."""
+
+    initial_seconds: float = Field(0.2, gt=0)
+    max_seconds: float = Field(30.0, gt=0)
+
+
+class HttpUpstream(_Frozen):
+    """An MCP server reached over Streamable HTTP."""
+
+    transport: Literal["http"]
+    url: str
+    timeout_seconds: float = Field(30.0, gt=0)
+    connect_timeout_seconds: float = Field(5.0, gt=0)
+    max_connections: int = Field(64, ge=1)
+    protocol: Literal["auto", "legacy", "modern"] = "auto"
+    launch: tuple[str, ...] = ()
+    cwd: str | None = None
+    expose: bool = True
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+            raise ValueError(f"expected an http:// or https:// URL, found {value!r}")
+        return value
+
+
+class StdioUpstream(_Frozen):
+    """An MCP server run as a subprocess speaking JSON-RPC over stdin/stdout."""
+
+    transport: Literal["stdio"]
+    command: tuple[str, ...] = Field(min_length=1)
+    env: dict[str, str] = Field(default_factory=dict)
+    env_passthrough: tuple[str, ...] = ("PATH", "HOME", "LANG", "PYTHONPATH", "VIRTUAL_ENV")
+    cwd: str | None = None
+    timeout_seconds: float = Field(30.0, gt=0)
+    protocol: Literal["auto", "legacy", "modern"] = "auto"
+    restart: Restart = Restart()
+    expose: bool = True
+
+
+Upstream = Annotated[HttpUpstream | StdioUpstream, Field(discriminator="transport")]
+
+
+class VirtualServer(_Frozen):
+    """A route that combines several upstreams under one MCP endpoint."""
+
+    path: str = Field(pattern=r"^/[A-Za-z0-9/_.-]*$")
+    upstreams: tuple[str, ...] = Field(min_length=1)
+    instructions: str | None = None
+
+
+class Settings(_Frozen):
+    """The whole configuration, validated."""
+
+    listen: Listen = Listen()
+    auth: Auth = Auth()
+    limits: Limits = Limits()
+    security: Security = Security()
+    upstreams: dict[str, Upstream] = Field(default_factory=dict)
+    virtual_servers: dict[str, VirtualServer] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _references(self) -> Settings:
+        problems = []
+        for name in self.upstreams:
+            if not re.match(NAME_PATTERN, name):
+                problems.append(f"upstream name {name!r} must match {NAME_PATTERN}")
+        paths: dict[str, str] = {}
+        for vname, server in self.virtual_servers.items():
+            for ref in server.upstreams:
+                if ref not in self.upstreams:
+                    problems.append(f"virtual server {vname!r} names unknown upstream {ref!r}")
+            if server.path.startswith("/servers/") or server.path in ("/healthz", "/readyz"):
+                problems.append(f"virtual server {vname!r} path {server.path!r} is reserved")
+            if server.path in paths:
+                problems.append(
+                    f"virtual servers {paths[server.path]!r} and {vname!r} share a path"
+                )
+            paths[server.path] = vname
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def is_loopback(self) -> bool:
+        """Whether the gateway binds only to a loopback address."""
+        host = self.listen.host
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+
+def load(path: str | os.PathLike[str]) -> Settings:
+    """Read and validate a config file; raise ConfigError naming every problem."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{file}: cannot read: {exc.strerror}"]) from exc
+    return parse(text, source=str(file), base=file.parent)
+
+
+def parse(text: str, *, source: str = "<config>", base: Path | None = None) -> Settings:
+    """Validate YAML text into Settings; relative paths resolve against `base`."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError([f"{source}{where}: not valid YAML: {exc}"]) from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source} (line 1): expected a mapping at the top level"])
+    lines = _key_lines(node)
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError([_describe(error, lines) for error in exc.errors()]) from exc
+    return _resolve_paths(settings, base) if base is not None else settings
+
+
+def _describe(error: Any, lines: dict[tuple[str, ...], int]) -> str:
+    # Discriminated unions put the tag ("http", "stdio") into loc; the user never wrote it.
+    loc = tuple(str(part) for part in error["loc"] if part not in ("http", "stdio"))
+    path = ".".join(loc) or "(top level)"
+    line = None
+    for cut in range(len(loc), -1, -1):
+        line = lines.get(loc[:cut])
+        if line is not None:
+            break
+    where = f" (line {line})" if line is not None else ""
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    return f"{path}{where}: {message}"
+
+
+def _key_lines(node: yaml.Node | None) -> dict[tuple[str, ...], int]:
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(current: yaml.Node, path: tuple[str, ...]) -> None:
+        lines.setdefault(path, current.start_mark.line + 1)
+        if isinstance(current, yaml.MappingNode):
+            for key, value in current.value:
+                child = (*path, str(key.value))
+                lines[child] = key.start_mark.line + 1
+                walk(value, child)
+        elif isinstance(current, yaml.SequenceNode):
+            for index, value in enumerate(current.value):
+                walk(value, (*path, str(index)))
+
+    if node is not None:
+        walk(node, ())
+    return lines
+
+
+def _resolve_paths(settings: Settings, base: Path) -> Settings:
+    upstreams: dict[str, HttpUpstream | StdioUpstream] = {}
+    for name, upstream in settings.upstreams.items():
+        if upstream.cwd is not None:
+            upstream = upstream.model_copy(update={"cwd": str((base / upstream.cwd).resolve())})
+        upstreams[name] = upstream
+    return settings.model_copy(update={"upstreams": upstreams})

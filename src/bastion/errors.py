@@ -1,0 +1,197 @@
+"""Bastion's errors: one small tree, each node knowing its wire form.
+
+```
+BastionError                     code               HTTP  JSON-RPC
+├── ProtocolError                protocol.*         400   -32600
+│   ├── ParseError               protocol.parse     400   -32700
+│   ├── InvalidRequest           protocol.invalid   400   -32600
+│   ├── MethodNotFound           protocol.method    200   -32601  (404 in the 2026 era)
+│   ├── InvalidParams            protocol.params    200   -32602
+│   │   └── InvalidEnvelope      protocol.meta      400   -32602  (2026 `_meta` envelope)
+│   ├── HeaderMismatch           protocol.header    400   -32020
+│   ├── UnsupportedVersion       protocol.version   400   -32022
+│   ├── BodyTooLarge             protocol.size      413   -32600
+│   ├── NotAcceptable            protocol.accept    406   -32600
+│   ├── UnsupportedMediaType     protocol.media     415   -32600
+│   ├── SessionRequired          protocol.session   400   -32600
+│   ├── SessionNotFound          protocol.session   404   -32600
+│   └── OriginRejected           protocol.origin    403   -32600
+├── AuthError                    auth.*             401   -32600
+├── PolicyError                  policy.*           200   -32600
+├── UpstreamError                upstream.*         200   -32603
+│   ├── UpstreamTimeout          upstream.timeout
+│   └── UpstreamUnavailable      upstream.unavailable
+└── ConfigError                  config.*           (never on the wire)
+```
+
+JSON-RPC errors about one request travel with HTTP 200 in the legacy era, so that clients show
+the message; transport-level problems use the HTTP status. Messages say what was expected and
+what was found, and never contain a token or a secret.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class BastionError(Exception):
+    """Base of every error Bastion raises on purpose."""
+
+    code: ClassVar[str] = "bastion"
+    http_status: ClassVar[int] = 500
+    rpc_code: ClassVar[int] = -32603
+
+    def __init__(self, message: str, *, data: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.data = data
+
+    def rpc_error(self) -> dict[str, Any]:
+        """The JSON-RPC `error` member for this error."""
+        data: dict[str, Any] = {"code": self.code}
+        if self.data:
+            data.update(self.data)
+        return {"code": self.rpc_code, "message": self.message, "data": data}
+
+
+class ProtocolError(BastionError):
+    """The request does not follow JSON-RPC 2.0, MCP or the Streamable HTTP transport."""
+
+    code = "protocol.invalid"
+    http_status = 400
+    rpc_code = -32600
+
+
+class ParseError(ProtocolError):
+    """The body is not valid JSON (or repeats a key in an object)."""
+
+    code = "protocol.parse"
+    rpc_code = -32700
+
+
+class InvalidRequest(ProtocolError):
+    """The body is JSON but not a valid JSON-RPC 2.0 message."""
+
+
+class MethodNotFound(ProtocolError):
+    """The method is not one this route serves."""
+
+    code = "protocol.method"
+    http_status = 200
+    rpc_code = -32601
+
+
+class InvalidParams(ProtocolError):
+    """The method's params are missing or of the wrong shape."""
+
+    code = "protocol.params"
+    http_status = 200
+    rpc_code = -32602
+
+
+class InvalidEnvelope(InvalidParams):
+    """A 2026-07-28 request lacks the per-request `_meta` envelope fields."""
+
+    code = "protocol.meta"
+    http_status = 400
+
+
+class HeaderMismatch(ProtocolError):
+    """An Mcp-* header is missing, malformed or disagrees with the body (2026-07-28)."""
+
+    code = "protocol.header"
+    rpc_code = -32020
+
+
+class UnsupportedVersion(ProtocolError):
+    """The requested protocol version is not one Bastion speaks."""
+
+    code = "protocol.version"
+    rpc_code = -32022
+
+
+class BodyTooLarge(ProtocolError):
+    """The request body is larger than `limits.max_body_bytes`."""
+
+    code = "protocol.size"
+    http_status = 413
+
+
+class NotAcceptable(ProtocolError):
+    """The Accept header does not list the media types the transport requires."""
+
+    code = "protocol.accept"
+    http_status = 406
+
+
+class UnsupportedMediaType(ProtocolError):
+    """The Content-Type of a POST is not application/json."""
+
+    code = "protocol.media"
+    http_status = 415
+
+
+class SessionRequired(ProtocolError):
+    """A legacy-era request other than initialize came without Mcp-Session-Id."""
+
+    code = "protocol.session"
+
+
+class SessionNotFound(ProtocolError):
+    """The Mcp-Session-Id is unknown, ended, or belongs to someone else."""
+
+    code = "protocol.session"
+    http_status = 404
+
+
+class OriginRejected(ProtocolError):
+    """The Origin or Host header is not allowed (DNS rebinding protection)."""
+
+    code = "protocol.origin"
+    http_status = 403
+
+
+class AuthError(BastionError):
+    """The caller could not be authenticated."""
+
+    code = "auth.failed"
+    http_status = 401
+    rpc_code = -32600
+
+
+class PolicyError(BastionError):
+    """Policy denied the request."""
+
+    code = "policy.denied"
+    http_status = 200  # a refusal of one call, not of the transport
+    rpc_code = -32600
+
+
+class UpstreamError(BastionError):
+    """An upstream MCP server failed, answered garbage or could not be reached."""
+
+    code = "upstream.error"
+    http_status = 200
+    rpc_code = -32603
+
+
+class UpstreamTimeout(UpstreamError):
+    """An upstream did not answer within its configured timeout."""
+
+    code = "upstream.timeout"
+
+
+class UpstreamUnavailable(UpstreamError):
+    """An upstream is down, refused the connection or its process exited."""
+
+    code = "upstream.unavailable"
+
+
+class ConfigError(BastionError):
+    """The configuration is invalid; carries every problem found, each with path and line."""
+
+    code = "config.invalid"
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems

@@ -1,0 +1,528 @@
+"""Running an MCP method once the stages have passed it: forward, fan out, or answer here.
+
+Every function yields JSON-RPC messages ending with the response to the client's request, so
+the transport can choose a JSON body (one message) or an SSE stream (several).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+import orjson
+
+from bastion.errors import BastionError, InvalidParams, MethodNotFound, UpstreamError
+from bastion.pipeline.exchange import Exchange
+from bastion.pipeline.route import Route
+from bastion.pipeline.session import ClientSession
+from bastion.rpc import error, result
+from bastion.types import (
+    JSON,
+    LEGACY_VERSIONS,
+    META_CAPABILITIES,
+    META_CLIENT_INFO,
+    META_SERVER_INFO,
+    META_SUBSCRIPTION,
+    META_VERSION,
+    MODERN_VERSION,
+    PROBE_META,
+    SUPPORTED_VERSIONS,
+    Era,
+)
+from bastion.upstream.base import Channel
+from bastion.upstream.pool import Upstreams
+
+log = logging.getLogger("bastion.dispatch")
+
+SERVER_INFO = {"name": "bastion", "title": "Bastion MCP gateway", "version": "0.1.0"}
+_LISTS = {
+    "tools/list": ("tools", "name"),
+    "prompts/list": ("prompts", "name"),
+    "resources/list": ("resources", "uri"),
+    "resources/templates/list": ("resourceTemplates", "uriTemplate"),
+}
+_FORWARDED = frozenset(
+    {
+        "tools/call",
+        "prompts/get",
+        "resources/read",
+        "resources/subscribe",
+        "resources/unsubscribe",
+        "completion/complete",
+    }
+)
+KNOWN_METHODS = frozenset(
+    {
+        *_FORWARDED,
+        *_LISTS,
+        "initialize",
+        "ping",
+        "server/discover",
+        "logging/setLevel",
+        "subscriptions/listen",
+    }
+)
+_MAX_INDEX_PAGES = 20
+
+
+class Dispatcher:
+    """Executes MCP methods for a route against its upstreams."""
+
+    def __init__(self, upstreams: Upstreams) -> None:
+        self.upstreams = upstreams
+
+    # -- channels ---------------------------------------------------------------------------
+
+    async def channel(self, exchange: Exchange, upstream: str) -> Channel:
+        """The channel this exchange uses to reach an upstream."""
+        session = exchange.session
+        if session is not None:
+            channel = session.channels.get(upstream)
+            if channel is None:
+                async with session._open_lock:
+                    channel = session.channels.get(upstream)
+                    if channel is None:
+                        channel = await self.upstreams.session_channel(
+                            upstream, session.hello, session.principal.tenant
+                        )
+                        session.channels[upstream] = channel
+            return channel
+        assert exchange.principal is not None  # noqa: S101 - authn ran
+        return await self.upstreams.stateless_channel(upstream, exchange.principal.tenant)
+
+    def _shape(self, exchange: Exchange, channel: Channel, message: JSON) -> JSON:
+        """Carry a legacy session's request to a modern upstream: add the per-request _meta."""
+        if channel.era is Era.MODERN and exchange.era is Era.LEGACY and exchange.session:
+            params = dict(message.get("params") or {})
+            meta = dict(params.get("_meta") or {})
+            meta.setdefault(META_VERSION, MODERN_VERSION)
+            meta.setdefault(META_CAPABILITIES, exchange.session.hello.get("capabilities", {}))
+            meta.setdefault(META_CLIENT_INFO, exchange.session.hello.get("clientInfo", {}))
+            params["_meta"] = meta
+            return {**message, "params": params}
+        return message
+
+    async def call(self, exchange: Exchange, upstream: str, message: JSON) -> AsyncIterator[JSON]:
+        """Send one request to one upstream; map server requests into the session."""
+        channel = await self.channel(exchange, upstream)
+        shaped = self._shape(exchange, channel, message)
+        headers = exchange.upstream_headers
+        if exchange.forward_headers:
+            headers = {**headers, **exchange.forward_headers}
+        async for reply in channel.request(shaped, headers):
+            if "method" in reply and "id" in reply:
+                if exchange.session is None:
+                    log.warning("upstream %r sent a server request to a stateless call", upstream)
+                    continue
+                reply = exchange.session.map_server_request(upstream, reply)
+            elif "result" in reply and channel.era is not exchange.era:
+                reply = _translate_result(reply, exchange.era, upstream)
+            yield reply
+
+    async def call_once(self, exchange: Exchange, upstream: str, message: JSON) -> JSON:
+        """Send a request and return only its response."""
+        async for reply in self.call(exchange, upstream, message):
+            if "method" not in reply:
+                return reply
+        raise UpstreamError(f"upstream {upstream!r} gave no response")
+
+    # -- methods ----------------------------------------------------------------------------
+
+    async def run(self, exchange: Exchange, route: Route) -> AsyncGenerator[JSON, None]:
+        """Execute the exchange's method; yield messages ending with the response."""
+        method = exchange.method
+        try:
+            if method in _FORWARDED:
+                async for reply in self._forward(exchange, route):
+                    yield reply
+            elif method in _LISTS:
+                yield await self._list(exchange, route)
+            elif method == "ping":
+                yield result(exchange.id, {})
+            elif method == "server/discover":
+                yield result(exchange.id, await self.discover(exchange, route))
+            elif method == "logging/setLevel":
+                yield await self._set_level(exchange, route)
+            elif method == "subscriptions/listen":
+                async for reply in self._listen(exchange, route):
+                    yield reply
+            else:
+                raise MethodNotFound(f"method {method!r} is not served by this gateway")
+        except BastionError as exc:
+            yield error(exchange.id, exc)
+
+    async def _forward(self, exchange: Exchange, route: Route) -> AsyncIterator[JSON]:
+        target = exchange.target
+        if target is None and exchange.method in (
+            "resources/read",
+            "resources/subscribe",
+            "resources/unsubscribe",
+            "completion/complete",
+        ):
+            await self.refresh_index(exchange, route)
+            target = route.target(exchange)
+            if target is None:
+                raise InvalidParams(f"resource not found: {exchange.params.get('uri')!r}")
+        assert target is not None  # noqa: S101 - route resolved names or raised
+        message = exchange.message
+        if route.multiplex and exchange.method in ("tools/call", "prompts/get"):
+            message = {**message, "params": {**exchange.params, "name": target.name}}
+        elif route.multiplex and exchange.method == "completion/complete":
+            ref = exchange.params["ref"]
+            if ref.get("type") == "ref/prompt":
+                message = {
+                    **message,
+                    "params": {**exchange.params, "ref": {**ref, "name": target.name}},
+                }
+        async for reply in self.call(exchange, target.upstream, message):
+            yield reply
+
+    async def _list(self, exchange: Exchange, route: Route) -> JSON:
+        """A list request. On a virtual server every upstream's page is fetched at once and
+        merged; the cursor carries each upstream's own cursor for those with more pages."""
+        key, _ = _LISTS[exchange.method]
+        if not route.multiplex:
+            reply = await self.call_once(exchange, route.upstreams[0], exchange.message)
+            if "result" in reply:
+                self._learn(
+                    route, exchange.method, route.upstreams[0], reply["result"].get(key, [])
+                )
+            return reply
+        cursors = _decode_cursor(exchange.params.get("cursor"), route.upstreams)
+        pages = await asyncio.gather(
+            *(self._page(exchange, route, upstream, cursor) for upstream, cursor in cursors.items())
+        )
+        merged: JSON = {key: []}
+        following: dict[str, Any] = {}
+        for upstream, page in zip(cursors, pages, strict=True):
+            if page is None:
+                continue
+            merged[key].extend(page.get(key, []))
+            if page.get("nextCursor") is not None:
+                following[upstream] = page["nextCursor"]
+        if following:
+            merged["nextCursor"] = _encode_cursor(following)
+        if exchange.era is Era.MODERN:
+            merged.update(resultType="complete", ttlMs=0, cacheScope="private")
+        return result(exchange.id, merged)
+
+    async def _page(
+        self, exchange: Exchange, route: Route, upstream: str, cursor: Any
+    ) -> JSON | None:
+        key, _ = _LISTS[exchange.method]
+        params = {k: v for k, v in exchange.params.items() if k != "cursor"}
+        if cursor is not None:
+            params["cursor"] = cursor
+        try:
+            reply = await self.call_once(exchange, upstream, {**exchange.message, "params": params})
+        except UpstreamError as exc:
+            log.warning("listing %s of %r failed: %s", key, upstream, exc.message)
+            return None
+        if not isinstance(reply.get("result"), dict):
+            log.warning("upstream %r refused %s: %s", upstream, exchange.method, reply.get("error"))
+            return None
+        page: JSON = reply["result"]
+        items = [i for i in page.get(key, []) if isinstance(i, dict)]
+        self._learn(route, exchange.method, upstream, items)
+        if key in ("tools", "prompts"):
+            items = [{**i, "name": route.expose(upstream, str(i.get("name")))} for i in items]
+        return {key: items, "nextCursor": page.get("nextCursor")}
+
+    def _learn(self, route: Route, method: str, upstream: str, items: list[JSON]) -> None:
+        if method == "resources/list":
+            route.learn_resources(upstream, items)
+        elif method == "resources/templates/list":
+            route.learn_templates(upstream, items)
+
+    async def refresh_index(self, exchange: Exchange, route: Route) -> None:
+        """Learn every upstream's resources and templates (bounded number of pages)."""
+        for upstream in route.upstreams:
+            for method, key in (
+                ("resources/list", "resources"),
+                ("resources/templates/list", "resourceTemplates"),
+            ):
+                cursor = None
+                for page in range(_MAX_INDEX_PAGES):
+                    params: JSON = dict(
+                        exchange.params.get("_meta") and {"_meta": exchange.params["_meta"]} or {}
+                    )
+                    if cursor is not None:
+                        params["cursor"] = cursor
+                    message = {
+                        "jsonrpc": "2.0",
+                        "id": f"index-{page}",
+                        "method": method,
+                        "params": params,
+                    }
+                    try:
+                        reply = await self.call_once(exchange, upstream, message)
+                    except UpstreamError:
+                        break
+                    body = reply.get("result") or {}
+                    self._learn(route, method, upstream, body.get(key, []))
+                    cursor = body.get("nextCursor")
+                    if cursor is None:
+                        break
+
+    def _stamp(self, exchange: Exchange, body: JSON) -> JSON:
+        if exchange.era is Era.MODERN:
+            body.setdefault("resultType", "complete")
+        return body
+
+    async def _set_level(self, exchange: Exchange, route: Route) -> JSON:
+        for upstream in route.upstreams:
+            with contextlib.suppress(UpstreamError):
+                await self.call_once(exchange, upstream, exchange.message)
+        return result(exchange.id, {})
+
+    # -- handshake and discovery ------------------------------------------------------------
+
+    async def initialize(self, exchange: Exchange, route: Route) -> JSON:
+        """Open the session's upstream channels and answer initialize."""
+        session = exchange.session
+        assert session is not None  # noqa: S101 - transport made the session
+        results = await asyncio.gather(
+            *(self._open(exchange, upstream) for upstream in route.upstreams),
+            return_exceptions=True,
+        )
+        opened = [r for r in results if isinstance(r, dict)]
+        for upstream, outcome in zip(route.upstreams, results, strict=True):
+            if not isinstance(outcome, dict):
+                log.warning("upstream %r did not initialize: %s", upstream, outcome)
+        if not route.multiplex:
+            if not opened:
+                failure = results[0]
+                if isinstance(failure, BastionError):
+                    raise failure
+                raise UpstreamError(f"upstream {route.upstreams[0]!r} did not initialize")
+            body = dict(opened[0])
+            body["protocolVersion"] = session.protocol_version
+            return body
+        body = {
+            "protocolVersion": session.protocol_version,
+            "capabilities": merge_capabilities([r.get("capabilities", {}) for r in opened]),
+            "serverInfo": SERVER_INFO,
+        }
+        if route.instructions:
+            body["instructions"] = route.instructions
+        return body
+
+    async def _open(self, exchange: Exchange, upstream: str) -> JSON:
+        channel = await self.channel(exchange, upstream)
+        opener = getattr(channel, "open", None)
+        if opener is not None:
+            opened: JSON = await opener(exchange.upstream_headers)
+            return opened
+        process = getattr(channel, "_process", None)
+        initialized = getattr(process, "initialized", None)
+        if isinstance(initialized, dict):
+            return initialized
+        return await self._discover_one(exchange, upstream)
+
+    async def _discover_one(self, exchange: Exchange, upstream: str) -> JSON:
+        message = {
+            "jsonrpc": "2.0",
+            "id": "discover",
+            "method": "server/discover",
+            "params": {"_meta": PROBE_META},
+        }
+        reply = await self.call_once(exchange, upstream, message)
+        if "result" not in reply:
+            raise UpstreamError(f"upstream {upstream!r} refused server/discover")
+        body: JSON = reply["result"]
+        return body
+
+    async def discover(self, exchange: Exchange, route: Route) -> JSON:
+        """Answer server/discover for the route (2026-07-28)."""
+        results = await asyncio.gather(
+            *(self._discover_one(exchange, upstream) for upstream in route.upstreams),
+            return_exceptions=True,
+        )
+        found = [r for r in results if isinstance(r, dict)]
+        body: JSON = {
+            "resultType": "complete",
+            "supportedVersions": list(SUPPORTED_VERSIONS),
+            "capabilities": merge_capabilities([r.get("capabilities", {}) for r in found]),
+            "_meta": {META_SERVER_INFO: SERVER_INFO},
+            "ttlMs": 0,
+            "cacheScope": "private",
+        }
+        if not route.multiplex and found:
+            upstream_meta = found[0].get("_meta") or {}
+            if META_SERVER_INFO in upstream_meta:
+                body["_meta"] = {META_SERVER_INFO: upstream_meta[META_SERVER_INFO]}
+            if found[0].get("instructions"):
+                body["instructions"] = found[0]["instructions"]
+        elif route.instructions:
+            body["instructions"] = route.instructions
+        return body
+
+    # -- server-initiated traffic -----------------------------------------------------------
+
+    async def _listen(self, exchange: Exchange, route: Route) -> AsyncIterator[JSON]:
+        """subscriptions/listen: one client stream fed by every upstream's listen stream."""
+        wanted = exchange.params.get("notifications") or {}
+        if not isinstance(wanted, dict):
+            raise InvalidParams("subscriptions/listen needs params.notifications as an object")
+        queue: asyncio.Queue[JSON] = asyncio.Queue(maxsize=1024)
+        per_upstream: dict[str, JSON] = {u: {} for u in route.upstreams}
+        for flag in ("toolsListChanged", "promptsListChanged", "resourcesListChanged"):
+            if wanted.get(flag) is True:
+                for upstream in route.upstreams:
+                    per_upstream[upstream][flag] = True
+        for uri in wanted.get("resourceSubscriptions") or []:
+            target = route.resolve_uri(uri) if isinstance(uri, str) else None
+            if target is None:
+                await self.refresh_index(exchange, route)
+                target = route.resolve_uri(uri) if isinstance(uri, str) else None
+            if target is not None:
+                per_upstream[target.upstream].setdefault("resourceSubscriptions", []).append(uri)
+        tasks = [
+            asyncio.create_task(self._pump_listen(exchange, upstream, filt, queue))
+            for upstream, filt in per_upstream.items()
+            if filt
+        ]
+        try:
+            yield {
+                "jsonrpc": "2.0",
+                "method": "notifications/subscriptions/acknowledged",
+                "params": {"_meta": {META_SUBSCRIPTION: exchange.id}, "notifications": wanted},
+            }
+            while True:
+                yield await queue.get()
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _pump_listen(
+        self, exchange: Exchange, upstream: str, wanted: JSON, queue: asyncio.Queue[JSON]
+    ) -> None:
+        params = {**exchange.params, "notifications": wanted}
+        message = {**exchange.message, "params": params}
+        try:
+            async for reply in self.call(exchange, upstream, message):
+                if reply.get("method", "").startswith("notifications/") and reply["method"] != (
+                    "notifications/subscriptions/acknowledged"
+                ):
+                    out = dict(reply)
+                    p = dict(out.get("params") or {})
+                    p["_meta"] = {**(p.get("_meta") or {}), META_SUBSCRIPTION: exchange.id}
+                    out["params"] = p
+                    await queue.put(out)
+        except UpstreamError as exc:
+            log.warning("listen stream of %r ended: %s", upstream, exc.message)
+
+    def start_listening(
+        self, session: ClientSession, route: Route, headers: dict[str, str]
+    ) -> None:
+        """Relay each upstream's own stream (legacy GET) into the session's standalone stream."""
+        if session.listening:
+            return
+        session.listening = True
+        for upstream in route.upstreams:
+            session.spawn(self._pump_session(session, upstream, headers))
+
+    async def _pump_session(
+        self, session: ClientSession, upstream: str, headers: dict[str, str]
+    ) -> None:
+        channel = session.channels.get(upstream)
+        if channel is None:
+            return
+        stream = session.streams["0"]
+        try:
+            async for message in channel.listen(headers):
+                if "method" in message and "id" in message:
+                    message = session.map_server_request(upstream, message)
+                stream.append(orjson.dumps(message))
+        except BastionError as exc:
+            log.info("server stream of %r for a session ended: %s", upstream, exc.message)
+
+    async def deliver(self, session: ClientSession, message: JSON, headers: dict[str, str]) -> None:
+        """Route a client's answer to a server request back to the upstream that asked."""
+        mapped = session.server_requests.pop(str(message.get("id")), None)
+        if mapped is None:
+            raise InvalidParams(f"no server request with id {message.get('id')!r} is pending")
+        upstream, upstream_id = mapped
+        channel = session.channels[upstream]
+        await channel.send({**message, "id": upstream_id}, headers)
+
+    async def notify(self, session: ClientSession, message: JSON, headers: dict[str, str]) -> None:
+        """Forward a client notification: cancellations to the upstream running the request,
+        roots changes to every upstream of the session."""
+        method = message.get("method")
+        if method == "notifications/cancelled":
+            request_id = (message.get("params") or {}).get("requestId")
+            for channel in session.channels.values():
+                upstream_id = getattr(channel, "inflight", {}).get(request_id)
+                if upstream_id is not None:
+                    params = {**message["params"], "requestId": upstream_id}
+                    await channel.send({**message, "params": params}, headers)
+        elif method == "notifications/roots/list_changed":
+            for channel in session.channels.values():
+                with contextlib.suppress(BastionError):
+                    await channel.send(message, headers)
+
+
+def _translate_result(reply: JSON, era: Era, upstream: str) -> JSON:
+    """Carry a result across eras: stamp resultType for modern clients; refuse to hand a
+    legacy session a multi-round-trip request it has no way to answer."""
+    body = reply["result"]
+    if not isinstance(body, dict):
+        return reply
+    if era is Era.MODERN:
+        return {**reply, "result": {**body, "resultType": body.get("resultType", "complete")}}
+    if body.get("resultType") == "input_required":
+        exc = UpstreamError(
+            f"upstream {upstream!r} asks for client input (2026-07-28 input_required), "
+            "which a 2025-era session cannot answer; connect with protocol 2026-07-28"
+        )
+        return error(reply.get("id"), exc)
+    return reply
+
+
+def merge_capabilities(all_caps: list[JSON]) -> JSON:
+    """Union of the upstreams' server capabilities; list changes always relayed."""
+    merged: JSON = {}
+    for caps in all_caps:
+        for key, value in caps.items():
+            if key in ("tools", "prompts", "resources", "logging", "completions") and isinstance(
+                value, dict
+            ):
+                slot = merged.setdefault(key, {})
+                for flag, on in value.items():
+                    slot[flag] = bool(slot.get(flag)) or bool(on)
+    for key in ("tools", "prompts", "resources"):
+        if key in merged:
+            merged[key]["listChanged"] = True
+    return merged
+
+
+def _encode_cursor(cursors: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(cursors)).decode()
+
+
+def _decode_cursor(cursor: Any, upstreams: tuple[str, ...]) -> dict[str, Any]:
+    """{upstream: its cursor} to fetch next; no cursor means the first page of all."""
+    if cursor is None:
+        return dict.fromkeys(upstreams)
+    try:
+        cursors = orjson.loads(base64.urlsafe_b64decode(str(cursor)))
+    except (ValueError, TypeError) as exc:
+        raise InvalidParams(
+            "invalid cursor: pass back the nextCursor of the previous page"
+        ) from exc
+    if not isinstance(cursors, dict) or not cursors or not set(cursors) <= set(upstreams):
+        raise InvalidParams("invalid cursor: pass back the nextCursor of the previous page")
+    return {u: cursors[u] for u in upstreams if u in cursors}
+
+
+def negotiate(requested: Any) -> str:
+    """The legacy protocol version to answer initialize with."""
+    return requested if requested in LEGACY_VERSIONS else LEGACY_VERSIONS[0]

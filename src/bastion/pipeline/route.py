@@ -1,0 +1,114 @@
+"""Routing: which upstream serves a request, and under which of its own names.
+
+A multiplexing route (a virtual server) exposes tools and prompts as `<upstream>__<name>`.
+Upstream names never contain an underscore, so the first `__` always ends the prefix and the
+mapping is reversible whatever the tool's own name is. Resource URIs are left as the upstream
+wrote them; the route learns which upstream owns which URI and template from the lists.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from bastion.config import TOOL_SEPARATOR
+from bastion.errors import InvalidParams
+from bastion.pipeline.exchange import Exchange
+from bastion.types import JSON, Target
+
+# Methods that name one tool/prompt/resource and so go to one upstream.
+_BY_NAME = {"tools/call": "tool", "prompts/get": "prompt"}
+_BY_URI = {"resources/read", "resources/subscribe", "resources/unsubscribe"}
+
+
+@dataclass
+class Route:
+    """One MCP endpoint: a path and the upstreams behind it."""
+
+    name: str
+    path: str
+    upstreams: tuple[str, ...]
+    multiplex: bool
+    instructions: str | None = None
+    _uris: dict[str, str] = field(default_factory=dict)
+    _templates: list[tuple[re.Pattern[str], str]] = field(default_factory=list)
+
+    def expose(self, upstream: str, name: str) -> str:
+        """The name a client sees for an upstream's tool or prompt."""
+        return f"{upstream}{TOOL_SEPARATOR}{name}" if self.multiplex else name
+
+    def resolve_name(self, exposed: str, kind: str) -> Target:
+        """The upstream and original name behind an exposed tool or prompt name."""
+        if not self.multiplex:
+            return Target(self.upstreams[0], exposed)
+        upstream, sep, name = exposed.partition(TOOL_SEPARATOR)
+        if not sep or not name or upstream not in self.upstreams:
+            raise InvalidParams(
+                f"unknown {kind} {exposed!r}: names on this route are "
+                f"'<server>{TOOL_SEPARATOR}<{kind}>' with <server> one of {list(self.upstreams)}"
+            )
+        return Target(upstream, name)
+
+    def learn_resources(self, upstream: str, items: list[JSON]) -> None:
+        """Remember which upstream listed which resource URIs."""
+        for item in items:
+            uri = item.get("uri")
+            if isinstance(uri, str):
+                self._uris[uri] = upstream
+
+    def learn_templates(self, upstream: str, items: list[JSON]) -> None:
+        """Remember which upstream offers which URI templates (RFC 6570, simple expansions)."""
+        for item in items:
+            template = item.get("uriTemplate")
+            if isinstance(template, str):
+                pattern = re.compile(_template_regex(template))
+                self._templates = [
+                    (p, u) for p, u in self._templates if p.pattern != pattern.pattern
+                ]
+                self._templates.append((pattern, upstream))
+
+    def resolve_uri(self, uri: str) -> Target | None:
+        """The upstream owning a resource URI, or None when the route has not seen it."""
+        if not self.multiplex:
+            return Target(self.upstreams[0], uri)
+        owner = self._uris.get(uri)
+        if owner is None:
+            matches = {u for p, u in self._templates if p.fullmatch(uri)}
+            if len(matches) == 1:
+                owner = matches.pop()
+        return Target(owner, uri) if owner is not None else None
+
+    def target(self, exchange: Exchange) -> Target | None:
+        """Where a request goes; None for methods the gateway answers or fans out itself."""
+        method = exchange.method
+        params = exchange.params
+        kind = _BY_NAME.get(method)
+        if kind is not None:
+            name = params.get("name")
+            if not isinstance(name, str):
+                raise InvalidParams(f"{method} needs params.name as a string")
+            return self.resolve_name(name, kind)
+        if method in _BY_URI:
+            uri = params.get("uri")
+            if not isinstance(uri, str):
+                raise InvalidParams(f"{method} needs params.uri as a string")
+            return self.resolve_uri(uri)
+        if method == "completion/complete":
+            ref = params.get("ref")
+            if not isinstance(ref, dict):
+                raise InvalidParams("completion/complete needs params.ref as an object")
+            if ref.get("type") == "ref/prompt" and isinstance(ref.get("name"), str):
+                return self.resolve_name(ref["name"], "prompt")
+            if ref.get("type") == "ref/resource" and isinstance(ref.get("uri"), str):
+                return self.resolve_uri(ref["uri"])
+            raise InvalidParams("completion/complete ref must be ref/prompt or ref/resource")
+        return None
+
+
+def _template_regex(template: str) -> str:
+    out = []
+    for literal, expr in re.findall(r"([^{]*)(\{[^}]*\})?", template):
+        out.append(re.escape(literal))
+        if expr:
+            out.append("(.+)" if expr[1:2] in ("+", "#") else "([^/?#]+)")
+    return "".join(out)

@@ -1,0 +1,488 @@
+"""The Streamable HTTP front: plain ASGI, both protocol eras on every MCP route.
+
+POST carries one JSON-RPC message. Legacy era (2025-06-18, 2025-11-25): `initialize` opens a
+session named by `Mcp-Session-Id`; GET opens the session's server stream; DELETE ends it; SSE
+streams are resumable with `Last-Event-ID`. Modern era (2026-07-28): every POST stands alone,
+with `MCP-Protocol-Version`, `Mcp-Method` and `Mcp-Name` checked against the body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import Any
+
+import orjson
+
+from bastion import rpc, sse
+from bastion.config import Settings
+from bastion.errors import (
+    BastionError,
+    BodyTooLarge,
+    InvalidRequest,
+    MethodNotFound,
+    ProtocolError,
+    SessionNotFound,
+    SessionRequired,
+)
+from bastion.pipeline.chain import Pipeline
+from bastion.pipeline.dispatch import KNOWN_METHODS, negotiate
+from bastion.pipeline.exchange import Exchange
+from bastion.pipeline.route import Route
+from bastion.pipeline.session import ClientSession, Stream
+from bastion.transport import checks
+from bastion.types import JSON, LEGACY_VERSIONS, MODERN_VERSION, UPSTREAM_STATUS, Era
+
+log = logging.getLogger("bastion.transport")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache, no-transform"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class Front:
+    """The ASGI application serving every MCP route plus health endpoints."""
+
+    def __init__(self, settings: Settings, pipeline: Pipeline, routes: list[Route]) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self.routes = {route.path: route for route in routes}
+        self.hosts = checks.HostPolicy(
+            settings.is_loopback(),
+            settings.security.allowed_hosts,
+            settings.security.allowed_origins,
+        )
+        self.ready = False
+        self.max_body = settings.limits.max_body_bytes
+        self.keepalive = settings.limits.sse_keepalive_seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        if path == "/healthz":
+            await _plain(send, 200, b'{"status":"ok"}')
+            return
+        if path == "/readyz":
+            status = 200 if self.ready else 503
+            await _plain(
+                send, status, b'{"status":"ready"}' if self.ready else b'{"status":"starting"}'
+            )
+            return
+        route = self.routes.get(path.rstrip("/") or "/")
+        if route is None:
+            await _plain(send, 404, b'{"error":"no MCP endpoint at this path"}')
+            return
+        headers = _headers(scope)
+        try:
+            self.hosts.check(headers.get("host"), headers.get("origin"))
+            method = scope["method"]
+            if method == "POST":
+                await self._post(scope, receive, send, route, headers)
+            elif method == "GET":
+                await self._get(receive, send, route, headers)
+            elif method == "DELETE":
+                await self._delete(send, route, headers)
+            else:
+                raise _MethodNotAllowed()
+        except _MethodNotAllowed:
+            await _plain(
+                send, 405, b'{"error":"method not allowed"}', [(b"allow", b"GET, POST, DELETE")]
+            )
+        except BastionError as exc:
+            await _error(send, exc, None)
+
+    # -- POST -------------------------------------------------------------------------------
+
+    async def _post(
+        self, scope: Scope, receive: Receive, send: Send, route: Route, headers: dict[str, str]
+    ) -> None:
+        checks.check_post_media(headers.get("content-type"), headers.get("accept"))
+        body = await self._read_body(receive, headers)
+        message: Any = None
+        try:
+            message = rpc.loads(body)
+            kind = rpc.classify(message)
+        except ProtocolError as exc:
+            await _error(send, exc, rpc.request_id(message))
+            return
+        version = headers.get("mcp-protocol-version")
+        if version is not None:
+            try:
+                checks.check_version(version)
+            except ProtocolError as exc:
+                await _error(send, exc, rpc.request_id(message))
+                return
+        client = _client(scope)
+        if version == MODERN_VERSION or (
+            version is None and "mcp-session-id" not in headers and _has_modern_meta(message)
+        ):
+            await self._post_modern(send, receive, route, headers, message, kind, client, version)
+        else:
+            await self._post_legacy(send, receive, route, headers, message, kind, client, version)
+
+    async def _read_body(self, receive: Receive, headers: dict[str, str]) -> bytes:
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            raise BodyTooLarge(f"body of {length} bytes exceeds the limit of {self.max_body}")
+        chunks = []
+        size = 0
+        while True:
+            event = await receive()
+            if event["type"] == "http.disconnect":
+                raise InvalidRequest("client disconnected before sending the whole body")
+            chunk = event.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise BodyTooLarge(f"body exceeds the limit of {self.max_body} bytes")
+            chunks.append(chunk)
+            if not event.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _post_modern(
+        self,
+        send: Send,
+        receive: Receive,
+        route: Route,
+        headers: dict[str, str],
+        message: JSON,
+        kind: rpc.Kind,
+        client: str,
+        version: str | None,
+    ) -> None:
+        if kind is rpc.Kind.RESPONSE:
+            await _error(send, InvalidRequest("clients send no responses in 2026-07-28"), None)
+            return
+        if kind is rpc.Kind.NOTIFICATION:
+            await _plain(send, 202, b"")
+            return
+        try:
+            checks.check_modern_headers(message, version or "", headers)
+        except ProtocolError as exc:
+            await _error(send, exc, message.get("id"))
+            return
+        if message["method"] not in KNOWN_METHODS or message["method"] in (
+            "initialize",
+            "ping",
+            "logging/setLevel",
+            "resources/subscribe",
+            "resources/unsubscribe",
+        ):
+            missing = MethodNotFound(
+                f"method {message['method']!r} does not exist in {MODERN_VERSION}"
+            )
+            await _error(send, missing, message.get("id"), status=404)
+            return
+        exchange = Exchange(message, Era.MODERN, MODERN_VERSION, route.name, client)
+        exchange.forward_headers = {k: v for k, v in headers.items() if k.startswith("mcp-param-")}
+        self.pipeline.admit(exchange, route)
+        if exchange.denial is not None:
+            await _error(send, exchange.denial, exchange.id)
+            return
+        await self._answer(send, receive, exchange, self.pipeline.run(exchange, route), None)
+
+    async def _post_legacy(
+        self,
+        send: Send,
+        receive: Receive,
+        route: Route,
+        headers: dict[str, str],
+        message: JSON,
+        kind: rpc.Kind,
+        client: str,
+        version: str | None,
+    ) -> None:
+        session_id = headers.get("mcp-session-id")
+        if kind is rpc.Kind.REQUEST and message["method"] == "initialize":
+            await self._initialize(send, route, message, client)
+            return
+        if session_id is None:
+            raise SessionRequired(
+                "Mcp-Session-Id header is required; send initialize first "
+                f"(or use protocol version {MODERN_VERSION} with its request headers)"
+            )
+        exchange = Exchange(message, Era.LEGACY, version or LEGACY_VERSIONS[0], route.name, client)
+        self.pipeline.admit(exchange, route, session_id)
+        session = exchange.session
+        if session is None:  # unknown or someone else's session: same answer either way
+            await _error(send, exchange.denial or SessionNotFound("session not found"), None)
+            return
+        if version is not None and version != session.protocol_version:
+            exc = InvalidRequest(
+                f"MCP-Protocol-Version {version!r} differs from the session's "
+                f"{session.protocol_version!r}"
+            )
+            await _error(send, exc, rpc.request_id(message))
+            return
+        if kind is rpc.Kind.RESPONSE:
+            await self.pipeline.dispatcher.deliver(session, message, exchange.upstream_headers)
+            await _plain(send, 202, b"", session_headers(session))
+            return
+        if kind is rpc.Kind.NOTIFICATION:
+            if message["method"] == "notifications/initialized":
+                session.initialized = True
+            else:
+                await self.pipeline.dispatcher.notify(session, message, exchange.upstream_headers)
+            await _plain(send, 202, b"", session_headers(session))
+            return
+        if exchange.denial is not None:
+            await _error(send, exchange.denial, exchange.id, extra=session_headers(session))
+            return
+        await self._answer(send, receive, exchange, self.pipeline.run(exchange, route), session)
+
+    async def _initialize(self, send: Send, route: Route, message: JSON, client: str) -> None:
+        params = message.get("params") or {}
+        version = negotiate(params.get("protocolVersion"))
+        exchange = Exchange(message, Era.LEGACY, version, route.name, client)
+        self.pipeline.admit(exchange, route)
+        if exchange.denial is not None or exchange.principal is None:
+            await _error(send, exchange.denial or InvalidRequest("no principal"), exchange.id)
+            return
+        hello = {
+            "protocolVersion": version,
+            "capabilities": params.get("capabilities") or {},
+            "clientInfo": params.get("clientInfo") or {"name": "unknown", "version": "0"},
+        }
+        store = self.pipeline.sessions
+        session = ClientSession(
+            id=store.new_id(),
+            principal=exchange.principal,
+            route=route.name,
+            protocol_version=version,
+            hello=hello,
+            keep_events=self.settings.limits.sse_replay_events,
+        )
+        exchange.session = session
+        try:
+            body = await self.pipeline.dispatcher.initialize(exchange, route)
+        except BastionError as exc:
+            await session.close()
+            await _error(send, exc, exchange.id)
+            return
+        await store.add(session)
+        await _json(send, 200, rpc.dumps(rpc.result(exchange.id, body)), session_headers(session))
+
+    # -- answering: JSON or SSE -------------------------------------------------------------
+
+    async def _answer(
+        self,
+        send: Send,
+        receive: Receive,
+        exchange: Exchange,
+        replies: AsyncGenerator[JSON, None],
+        session: ClientSession | None,
+    ) -> None:
+        """One message answers with a JSON body; more (notifications first) with an SSE stream."""
+        extra = session_headers(session) if session is not None else []
+        try:
+            first = await anext(replies)
+        except StopAsyncIteration:
+            await _error(send, InvalidRequest("no answer"), exchange.id, extra=extra)
+            return
+        if "method" not in first:
+            await replies.aclose()
+            status = first.pop(UPSTREAM_STATUS, 200)
+            if exchange.era is Era.MODERN and first.get("error", {}).get("code") == -32601:
+                status = 404
+            await _json(
+                send, status if exchange.era is Era.MODERN else 200, rpc.dumps(first), extra
+            )
+            return
+        if session is None:
+            # 2026-07-28: no resumption; the client closing the stream cancels the request.
+            stream = Stream("", keep=4096)
+            stream.append(rpc.dumps(first))
+            pump = asyncio.create_task(_pump(replies, stream))
+            try:
+                await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+                await self._write_stream(send, stream, 0, receive, ids=False)
+            finally:
+                pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await pump
+            return
+        # Legacy: the session owns the pump, so the answer survives a dropped connection and
+        # the client can resume it with Last-Event-ID.
+        stream = session.new_stream()
+        stream.append(rpc.dumps(first))
+        session.spawn(_pump(replies, stream))
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + extra})
+        if session.protocol_version >= "2025-11-25":
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": sse.encode_priming(stream.event_id(0)),
+                    "more_body": True,
+                }
+            )
+        await self._write_stream(send, stream, 0, receive)
+
+    async def _write_stream(
+        self, send: Send, stream: Stream, after: int, receive: Receive, *, ids: bool = True
+    ) -> None:
+        """Write a kept stream's events after `after`, live, until it closes or the client goes."""
+        seq = after
+        gone = asyncio.Event()
+        watcher = asyncio.create_task(_watch_disconnect(receive, gone, stream))
+        try:
+            while not gone.is_set():
+                for number, data in stream.since(seq):
+                    event_id = stream.event_id(number) if ids else None
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": sse.encode(data, event_id),
+                            "more_body": True,
+                        }
+                    )
+                    seq = number
+                if stream.closed and seq >= stream.last:
+                    break
+                before = stream.last
+                await stream.wait(seq, self.keepalive)
+                if stream.last == before and not stream.closed and not gone.is_set():
+                    await send(
+                        {"type": "http.response.body", "body": sse.KEEPALIVE, "more_body": True}
+                    )
+        except OSError:
+            pass
+        finally:
+            stream.attached = False
+            watcher.cancel()
+        with contextlib.suppress(OSError):
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    # -- GET and DELETE (legacy sessions) ---------------------------------------------------
+
+    def _session(self, route: Route, headers: dict[str, str], client: str = "") -> ClientSession:
+        session_id = headers.get("mcp-session-id")
+        if session_id is None:
+            raise SessionRequired("Mcp-Session-Id header is required")
+        exchange = Exchange({}, Era.LEGACY, LEGACY_VERSIONS[0], route.name, client)
+        self.pipeline.authn.authenticate(exchange)
+        assert exchange.principal is not None  # noqa: S101 - authn sets it
+        return self.pipeline.sessions.get(session_id, exchange.principal, route.name)
+
+    async def _get(
+        self, receive: Receive, send: Send, route: Route, headers: dict[str, str]
+    ) -> None:
+        if headers.get("mcp-protocol-version") == MODERN_VERSION:
+            raise _MethodNotAllowed()
+        checks.check_get_accept(headers.get("accept"))
+        session = self._session(route, headers)
+        last = headers.get("last-event-id")
+        stream, after = session.streams["0"], 0
+        if last is not None:
+            stream_id, _, seq = last.rpartition("-")
+            found = session.streams.get(stream_id)
+            if found is None or not seq.isdigit():
+                raise InvalidRequest(f"Last-Event-ID {last!r} names no stream of this session")
+            stream, after = found, int(seq)
+        elif stream.attached:
+            await _plain(send, 409, b'{"error":"this session already has an open GET stream"}')
+            return
+        stream.attached = True
+        if stream.id == "0":
+            exchange = Exchange({}, Era.LEGACY, session.protocol_version, route.name, "")
+            exchange.principal = session.principal
+            self.pipeline.credentials.attach(exchange)
+            self.pipeline.dispatcher.start_listening(session, route, exchange.upstream_headers)
+            after = max(after, 0)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": _SSE_HEADERS + session_headers(session),
+            }
+        )
+        await send(
+            {
+                "type": "http.response.body",
+                "body": sse.encode_priming(stream.event_id(after)),
+                "more_body": True,
+            }
+        )
+        await self._write_stream(send, stream, after, receive)
+
+    async def _delete(self, send: Send, route: Route, headers: dict[str, str]) -> None:
+        session = self._session(route, headers)
+        await self.pipeline.sessions.remove(session.id)
+        await _plain(send, 200, b"")
+
+
+class _MethodNotAllowed(Exception):
+    pass
+
+
+async def _pump(replies: AsyncIterator[JSON], stream: Stream) -> None:
+    """Move an upstream answer into a kept stream, whether or not a client is reading."""
+    try:
+        async for message in replies:
+            message.pop(UPSTREAM_STATUS, None)
+            stream.append(rpc.dumps(message))
+    finally:
+        stream.close()
+
+
+async def _watch_disconnect(receive: Receive, gone: asyncio.Event, stream: Stream) -> None:
+    while True:
+        event = await receive()
+        if event["type"] == "http.disconnect":
+            gone.set()
+            stream.wake()
+            return
+
+
+def session_headers(session: ClientSession) -> list[tuple[bytes, bytes]]:
+    """The Mcp-Session-Id response header."""
+    return [(b"mcp-session-id", session.id.encode())]
+
+
+def _has_modern_meta(message: Any) -> bool:
+    params = message.get("params") if isinstance(message, dict) else None
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    return isinstance(meta, dict) and "io.modelcontextprotocol/protocolVersion" in meta
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+def _client(scope: Scope) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else ""
+
+
+async def _plain(
+    send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    headers = (_JSON_HEADERS if body else []) + (extra or [])
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _json(send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]]) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": _JSON_HEADERS + extra})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _error(
+    send: Send,
+    exc: BastionError,
+    id_: Any,
+    *,
+    status: int | None = None,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    body = orjson.dumps(rpc.error(id_, exc))
+    await _json(send, status or exc.http_status, body, extra or [])

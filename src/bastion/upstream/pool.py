@@ -1,0 +1,143 @@
+"""Every configured upstream: HTTP pools, stdio processes and launched demo servers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from urllib.parse import urlsplit
+
+from bastion.config import HttpUpstream, Settings, StdioUpstream
+from bastion.errors import UpstreamError
+from bastion.types import JSON, LEGACY_VERSIONS, Era
+from bastion.upstream.base import Channel
+from bastion.upstream.http import HttpClient, LegacyHttpChannel, ModernHttpChannel
+from bastion.upstream.stdio import StdioChannel, StdioProcess, expand
+
+log = logging.getLogger("bastion.upstream")
+
+_GATEWAY_HELLO: JSON = {
+    "protocolVersion": LEGACY_VERSIONS[0],
+    "capabilities": {},
+    "clientInfo": {"name": "bastion", "version": "0.1.0"},
+}
+
+
+class Upstreams:
+    """Hands out channels to upstreams; owns their connections and processes."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._http = {
+            name: HttpClient(name, up)
+            for name, up in settings.upstreams.items()
+            if isinstance(up, HttpUpstream)
+        }
+        self._processes: dict[tuple[str, str], StdioProcess] = {}
+        self._pooled: dict[tuple[str, str], Channel] = {}
+        self._launched: list[asyncio.subprocess.Process] = []
+
+    async def start(self) -> None:
+        """Launch the HTTP upstreams the config says to start, and wait until they listen."""
+        for name, upstream in self.settings.upstreams.items():
+            if isinstance(upstream, HttpUpstream) and upstream.launch:
+                await self._launch(name, upstream)
+
+    async def _launch(self, name: str, upstream: HttpUpstream) -> None:
+        command = [expand(part, "") for part in upstream.launch]
+        proc = await asyncio.create_subprocess_exec(
+            *command, cwd=upstream.cwd, env=dict(os.environ), stdin=asyncio.subprocess.DEVNULL
+        )
+        self._launched.append(proc)
+        url = urlsplit(upstream.url)
+        host, port = url.hostname or "127.0.0.1", url.port or 80
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if proc.returncode is not None:
+                raise UpstreamError(
+                    f"launched upstream {name!r} exited with code {proc.returncode}"
+                )
+            with contextlib.suppress(OSError):
+                _, writer = await asyncio.open_connection(host, port)
+                writer.close()
+                await writer.wait_closed()
+                log.info("launched upstream %r (pid %s) at %s", name, proc.pid, upstream.url)
+                return
+            await asyncio.sleep(0.05)
+        raise UpstreamError(f"launched upstream {name!r} did not listen on {host}:{port} in 30 s")
+
+    async def close(self) -> None:
+        """Close every pool, process and launched server."""
+        for channel in self._pooled.values():
+            await channel.close()
+        for client in self._http.values():
+            await client.close()
+        for process in self._processes.values():
+            await process.close()
+        for proc in self._launched:
+            if proc.returncode is None:
+                proc.terminate()
+                try:
+                    async with asyncio.timeout(5):
+                        await proc.wait()
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+
+    def names(self) -> list[str]:
+        """The configured upstream names."""
+        return list(self.settings.upstreams)
+
+    def _process(self, name: str, tenant: str) -> StdioProcess:
+        key = (name, tenant)
+        process = self._processes.get(key)
+        if process is None:
+            settings = self.settings.upstreams[name]
+            assert isinstance(settings, StdioUpstream)  # noqa: S101 - caller checked
+            process = StdioProcess(name, settings, tenant)
+            self._processes[key] = process
+        return process
+
+    async def session_channel(self, name: str, hello: JSON, tenant: str) -> Channel:
+        """A channel for one legacy client session: its own upstream session over HTTP."""
+        upstream = self.settings.upstreams[name]
+        if isinstance(upstream, StdioUpstream):
+            process = self._process(name, tenant)
+            await process.ensure()
+            return StdioChannel(process)
+        client = self._http[name]
+        if upstream.protocol == "modern":
+            return ModernHttpChannel(client)
+        return LegacyHttpChannel(client, hello)
+
+    async def stateless_channel(self, name: str, tenant: str) -> Channel:
+        """A channel for 2026-07-28 requests: stateless when the upstream is modern, else a
+        legacy session pooled per tenant (never shared across tenants)."""
+        upstream = self.settings.upstreams[name]
+        if isinstance(upstream, StdioUpstream):
+            process = self._process(name, tenant)
+            await process.ensure()
+            return StdioChannel(process)
+        client = self._http[name]
+        key = (name, tenant)
+        channel = self._pooled.get(key)
+        if channel is not None:
+            return channel
+        if await client.supports_modern():
+            channel = ModernHttpChannel(client)
+        else:
+            channel = LegacyHttpChannel(client, _GATEWAY_HELLO)
+        self._pooled[key] = channel
+        return channel
+
+    def stdio_exits(self, name: str, tenant: str) -> int:
+        """How often the tenant's process of a stdio upstream has exited (for health)."""
+        process = self._processes.get((name, tenant))
+        return process.exits if process is not None else 0
+
+
+def era_of(channel: Channel) -> Era:
+    """The era a channel speaks."""
+    return channel.era
