@@ -39,6 +39,17 @@ class Decoder:
         self._id: str | None = None
         self._event = ""
         self._retry: int | None = None
+        self._last_retry: int | None = None
+
+    @property
+    def last_id(self) -> str | None:
+        """The last event id seen (kept across events, as the SSE standard says)."""
+        return self._id
+
+    @property
+    def retry(self) -> int | None:
+        """The last reconnection delay the server asked for, in milliseconds."""
+        return self._last_retry
 
     def feed_line(self, raw: bytes) -> Event | None:
         """Take one line (with or without its line ending); return an event when one ends."""
@@ -56,7 +67,7 @@ class Decoder:
         elif name == "event":
             self._event = value
         elif name == "retry" and value.isdigit():
-            self._retry = int(value)
+            self._retry = self._last_retry = int(value)
         return None
 
     def _dispatch(self) -> Event | None:

@@ -28,6 +28,7 @@ from bastion.upstream.base import IdMap, decode_message, header_value, mcp_name,
 log = logging.getLogger("bastion.upstream")
 
 MAX_EVENT_BYTES = 16 * 1024 * 1024
+_MAX_RESUMES = 20
 _ACCEPT = "application/json, text/event-stream"
 
 
@@ -126,7 +127,11 @@ class HttpClient:
                 yield message
 
     async def read_answer(
-        self, response: aiohttp.ClientResponse, upstream_id: Any, idle: float | None = -1.0
+        self,
+        response: aiohttp.ClientResponse,
+        upstream_id: Any,
+        idle: float | None = -1.0,
+        decoder: Decoder | None = None,
     ) -> AsyncIterator[JSON]:
         """Turn an HTTP answer (JSON, SSE or an error status) into JSON-RPC messages."""
         ctype = response.headers.get("Content-Type", "")
@@ -139,14 +144,18 @@ class HttpClient:
             body = await self._read_body(response)
             yield decode_message(body, self.name)
             return
-        async for message in self.read_events(response, idle):
+        async for message in self.read_events(response, idle, decoder):
             yield message
             if "method" not in message and message.get("id") == upstream_id:
                 return
-        raise UpstreamError(f"upstream {self.name!r} closed its stream before answering")
+        if decoder is None or decoder.last_id is None:
+            raise UpstreamError(f"upstream {self.name!r} closed its stream before answering")
 
     async def read_events(
-        self, response: aiohttp.ClientResponse, idle: float | None = -1.0
+        self,
+        response: aiohttp.ClientResponse,
+        idle: float | None = -1.0,
+        decoder: Decoder | None = None,
     ) -> AsyncIterator[JSON]:
         """Yield the JSON-RPC messages of an SSE stream; idle time is bounded (None: unbounded).
 
@@ -154,7 +163,7 @@ class HttpClient:
         """
         if idle is not None and idle < 0:
             idle = self.settings.timeout_seconds
-        decoder = Decoder()
+        decoder = decoder or Decoder()
         buffer = b""
         chunks = response.content.iter_any()
         while True:
@@ -277,15 +286,59 @@ class LegacyHttpChannel:
                     async with self._lock:
                         await self._initialize(headers)
                     continue
+                decoder = Decoder()
                 try:
-                    async for reply in self._client.read_answer(response, upstream_id):
+                    async for reply in self._client.read_answer(
+                        response, upstream_id, decoder=decoder
+                    ):
                         if reply.get("id") == upstream_id and "method" not in reply:
                             yield restore_id(reply, original)
                             return
                         yield reply
+                    # The upstream closed the stream early (SSE polling): resume it.
+                    async for reply in self._resume(decoder, headers):
+                        if reply.get("id") == upstream_id and "method" not in reply:
+                            yield restore_id(reply, original)
+                            return
+                        yield reply
+                    raise UpstreamError(f"upstream {self._client.name!r} never finished its answer")
                 finally:
                     self.inflight.pop(original, None)
                 return
+
+    async def _resume(self, decoder: Decoder, headers: Mapping[str, str]) -> AsyncIterator[JSON]:
+        """Reconnect to a stream the upstream closed early, from its last event id, as often
+        as it keeps closing (bounded), waiting the `retry` it asked for (at most 5 s)."""
+        for _ in range(_MAX_RESUMES):
+            last = decoder.last_id
+            if last is None:
+                return
+            await asyncio.sleep(min((decoder.retry or 0) / 1000, 5.0))
+            all_headers = {
+                "Accept": "text/event-stream",
+                "Last-Event-ID": last,
+                **self._headers(headers),
+            }
+            try:
+                async with asyncio.timeout(self._client.settings.timeout_seconds):
+                    response = await self._client.session.get(
+                        self._client.settings.url, headers=all_headers
+                    )
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                raise UpstreamUnavailable(
+                    f"upstream {self._client.name!r} could not resume its stream: {exc}"
+                ) from exc
+            async with response:
+                if response.status != 200:
+                    raise UpstreamError(
+                        f"upstream {self._client.name!r} refused to resume its stream "
+                        f"(HTTP {response.status})"
+                    )
+                before = decoder.last_id
+                async for message in self._client.read_events(response, decoder=decoder):
+                    yield message
+                if decoder.last_id == before:
+                    return
 
     async def send(self, message: JSON, headers: Mapping[str, str]) -> None:
         """POST a notification or a response into the session (expects 202)."""
