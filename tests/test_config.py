@@ -1,0 +1,106 @@
+"""Configuration: every problem reported at once, each with its key path and line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bastion import config
+from bastion.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+BASTION = [sys.executable, "-m", "bastion.cli"]
+
+BAD = """\
+listen:
+  host: 127.0.0.1
+  port: 99999
+upstreams:
+  work_space:
+    transport: http
+    url: ftp://nowhere
+  files:
+    transport: stdio
+    command: []
+    colour: blue
+virtual_servers:
+  main:
+    path: /mcp
+    upstreams: [nothere]
+"""
+
+
+def test_quickstart_is_valid() -> None:
+    settings = config.load(ROOT / "examples" / "quickstart.yaml")
+    assert settings.auth.mode == "none" and settings.is_loopback()
+    assert set(settings.upstreams) == {"workspace", "echo"}
+
+
+def test_every_problem_with_path_and_line() -> None:
+    with pytest.raises(ConfigError) as caught:
+        config.parse(BAD)
+    problems = caught.value.problems
+    text = "\n".join(problems)
+    assert "listen.port (line 3)" in text
+    assert "upstreams.work_space.url (line 7)" in text and "ftp://nowhere" in text
+    assert "upstreams.files.command (line 10)" in text
+    assert "upstreams.files.colour (line 11): unknown key" in text
+    assert len(problems) >= 4
+
+
+def test_references_are_checked() -> None:
+    with pytest.raises(ConfigError) as caught:
+        config.parse(
+            "upstreams:\n  a_b: {transport: http, url: 'http://127.0.0.1:1/mcp'}\n"
+            "virtual_servers:\n  v: {path: /servers/x, upstreams: [zzz]}\n"
+        )
+    text = str(caught.value)
+    assert "unknown upstream 'zzz'" in text
+    assert "upstream name 'a_b'" in text
+    assert "is reserved" in text
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [("listen: [1, 2", "not valid YAML"), ("- just\n- a list\n", "expected a mapping")],
+)
+def test_not_yaml_or_not_a_mapping(text: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        config.parse(text)
+
+
+def test_check_config_cli(tmp_path: Path) -> None:
+    ok = subprocess.run([*BASTION, "check-config", str(ROOT / "examples" / "quickstart.yaml")],
+                        capture_output=True, text=True, timeout=30)
+    assert ok.returncode == 0 and "valid" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD)
+    run = subprocess.run([*BASTION, "check-config", str(bad)], capture_output=True, text=True,
+                         timeout=30)
+    assert run.returncode == 1
+    assert "listen.port (line 3)" in run.stderr and "colour (line 11)" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_auth_none_refused_off_loopback(tmp_path: Path) -> None:
+    exposed = tmp_path / "exposed.yaml"
+    exposed.write_text("listen: {host: 0.0.0.0, port: 0}\n")
+    check = subprocess.run([*BASTION, "check-config", str(exposed)], capture_output=True,
+                           text=True, timeout=30)
+    assert check.returncode == 1 and "loopback" in check.stderr
+    serve = subprocess.run([*BASTION, "serve", "--config", str(exposed)], capture_output=True,
+                           text=True, timeout=30)
+    assert serve.returncode == 1 and "refusing to start" in serve.stderr
+
+
+def test_serve_warns_about_auth_none(tmp_path: Path) -> None:
+    from tests.conftest import start_gateway
+
+    gw = start_gateway(tmp_path, "listen: {host: 127.0.0.1, port: 0}\n")
+    try:
+        assert "auth: none" in gw.log() and "loopback only" in gw.log()
+    finally:
+        gw.stop()
