@@ -124,6 +124,9 @@ virtual_servers:
     path: /mcp
     upstreams: [workspace, everything, echo]
     instructions: test virtual server
+  paged:
+    path: /paged
+    upstreams: [badhttp, echo]
 """
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -420,3 +421,89 @@ def test_unknown_last_event_id(gateway: GatewayProcess, http: httpx.Client) -> N
     response = http.get(gateway.url(), headers=headers)
     assert response.status_code == 400
     assert "Last-Event-ID" in rpc_error(response)["message"]
+
+
+# -- relay: pagination, cancellation, subscriptions ------------------------------------------
+
+
+def test_merged_lists_page_through_every_upstream(gateway: GatewayProcess, http: httpx.Client) -> None:
+    names: list[str] = []
+    cursor = None
+    for _ in range(5):
+        params = {"cursor": cursor} if cursor else {}
+        response = http.post(gateway.url("/paged"), json=modern_body("tools/list", params),
+                             headers=modern_headers("tools/list"))
+        page = response.json()["result"]
+        names += [t["name"] for t in page["tools"]]
+        cursor = page.get("nextCursor")
+        if cursor is None:
+            break
+    assert names == [
+        "badhttp__hang", "badhttp__garbage", "badhttp__http500", "echo__echo",
+        "badhttp__midstream", "badhttp__ok", "badhttp__cancellations",
+    ]
+    bad = http.post(gateway.url("/paged"), json=modern_body("tools/list", {"cursor": "bm9wZQ"}),
+                    headers=modern_headers("tools/list"))
+    assert bad.json()["error"]["code"] == -32602 and "cursor" in bad.json()["error"]["message"]
+
+
+def test_cancellation_reaches_the_upstream_under_its_id(
+    gateway: GatewayProcess, http: httpx.Client
+) -> None:
+    url = gateway.url("/servers/badhttp/mcp")
+    session = legacy_session(http, url)
+    call = {"jsonrpc": "2.0", "id": "client-call-1", "method": "tools/call",
+            "params": {"name": "hang", "arguments": {}}}
+    done = threading.Event()
+
+    def slow_call() -> None:
+        with httpx.Client(timeout=20.0) as other:
+            other.post(url, json=call, headers=session)
+        done.set()
+
+    worker = threading.Thread(target=slow_call)
+    worker.start()
+    cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled",
+              "params": {"requestId": "client-call-1", "reason": "user gave up"}}
+    seen: list[Any] = []
+    deadline = time.monotonic() + 10
+    while not seen and time.monotonic() < deadline:
+        assert http.post(url, json=cancel, headers=session).status_code == 202
+        check = {"jsonrpc": "2.0", "id": 9, "method": "tools/call",
+                 "params": {"name": "cancellations", "arguments": {}}}
+        text = http.post(url, json=check, headers=session).json()["result"]["content"][0]["text"]
+        seen = json.loads(text)
+        time.sleep(0.05)
+    worker.join(20)
+    assert seen, "the upstream never heard of the cancellation"
+    assert all(isinstance(i, int) for i in seen)  # the gateway's id, not the client's string
+
+
+def test_subscriptions_listen_fans_in(gateway: GatewayProcess, http: httpx.Client) -> None:
+    """2026-07-28: one listen stream on the virtual server carries list changes from the
+    upstream that made them, tagged with the client's subscription id."""
+    body = modern_body("subscriptions/listen", {"notifications": {"toolsListChanged": True}},
+                       id_="sub-1")
+    trigger = modern_body("tools/call", {"name": "everything__test_trigger_tool_change",
+                                         "arguments": {}}, id_=2)
+    got: list[dict[str, Any]] = []
+    with httpx.Client(timeout=10.0) as client, client.stream(
+        "POST", gateway.url(), json=body, headers=modern_headers("subscriptions/listen")
+    ) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        deadline = time.monotonic() + 10
+        for line in stream.iter_lines():
+            if time.monotonic() > deadline:
+                break
+            if not line.startswith("data:"):
+                continue
+            message = json.loads(line[5:])
+            got.append(message)
+            if message["method"] == "notifications/subscriptions/acknowledged":
+                http.post(gateway.url(), json=trigger,
+                          headers=modern_headers("tools/call", "everything__test_trigger_tool_change"))
+            if message["method"] == "notifications/tools/list_changed":
+                break
+    assert got[0]["method"] == "notifications/subscriptions/acknowledged"
+    assert got[-1]["method"] == "notifications/tools/list_changed"
+    assert got[-1]["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"] == "sub-1"
