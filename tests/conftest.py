@@ -181,7 +181,12 @@ def modern_body(method: str, params: dict[str, Any] | None = None, id_: Any = 1)
         "io.modelcontextprotocol/clientCapabilities": {},
         "io.modelcontextprotocol/clientInfo": {"name": "bastion-tests", "version": "0"},
     }
-    return {"jsonrpc": "2.0", "id": id_, "method": method, "params": {**(params or {}), "_meta": meta}}
+    return {
+        "jsonrpc": "2.0",
+        "id": id_,
+        "method": method,
+        "params": {**(params or {}), "_meta": meta},
+    }
 
 
 def legacy_session(client: httpx.Client, url: str, version: str = LEGACY) -> dict[str, str]:
@@ -199,8 +204,11 @@ def legacy_session(client: httpx.Client, url: str, version: str = LEGACY) -> dic
     headers = {"Content-Type": "application/json", "Accept": ACCEPT_BOTH}
     response = client.post(url, json=init, headers=headers)
     assert response.status_code == 200, response.text
-    session = {**headers, "Mcp-Session-Id": response.headers["mcp-session-id"],
-               "MCP-Protocol-Version": version}
+    session = {
+        **headers,
+        "Mcp-Session-Id": response.headers["mcp-session-id"],
+        "MCP-Protocol-Version": version,
+    }
     note = {"jsonrpc": "2.0", "method": "notifications/initialized"}
     assert client.post(url, json=note, headers=session).status_code == 202
     return session

@@ -73,13 +73,18 @@ def test_not_yaml_or_not_a_mapping(text: str, needle: str) -> None:
 
 
 def test_check_config_cli(tmp_path: Path) -> None:
-    ok = subprocess.run([*BASTION, "check-config", str(ROOT / "examples" / "quickstart.yaml")],
-                        capture_output=True, text=True, timeout=30)
+    ok = subprocess.run(
+        [*BASTION, "check-config", str(ROOT / "examples" / "quickstart.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert ok.returncode == 0 and "valid" in ok.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text(BAD)
-    run = subprocess.run([*BASTION, "check-config", str(bad)], capture_output=True, text=True,
-                         timeout=30)
+    run = subprocess.run(
+        [*BASTION, "check-config", str(bad)], capture_output=True, text=True, timeout=30
+    )
     assert run.returncode == 1
     assert "listen.port (line 3)" in run.stderr and "colour (line 11)" in run.stderr
     assert "Traceback" not in run.stderr
@@ -88,11 +93,13 @@ def test_check_config_cli(tmp_path: Path) -> None:
 def test_auth_none_refused_off_loopback(tmp_path: Path) -> None:
     exposed = tmp_path / "exposed.yaml"
     exposed.write_text("listen: {host: 0.0.0.0, port: 0}\n")
-    check = subprocess.run([*BASTION, "check-config", str(exposed)], capture_output=True,
-                           text=True, timeout=30)
+    check = subprocess.run(
+        [*BASTION, "check-config", str(exposed)], capture_output=True, text=True, timeout=30
+    )
     assert check.returncode == 1 and "loopback" in check.stderr
-    serve = subprocess.run([*BASTION, "serve", "--config", str(exposed)], capture_output=True,
-                           text=True, timeout=30)
+    serve = subprocess.run(
+        [*BASTION, "serve", "--config", str(exposed)], capture_output=True, text=True, timeout=30
+    )
     assert serve.returncode == 1 and "refusing to start" in serve.stderr
 
 

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from tests.conftest import NODE, ROOT, GatewayProcess, require
 
 pytestmark = [pytest.mark.conformance, pytest.mark.node]

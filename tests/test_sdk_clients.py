@@ -14,7 +14,6 @@ import httpx2
 import pytest
 from mcp import Client, MCPError, types
 from mcp.client.streamable_http import streamable_http_client
-
 from tests.conftest import NODE, NODE_DIR, GatewayProcess, require
 
 ERAS = ["legacy", "2026-07-28"]
@@ -131,12 +130,15 @@ async def test_resources_prompts_completion(
 
             prompts = [p.name for p in (await client.list_prompts()).prompts]
             assert f"{prefix}test_simple_prompt" in prompts
-            got = await client.get_prompt(f"{prefix}test_prompt_with_arguments",
-                                          {"arg1": "alpha", "arg2": "beta"})
+            got = await client.get_prompt(
+                f"{prefix}test_prompt_with_arguments", {"arg1": "alpha", "arg2": "beta"}
+            )
             assert "alpha" in json.dumps(got.model_dump(mode="json"))
 
             completion = await client.complete(
-                types.PromptReference(type="ref/prompt", name=f"{prefix}test_prompt_with_arguments"),
+                types.PromptReference(
+                    type="ref/prompt", name=f"{prefix}test_prompt_with_arguments"
+                ),
                 {"name": "arg1", "value": "a"},
             )
             assert completion.completion is not None

@@ -15,7 +15,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from tests.conftest import (
     ACCEPT_BOTH,
     LEGACY,
@@ -176,7 +175,11 @@ def _call_body(name: str) -> dict[str, Any]:
         (modern_headers("tools/list"), _call_body("echo__echo"), "does not match body method"),
         (modern_headers("tools/call"), _call_body("echo__echo"), "Mcp-Name header is required"),
         (
-            {k: v for k, v in modern_headers("tools/call", "echo__echo").items() if k != "Mcp-Method"},
+            {
+                k: v
+                for k, v in modern_headers("tools/call", "echo__echo").items()
+                if k != "Mcp-Method"
+            },
             _call_body("echo__echo"),
             "Mcp-Method header is required",
         ),
@@ -207,7 +210,9 @@ def test_header_body_mismatch_is_refused(
     assert response.json()["id"] == 1
 
 
-def test_base64_mcp_name_is_decoded_and_accepted(gateway: GatewayProcess, http: httpx.Client) -> None:
+def test_base64_mcp_name_is_decoded_and_accepted(
+    gateway: GatewayProcess, http: httpx.Client
+) -> None:
     encoded = "=?base64?" + base64.b64encode(b"echo__echo").decode() + "?="
     response = http.post(
         gateway.url(), json=_call_body("echo__echo"), headers=modern_headers("tools/call", encoded)
@@ -219,7 +224,9 @@ def test_base64_mcp_name_is_decoded_and_accepted(gateway: GatewayProcess, http: 
 def test_version_header_must_match_meta(gateway: GatewayProcess, http: httpx.Client) -> None:
     body = _call_body("echo__echo")
     body["params"]["_meta"]["io.modelcontextprotocol/protocolVersion"] = "2025-11-25"
-    response = http.post(gateway.url(), json=body, headers=modern_headers("tools/call", "echo__echo"))
+    response = http.post(
+        gateway.url(), json=body, headers=modern_headers("tools/call", "echo__echo")
+    )
     assert response.status_code == 400
     assert rpc_error(response)["code"] == -32020
 
@@ -227,7 +234,9 @@ def test_version_header_must_match_meta(gateway: GatewayProcess, http: httpx.Cli
 def test_missing_envelope_is_invalid_params(gateway: GatewayProcess, http: httpx.Client) -> None:
     body = _call_body("echo__echo")
     del body["params"]["_meta"]["io.modelcontextprotocol/clientCapabilities"]
-    response = http.post(gateway.url(), json=body, headers=modern_headers("tools/call", "echo__echo"))
+    response = http.post(
+        gateway.url(), json=body, headers=modern_headers("tools/call", "echo__echo")
+    )
     assert response.status_code == 400
     assert rpc_error(response)["code"] == -32602
 
@@ -243,14 +252,18 @@ def test_unsupported_version_lists_supported(gateway: GatewayProcess, http: http
 
 def test_modern_unknown_method_is_404(gateway: GatewayProcess, http: httpx.Client) -> None:
     for method in ("tasks/launch_missiles", "initialize", "ping"):
-        response = http.post(gateway.url(), json=modern_body(method), headers=modern_headers(method))
+        response = http.post(
+            gateway.url(), json=modern_body(method), headers=modern_headers(method)
+        )
         assert response.status_code == 404, method
         assert rpc_error(response)["code"] == -32601
 
 
 def test_server_discover(gateway: GatewayProcess, http: httpx.Client) -> None:
     response = http.post(
-        gateway.url(), json=modern_body("server/discover"), headers=modern_headers("server/discover")
+        gateway.url(),
+        json=modern_body("server/discover"),
+        headers=modern_headers("server/discover"),
     )
     result = response.json()["result"]
     assert MODERN in result["supportedVersions"] and LEGACY in result["supportedVersions"]
@@ -259,7 +272,9 @@ def test_server_discover(gateway: GatewayProcess, http: httpx.Client) -> None:
 
 
 def test_modern_get_and_session_header_ignored(gateway: GatewayProcess, http: httpx.Client) -> None:
-    response = http.get(gateway.url(), headers={"MCP-Protocol-Version": MODERN, "Accept": ACCEPT_BOTH})
+    response = http.get(
+        gateway.url(), headers={"MCP-Protocol-Version": MODERN, "Accept": ACCEPT_BOTH}
+    )
     assert response.status_code == 405
     response = http.post(
         gateway.url(), json=modern_body("tools/list"), headers=modern_headers("tools/list")
@@ -330,8 +345,11 @@ def test_initialize_negotiates_a_supported_version(
         "jsonrpc": "2.0",
         "id": 0,
         "method": "initialize",
-        "params": {"protocolVersion": "2099-01-01", "capabilities": {},
-                   "clientInfo": {"name": "t", "version": "0"}},
+        "params": {
+            "protocolVersion": "2099-01-01",
+            "capabilities": {},
+            "clientInfo": {"name": "t", "version": "0"},
+        },
     }
     headers = {"Content-Type": "application/json", "Accept": ACCEPT_BOTH}
     response = http.post(gateway.url(), json=init, headers=headers)
@@ -378,8 +396,12 @@ def test_get_stream_and_resumption(gateway: GatewayProcess, http: httpx.Client) 
     url = gateway.url("/servers/everything/mcp")
     session = legacy_session(http, url)
     sse_headers = {**session, "Accept": "text/event-stream"}
-    call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
-            "params": {"name": "test_trigger_tool_change", "arguments": {}}}
+    call = {
+        "jsonrpc": "2.0",
+        "id": 2,
+        "method": "tools/call",
+        "params": {"name": "test_trigger_tool_change", "arguments": {}},
+    }
 
     def trigger() -> None:
         assert http.post(url, json=call, headers=session).status_code == 200
@@ -426,24 +448,37 @@ def test_unknown_last_event_id(gateway: GatewayProcess, http: httpx.Client) -> N
 # -- relay: pagination, cancellation, subscriptions ------------------------------------------
 
 
-def test_merged_lists_page_through_every_upstream(gateway: GatewayProcess, http: httpx.Client) -> None:
+def test_merged_lists_page_through_every_upstream(
+    gateway: GatewayProcess, http: httpx.Client
+) -> None:
     names: list[str] = []
     cursor = None
     for _ in range(5):
         params = {"cursor": cursor} if cursor else {}
-        response = http.post(gateway.url("/paged"), json=modern_body("tools/list", params),
-                             headers=modern_headers("tools/list"))
+        response = http.post(
+            gateway.url("/paged"),
+            json=modern_body("tools/list", params),
+            headers=modern_headers("tools/list"),
+        )
         page = response.json()["result"]
         names += [t["name"] for t in page["tools"]]
         cursor = page.get("nextCursor")
         if cursor is None:
             break
     assert names == [
-        "badhttp__hang", "badhttp__garbage", "badhttp__http500", "echo__echo",
-        "badhttp__midstream", "badhttp__ok", "badhttp__cancellations",
+        "badhttp__hang",
+        "badhttp__garbage",
+        "badhttp__http500",
+        "echo__echo",
+        "badhttp__midstream",
+        "badhttp__ok",
+        "badhttp__cancellations",
     ]
-    bad = http.post(gateway.url("/paged"), json=modern_body("tools/list", {"cursor": "bm9wZQ"}),
-                    headers=modern_headers("tools/list"))
+    bad = http.post(
+        gateway.url("/paged"),
+        json=modern_body("tools/list", {"cursor": "bm9wZQ"}),
+        headers=modern_headers("tools/list"),
+    )
     assert bad.json()["error"]["code"] == -32602 and "cursor" in bad.json()["error"]["message"]
 
 
@@ -452,8 +487,12 @@ def test_cancellation_reaches_the_upstream_under_its_id(
 ) -> None:
     url = gateway.url("/servers/badhttp/mcp")
     session = legacy_session(http, url)
-    call = {"jsonrpc": "2.0", "id": "client-call-1", "method": "tools/call",
-            "params": {"name": "hang", "arguments": {}}}
+    call = {
+        "jsonrpc": "2.0",
+        "id": "client-call-1",
+        "method": "tools/call",
+        "params": {"name": "hang", "arguments": {}},
+    }
     done = threading.Event()
 
     def slow_call() -> None:
@@ -463,14 +502,21 @@ def test_cancellation_reaches_the_upstream_under_its_id(
 
     worker = threading.Thread(target=slow_call)
     worker.start()
-    cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled",
-              "params": {"requestId": "client-call-1", "reason": "user gave up"}}
+    cancel = {
+        "jsonrpc": "2.0",
+        "method": "notifications/cancelled",
+        "params": {"requestId": "client-call-1", "reason": "user gave up"},
+    }
     seen: list[Any] = []
     deadline = time.monotonic() + 10
     while not seen and time.monotonic() < deadline:
         assert http.post(url, json=cancel, headers=session).status_code == 202
-        check = {"jsonrpc": "2.0", "id": 9, "method": "tools/call",
-                 "params": {"name": "cancellations", "arguments": {}}}
+        check = {
+            "jsonrpc": "2.0",
+            "id": 9,
+            "method": "tools/call",
+            "params": {"name": "cancellations", "arguments": {}},
+        }
         text = http.post(url, json=check, headers=session).json()["result"]["content"][0]["text"]
         seen = json.loads(text)
         time.sleep(0.05)
@@ -482,14 +528,19 @@ def test_cancellation_reaches_the_upstream_under_its_id(
 def test_subscriptions_listen_fans_in(gateway: GatewayProcess, http: httpx.Client) -> None:
     """2026-07-28: one listen stream on the virtual server carries list changes from the
     upstream that made them, tagged with the client's subscription id."""
-    body = modern_body("subscriptions/listen", {"notifications": {"toolsListChanged": True}},
-                       id_="sub-1")
-    trigger = modern_body("tools/call", {"name": "everything__test_trigger_tool_change",
-                                         "arguments": {}}, id_=2)
+    body = modern_body(
+        "subscriptions/listen", {"notifications": {"toolsListChanged": True}}, id_="sub-1"
+    )
+    trigger = modern_body(
+        "tools/call", {"name": "everything__test_trigger_tool_change", "arguments": {}}, id_=2
+    )
     got: list[dict[str, Any]] = []
-    with httpx.Client(timeout=10.0) as client, client.stream(
-        "POST", gateway.url(), json=body, headers=modern_headers("subscriptions/listen")
-    ) as stream:
+    with (
+        httpx.Client(timeout=10.0) as client,
+        client.stream(
+            "POST", gateway.url(), json=body, headers=modern_headers("subscriptions/listen")
+        ) as stream,
+    ):
         assert stream.headers["content-type"].startswith("text/event-stream")
         deadline = time.monotonic() + 10
         for line in stream.iter_lines():
@@ -500,8 +551,11 @@ def test_subscriptions_listen_fans_in(gateway: GatewayProcess, http: httpx.Clien
             message = json.loads(line[5:])
             got.append(message)
             if message["method"] == "notifications/subscriptions/acknowledged":
-                http.post(gateway.url(), json=trigger,
-                          headers=modern_headers("tools/call", "everything__test_trigger_tool_change"))
+                http.post(
+                    gateway.url(),
+                    json=trigger,
+                    headers=modern_headers("tools/call", "everything__test_trigger_tool_change"),
+                )
             if message["method"] == "notifications/tools/list_changed":
                 break
     assert got[0]["method"] == "notifications/subscriptions/acknowledged"

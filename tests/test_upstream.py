@@ -10,7 +10,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from tests.conftest import GatewayProcess, legacy_session, modern_body, modern_headers
 
 
@@ -20,7 +19,9 @@ def http() -> Iterator[httpx.Client]:
         yield client
 
 
-def call_modern(http: httpx.Client, gateway: GatewayProcess, server: str, tool: str) -> httpx.Response:
+def call_modern(
+    http: httpx.Client, gateway: GatewayProcess, server: str, tool: str
+) -> httpx.Response:
     return http.post(
         gateway.url(f"/servers/{server}/mcp"),
         json=modern_body("tools/call", {"name": tool, "arguments": {}}),
@@ -36,14 +37,20 @@ def call_legacy(
     params: dict[str, Any] = {"name": tool, "arguments": {}}
     if progress:
         params["_meta"] = {"progressToken": "p1"}
-    response = http.post(url, json={"jsonrpc": "2.0", "id": 7, "method": "tools/call",
-                                    "params": params}, headers=session)
+    response = http.post(
+        url,
+        json={"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": params},
+        headers=session,
+    )
     assert response.status_code == 200
     if response.headers["content-type"].startswith("text/event-stream"):
         import json
 
-        messages = [json.loads(line[5:]) for line in response.text.splitlines()
-                    if line.startswith("data:") and line[5:].strip()]
+        messages = [
+            json.loads(line[5:])
+            for line in response.text.splitlines()
+            if line.startswith("data:") and line[5:].strip()
+        ]
         return messages[-1]
     return dict(response.json())
 
@@ -107,8 +114,9 @@ def test_stdio_crash_then_restart(gateway: GatewayProcess, http: httpx.Client) -
     assert starts.read_text().count("start") == before + 1
 
 
-@pytest.mark.parametrize(("tool", "needle"), [("garbage", "sent invalid JSON"),
-                                              ("hang", "sent nothing for 2 s")])
+@pytest.mark.parametrize(
+    ("tool", "needle"), [("garbage", "sent invalid JSON"), ("hang", "sent nothing for 2 s")]
+)
 def test_broken_stdio_upstream(
     gateway: GatewayProcess, http: httpx.Client, tool: str, needle: str
 ) -> None:
@@ -135,11 +143,20 @@ upstreams:
         assert "'gone' is unreachable" in error["message"]
         init = http.post(
             gw.url("/servers/gone/mcp"),
-            json={"jsonrpc": "2.0", "id": 0, "method": "initialize",
-                  "params": {"protocolVersion": "2025-11-25", "capabilities": {},
-                             "clientInfo": {"name": "t", "version": "0"}}},
-            headers={"Content-Type": "application/json",
-                     "Accept": "application/json, text/event-stream"},
+            json={
+                "jsonrpc": "2.0",
+                "id": 0,
+                "method": "initialize",
+                "params": {
+                    "protocolVersion": "2025-11-25",
+                    "capabilities": {},
+                    "clientInfo": {"name": "t", "version": "0"},
+                },
+            },
+            headers={
+                "Content-Type": "application/json",
+                "Accept": "application/json, text/event-stream",
+            },
         )
         assert init.status_code == 200 and init.json()["error"]["code"] == -32603
         assert "mcp-session-id" not in init.headers

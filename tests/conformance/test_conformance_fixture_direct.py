@@ -28,7 +28,7 @@ LISTENING = re.compile(r"listening on (http://\S+/mcp)")
 pytestmark = [
     pytest.mark.conformance,
     pytest.mark.node,
-# `make test` installs Node: a missing runtime is a failure, never a skip (see conftest.require).
+    # `make test` installs Node: a missing runtime fails, never skips (see conftest.require).
 ]
 
 
