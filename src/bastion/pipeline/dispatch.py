@@ -268,11 +268,6 @@ class Dispatcher:
                     if cursor is None:
                         break
 
-    def _stamp(self, exchange: Exchange, body: JSON) -> JSON:
-        if exchange.era is Era.MODERN:
-            body.setdefault("resultType", "complete")
-        return body
-
     async def _set_level(self, exchange: Exchange, route: Route) -> JSON:
         for upstream in route.upstreams:
             with contextlib.suppress(UpstreamError):
@@ -313,15 +308,8 @@ class Dispatcher:
 
     async def _open(self, exchange: Exchange, upstream: str) -> JSON:
         channel = await self.channel(exchange, upstream)
-        opener = getattr(channel, "open", None)
-        if opener is not None:
-            opened: JSON = await opener(exchange.upstream_headers)
-            return opened
-        process = getattr(channel, "_process", None)
-        initialized = getattr(process, "initialized", None)
-        if isinstance(initialized, dict):
-            return initialized
-        return await self._discover_one(exchange, upstream)
+        opened = await channel.open(exchange.upstream_headers)
+        return opened if opened is not None else await self._discover_one(exchange, upstream)
 
     async def _discover_one(self, exchange: Exchange, upstream: str) -> JSON:
         message = {
@@ -460,7 +448,7 @@ class Dispatcher:
         if method == "notifications/cancelled":
             request_id = (message.get("params") or {}).get("requestId")
             for channel in session.channels.values():
-                upstream_id = getattr(channel, "inflight", {}).get(request_id)
+                upstream_id = channel.inflight.get(request_id)
                 if upstream_id is not None:
                     params = {**message["params"], "requestId": upstream_id}
                     await channel.send({**message, "params": params}, headers)

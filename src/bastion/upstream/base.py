@@ -20,6 +20,11 @@ class Channel(Protocol):
     """One conversation with one upstream: a legacy session, or the stateless modern path."""
 
     era: Era
+    inflight: dict[Any, Any]  # the caller's request id → the upstream's, while in flight
+
+    async def open(self, headers: Mapping[str, str]) -> JSON | None:
+        """Run the legacy handshake if this channel has one; its InitializeResult, else None."""
+        ...
 
     def request(self, message: JSON, headers: Mapping[str, str]) -> AsyncIterator[JSON]:
         """Send a request; yield what the upstream says about it, ending with the response."""

@@ -401,6 +401,10 @@ class ModernHttpChannel:
         self._ids = IdMap()
         self.inflight: dict[Any, Any] = {}
 
+    async def open(self, headers: Mapping[str, str]) -> JSON | None:
+        """No handshake in the stateless era."""
+        return None
+
     async def request(self, message: JSON, headers: Mapping[str, str]) -> AsyncIterator[JSON]:
         """POST the request with its mirrored headers and relay the answer."""
         original = message["id"]

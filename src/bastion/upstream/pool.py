@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from bastion.config import HttpUpstream, Settings, StdioUpstream
 from bastion.errors import UpstreamError
-from bastion.types import JSON, LEGACY_VERSIONS, Era
+from bastion.types import JSON, LEGACY_VERSIONS
 from bastion.upstream.base import Channel
 from bastion.upstream.http import HttpClient, LegacyHttpChannel, ModernHttpChannel
 from bastion.upstream.stdio import StdioChannel, StdioProcess, expand
@@ -86,10 +86,6 @@ class Upstreams:
                     proc.kill()
                     await proc.wait()
 
-    def names(self) -> list[str]:
-        """The configured upstream names."""
-        return list(self.settings.upstreams)
-
     def _process(self, name: str, tenant: str) -> StdioProcess:
         key = (name, tenant)
         process = self._processes.get(key)
@@ -131,13 +127,3 @@ class Upstreams:
             channel = LegacyHttpChannel(client, _GATEWAY_HELLO)
         self._pooled[key] = channel
         return channel
-
-    def stdio_exits(self, name: str, tenant: str) -> int:
-        """How often the tenant's process of a stdio upstream has exited (for health)."""
-        process = self._processes.get((name, tenant))
-        return process.exits if process is not None else 0
-
-
-def era_of(channel: Channel) -> Era:
-    """The era a channel speaks."""
-    return channel.era

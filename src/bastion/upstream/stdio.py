@@ -323,6 +323,11 @@ class StdioChannel:
         self.era = Era.MODERN if process.modern else Era.LEGACY
         self.inflight: dict[Any, Any] = {}
 
+    async def open(self, headers: Mapping[str, str]) -> JSON | None:
+        """The process's InitializeResult (legacy) or None (it speaks 2026-07-28)."""
+        await self._process.ensure()
+        return self._process.initialized
+
     async def request(self, message: JSON, headers: Mapping[str, str]) -> AsyncIterator[JSON]:
         """Relay one request through the process."""
         async for reply in self._process.request(message, inflight=self.inflight):
