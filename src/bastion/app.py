@@ -41,8 +41,9 @@ def routes_for(settings: Settings) -> list[Route]:
 class Gateway:
     """The running gateway: an ASGI app whose lifespan starts and stops the upstreams."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, banner: str | None = None) -> None:
         self.settings = settings
+        self.banner = banner
         self.upstreams = Upstreams(settings)
         self.pipeline = Pipeline(settings, self.upstreams)
         self.routes = routes_for(settings)
@@ -54,6 +55,8 @@ class Gateway:
         await self.upstreams.start()
         self._janitor = asyncio.create_task(self._expire_sessions())
         self.front.ready = True
+        if self.banner:
+            print(self.banner, flush=True)  # noqa: T201 - the operator's how-to-connect
 
     async def stop(self) -> None:
         """End sessions, close upstreams, stop launched servers."""

@@ -76,10 +76,7 @@ def serve(
             settings.auth.agent,
             settings.auth.tenant,
         )
-    gateway = Gateway(settings)
-    base = f"http://{settings.listen.host}:{settings.listen.port}"
-    for route in gateway.routes:
-        log.info("MCP endpoint %s%s -> %s", base, route.path, ", ".join(route.upstreams))
+    gateway = Gateway(settings, banner=_banner(settings))
     uvicorn.run(
         gateway,
         host=settings.listen.host,
@@ -91,6 +88,28 @@ def serve(
         access_log=False,
         timeout_graceful_shutdown=5,
     )
+
+
+def _banner(settings: config.Settings) -> str:
+    from bastion.app import routes_for
+
+    base = f"http://{settings.listen.host}:{settings.listen.port}"
+    lines = [
+        "",
+        f"Bastion is ready on {base}",
+        "MCP endpoints (Streamable HTTP, 2025-06-18 to 2026-07-28):",
+    ]
+    for route in routes_for(settings):
+        kind = "virtual server" if route.multiplex else "one upstream"
+        lines.append(f"  {base}{route.path:<28} {kind}: {', '.join(route.upstreams)}")
+    first = routes_for(settings)[0].path if routes_for(settings) else "/mcp"
+    lines += [
+        "Connect a client, for example with the Python SDK (pip install mcp):",
+        f'  async with mcp.Client("{base}{first}") as client: await client.list_tools()',
+        "or point MCP Inspector / your IDE at the URL above (transport: Streamable HTTP).",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def main() -> None:
