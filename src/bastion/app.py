@@ -1,16 +1,19 @@
-"""Assembly: settings → upstreams → pipeline → routes → the ASGI application."""
+"""Assembly: settings → upstreams → pipeline → routes → the ASGI application, and serving it."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import signal
+from collections.abc import Callable
 from typing import Any
 
 from bastion.config import Settings
 from bastion.pipeline.chain import Pipeline
 from bastion.pipeline.route import Route
 from bastion.transport.front import Front, Receive, Scope, Send
+from bastion.transport.server import HttpServer
 from bastion.upstream.pool import Upstreams
 
 log = logging.getLogger("bastion")
@@ -41,9 +44,8 @@ def routes_for(settings: Settings) -> list[Route]:
 class Gateway:
     """The running gateway: an ASGI app whose lifespan starts and stops the upstreams."""
 
-    def __init__(self, settings: Settings, banner: str | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.banner = banner
         self.upstreams = Upstreams(settings)
         self.pipeline = Pipeline(settings, self.upstreams)
         self.routes = routes_for(settings)
@@ -55,8 +57,6 @@ class Gateway:
         await self.upstreams.start()
         self._janitor = asyncio.create_task(self._expire_sessions())
         self.front.ready = True
-        if self.banner:
-            print(self.banner, flush=True)  # noqa: T201 - the operator's how-to-connect
 
     async def stop(self) -> None:
         """End sessions, close upstreams, stop launched servers."""
@@ -97,3 +97,23 @@ class Gateway:
                 await self.stop()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+async def serve(settings: Settings, on_ready: Callable[[int], None] | None = None) -> None:
+    """Run the gateway on its own HTTP server until SIGTERM or SIGINT, then stop cleanly."""
+    gateway = Gateway(settings)
+    server = HttpServer(gateway.front, max_body=settings.limits.max_body_bytes)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await gateway.start()
+    try:
+        port = await server.start(settings.listen.host, settings.listen.port)
+        if on_ready is not None:
+            on_ready(port)
+        await stop.wait()
+        log.info("stopping: finishing answers in progress")
+        await server.stop()
+    finally:
+        await gateway.stop()

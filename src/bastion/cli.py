@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
 
 from bastion import config
-from bastion.app import Gateway
-from bastion.errors import ConfigError
+from bastion.app import serve as serve_gateway
+from bastion.errors import BastionError, ConfigError
 
 cli = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Bastion, the MCP security gateway."
@@ -53,8 +54,6 @@ def serve(
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
 ) -> None:
     """Run the gateway."""
-    import uvicorn
-
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -76,18 +75,30 @@ def serve(
             settings.auth.agent,
             settings.auth.tenant,
         )
-    gateway = Gateway(settings, banner=_banner(settings))
-    uvicorn.run(
-        gateway,
-        host=settings.listen.host,
-        port=settings.listen.port,
-        loop="uvloop" if sys.platform != "win32" else "asyncio",
-        http="httptools",
-        lifespan="on",
-        log_level=log_level.lower(),
-        access_log=False,
-        timeout_graceful_shutdown=5,
-    )
+
+    def ready(port: int) -> None:
+        listen = settings.listen.model_copy(update={"port": port})
+        typer.echo(_banner(settings.model_copy(update={"listen": listen})))
+
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(serve_gateway(settings, ready))
+    except OSError as exc:
+        typer.echo(
+            f"cannot serve on {settings.listen.host}:{settings.listen.port}: {exc}", err=True
+        )
+        raise typer.Exit(1) from exc
+    except BastionError as exc:
+        typer.echo(f"cannot start: {exc.message}", err=True)
+        raise typer.Exit(1) from exc
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        return None
+    return uvloop.new_event_loop
 
 
 def _banner(settings: config.Settings) -> str:

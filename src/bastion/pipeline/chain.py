@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator
 
 from bastion.config import Settings
 from bastion.errors import BastionError, PolicyError
@@ -14,7 +13,7 @@ from bastion.pipeline.dispatch import Dispatcher
 from bastion.pipeline.exchange import Exchange
 from bastion.pipeline.route import Route
 from bastion.pipeline.session import SessionStore
-from bastion.types import JSON
+from bastion.upstream.base import Answer
 from bastion.upstream.pool import Upstreams
 
 log = logging.getLogger("bastion.pipeline")
@@ -54,6 +53,6 @@ class Pipeline:
             return
         self.credentials.attach(exchange)
 
-    def run(self, exchange: Exchange, route: Route) -> AsyncGenerator[JSON, None]:
-        """Execute an admitted exchange; yield messages ending with the response."""
-        return self.dispatcher.run(exchange, route)
+    async def run(self, exchange: Exchange, route: Route) -> Answer:
+        """Execute an admitted exchange; the Answer ends with the response."""
+        return await self.dispatcher.run(exchange, route)

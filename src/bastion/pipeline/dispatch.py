@@ -10,7 +10,7 @@ import asyncio
 import base64
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import orjson
@@ -33,7 +33,7 @@ from bastion.types import (
     SUPPORTED_VERSIONS,
     Era,
 )
-from bastion.upstream.base import Channel
+from bastion.upstream.base import Answer, Channel, answer_from
 from bastion.upstream.pool import Upstreams
 
 log = logging.getLogger("bastion.dispatch")
@@ -106,80 +106,101 @@ class Dispatcher:
             return {**message, "params": params}
         return message
 
-    async def call(self, exchange: Exchange, upstream: str, message: JSON) -> AsyncIterator[JSON]:
+    async def call(self, exchange: Exchange, upstream: str, message: JSON) -> Answer:
         """Send one request to one upstream; map server requests into the session."""
         channel = await self.channel(exchange, upstream)
         shaped = self._shape(exchange, channel, message)
         headers = exchange.upstream_headers
         if exchange.forward_headers:
             headers = {**headers, **exchange.forward_headers}
-        async for reply in channel.request(shaped, headers):
-            if "method" in reply and "id" in reply:
-                if exchange.session is None:
-                    log.warning("upstream %r sent a server request to a stateless call", upstream)
-                    continue
-                reply = exchange.session.map_server_request(upstream, reply)
-            elif "result" in reply and channel.era is not exchange.era:
-                reply = _translate_result(reply, exchange.era, upstream)
-            yield reply
+        answer = await channel.call(shaped, headers)
+        if answer.rest is None:
+            if "result" in answer.first and channel.era is not exchange.era:
+                answer.first = _translate_result(answer.first, exchange.era, upstream)
+            return answer
+        return await answer_from(self._adapt(exchange, channel, upstream, answer), upstream)
+
+    async def _adapt(
+        self, exchange: Exchange, channel: Channel, upstream: str, answer: Answer
+    ) -> AsyncGenerator[JSON, None]:
+        """A streamed answer as the client must see it: server requests under gateway ids,
+        results in the client's era."""
+        assert answer.rest is not None  # noqa: S101 - only streamed answers come here
+        try:
+            yield self._adapt_one(exchange, channel, upstream, answer.first)
+            async for reply in answer.rest:
+                yield self._adapt_one(exchange, channel, upstream, reply)
+        finally:
+            await answer.close()
+
+    def _adapt_one(self, exchange: Exchange, channel: Channel, upstream: str, reply: JSON) -> JSON:
+        if "method" in reply and "id" in reply:
+            if exchange.session is None:
+                # A 2026-07-28 upstream asks through input_required results, never so.
+                exc = UpstreamError(f"upstream {upstream!r} sent a request to a stateless call")
+                return error(exchange.id, exc)
+            return exchange.session.map_server_request(upstream, reply)
+        if "result" in reply and channel.era is not exchange.era:
+            return _translate_result(reply, exchange.era, upstream)
+        return reply
 
     async def call_once(self, exchange: Exchange, upstream: str, message: JSON) -> JSON:
         """Send a request and return only its response."""
-        async for reply in self.call(exchange, upstream, message):
-            if "method" not in reply:
-                return reply
-        raise UpstreamError(f"upstream {upstream!r} gave no response")
+        answer = await self.call(exchange, upstream, message)
+        reply = answer.first
+        try:
+            while "method" in reply and answer.rest is not None:
+                reply = await anext(answer.rest)
+        except StopAsyncIteration:
+            raise UpstreamError(f"upstream {upstream!r} gave no response") from None
+        finally:
+            await answer.close()
+        return reply
 
     # -- methods ----------------------------------------------------------------------------
 
-    async def run(self, exchange: Exchange, route: Route) -> AsyncGenerator[JSON, None]:
-        """Execute the exchange's method; yield messages ending with the response."""
+    async def run(self, exchange: Exchange, route: Route) -> Answer:
+        """Execute the exchange's method; the Answer ends with the response."""
+        answer = await self._run(exchange, route)
+        if answer.rest is not None:
+            answer.rest = _guard(exchange, answer.rest)
+        return answer
+
+    async def _run(self, exchange: Exchange, route: Route) -> Answer:
         method = exchange.method
         try:
             if method in _FORWARDED:
-                async for reply in self._forward(exchange, route):
-                    yield reply
-            elif method in _LISTS:
-                yield await self._list(exchange, route)
-            elif method == "ping":
-                yield result(exchange.id, {})
-            elif method == "server/discover":
-                yield result(exchange.id, await self.discover(exchange, route))
-            elif method == "logging/setLevel":
-                yield await self._set_level(exchange, route)
-            elif method == "subscriptions/listen":
-                async for reply in self._listen(exchange, route):
-                    yield reply
-            else:
-                raise MethodNotFound(f"method {method!r} is not served by this gateway")
+                return await self._forward(exchange, route)
+            if method in _LISTS:
+                return Answer(await self._list(exchange, route))
+            if method == "ping":
+                return Answer(result(exchange.id, {}))
+            if method == "server/discover":
+                return Answer(result(exchange.id, await self.discover(exchange, route)))
+            if method == "logging/setLevel":
+                return Answer(await self._set_level(exchange, route))
+            if method == "subscriptions/listen":
+                return await self._listen(exchange, route)
+            raise MethodNotFound(f"method {method!r} is not served by this gateway")
         except BastionError as exc:
-            yield error(exchange.id, exc)
+            return Answer(error(exchange.id, exc))
 
-    async def _forward(self, exchange: Exchange, route: Route) -> AsyncIterator[JSON]:
+    async def _forward(self, exchange: Exchange, route: Route) -> Answer:
         target = exchange.target
-        if target is None and exchange.method in (
-            "resources/read",
-            "resources/subscribe",
-            "resources/unsubscribe",
-            "completion/complete",
-        ):
+        if target is None:
             await self.refresh_index(exchange, route)
             target = route.target(exchange)
             if target is None:
                 raise InvalidParams(f"resource not found: {exchange.params.get('uri')!r}")
-        assert target is not None  # noqa: S101 - route resolved names or raised
         message = exchange.message
         if route.multiplex and exchange.method in ("tools/call", "prompts/get"):
             message = {**message, "params": {**exchange.params, "name": target.name}}
         elif route.multiplex and exchange.method == "completion/complete":
             ref = exchange.params["ref"]
             if ref.get("type") == "ref/prompt":
-                message = {
-                    **message,
-                    "params": {**exchange.params, "ref": {**ref, "name": target.name}},
-                }
-        async for reply in self.call(exchange, target.upstream, message):
-            yield reply
+                params = {**exchange.params, "ref": {**ref, "name": target.name}}
+                message = {**message, "params": params}
+        return await self.call(exchange, target.upstream, message)
 
     async def _list(self, exchange: Exchange, route: Route) -> JSON:
         """A list request. On a virtual server every upstream's page is fetched at once and
@@ -287,7 +308,7 @@ class Dispatcher:
         opened = [r for r in results if isinstance(r, dict)]
         for upstream, outcome in zip(route.upstreams, results, strict=True):
             if not isinstance(outcome, dict):
-                log.warning("upstream %r did not initialize: %s", upstream, outcome)
+                log.warning("upstream %r did not initialize: %r", upstream, outcome)
         if not route.multiplex:
             if not opened:
                 failure = results[0]
@@ -351,12 +372,11 @@ class Dispatcher:
 
     # -- server-initiated traffic -----------------------------------------------------------
 
-    async def _listen(self, exchange: Exchange, route: Route) -> AsyncIterator[JSON]:
+    async def _listen(self, exchange: Exchange, route: Route) -> Answer:
         """subscriptions/listen: one client stream fed by every upstream's listen stream."""
         wanted = exchange.params.get("notifications") or {}
         if not isinstance(wanted, dict):
             raise InvalidParams("subscriptions/listen needs params.notifications as an object")
-        queue: asyncio.Queue[JSON] = asyncio.Queue(maxsize=1024)
         per_upstream: dict[str, JSON] = {u: {} for u in route.upstreams}
         for flag in ("toolsListChanged", "promptsListChanged", "resourcesListChanged"):
             if wanted.get(flag) is True:
@@ -369,17 +389,24 @@ class Dispatcher:
                 target = route.resolve_uri(uri) if isinstance(uri, str) else None
             if target is not None:
                 per_upstream[target.upstream].setdefault("resourceSubscriptions", []).append(uri)
+        ack = {
+            "jsonrpc": "2.0",
+            "method": "notifications/subscriptions/acknowledged",
+            "params": {"_meta": {META_SUBSCRIPTION: exchange.id}, "notifications": wanted},
+        }
+        wanted_by = {upstream: filt for upstream, filt in per_upstream.items() if filt}
+        return Answer(ack, self._fan_in(exchange, wanted_by))
+
+    async def _fan_in(
+        self, exchange: Exchange, wanted_by: dict[str, JSON]
+    ) -> AsyncGenerator[JSON, None]:
+        # Tasks start on the first read, so an answer nobody reads leaves nothing running.
+        queue: asyncio.Queue[JSON] = asyncio.Queue(maxsize=1024)
         tasks = [
             asyncio.create_task(self._pump_listen(exchange, upstream, filt, queue))
-            for upstream, filt in per_upstream.items()
-            if filt
+            for upstream, filt in wanted_by.items()
         ]
         try:
-            yield {
-                "jsonrpc": "2.0",
-                "method": "notifications/subscriptions/acknowledged",
-                "params": {"_meta": {META_SUBSCRIPTION: exchange.id}, "notifications": wanted},
-            }
             while True:
                 yield await queue.get()
         finally:
@@ -395,17 +422,27 @@ class Dispatcher:
         params = {**exchange.params, "notifications": wanted}
         message = {**exchange.message, "params": params}
         try:
-            async for reply in self.call(exchange, upstream, message):
-                if reply.get("method", "").startswith("notifications/") and reply["method"] != (
-                    "notifications/subscriptions/acknowledged"
-                ):
-                    out = dict(reply)
-                    p = dict(out.get("params") or {})
-                    p["_meta"] = {**(p.get("_meta") or {}), META_SUBSCRIPTION: exchange.id}
-                    out["params"] = p
-                    await queue.put(out)
+            answer = await self.call(exchange, upstream, message)
+            try:
+                await self._relay_notification(exchange, answer.first, queue)
+                if answer.rest is not None:
+                    async for reply in answer.rest:
+                        await self._relay_notification(exchange, reply, queue)
+            finally:
+                await answer.close()
         except UpstreamError as exc:
             log.warning("listen stream of %r ended: %s", upstream, exc.message)
+
+    async def _relay_notification(
+        self, exchange: Exchange, reply: JSON, queue: asyncio.Queue[JSON]
+    ) -> None:
+        method = reply.get("method", "")
+        if method.startswith("notifications/") and method != (
+            "notifications/subscriptions/acknowledged"
+        ):
+            params = dict(reply.get("params") or {})
+            params["_meta"] = {**(params.get("_meta") or {}), META_SUBSCRIPTION: exchange.id}
+            await queue.put({**reply, "params": params})
 
     def start_listening(
         self, session: ClientSession, route: Route, headers: dict[str, str]
@@ -456,6 +493,24 @@ class Dispatcher:
             for channel in session.channels.values():
                 with contextlib.suppress(BastionError):
                     await channel.send(message, headers)
+
+
+async def _guard(
+    exchange: Exchange, rest: AsyncGenerator[JSON, None]
+) -> AsyncGenerator[JSON, None]:
+    """Whatever breaks in a streamed answer, the client still gets a response to its request."""
+    try:
+        async for message in rest:
+            yield message
+            if "method" not in message:
+                return
+        if exchange.method == "subscriptions/listen":
+            return
+        raise UpstreamError("the upstream's stream ended without a response")
+    except BastionError as exc:
+        yield error(exchange.id, exc)
+    finally:
+        await rest.aclose()
 
 
 def _translate_result(reply: JSON, era: Era, upstream: str) -> JSON:

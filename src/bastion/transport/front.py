@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 import orjson
@@ -34,6 +34,7 @@ from bastion.pipeline.route import Route
 from bastion.pipeline.session import ClientSession, Stream
 from bastion.transport import checks
 from bastion.types import JSON, LEGACY_VERSIONS, MODERN_VERSION, UPSTREAM_STATUS, Era
+from bastion.upstream.base import Answer
 
 log = logging.getLogger("bastion.transport")
 
@@ -189,7 +190,7 @@ class Front:
         if exchange.denial is not None:
             await _error(send, exchange.denial, exchange.id)
             return
-        await self._answer(send, receive, exchange, self.pipeline.run(exchange, route), None)
+        await self._answer(send, receive, exchange, await self.pipeline.run(exchange, route), None)
 
     async def _post_legacy(
         self,
@@ -238,7 +239,8 @@ class Front:
         if exchange.denial is not None:
             await _error(send, exchange.denial, exchange.id, extra=session_headers(session))
             return
-        await self._answer(send, receive, exchange, self.pipeline.run(exchange, route), session)
+        answer = await self.pipeline.run(exchange, route)
+        await self._answer(send, receive, exchange, answer, session)
 
     async def _initialize(self, send: Send, route: Route, message: JSON, client: str) -> None:
         params = message.get("params") or {}
@@ -279,18 +281,13 @@ class Front:
         send: Send,
         receive: Receive,
         exchange: Exchange,
-        replies: AsyncGenerator[JSON, None],
+        answer: Answer,
         session: ClientSession | None,
     ) -> None:
         """One message answers with a JSON body; more (notifications first) with an SSE stream."""
         extra = session_headers(session) if session is not None else []
-        try:
-            first = await anext(replies)
-        except StopAsyncIteration:
-            await _error(send, InvalidRequest("no answer"), exchange.id, extra=extra)
-            return
-        if "method" not in first:
-            await replies.aclose()
+        first = answer.first
+        if answer.rest is None:
             status = first.pop(UPSTREAM_STATUS, 200)
             if exchange.era is Era.MODERN and first.get("error", {}).get("code") == -32601:
                 status = 404
@@ -302,7 +299,7 @@ class Front:
             # 2026-07-28: no resumption; the client closing the stream cancels the request.
             stream = Stream("", keep=4096)
             stream.append(rpc.dumps(first))
-            pump = asyncio.create_task(_pump(replies, stream))
+            pump = asyncio.create_task(_pump(answer.rest, stream))
             try:
                 await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
                 await self._write_stream(send, stream, 0, receive, ids=False)
@@ -315,16 +312,11 @@ class Front:
         # the client can resume it with Last-Event-ID.
         stream = session.new_stream()
         stream.append(rpc.dumps(first))
-        session.spawn(_pump(replies, stream))
+        session.spawn(_pump(answer.rest, stream))
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + extra})
         if session.protocol_version >= "2025-11-25":
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": sse.encode_priming(stream.event_id(0)),
-                    "more_body": True,
-                }
-            )
+            priming = sse.encode_priming(stream.event_id(0))
+            await send({"type": "http.response.body", "body": priming, "more_body": True})
         await self._write_stream(send, stream, 0, receive)
 
     async def _write_stream(
@@ -424,13 +416,14 @@ class _MethodNotAllowed(Exception):
     pass
 
 
-async def _pump(replies: AsyncIterator[JSON], stream: Stream) -> None:
+async def _pump(replies: AsyncGenerator[JSON, None], stream: Stream) -> None:
     """Move an upstream answer into a kept stream, whether or not a client is reading."""
     try:
         async for message in replies:
             message.pop(UPSTREAM_STATUS, None)
             stream.append(rpc.dumps(message))
     finally:
+        await replies.aclose()
         stream.close()
 
 
@@ -455,7 +448,8 @@ def _has_modern_meta(message: Any) -> bool:
 
 
 def _headers(scope: Scope) -> dict[str, str]:
-    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    # ASGI servers lower-case header names already.
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
 
 
 def _client(scope: Scope) -> str:
@@ -467,12 +461,14 @@ async def _plain(
     send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
 ) -> None:
     headers = (_JSON_HEADERS if body else []) + (extra or [])
+    headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
 async def _json(send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]]) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": _JSON_HEADERS + extra})
+    headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()), *extra]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 

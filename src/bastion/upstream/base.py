@@ -5,7 +5,8 @@ from __future__ import annotations
 import base64
 import itertools
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
@@ -14,6 +15,39 @@ from bastion.errors import UpstreamError
 from bastion.types import JSON, Era
 
 _HEADER_SAFE = re.compile(r"^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$")
+
+
+@dataclass(slots=True)
+class Answer:
+    """What an upstream said about one request: the first message and, when the answer
+    streamed (notifications or server requests before the response), the rest of it.
+
+    The common case, one response, needs no generator at all.
+    """
+
+    first: JSON
+    rest: AsyncGenerator[JSON, None] | None = None
+
+    async def close(self) -> None:
+        """Stop reading the rest (and let the upstream connection go)."""
+        if self.rest is not None:
+            await self.rest.aclose()
+
+
+async def answer_from(
+    messages: AsyncGenerator[JSON, None], upstream: str, done: Callable[[], None] | None = None
+) -> Answer:
+    """An Answer from a stream of messages: the first now, the rest when it is not final."""
+    try:
+        first = await anext(messages)
+    except StopAsyncIteration:
+        raise UpstreamError(f"upstream {upstream!r} closed its stream before answering") from None
+    if "method" in first:
+        return Answer(first, messages)
+    await messages.aclose()
+    if done is not None:
+        done()
+    return Answer(first)
 
 
 class Channel(Protocol):
@@ -26,8 +60,8 @@ class Channel(Protocol):
         """Run the legacy handshake if this channel has one; its InitializeResult, else None."""
         ...
 
-    def request(self, message: JSON, headers: Mapping[str, str]) -> AsyncIterator[JSON]:
-        """Send a request; yield what the upstream says about it, ending with the response."""
+    async def call(self, message: JSON, headers: Mapping[str, str]) -> Answer:
+        """Send a request; the Answer ends with the response, under the caller's id."""
         ...
 
     async def send(self, message: JSON, headers: Mapping[str, str]) -> None:

@@ -1,14 +1,13 @@
-"""Streamable HTTP upstreams over a pooled aiohttp session, in both protocol eras."""
+"""Streamable HTTP upstreams over a keep-alive connection pool, in both protocol eras."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any
 
-import aiohttp
 import orjson
 
 from bastion.config import HttpUpstream
@@ -23,13 +22,25 @@ from bastion.types import (
     UPSTREAM_STATUS,
     Era,
 )
-from bastion.upstream.base import IdMap, decode_message, header_value, mcp_name, restore_id
+from bastion.upstream.base import (
+    Answer,
+    IdMap,
+    answer_from,
+    decode_message,
+    header_value,
+    mcp_name,
+    restore_id,
+)
+from bastion.upstream.wire import Pool, Response, WireError
 
 log = logging.getLogger("bastion.upstream")
 
 MAX_EVENT_BYTES = 16 * 1024 * 1024
 _MAX_RESUMES = 20
 _ACCEPT = "application/json, text/event-stream"
+
+# Called when an SSE answer ended without the response: resumes the stream, or yields nothing.
+Resume = Callable[[Decoder], AsyncIterator[JSON]]
 
 
 class HttpClient:
@@ -38,37 +49,22 @@ class HttpClient:
     def __init__(self, name: str, settings: HttpUpstream) -> None:
         self.name = name
         self.settings = settings
-        self._session: aiohttp.ClientSession | None = None
+        # The read timeout bounds every wait for bytes (headers, body, the gap between SSE
+        # events): an idle timeout, so progress notifications keep a long call alive.
+        self.pool = Pool(
+            settings.url,
+            settings.max_connections,
+            settings.connect_timeout_seconds,
+            settings.timeout_seconds,
+        )
         self.modern: bool | None = (
             None if settings.protocol == "auto" else (settings.protocol == "modern")
         )
         self._probe_lock = asyncio.Lock()
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        """The aiohttp session, made on first use inside the running loop."""
-        if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=self.settings.max_connections, ttl_dns_cache=300, force_close=False
-            )
-            timeout = aiohttp.ClientTimeout(
-                total=None,
-                connect=self.settings.connect_timeout_seconds,
-                sock_read=None,  # bounded per await below; listen streams idle by design
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=timeout,
-                auto_decompress=True,
-                skip_auto_headers=("User-Agent",),
-            )
-        return self._session
-
     async def close(self) -> None:
         """Close the pool."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        self.pool.close()
 
     async def supports_modern(self) -> bool:
         """Whether the upstream serves 2026-07-28 requests, probed once with server/discover."""
@@ -77,104 +73,133 @@ class HttpClient:
         async with self._probe_lock:
             if self.modern is None:
                 self.modern = await self._probe()
-                log.info(
-                    "upstream %r speaks %s", self.name, "2026-07-28" if self.modern else "legacy"
-                )
+                era = "2026-07-28" if self.modern else "legacy"
+                log.info("upstream %r speaks %s", self.name, era)
         return self.modern
 
     async def _probe(self) -> bool:
         probe = {
             "jsonrpc": "2.0",
-            "id": "bastion-probe",
+            "id": 0,
             "method": "server/discover",
             "params": {"_meta": PROBE_META},
         }
         headers = {"MCP-Protocol-Version": MODERN_VERSION, "Mcp-Method": "server/discover"}
         try:
-            async for message in self.exchange(probe, headers, "bastion-probe"):
-                if "result" in message:
-                    versions = message["result"].get("supportedVersions") or []
-                    return MODERN_VERSION in versions
-                return False
+            answer = await self.exchange(probe, headers, 0, "probe")
+            await answer.close()
         except UpstreamError:
             return False
-        return False
+        versions = (answer.first.get("result") or {}).get("supportedVersions") or []
+        return MODERN_VERSION in versions
 
-    async def post(self, body: bytes, headers: Mapping[str, str]) -> aiohttp.ClientResponse:
-        """POST one message; connection failures become UpstreamUnavailable."""
+    async def post(
+        self, body: bytes, headers: Mapping[str, str], long_lived: bool = False
+    ) -> Response:
+        """POST one message; failures become UpstreamTimeout or UpstreamUnavailable."""
         all_headers = {"Accept": _ACCEPT, "Content-Type": "application/json", **headers}
+        return await self.send("POST", all_headers, body, long_lived)
+
+    async def send(
+        self, method: str, headers: dict[str, str], body: bytes = b"", long_lived: bool = False
+    ) -> Response:
+        """Any request to the upstream's MCP endpoint, with errors named for the upstream."""
         try:
-            async with asyncio.timeout(self.settings.timeout_seconds):
-                return await self.session.post(self.settings.url, data=body, headers=all_headers)
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            return await self.pool.request(method, headers, body, long_lived)
+        except TimeoutError as exc:
             raise UpstreamTimeout(
                 f"upstream {self.name!r} did not answer within {self.settings.timeout_seconds:g} s"
             ) from exc
-        except aiohttp.ClientError as exc:
+        except (OSError, WireError) as exc:
             raise UpstreamUnavailable(f"upstream {self.name!r} is unreachable: {exc}") from exc
 
     async def exchange(
         self,
-        body_message: JSON,
+        message: JSON,
         headers: Mapping[str, str],
         upstream_id: Any,
-        idle: float | None = -1.0,
-    ) -> AsyncIterator[JSON]:
-        """POST a request and yield every message of its answer up to the response."""
-        response = await self.post(orjson.dumps(body_message), headers)
-        async with response:
-            async for message in self.read_answer(response, upstream_id, idle):
-                yield message
+        original: Any,
+        long_lived: bool = False,
+    ) -> Answer:
+        """POST a request (already carrying `upstream_id`) and answer under `original`."""
+        response = await self.post(orjson.dumps(message), headers, long_lived)
+        return await self.answer(response, upstream_id, original)
 
-    async def read_answer(
+    async def answer(
         self,
-        response: aiohttp.ClientResponse,
+        response: Response,
         upstream_id: Any,
-        idle: float | None = -1.0,
-        decoder: Decoder | None = None,
-    ) -> AsyncIterator[JSON]:
-        """Turn an HTTP answer (JSON, SSE or an error status) into JSON-RPC messages."""
-        ctype = response.headers.get("Content-Type", "")
-        if response.status >= 400 or not (
-            ctype.startswith("application/json") or ctype.startswith("text/event-stream")
+        original: Any,
+        resume: Resume | None = None,
+        done: Callable[[], None] | None = None,
+    ) -> Answer:
+        """Turn an HTTP answer (JSON, SSE or an error status) into an Answer; the response is
+        released here for single messages and by the stream otherwise."""
+        ctype = response.headers.get("content-type", "")
+        if response.status >= 400 or not ctype.startswith(
+            ("application/json", "text/event-stream")
         ):
-            yield await self._error_answer(response, upstream_id)
-            return
+            try:
+                error = await self._error_answer(response, upstream_id)
+            finally:
+                response.release()
+                if done is not None:
+                    done()
+            return Answer(restore_id(error, original))
         if ctype.startswith("application/json"):
-            body = await self._read_body(response)
-            yield decode_message(body, self.name)
-            return
-        async for message in self.read_events(response, idle, decoder):
-            yield message
-            if "method" not in message and message.get("id") == upstream_id:
-                return
-        if decoder is None or decoder.last_id is None:
+            try:
+                message = decode_message(await self.read_body(response), self.name)
+            finally:
+                response.release()
+                if done is not None:
+                    done()
+            return Answer(restore_id(message, original))
+        stream = self._stream(response, upstream_id, original, resume, done)
+        return await answer_from(stream, self.name)
+
+    async def _stream(
+        self,
+        response: Response,
+        upstream_id: Any,
+        original: Any,
+        resume: Resume | None,
+        done: Callable[[], None] | None,
+    ) -> AsyncGenerator[JSON, None]:
+        decoder = Decoder()
+        try:
+            async with response:
+                async for message in self.read_events(response, decoder):
+                    if "method" not in message and message.get("id") == upstream_id:
+                        yield restore_id(message, original)
+                        return
+                    yield message
+            if resume is not None and decoder.last_id is not None:
+                # The upstream closed the stream early (SSE polling): resume it.
+                async for message in resume(decoder):
+                    if "method" not in message and message.get("id") == upstream_id:
+                        yield restore_id(message, original)
+                        return
+                    yield message
             raise UpstreamError(f"upstream {self.name!r} closed its stream before answering")
+        finally:
+            if done is not None:
+                done()
 
     async def read_events(
-        self,
-        response: aiohttp.ClientResponse,
-        idle: float | None = -1.0,
-        decoder: Decoder | None = None,
+        self, response: Response, decoder: Decoder | None = None
     ) -> AsyncIterator[JSON]:
-        """Yield the JSON-RPC messages of an SSE stream; idle time is bounded (None: unbounded).
-
-        -1 means the upstream's own timeout.
-        """
-        if idle is not None and idle < 0:
-            idle = self.settings.timeout_seconds
+        """Yield the JSON-RPC messages of an SSE stream (idle time bounded by the timeout)."""
         decoder = decoder or Decoder()
         buffer = b""
-        chunks = response.content.iter_any()
+        chunks = response.iter_chunks()
         while True:
             try:
-                async with asyncio.timeout(idle):
-                    chunk = await anext(chunks, None)
+                chunk = await anext(chunks, None)
             except TimeoutError as exc:
                 raise UpstreamTimeout(
                     f"upstream {self.name!r} sent nothing for {self.settings.timeout_seconds:g} s"
                 ) from exc
-            except aiohttp.ClientError as exc:
+            except (OSError, WireError) as exc:
                 raise UpstreamUnavailable(
                     f"upstream {self.name!r} broke its stream: {exc}"
                 ) from exc
@@ -189,20 +214,20 @@ class HttpClient:
                 if event is not None and event.event == "message":
                     yield decode_message(event.data, self.name)
 
-    async def _read_body(self, response: aiohttp.ClientResponse) -> bytes:
+    async def read_body(self, response: Response) -> bytes:
+        """The whole body of a response, with failures named for the upstream."""
         try:
-            async with asyncio.timeout(self.settings.timeout_seconds):
-                return await response.read()
+            return await response.read()
         except TimeoutError as exc:
             raise UpstreamTimeout(
                 f"upstream {self.name!r} did not finish its answer within "
                 f"{self.settings.timeout_seconds:g} s"
             ) from exc
-        except aiohttp.ClientError as exc:
+        except (OSError, WireError) as exc:
             raise UpstreamUnavailable(f"upstream {self.name!r} broke its answer: {exc}") from exc
 
-    async def _error_answer(self, response: aiohttp.ClientResponse, upstream_id: Any) -> JSON:
-        body = await self._read_body(response)
+    async def _error_answer(self, response: Response, upstream_id: Any) -> JSON:
+        body = await self.read_body(response)
         with contextlib.suppress(UpstreamError):
             message = decode_message(body, self.name)
             if isinstance(message.get("error"), dict):
@@ -211,7 +236,7 @@ class HttpClient:
                 return message
         raise UpstreamError(
             f"upstream {self.name!r} answered HTTP {response.status} "
-            f"({response.headers.get('Content-Type', 'no content type')})",
+            f"({response.headers.get('content-type', 'no content type')})",
             data={"upstream": self.name, "status": response.status},
         )
 
@@ -239,9 +264,10 @@ class LegacyHttpChannel:
 
     async def open(self, headers: Mapping[str, str]) -> JSON:
         """Run the initialize handshake if it has not run; return the InitializeResult."""
-        async with self._lock:
-            if self.initialized is None:
-                await self._initialize(headers)
+        if self.initialized is None:
+            async with self._lock:
+                if self.initialized is None:
+                    await self._initialize(headers)
         assert self.initialized is not None  # noqa: S101 - set by _initialize or it raised
         return self.initialized
 
@@ -250,25 +276,26 @@ class LegacyHttpChannel:
         message, upstream_id = self._ids.outgoing(
             {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": self._hello}
         )
-        response = await self._client.post(orjson.dumps(message), {**headers})
-        async with response:
-            session_id = response.headers.get("Mcp-Session-Id")
-            answer = None
-            async for reply in self._client.read_answer(response, upstream_id):
-                if reply.get("id") == upstream_id:
-                    answer = reply
-        if answer is None or "result" not in answer:
-            detail = (answer or {}).get("error", {}).get("message", "no result")
+        response = await self._client.post(orjson.dumps(message), headers)
+        session_id = response.headers.get("mcp-session-id")
+        answer = await self._client.answer(response, upstream_id, 0)
+        reply = answer.first
+        while "method" in reply and answer.rest is not None:
+            reply = await anext(answer.rest)
+        await answer.close()
+        if "result" not in reply:
+            detail = (reply.get("error") or {}).get("message", "no result")
             raise UpstreamError(f"upstream {self._client.name!r} refused initialize: {detail}")
-        result = answer["result"]
+        result = reply["result"]
         self._version = str(result.get("protocolVersion", self._version))
         self._session_id = session_id
         self.initialized = result
         note = {"jsonrpc": "2.0", "method": "notifications/initialized"}
         ack = await self._client.post(orjson.dumps(note), self._headers(headers))
-        ack.release()
+        async with ack:
+            await ack.read()
 
-    async def request(self, message: JSON, headers: Mapping[str, str]) -> AsyncIterator[JSON]:
+    async def call(self, message: JSON, headers: Mapping[str, str]) -> Answer:
         """Send a request in the session; reopen once if the upstream forgot the session."""
         await self.open(headers)
         original = message["id"]
@@ -280,31 +307,20 @@ class LegacyHttpChannel:
             except BaseException:
                 self.inflight.pop(original, None)
                 raise
-            async with response:
-                if response.status == 404 and self._session_id is not None and attempt == 1:
-                    log.info("upstream %r forgot session; reopening", self._client.name)
-                    async with self._lock:
-                        await self._initialize(headers)
-                    continue
-                decoder = Decoder()
-                try:
-                    async for reply in self._client.read_answer(
-                        response, upstream_id, decoder=decoder
-                    ):
-                        if reply.get("id") == upstream_id and "method" not in reply:
-                            yield restore_id(reply, original)
-                            return
-                        yield reply
-                    # The upstream closed the stream early (SSE polling): resume it.
-                    async for reply in self._resume(decoder, headers):
-                        if reply.get("id") == upstream_id and "method" not in reply:
-                            yield restore_id(reply, original)
-                            return
-                        yield reply
-                    raise UpstreamError(f"upstream {self._client.name!r} never finished its answer")
-                finally:
-                    self.inflight.pop(original, None)
-                return
+            if response.status == 404 and self._session_id is not None and attempt == 1:
+                response.release()
+                log.info("upstream %r forgot session; reopening", self._client.name)
+                async with self._lock:
+                    await self._initialize(headers)
+                continue
+            return await self._client.answer(
+                response,
+                upstream_id,
+                original,
+                resume=lambda decoder: self._resume(decoder, headers),
+                done=lambda: self.inflight.pop(original, None),
+            )
+        raise UpstreamError(f"upstream {self._client.name!r} keeps forgetting the session")
 
     async def _resume(self, decoder: Decoder, headers: Mapping[str, str]) -> AsyncIterator[JSON]:
         """Reconnect to a stream the upstream closed early, from its last event id, as often
@@ -319,15 +335,7 @@ class LegacyHttpChannel:
                 "Last-Event-ID": last,
                 **self._headers(headers),
             }
-            try:
-                async with asyncio.timeout(self._client.settings.timeout_seconds):
-                    response = await self._client.session.get(
-                        self._client.settings.url, headers=all_headers
-                    )
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                raise UpstreamUnavailable(
-                    f"upstream {self._client.name!r} could not resume its stream: {exc}"
-                ) from exc
+            response = await self._client.send("GET", all_headers)
             async with response:
                 if response.status != 200:
                     raise UpstreamError(
@@ -335,7 +343,7 @@ class LegacyHttpChannel:
                         f"(HTTP {response.status})"
                     )
                 before = decoder.last_id
-                async for message in self._client.read_events(response, decoder=decoder):
+                async for message in self._client.read_events(response, decoder):
                     yield message
                 if decoder.last_id == before:
                     return
@@ -345,6 +353,7 @@ class LegacyHttpChannel:
         await self.open(headers)
         response = await self._client.post(orjson.dumps(message), self._headers(headers))
         async with response:
+            await self._client.read_body(response)
             if response.status >= 400:
                 raise UpstreamError(
                     f"upstream {self._client.name!r} refused a message with HTTP {response.status}"
@@ -354,28 +363,12 @@ class LegacyHttpChannel:
         """Open the session's GET stream; nothing when the upstream offers none (405)."""
         await self.open(headers)
         all_headers = {"Accept": "text/event-stream", **self._headers(headers)}
-        try:
-            response = await self._client.session.get(
-                self._client.settings.url,
-                headers=all_headers,
-                timeout=aiohttp.ClientTimeout(total=None, sock_read=None),
-            )
-        except aiohttp.ClientError as exc:
-            raise UpstreamUnavailable(
-                f"upstream {self._client.name!r} is unreachable: {exc}"
-            ) from exc
+        response = await self._client.send("GET", all_headers, long_lived=True)
         async with response:
             if response.status != 200:
                 return
-            decoder = Decoder()
-            buffer = b""
-            async for chunk in response.content.iter_any():
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                for line in lines:
-                    event = decoder.feed_line(line)
-                    if event is not None and event.event == "message":
-                        yield decode_message(event.data, self._client.name)
+            async for message in self._client.read_events(response):
+                yield message
 
     async def close(self) -> None:
         """DELETE the upstream session (best effort: the upstream may already be gone)."""
@@ -383,12 +376,11 @@ class LegacyHttpChannel:
             return
         headers = self._headers({})
         self._session_id = None
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+        with contextlib.suppress(UpstreamError, TimeoutError):
             async with asyncio.timeout(2):
-                response = await self._client.session.delete(
-                    self._client.settings.url, headers=headers
-                )
-                response.release()
+                response = await self._client.send("DELETE", headers)
+                async with response:
+                    await response.read()
 
 
 class ModernHttpChannel:
@@ -405,9 +397,8 @@ class ModernHttpChannel:
         """No handshake in the stateless era."""
         return None
 
-    async def request(self, message: JSON, headers: Mapping[str, str]) -> AsyncIterator[JSON]:
+    async def call(self, message: JSON, headers: Mapping[str, str]) -> Answer:
         """POST the request with its mirrored headers and relay the answer."""
-        original = message["id"]
         outgoing, upstream_id = self._ids.outgoing(message)
         meta = (message.get("params") or {}).get("_meta") or {}
         all_headers = {
@@ -419,12 +410,10 @@ class ModernHttpChannel:
         if name is not None:
             all_headers["Mcp-Name"] = header_value(name)
         # A subscriptions/listen stream is quiet for long stretches by design.
-        idle = None if message["method"] == "subscriptions/listen" else -1.0
-        async for reply in self._client.exchange(outgoing, all_headers, upstream_id, idle):
-            if reply.get("id") == upstream_id and "method" not in reply:
-                yield restore_id(reply, original)
-                return
-            yield reply
+        long_lived = message["method"] == "subscriptions/listen"
+        return await self._client.exchange(
+            outgoing, all_headers, upstream_id, message["id"], long_lived
+        )
 
     async def send(self, message: JSON, headers: Mapping[str, str]) -> None:
         """The modern era defines no client notifications over HTTP; nothing to deliver."""

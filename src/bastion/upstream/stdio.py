@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
 import orjson
@@ -21,7 +21,7 @@ import orjson
 from bastion.config import StdioUpstream
 from bastion.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from bastion.types import JSON, LEGACY_VERSIONS, MODERN_VERSION, PROBE_META, Era
-from bastion.upstream.base import restore_id
+from bastion.upstream.base import Answer, answer_from, restore_id
 
 log = logging.getLogger("bastion.upstream.stdio")
 
@@ -149,7 +149,7 @@ class StdioProcess:
         direct: bool = False,
         limit: float | None = None,
         inflight: dict[Any, Any] | None = None,
-    ) -> AsyncIterator[JSON]:
+    ) -> AsyncGenerator[JSON, None]:
         """Send a request under a fresh id; yield related messages, then the response."""
         if not direct:
             await self.ensure()
@@ -328,10 +328,10 @@ class StdioChannel:
         await self._process.ensure()
         return self._process.initialized
 
-    async def request(self, message: JSON, headers: Mapping[str, str]) -> AsyncIterator[JSON]:
+    async def call(self, message: JSON, headers: Mapping[str, str]) -> Answer:
         """Relay one request through the process."""
-        async for reply in self._process.request(message, inflight=self.inflight):
-            yield reply
+        replies = self._process.request(message, inflight=self.inflight)
+        return await answer_from(replies, self._process.name)
 
     async def send(self, message: JSON, headers: Mapping[str, str]) -> None:
         """Write a notification or a response to a server request."""
