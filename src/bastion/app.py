@@ -102,7 +102,13 @@ class Gateway:
 async def serve(settings: Settings, on_ready: Callable[[int], None] | None = None) -> None:
     """Run the gateway on its own HTTP server until SIGTERM or SIGINT, then stop cleanly."""
     gateway = Gateway(settings)
-    server = HttpServer(gateway.front, max_body=settings.limits.max_body_bytes)
+    limits = settings.limits
+    server = HttpServer(
+        gateway.front,
+        max_body=limits.max_body_bytes,
+        keepalive_timeout=limits.idle_connection_seconds,
+        header_timeout=limits.header_timeout_seconds,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

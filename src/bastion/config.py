@@ -50,6 +50,8 @@ class Limits(_Frozen):
     session_idle_seconds: float = Field(3600.0, gt=0)
     sse_replay_events: int = Field(256, ge=0)
     sse_keepalive_seconds: float = Field(15.0, gt=0)
+    header_timeout_seconds: float = Field(30.0, gt=0)  # a request must arrive whole by then
+    idle_connection_seconds: float = Field(75.0, gt=0)  # keep-alive between requests
 
 
 class Security(_Frozen):

@@ -162,6 +162,16 @@ class _Connection(asyncio.Protocol):
         request.method = self._parser.get_method().decode("latin-1")
         request.version = self._parser.get_http_version()
         request.keep_alive = self._parser.should_keep_alive()
+        if request.expect_continue:
+            # The app runs once the body is here, so the server answers the expectation.
+            length = dict(request.headers).get(b"content-length", b"0")
+            if length.isdigit() and int(length) > self._server.max_body:
+                request.keep_alive = False
+                request.overflow = True
+                request.complete = True
+                self._enqueue(request)  # the app sees the length and refuses it
+            else:
+                self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         request = self._current
@@ -326,9 +336,6 @@ class _Response:
     async def receive(self) -> Message:
         request = self._request
         if not self._delivered:
-            if request.expect_continue and not request.complete:
-                self._conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                request.expect_continue = False
             while not request.complete and not self._conn.closed:
                 await self._conn.wait_change()
             if self._conn.closed and not request.complete:
