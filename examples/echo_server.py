@@ -25,12 +25,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import asyncio
-import signal
-import socket
 import sys
-from typing import Any
 
+from demo_serving import run, serve_http
 from mcp.server.mcpserver import MCPServer
 from mcp.types import ToolAnnotations
 
@@ -62,57 +59,6 @@ def build_server(*, otel: bool = False) -> MCPServer:
     return mcp
 
 
-async def serve_http(app: Any, host: str, port: int, label: str) -> None:
-    """Serve `app` with uvicorn until SIGTERM/SIGINT, then return (exit status 0).
-
-    Prints one line to stderr once the server accepts requests.
-    """
-    import uvicorn
-
-    class _Server(uvicorn.Server):
-        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-            await super().startup(sockets=sockets)
-            if self.started:
-                shown = f"[{host}]" if ":" in host else host
-                print(
-                    f"{label} listening on http://{shown}:{bound_port}/mcp",
-                    file=sys.stderr,
-                    flush=True,
-                )
-
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    bound_port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        log_level="warning",
-        access_log=False,
-        lifespan="on",
-        # Open SSE streams (handshake-era GET streams) must not hold up shutdown for long.
-        timeout_graceful_shutdown=3,
-    )
-    # uvicorn captures SIGINT/SIGTERM while serving and re-raises them once it has
-    # shut down gracefully; these no-op handlers turn that re-raise into a clean return.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: None)
-    try:
-        await _Server(config).serve(sockets=[sock])
-    finally:
-        sock.close()
-
-
-def _run(coro: Any) -> None:
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(coro)
-    else:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(coro)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Minimal MCP echo server (benchmark baseline)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
@@ -141,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         stateless_http=True,
         host=args.host,  # loopback bind => the SDK's Host/Origin allow-list for loopback
     )
-    _run(serve_http(app, args.host, args.port, "echo server"))
+    run(serve_http(app, args.host, args.port, "echo server"))
     return 0
 
 

@@ -31,19 +31,17 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import asyncio
 import copy
 import itertools
 import json
 import os
 import re
-import signal
-import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from demo_serving import run, serve_http
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
 from mcp.server.mcpserver.prompts.base import UserMessage
@@ -519,47 +517,6 @@ def add_health_route(mcp: MCPServer) -> None:
         return PlainTextResponse("ok")
 
 
-async def serve_http(app: Any, host: str, port: int, label: str) -> None:
-    """Serve `app` with uvicorn until SIGTERM/SIGINT, then return (exit status 0).
-
-    Prints one line to stderr once the server accepts requests.
-    """
-    import uvicorn
-
-    class _Server(uvicorn.Server):
-        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-            await super().startup(sockets=sockets)
-            if self.started:
-                shown = f"[{host}]" if ":" in host else host
-                print(
-                    f"{label} listening on http://{shown}:{bound_port}/mcp",
-                    file=sys.stderr,
-                    flush=True,
-                )
-
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    bound_port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        log_level="warning",
-        access_log=False,
-        lifespan="on",
-        # Open SSE streams (handshake-era GET streams) must not hold up shutdown for long.
-        timeout_graceful_shutdown=3,
-    )
-    # uvicorn captures SIGINT/SIGTERM while serving and re-raises them once it has
-    # shut down gracefully; these no-op handlers turn that re-raise into a clean return.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: None)
-    try:
-        await _Server(config).serve(sockets=[sock])
-    finally:
-        sock.close()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
@@ -591,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host,
     )
     label = "workspace server" + (" (LEAKY)" if args.leaky else "")
-    asyncio.run(serve_http(app, args.host, args.port, label))
+    run(serve_http(app, args.host, args.port, label))
     return 0
 
 

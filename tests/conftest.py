@@ -143,6 +143,8 @@ def start_gateway(tmp: Path, config_text: str | None = None) -> GatewayProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            # A secret in the gateway's own environment, which no stdio upstream may inherit.
+            env={**os.environ, "GATEWAY_ONLY_SECRET": "s3cr3t-" + str(port)},
         )
     gateway = GatewayProcess(proc, port, log_path, config_path)
     try:

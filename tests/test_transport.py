@@ -561,3 +561,23 @@ def test_subscriptions_listen_fans_in(gateway: GatewayProcess, http: httpx.Clien
     assert got[0]["method"] == "notifications/subscriptions/acknowledged"
     assert got[-1]["method"] == "notifications/tools/list_changed"
     assert got[-1]["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"] == "sub-1"
+
+
+def test_2025_06_18_session(gateway: GatewayProcess, http: httpx.Client) -> None:
+    """The oldest revision Bastion speaks: a session, a call, no priming events."""
+    session = legacy_session(http, gateway.url("/servers/everything/mcp"), version="2025-06-18")
+    call = {
+        "jsonrpc": "2.0",
+        "id": 3,
+        "method": "tools/call",
+        "params": {"name": "test_simple_text", "arguments": {}},
+    }
+    response = http.post(gateway.url("/servers/everything/mcp"), json=call, headers=session)
+    assert response.status_code == 200
+    text = response.text
+    if response.headers["content-type"].startswith("text/event-stream"):
+        assert "data: \n" not in text  # priming events are a 2025-11-25 feature
+        text = next(
+            line[5:] for line in text.splitlines() if line.startswith("data:") and line[5:].strip()
+        )
+    assert json.loads(text)["result"]["content"][0]["type"] == "text"

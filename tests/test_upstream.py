@@ -98,6 +98,29 @@ def test_stdio_upstream_gets_only_allowed_environment(
     assert last["result"]["content"][0]["text"] == "acme"  # {tenant} filled per process
 
 
+def test_stdio_environment_is_allow_listed_and_stderr_logged(
+    gateway: GatewayProcess, http: httpx.Client
+) -> None:
+    import json
+
+    names = json.loads(
+        call_legacy(http, gateway, "badstdio", "env")["result"]["content"][0]["text"]
+    )
+    assert "GATEWAY_ONLY_SECRET" not in names
+    assert {"BAD_TENANT", "BAD_STARTS"} <= set(names)
+    assert set(names) <= {
+        "BAD_TENANT",
+        "BAD_STARTS",
+        "PATH",
+        "HOME",
+        "LANG",
+        "PYTHONPATH",
+        "VIRTUAL_ENV",
+        "LC_CTYPE",
+    }
+    assert "[badstdio] bad-stdio started for tenant acme" in gateway.log()
+
+
 def test_stdio_crash_then_restart(gateway: GatewayProcess, http: httpx.Client) -> None:
     starts = Path(gateway.config_path).parent / "bad-stdio-starts"
     call_legacy(http, gateway, "badstdio", "echo")
