@@ -111,3 +111,27 @@ def test_serve_warns_about_auth_none(tmp_path: Path) -> None:
         assert "auth: none" in gw.log() and "loopback only" in gw.log()
     finally:
         gw.stop()
+
+
+def test_launch_onto_a_busy_port_refuses_to_start(tmp_path: Path) -> None:
+    """A launched upstream's port already held by something else: the gateway must not talk
+    to whatever that is."""
+    import socket
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen(1)
+        port = squatter.getsockname()[1]
+        cfg = tmp_path / "busy.yaml"
+        cfg.write_text(
+            "listen: {host: 127.0.0.1, port: 0}\n"
+            "upstreams:\n"
+            f"  demo: {{transport: http, url: 'http://127.0.0.1:{port}/mcp',"
+            f" launch: ['{sys.executable}', '-c', 'pass']}}\n"
+        )
+        run = subprocess.run(
+            [*BASTION, "serve", "--config", str(cfg)], capture_output=True, text=True, timeout=30
+        )
+    assert run.returncode == 1
+    assert f"127.0.0.1:{port} is already in use" in run.stderr
+    assert "Traceback" not in run.stderr

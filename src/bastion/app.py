@@ -113,8 +113,8 @@ async def serve(settings: Settings, on_ready: Callable[[int], None] | None = Non
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await gateway.start()
     try:
+        await gateway.start()
         port = await server.start(settings.listen.host, settings.listen.port)
         if on_ready is not None:
             on_ready(port)

@@ -23,6 +23,8 @@ from bastion.upstream.base import Channel
 
 log = logging.getLogger("bastion.session")
 
+_MAX_PENDING_SERVER_REQUESTS = 1024
+
 
 class Stream:
     """An SSE stream's events, kept so a client can resume with Last-Event-ID."""
@@ -109,6 +111,9 @@ class ClientSession:
     def map_server_request(self, upstream: str, message: JSON) -> JSON:
         """Give a server→client request a gateway id, remembering whose it was."""
         gateway_id = f"bastion-{next(self._counter)}"
+        if len(self.server_requests) >= _MAX_PENDING_SERVER_REQUESTS:
+            # A client that never answers must not grow the session without bound.
+            del self.server_requests[next(iter(self.server_requests))]
         self.server_requests[gateway_id] = (upstream, message["id"])
         out = dict(message)
         out["id"] = gateway_id

@@ -123,6 +123,10 @@ def check_modern_headers(message: JSON, version: str, headers: dict[str, str]) -
         raise InvalidEnvelope(f"params._meta must carry {META_VERSION!r}")
     if not isinstance(meta.get(META_CAPABILITIES), dict):
         raise InvalidEnvelope(f"params._meta must carry {META_CAPABILITIES!r} as an object")
+    if not version:
+        raise HeaderMismatch(
+            f"MCP-Protocol-Version header is required with params._meta[{META_VERSION!r}]"
+        )
     mcp_method = headers.get("mcp-method")
     if mcp_method is None:
         raise HeaderMismatch("Mcp-Method header is required")

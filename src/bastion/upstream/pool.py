@@ -46,23 +46,23 @@ class Upstreams:
                 await self._launch(name, upstream)
 
     async def _launch(self, name: str, upstream: HttpUpstream) -> None:
+        url = urlsplit(upstream.url)
+        host, port = url.hostname or "127.0.0.1", url.port or 80
+        if await _listening(host, port):
+            # Otherwise the gateway would talk to whatever already holds the port.
+            raise UpstreamError(f"cannot launch upstream {name!r}: {host}:{port} is already in use")
         command = [expand(part, "") for part in upstream.launch]
         proc = await asyncio.create_subprocess_exec(
             *command, cwd=upstream.cwd, env=dict(os.environ), stdin=asyncio.subprocess.DEVNULL
         )
         self._launched.append(proc)
-        url = urlsplit(upstream.url)
-        host, port = url.hostname or "127.0.0.1", url.port or 80
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if proc.returncode is not None:
                 raise UpstreamError(
                     f"launched upstream {name!r} exited with code {proc.returncode}"
                 )
-            with contextlib.suppress(OSError):
-                _, writer = await asyncio.open_connection(host, port)
-                writer.close()
-                await writer.wait_closed()
+            if await _listening(host, port):
                 log.info("launched upstream %r (pid %s) at %s", name, proc.pid, upstream.url)
                 return
             await asyncio.sleep(0.05)
@@ -127,3 +127,15 @@ class Upstreams:
             channel = LegacyHttpChannel(client, _GATEWAY_HELLO)
         self._pooled[key] = channel
         return channel
+
+
+async def _listening(host: str, port: int) -> bool:
+    """Whether something accepts connections at host:port."""
+    try:
+        _, writer = await asyncio.open_connection(host, port)
+    except OSError:
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
