@@ -17,6 +17,8 @@ BastionError                     code               HTTP  JSON-RPC
 │   ├── SessionNotFound          protocol.session   404   -32600
 │   └── OriginRejected           protocol.origin    403   -32600
 ├── AuthError                    auth.*             401   -32600
+│   ├── TokenError               auth.invalid_token 401   -32600  (.reason says which check)
+│   └── InsufficientScope        auth.insufficient_scope 403
 ├── PolicyError                  policy.*           200   -32600
 ├── UpstreamError                upstream.*         200   -32603
 │   ├── UpstreamTimeout          upstream.timeout
@@ -157,6 +159,28 @@ class AuthError(BastionError):
     code = "auth.failed"
     http_status = 401
     rpc_code = -32600
+
+
+class TokenError(AuthError):
+    """A token, assertion or DPoP proof was refused; `reason` says why, machine-readably.
+
+    Reasons: malformed, too_large, alg_not_allowed, unknown_kid, bad_signature, wrong_issuer,
+    wrong_audience, expired, not_yet_valid, issued_in_future, wrong_typ, missing_claim,
+    replayed, revoked, suspended, wrong_key, htm, htu, ath, nonce, iat.
+    """
+
+    code = "auth.invalid_token"
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message, data={"reason": reason})
+        self.reason = reason
+
+
+class InsufficientScope(AuthError):
+    """The token is valid but lacks a scope this request needs (403, step-up)."""
+
+    code = "auth.insufficient_scope"
+    http_status = 403
 
 
 class PolicyError(BastionError):
