@@ -267,7 +267,9 @@ class NoTenant(Exception):
 def caller_tenant(ctx: Context) -> str:
     """Return the tenant of the caller of the current request.
 
-    HTTP: the ``X-Bastion-Tenant`` request header set by the gateway.
+    HTTP behind Bastion (``--issuer``): the ``tenant`` claim of the JWT Bastion minted for
+    this call, verified against Bastion's JWKS (issuer, this server's audience, ≤ 60 s).
+    HTTP without ``--issuer`` (standalone development): the ``X-Bastion-Tenant`` header.
     stdio (no HTTP request behind the message): ``$WORKSPACE_TENANT``.
     An HTTP request without the header never falls back to the environment.
 
@@ -279,7 +281,9 @@ def caller_tenant(ctx: Context) -> str:
         headers = ctx.headers
     except ValueError:  # no request context at all
         headers = None
-    if headers is not None:
+    if headers is not None and _VERIFIER is not None:
+        raw = _VERIFIER.tenant(headers.get("authorization"))
+    elif headers is not None:
         raw = headers.get(TENANT_HEADER)
     else:
         raw = os.environ.get(TENANT_ENV)
@@ -287,6 +291,43 @@ def caller_tenant(ctx: Context) -> str:
     if not tenant or not _TENANT_RE.fullmatch(tenant):
         raise NoTenant("no tenant in the credential")
     return tenant
+
+
+class BastionCredential:
+    """Checks the short-lived JWT Bastion sends with each call and reads the tenant from it."""
+
+    def __init__(self, issuer: str, audience: str) -> None:
+        import jwt
+
+        self._jwt = jwt
+        self._issuer = issuer.rstrip("/")
+        self._audience = audience
+        self._keys = jwt.PyJWKClient(f"{self._issuer}/.well-known/jwks.json", lifespan=300)
+
+    def tenant(self, authorization: str | None) -> str:
+        """The verified tenant claim, or NoTenant saying what was wrong."""
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise NoTenant("no tenant in the credential: expected a Bearer token from Bastion")
+        try:
+            key = self._keys.get_signing_key_from_jwt(token)
+            claims = self._jwt.decode(
+                token,
+                key.key,
+                algorithms=["ES256", "EdDSA", "RS256"],
+                audience=self._audience,
+                issuer=self._issuer,
+                leeway=5,
+                options={"require": ["exp", "iat", "tenant"]},
+            )
+        except self._jwt.PyJWTError as exc:
+            raise NoTenant(f"no tenant in the credential: {exc}") from None
+        if float(claims["exp"]) - float(claims["iat"]) > 60:
+            raise NoTenant("no tenant in the credential: Bastion credentials live at most 60 s")
+        return str(claims["tenant"])
+
+
+_VERIFIER: BastionCredential | None = None
 
 
 def _tool_tenant(ctx: Context) -> str:
@@ -523,6 +564,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=9101, help="TCP port (0 = pick a free one)")
     parser.add_argument("--transport", choices=["http", "stdio"], default="http")
     parser.add_argument(
+        "--issuer",
+        help="Bastion's URL: trust only the JWTs it mints (tenant from their claim)",
+    )
+    parser.add_argument("--audience", help="this server's audience (default: its own /mcp URL)")
+    parser.add_argument(
         "--leaky", action="store_true", help="reproduce the cross-tenant search cache leak"
     )
     parser.add_argument(
@@ -534,6 +580,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
+    if args.issuer:
+        global _VERIFIER
+        audience = args.audience or f"http://{args.host}:{args.port}/mcp"
+        _VERIFIER = BastionCredential(args.issuer, audience)
     mcp, _ = build_server(leaky=args.leaky)
     if args.transport == "stdio":
         mcp.run("stdio")

@@ -92,7 +92,7 @@ def test_check_config_cli(tmp_path: Path) -> None:
 
 def test_auth_none_refused_off_loopback(tmp_path: Path) -> None:
     exposed = tmp_path / "exposed.yaml"
-    exposed.write_text("listen: {host: 0.0.0.0, port: 0}\n")
+    exposed.write_text("listen: {host: 0.0.0.0, port: 0}\nauth: {mode: none}\n")
     check = subprocess.run(
         [*BASTION, "check-config", str(exposed)], capture_output=True, text=True, timeout=30
     )
@@ -106,7 +106,7 @@ def test_auth_none_refused_off_loopback(tmp_path: Path) -> None:
 def test_serve_warns_about_auth_none(tmp_path: Path) -> None:
     from tests.conftest import start_gateway
 
-    gw = start_gateway(tmp_path, "listen: {host: 127.0.0.1, port: 0}\n")
+    gw = start_gateway(tmp_path, "listen: {host: 127.0.0.1, port: 0}\nauth: {mode: none}\n")
     try:
         assert "auth: none" in gw.log() and "loopback only" in gw.log()
     finally:
@@ -125,6 +125,7 @@ def test_launch_onto_a_busy_port_refuses_to_start(tmp_path: Path) -> None:
         cfg = tmp_path / "busy.yaml"
         cfg.write_text(
             "listen: {host: 127.0.0.1, port: 0}\n"
+            "auth: {mode: none}\n"
             "upstreams:\n"
             f"  demo: {{transport: http, url: 'http://127.0.0.1:{port}/mcp',"
             f" launch: ['{sys.executable}', '-c', 'pass']}}\n"

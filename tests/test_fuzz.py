@@ -24,6 +24,7 @@ def front() -> Iterator[tuple[asyncio.AbstractEventLoop, Gateway]]:
     dead = free_port()  # nothing listens: forwarded calls fail fast with upstream.unavailable
     settings_ = config.parse(
         f"""
+auth: {{mode: none}}
 limits: {{max_body_bytes: 4096}}
 upstreams:
   up: {{transport: http, url: "http://127.0.0.1:{dead}/mcp", timeout_seconds: 1}}

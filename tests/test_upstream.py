@@ -155,6 +155,7 @@ def test_unreachable_upstream(tmp_path: Path, http: httpx.Client) -> None:
     port, dead = free_port(), free_port()
     config = f"""
 listen: {{host: 127.0.0.1, port: {port}}}
+auth: {{mode: none}}
 upstreams:
   gone: {{transport: http, url: "http://127.0.0.1:{dead}/mcp", timeout_seconds: 2}}
 """

@@ -6,13 +6,14 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from bastion.config import Settings
+from bastion.pipeline.authn import AgentDirectory, SigningKeys
 from bastion.pipeline.chain import Pipeline
 from bastion.pipeline.route import Route
-from bastion.transport.front import Front, Receive, Scope, Send
+from bastion.transport.front import ASGIApp, Front, Receive, Scope, Send
 from bastion.transport.server import HttpServer
 from bastion.upstream.pool import Upstreams
 
@@ -44,12 +45,19 @@ def routes_for(settings: Settings) -> list[Route]:
 class Gateway:
     """The running gateway: an ASGI app whose lifespan starts and stops the upstreams."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        agents: AgentDirectory | None = None,
+        keys: SigningKeys | None = None,
+        secrets: Mapping[str, str] | None = None,
+        endpoints: Mapping[str, ASGIApp] | None = None,
+    ) -> None:
         self.settings = settings
         self.upstreams = Upstreams(settings)
-        self.pipeline = Pipeline(settings, self.upstreams)
+        self.pipeline = Pipeline(settings, self.upstreams, agents, keys, secrets)
         self.routes = routes_for(settings)
-        self.front = Front(settings, self.pipeline, self.routes)
+        self.front = Front(settings, self.pipeline, self.routes, endpoints)
         self._janitor: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -99,9 +107,9 @@ class Gateway:
                 return
 
 
-async def serve(settings: Settings, on_ready: Callable[[int], None] | None = None) -> None:
+async def serve(gateway: Gateway, on_ready: Callable[[int], None] | None = None) -> None:
     """Run the gateway on its own HTTP server until SIGTERM or SIGINT, then stop cleanly."""
-    gateway = Gateway(settings)
+    settings = gateway.settings
     limits = settings.limits
     server = HttpServer(
         gateway.front,

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import typer
 
 from bastion import config
+from bastion.app import routes_for
 from bastion.app import serve as serve_gateway
+from bastion.control.assembly import Identity, build_gateway, open_identity
+from bastion.control.token_service import JWT_BEARER
 from bastion.errors import BastionError, ConfigError
+from bastion.identity.dpop import make_proof
+from bastion.identity.jwt import mint
+from bastion.identity.keys import SigningKey
+from bastion.pipeline.session import session_hash
 
 cli = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Bastion, the MCP security gateway."
@@ -82,7 +91,8 @@ def serve(
 
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            runner.run(serve_gateway(settings, ready))
+            gateway = runner.run(build_gateway(settings))
+            runner.run(serve_gateway(gateway, ready))
     except OSError as exc:
         typer.echo(
             f"cannot serve on {settings.listen.host}:{settings.listen.port}: {exc}", err=True
@@ -101,9 +111,124 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def _banner(settings: config.Settings) -> str:
-    from bastion.app import routes_for
+keys_cli = typer.Typer(no_args_is_help=True, help="The embedded authorization server's keys.")
+tokens_cli = typer.Typer(no_args_is_help=True, help="Issued access tokens.")
+sessions_cli = typer.Typer(no_args_is_help=True, help="Client sessions of running gateways.")
+cli.add_typer(keys_cli, name="keys")
+cli.add_typer(tokens_cli, name="tokens")
+cli.add_typer(sessions_cli, name="sessions")
 
+CONFIG_OPTION = typer.Option(
+    Path("examples/quickstart.yaml"), "--config", "-c", help="Config file."
+)
+
+
+def _identity(config_file: Path) -> Identity:
+    settings = _load(config_file)
+    if settings.auth.mode != "oauth":
+        typer.echo(f"{config_file}: auth.mode is {settings.auth.mode!r}; identity is off", err=True)
+        raise typer.Exit(1)
+    try:
+        return open_identity(settings)
+    except BastionError as exc:
+        typer.echo(f"cannot open the identity state: {exc.message}", err=True)
+        raise typer.Exit(1) from exc
+
+
+@keys_cli.command("rotate")
+def keys_rotate(config_file: Path = CONFIG_OPTION) -> None:
+    """Make a new signing key; the old one keeps verifying until its tokens have expired."""
+    identity = _identity(config_file)
+    key = identity.keys.rotate()
+    typer.echo(f"new signing key {key.kid} ({key.alg}); running gateways pick it up on their own")
+
+
+@tokens_cli.command("revoke")
+def tokens_revoke(
+    jti: str = typer.Argument(..., help="The token's jti claim."),
+    reason: str = typer.Option(..., help="Why (kept in the registry)."),
+    config_file: Path = CONFIG_OPTION,
+) -> None:
+    """Revoke one token; it is refused from the next request on."""
+    identity = _identity(config_file)
+    lifetime = identity.service.settings.auth.token_lifetime_seconds
+    identity.registry.revoke_token(jti, time.time() + lifetime + 3600, reason)
+    typer.echo(f"revoked token {jti}")
+
+
+@sessions_cli.command("kill")
+def sessions_kill(
+    session_id: str = typer.Argument(..., help="The Mcp-Session-Id to end."),
+    config_file: Path = CONFIG_OPTION,
+) -> None:
+    """End a client session; its next request gets 404 and the gateway forgets it."""
+    identity = _identity(config_file)
+    identity.registry.kill_session(session_hash(session_id))
+    typer.echo("session killed")
+
+
+@cli.command()
+def token(
+    agent: str = typer.Option(
+        ..., "--agent", help="A registered agent whose key is in the state dir."
+    ),
+    config_file: Path = CONFIG_OPTION,
+    resource: str | None = typer.Option(None, help="The MCP endpoint (default: the first route)."),
+    scope: str | None = typer.Option(None, help="Space-separated scopes (default: all granted)."),
+    dpop_key: Path | None = typer.Option(None, help="PEM private key to bind the token to (DPoP)."),
+) -> None:
+    """Print a fresh access token for an agent, alone on stdout."""
+    identity = _identity(config_file)
+    settings = identity.service.settings
+    now = time.time()
+    try:
+        key = identity.agent_key(agent)
+        assertion = mint(
+            key,
+            {
+                "iss": agent,
+                "sub": agent,
+                "aud": identity.service.issuer,
+                "iat": int(now),
+                "exp": int(now) + 60,
+                "jti": uuid.uuid4().hex,
+            },
+            typ="JWT",
+        )
+        form = {
+            "grant_type": "client_credentials",
+            "client_assertion": assertion,
+            "client_assertion_type": JWT_BEARER,
+        }
+        form["resource"] = resource or settings.base_url() + routes_for(settings)[0].path
+        if scope:
+            form["scope"] = scope
+        proof = None
+        if dpop_key is not None:
+            holder = SigningKey.from_pem(dpop_key.read_bytes(), "dpop", _alg_of(dpop_key))
+            proof = make_proof(holder, "POST", identity.service.token_endpoint, now)
+        body = asyncio.run(identity.service.token(form, proof, now))
+    except (BastionError, OSError) as exc:
+        typer.echo(f"cannot issue a token for {agent!r}: {getattr(exc, 'message', exc)}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(body["access_token"])
+
+
+def _alg_of(path: Path) -> str:
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    key = load_pem_private_key(path.read_bytes(), password=None)
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return "ES256"
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return "EdDSA"
+    if isinstance(key, rsa.RSAPrivateKey):
+        return "RS256"
+    raise BastionError(f"{path}: expected an EC P-256, Ed25519 or RSA private key")
+
+
+def _banner(settings: config.Settings) -> str:
     base = f"http://{settings.listen.host}:{settings.listen.port}"
     lines = [
         "",

@@ -34,12 +34,112 @@ class Listen(_Frozen):
     port: int = Field(8080, ge=0, le=65535)
 
 
-class Auth(_Frozen):
-    """How callers are identified. Only `none` exists until the identity stage lands."""
+class TrustedIssuer(_Frozen):
+    """An external OAuth/OIDC issuer whose tokens Bastion accepts, found by discovery."""
 
-    mode: Literal["none"] = "none"
-    tenant: str = Field("default", pattern=NAME_PATTERN)
-    agent: str = "anonymous"
+    issuer: str
+    jwks_uri: str | None = None  # skips discovery when set
+    audience: str | None = None  # required `aud` of its tokens; default: this gateway's routes
+    tenant_claim: str = "tenant"
+    roles_claim: str = "roles"
+    scope_claim: str = "scope"
+    # Accept its tokens directly on MCP routes; they must then name the agent in this claim.
+    agent_claim: str | None = None
+
+    @field_validator("issuer")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+            raise ValueError(f"expected an http(s) issuer URL, found {value!r}")
+        return value
+
+
+class SpiffeDomain(_Frozen):
+    """A SPIFFE trust domain whose JWT-SVIDs are accepted as agent assertions."""
+
+    domain: str = Field(pattern=r"^[a-z0-9.-]+$")
+    bundle: str  # path to the domain's JWKS bundle, relative to the config file
+
+
+class Dpop(_Frozen):
+    """DPoP (RFC 9449) at the resource server and the token endpoint."""
+
+    nonce: bool = False  # demand server-issued nonces (DPoP-Nonce / use_dpop_nonce)
+    max_age_seconds: float = Field(60.0, gt=0, le=600)
+
+
+class SeedAgent(_Frozen):
+    """An agent registered at start when absent (the quickstart's demo agents)."""
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    tenant: str = Field(pattern=NAME_PATTERN)
+    owner: str
+    purpose: str
+    environment: Literal["dev", "staging", "prod"] = "dev"
+    scopes: tuple[str, ...] = ()
+    require_dpop: bool = False
+    roles: tuple[str, ...] = ()
+
+
+class Auth(_Frozen):
+    """Who may call: an OAuth 2.1 resource server with an embedded authorization server.
+
+    `mode: none` (no identity; every caller is `agent` of `tenant`) exists for local
+    development and is refused off loopback.
+    """
+
+    mode: Literal["oauth", "none"] = "oauth"
+    public_url: str | None = None  # how clients reach this gateway; default from `listen`
+    token_lifetime_seconds: int = Field(300, ge=30, le=3600)
+    assertion_max_lifetime_seconds: int = Field(300, ge=10, le=3600)
+    signing_alg: Literal["ES256", "EdDSA", "RS256"] = "ES256"
+    leeway_seconds: float = Field(30.0, ge=0, le=300)
+    scopes: tuple[str, ...] = ("mcp:tools", "mcp:resources", "mcp:prompts")
+    trusted_issuers: tuple[TrustedIssuer, ...] = ()
+    spiffe: tuple[SpiffeDomain, ...] = ()
+    dpop: Dpop = Dpop()
+    agents: tuple[SeedAgent, ...] = ()
+    tenant: str = Field("default", pattern=NAME_PATTERN)  # mode none only
+    agent: str = "anonymous"  # mode none only
+
+
+class Credential(_Frozen):
+    """What an upstream receives instead of the client's token.
+
+    - `mint`: a JWT signed by Bastion for this call's principal, audience and tool (≤ 60 s);
+    - `token_exchange`: RFC 8693 at an external authorization server;
+    - `secret`: a header from a secret reference (`env:NAME`, `file:PATH`, `vault:PATH#KEY`);
+    - `none`: nothing.
+    """
+
+    mode: Literal["mint", "token_exchange", "secret", "none"] = "mint"
+    audience: str | None = None  # default: the upstream's URL (mint, token_exchange)
+    lifetime_seconds: int = Field(60, ge=5, le=60)
+    header: str = Field("Authorization", pattern=r"^[A-Za-z0-9-]+$")
+    scheme: str = "Bearer"  # prefix of the header value; "" for the bare secret
+    secret: str | None = None
+    token_endpoint: str | None = None
+    client_id: str | None = None
+    client_secret: str | None = None  # a secret reference, like `secret`
+
+    @model_validator(mode="after")
+    def _references(self) -> Credential:
+        for key in ("secret", "client_secret"):
+            value = getattr(self, key)
+            if value is not None and not re.match(
+                r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:.+|vault:[^#]+#.+)$", value
+            ):
+                raise ValueError(
+                    f"{key} must be a secret reference (env:NAME, file:PATH or vault:PATH#KEY); "
+                    "literal secrets are refused"
+                )
+        if self.mode == "secret" and self.secret is None:
+            raise ValueError("mode secret needs `secret`")
+        if self.mode == "token_exchange" and (
+            self.token_endpoint is None or self.client_id is None
+        ):
+            raise ValueError("mode token_exchange needs `token_endpoint` and `client_id`")
+        return self
 
 
 class Limits(_Frozen):
@@ -80,6 +180,7 @@ class HttpUpstream(_Frozen):
     launch: tuple[str, ...] = ()
     cwd: str | None = None
     expose: bool = True
+    credentials: Credential = Credential()
 
     @field_validator("url")
     @classmethod
@@ -101,6 +202,7 @@ class StdioUpstream(_Frozen):
     protocol: Literal["auto", "legacy", "modern"] = "auto"
     restart: Restart = Restart()
     expose: bool = True
+    credentials: Credential = Credential(mode="none")
 
 
 Upstream = Annotated[HttpUpstream | StdioUpstream, Field(discriminator="transport")]
@@ -118,6 +220,7 @@ class Settings(_Frozen):
     """The whole configuration, validated."""
 
     listen: Listen = Listen()
+    state_dir: str = ".state"  # keys and the registry; relative to the config file
     auth: Auth = Auth()
     limits: Limits = Limits()
     security: Security = Security()
@@ -145,6 +248,14 @@ class Settings(_Frozen):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def base_url(self) -> str:
+        """The gateway's public base URL (no trailing slash)."""
+        if self.auth.public_url:
+            return self.auth.public_url.rstrip("/")
+        host = self.listen.host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.listen.port}"
 
     def is_loopback(self) -> bool:
         """Whether the gateway binds only to a loopback address."""
@@ -229,4 +340,12 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
         if upstream.cwd is not None:
             upstream = upstream.model_copy(update={"cwd": str((base / upstream.cwd).resolve())})
         upstreams[name] = upstream
-    return settings.model_copy(update={"upstreams": upstreams})
+    spiffe = tuple(
+        domain.model_copy(update={"bundle": str((base / domain.bundle).resolve())})
+        for domain in settings.auth.spiffe
+    )
+    auth = settings.auth.model_copy(update={"spiffe": spiffe})
+    state_dir = str((base / settings.state_dir).resolve())
+    return settings.model_copy(
+        update={"upstreams": upstreams, "auth": auth, "state_dir": state_dir}
+    )

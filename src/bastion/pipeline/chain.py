@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Mapping
+from typing import cast
 
 from bastion.config import Settings
-from bastion.errors import BastionError, PolicyError
-from bastion.pipeline.authn import Authenticator
+from bastion.errors import BastionError, PolicyError, SessionNotFound
+from bastion.pipeline.authn import AgentDirectory, Authenticator, SigningKeys
 from bastion.pipeline.authz import Authorizer
-from bastion.pipeline.credentials import Credentials
+from bastion.pipeline.credentials import Credentials, CurrentKey
 from bastion.pipeline.dispatch import Dispatcher
 from bastion.pipeline.exchange import Exchange
 from bastion.pipeline.route import Route
-from bastion.pipeline.session import SessionStore
+from bastion.pipeline.session import ClientSession, SessionStore, session_hash
 from bastion.upstream.base import Answer
 from bastion.upstream.pool import Upstreams
 
@@ -22,26 +25,45 @@ log = logging.getLogger("bastion.pipeline")
 class Pipeline:
     """Runs an exchange through every stage; a denial stops it with a JSON-RPC error."""
 
-    def __init__(self, settings: Settings, upstreams: Upstreams) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        upstreams: Upstreams,
+        agents: AgentDirectory | None = None,
+        keys: SigningKeys | None = None,
+        secrets: Mapping[str, str] | None = None,
+    ) -> None:
         self.settings = settings
-        self.authn = Authenticator(settings.auth)
+        self.agents = agents
+        self.authn = Authenticator(settings.auth, settings.base_url(), agents, keys)
         self.sessions = SessionStore(
             settings.limits.max_sessions, settings.limits.session_idle_seconds
         )
         self.authz = Authorizer()
-        self.credentials = Credentials()
-        self.dispatcher = Dispatcher(upstreams)
+        self.credentials = Credentials(settings, cast("CurrentKey | None", keys), secrets)
+        self.dispatcher = Dispatcher(upstreams, self.credentials)
 
-    def admit(self, exchange: Exchange, route: Route, session_id: str | None = None) -> None:
-        """The stages before the upstream: who, which session, where, whether, with what
-        credential. A refusal is left in `exchange.denial`."""
-        self.authn.authenticate(exchange)
+    async def admit(
+        self,
+        exchange: Exchange,
+        route: Route,
+        headers: dict[str, str],
+        method: str,
+        url: str,
+        session_id: str | None = None,
+    ) -> None:
+        """The stages before the upstream: who, which session, where, whether. A refusal is
+        left in `exchange.denial` (with its challenge headers)."""
+        if self.agents is not None and self.agents.refresh():
+            await self.reconcile()
+        resource = self.settings.base_url() + route.path
+        await self.authn.authenticate(exchange, headers, method, url, resource)
         if exchange.denial is not None:
             return
         assert exchange.principal is not None  # noqa: S101 - authn sets it or denies
         try:
             if session_id is not None:
-                exchange.session = self.sessions.get(session_id, exchange.principal, route.name)
+                exchange.session = self._session(session_id, exchange, route)
             exchange.target = route.target(exchange)
         except BastionError as exc:
             exchange.denial = exc
@@ -50,8 +72,28 @@ class Pipeline:
         if exchange.decision is not None and not exchange.decision.allowed:
             reason = "; ".join(exchange.decision.reasons) or "denied by policy"
             exchange.denial = PolicyError(reason)
-            return
-        self.credentials.attach(exchange)
+
+    def _session(self, session_id: str, exchange: Exchange, route: Route) -> ClientSession:
+        assert exchange.principal is not None  # noqa: S101 - authn ran
+        if self.agents is not None and self.agents.session_killed(session_hash(session_id)):
+            raise SessionNotFound("session not found; send initialize to start a new session")
+        return self.sessions.get(session_id, exchange.principal, route.name)
+
+    async def reconcile(self) -> None:
+        """After a registry change: end the sessions and drop the cached credentials of agents
+        that may no longer act, and end killed sessions."""
+        assert self.agents is not None  # noqa: S101 - only called with a directory
+        now = time.time()
+        for session in self.sessions.all():
+            agent = self.agents.agent(session.principal.agent)
+            usable = agent is not None and agent.usable(now)[0]
+            if not usable or self.agents.session_killed(session_hash(session.id)):
+                log.warning(
+                    "ending session of agent %r (revoked or killed)", session.principal.agent
+                )
+                await self.sessions.remove(session.id)
+            if not usable:
+                self.credentials.forget_agent(session.principal.agent)
 
     async def run(self, exchange: Exchange, route: Route) -> Answer:
         """Execute an admitted exchange; the Answer ends with the response."""

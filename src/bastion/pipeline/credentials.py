@@ -1,21 +1,110 @@
-"""Upstream credentials: what the upstream gets instead of the client's token.
+"""Upstream credentials: what each upstream gets instead of the client's token.
 
 Nothing from the client's request headers is forwarded (no Authorization, no cookies): the
-upstream headers are built here from the principal alone. Under `auth: none` the upstream is
-told the tenant in `X-Bastion-Tenant`; the identity stage replaces it with a minted JWT.
+upstream's headers are built here from the principal and the upstream's `credentials`:
+
+- `mint`: a JWT signed with Bastion's key for this principal, this upstream's audience and
+  this tool, living at most 60 s, cached per (principal, upstream, scope) while valid;
+- `secret`: a header value read from a secret reference when the gateway starts;
+- `none`: nothing (under `auth: none` the tenant goes in `X-Bastion-Tenant`, loopback only).
 """
 
 from __future__ import annotations
 
-from bastion.pipeline.exchange import Exchange
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Protocol
+
+from bastion.config import Credential, HttpUpstream, Settings
+from bastion.identity.jwt import mint
+from bastion.identity.keys import SigningKey
+from bastion.state.memory import TtlCache
+from bastion.types import Principal
 
 TENANT_HEADER = "X-Bastion-Tenant"
+_REUSE_MARGIN = 10.0  # a cached credential is reused only while it has this long to live
+
+
+class CurrentKey(Protocol):
+    """Where the key to sign with comes from."""
+
+    def current(self) -> SigningKey: ...
 
 
 class Credentials:
-    """Builds the headers an upstream call carries."""
+    """Builds (and caches) the headers an upstream call carries."""
 
-    def attach(self, exchange: Exchange) -> None:
-        """Fill `exchange.upstream_headers` for the exchange's principal."""
-        if exchange.principal is not None:
-            exchange.upstream_headers[TENANT_HEADER] = exchange.principal.tenant
+    def __init__(
+        self,
+        settings: Settings,
+        keys: CurrentKey | None,
+        secrets: Mapping[str, str] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._keys = keys
+        self._secrets = dict(secrets or {})
+        self._issuer = settings.base_url()
+        self._cache: TtlCache[dict[str, str]] = TtlCache(50_000)
+        self._plans: dict[str, tuple[Credential, str]] = {}
+        for name, upstream in settings.upstreams.items():
+            audience = upstream.credentials.audience or (
+                upstream.url
+                if isinstance(upstream, HttpUpstream)
+                else f"urn:bastion:upstream:{name}"
+            )
+            self._plans[name] = (upstream.credentials, audience)
+
+    def headers(self, principal: Principal | None, upstream: str, scope: str) -> dict[str, str]:
+        """The credential headers for one call of `principal` to `upstream` for `scope`."""
+        if principal is None:
+            return {}
+        if self._settings.auth.mode == "none":
+            return {TENANT_HEADER: principal.tenant}
+        credential, audience = self._plans[upstream]
+        if credential.mode == "mint":
+            return self._minted(principal, upstream, scope, credential, audience)
+        if credential.mode == "secret":
+            value = self._secrets[upstream]
+            prefix = f"{credential.scheme} " if credential.scheme else ""
+            return {credential.header: prefix + value}
+        return {}
+
+    def _minted(
+        self, principal: Principal, upstream: str, scope: str, credential: Credential, audience: str
+    ) -> dict[str, str]:
+        now = time.time()
+        key = f"{principal.agent}\0{principal.binding_key()}\0{upstream}\0{scope}"
+        cached = self._cache.get(key, now + _REUSE_MARGIN)
+        if cached is not None:
+            return cached
+        assert self._keys is not None  # noqa: S101 - present when auth is oauth
+        expires = int(now) + credential.lifetime_seconds
+        claims: dict[str, object] = {
+            "iss": self._issuer,
+            "aud": audience,
+            "sub": principal.user or principal.agent,
+            "act": _actor_chain(principal),
+            "tenant": principal.tenant,
+            "scope": scope,
+            "iat": int(now),
+            "exp": expires,
+            "jti": uuid.uuid4().hex,
+        }
+        token = mint(self._keys.current(), claims, typ="JWT")
+        headers = {credential.header: f"{credential.scheme} {token}".strip()}
+        self._cache.put(key, headers, expires)
+        return headers
+
+    def forget_agent(self, agent: str) -> int:
+        """Drop an agent's cached credentials (offboarding); say how many."""
+        return self._cache.drop_where(lambda key: key.split("\0", 1)[0] == agent)
+
+
+def _actor_chain(principal: Principal) -> dict[str, object]:
+    """`act` for the upstream: the agent acting now, with earlier actors nested inside."""
+    chain = list(principal.delegation) or [principal.agent]
+    actor: dict[str, object] = {}
+    for sub in reversed(chain):
+        actor = {"sub": sub, "act": actor} if actor else {"sub": sub}
+    return actor

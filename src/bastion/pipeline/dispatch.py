@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from bastion.errors import BastionError, InvalidParams, MethodNotFound, UpstreamError
+from bastion.pipeline.credentials import Credentials
 from bastion.pipeline.exchange import Exchange
 from bastion.pipeline.route import Route
 from bastion.pipeline.session import ClientSession
@@ -32,6 +33,7 @@ from bastion.types import (
     PROBE_META,
     SUPPORTED_VERSIONS,
     Era,
+    Principal,
 )
 from bastion.upstream.base import Answer, Channel, answer_from
 from bastion.upstream.pool import Upstreams
@@ -72,8 +74,21 @@ _MAX_INDEX_PAGES = 20
 class Dispatcher:
     """Executes MCP methods for a route against its upstreams."""
 
-    def __init__(self, upstreams: Upstreams) -> None:
+    def __init__(self, upstreams: Upstreams, credentials: Credentials) -> None:
         self.upstreams = upstreams
+        self.credentials = credentials
+
+    def _headers(self, principal: Principal | None, upstream: str, message: JSON) -> dict[str, str]:
+        """The credential an upstream gets for this message: scoped to the tool it calls."""
+        method = str(message.get("method", ""))
+        params = message.get("params") or {}
+        if method == "tools/call":
+            scope = str(params.get("name", ""))
+        elif method == "prompts/get":
+            scope = f"prompts/get:{params.get('name', '')}"
+        else:
+            scope = method
+        return self.credentials.headers(principal, upstream, scope)
 
     # -- channels ---------------------------------------------------------------------------
 
@@ -110,7 +125,7 @@ class Dispatcher:
         """Send one request to one upstream; map server requests into the session."""
         channel = await self.channel(exchange, upstream)
         shaped = self._shape(exchange, channel, message)
-        headers = exchange.upstream_headers
+        headers = self._headers(exchange.principal, upstream, message)
         if exchange.forward_headers:
             headers = {**headers, **exchange.forward_headers}
         answer = await channel.call(shaped, headers)
@@ -329,7 +344,7 @@ class Dispatcher:
 
     async def _open(self, exchange: Exchange, upstream: str) -> JSON:
         channel = await self.channel(exchange, upstream)
-        opened = await channel.open(exchange.upstream_headers)
+        opened = await channel.open(self._headers(exchange.principal, upstream, exchange.message))
         return opened if opened is not None else await self._discover_one(exchange, upstream)
 
     async def _discover_one(self, exchange: Exchange, upstream: str) -> JSON:
@@ -444,22 +459,19 @@ class Dispatcher:
             params["_meta"] = {**(params.get("_meta") or {}), META_SUBSCRIPTION: exchange.id}
             await queue.put({**reply, "params": params})
 
-    def start_listening(
-        self, session: ClientSession, route: Route, headers: dict[str, str]
-    ) -> None:
+    def start_listening(self, session: ClientSession, route: Route) -> None:
         """Relay each upstream's own stream (legacy GET) into the session's standalone stream."""
         if session.listening:
             return
         session.listening = True
         for upstream in route.upstreams:
-            session.spawn(self._pump_session(session, upstream, headers))
+            session.spawn(self._pump_session(session, upstream))
 
-    async def _pump_session(
-        self, session: ClientSession, upstream: str, headers: dict[str, str]
-    ) -> None:
+    async def _pump_session(self, session: ClientSession, upstream: str) -> None:
         channel = session.channels.get(upstream)
         if channel is None:
             return
+        headers = self.credentials.headers(session.principal, upstream, "listen")
         stream = session.streams["0"]
         try:
             async for message in channel.listen(headers):
@@ -469,30 +481,36 @@ class Dispatcher:
         except BastionError as exc:
             log.info("server stream of %r for a session ended: %s", upstream, exc.message)
 
-    async def deliver(self, session: ClientSession, message: JSON, headers: dict[str, str]) -> None:
+    async def deliver(self, session: ClientSession, message: JSON) -> None:
         """Route a client's answer to a server request back to the upstream that asked."""
         mapped = session.server_requests.pop(str(message.get("id")), None)
         if mapped is None:
             raise InvalidParams(f"no server request with id {message.get('id')!r} is pending")
         upstream, upstream_id = mapped
         channel = session.channels[upstream]
+        headers = self.credentials.headers(session.principal, upstream, "respond")
         await channel.send({**message, "id": upstream_id}, headers)
 
-    async def notify(self, session: ClientSession, message: JSON, headers: dict[str, str]) -> None:
+    async def notify(self, session: ClientSession, message: JSON) -> None:
         """Forward a client notification: cancellations to the upstream running the request,
         roots changes to every upstream of the session."""
         method = message.get("method")
+        principal = session.principal
+
+        def headers_for(upstream: str) -> dict[str, str]:
+            return self.credentials.headers(principal, upstream, str(method))
+
         if method == "notifications/cancelled":
             request_id = (message.get("params") or {}).get("requestId")
-            for channel in session.channels.values():
+            for upstream, channel in session.channels.items():
                 upstream_id = channel.inflight.get(request_id)
                 if upstream_id is not None:
                     params = {**message["params"], "requestId": upstream_id}
-                    await channel.send({**message, "params": params}, headers)
+                    await channel.send({**message, "params": params}, headers_for(upstream))
         elif method == "notifications/roots/list_changed":
-            for channel in session.channels.values():
+            for upstream, channel in session.channels.items():
                 with contextlib.suppress(BastionError):
-                    await channel.send(message, headers)
+                    await channel.send(message, headers_for(upstream))
 
 
 async def _guard(

@@ -30,8 +30,8 @@ class Exchange:
     target: Target | None = None
     decision: Decision | None = None
     denial: BastionError | None = None
-    upstream_headers: dict[str, str] = field(default_factory=dict)
     forward_headers: dict[str, str] = field(default_factory=dict)
+    response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
 
     @property

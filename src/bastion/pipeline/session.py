@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import secrets
@@ -140,6 +141,11 @@ class ClientSession:
                 await channel.close()
 
 
+def session_hash(session_id: str) -> str:
+    """How a session is named outside this process (the registry never sees raw ids)."""
+    return hashlib.sha256(session_id.encode()).hexdigest()
+
+
 class SessionStore:
     """In-memory sessions of one process, bounded in number and idle time."""
 
@@ -150,6 +156,10 @@ class SessionStore:
 
     def __len__(self) -> int:
         return len(self._sessions)
+
+    def all(self) -> list[ClientSession]:
+        """Every live session."""
+        return list(self._sessions.values())
 
     def new_id(self) -> str:
         """A fresh session id: 256 random bits, URL-safe, visible ASCII only."""

@@ -11,7 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable, MutableMapping
+from collections.abc import (
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Mapping,
+    MutableMapping,
+)
 from typing import Any
 
 import orjson
@@ -42,6 +48,7 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 _SSE_HEADERS = [
@@ -54,10 +61,23 @@ _SSE_HEADERS = [
 class Front:
     """The ASGI application serving every MCP route plus health endpoints."""
 
-    def __init__(self, settings: Settings, pipeline: Pipeline, routes: list[Route]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        pipeline: Pipeline,
+        routes: list[Route],
+        endpoints: Mapping[str, ASGIApp] | None = None,
+    ) -> None:
         self.settings = settings
         self.pipeline = pipeline
         self.routes = {route.path: route for route in routes}
+        self.endpoints = dict(endpoints or {})
+        self.base = settings.base_url()
+        self.metadata = {
+            PRM_PATH + route.path: resource_metadata(settings, route) for route in routes
+        }
+        if routes:
+            self.metadata[PRM_PATH] = self.metadata[PRM_PATH + routes[0].path]
         self.hosts = checks.HostPolicy(
             settings.is_loopback(),
             settings.security.allowed_hosts,
@@ -80,6 +100,14 @@ class Front:
                 send, status, b'{"status":"ready"}' if self.ready else b'{"status":"starting"}'
             )
             return
+        endpoint = self.endpoints.get(path)
+        if endpoint is not None:
+            await endpoint(scope, receive, send)
+            return
+        document = self.metadata.get(path)
+        if document is not None and scope["method"] in ("GET", "HEAD"):
+            await _json(send, 200, orjson.dumps(document), [_CORS])
+            return
         route = self.routes.get(path.rstrip("/") or "/")
         if route is None:
             await _plain(send, 404, b'{"error":"no MCP endpoint at this path"}')
@@ -96,6 +124,10 @@ class Front:
                 await self._delete(send, route, headers)
             else:
                 raise _MethodNotAllowed()
+        except _Refused as refused:
+            denial = refused.exchange.denial
+            assert denial is not None  # noqa: S101 - only raised with a denial
+            await _error(send, denial, None, extra=refused.exchange.response_headers)
         except _MethodNotAllowed:
             await _plain(
                 send, 405, b'{"error":"method not allowed"}', [(b"allow", b"GET, POST, DELETE")]
@@ -186,9 +218,9 @@ class Front:
             return
         exchange = Exchange(message, Era.MODERN, MODERN_VERSION, route.name, client)
         exchange.forward_headers = {k: v for k, v in headers.items() if k.startswith("mcp-param-")}
-        self.pipeline.admit(exchange, route)
+        await self.pipeline.admit(exchange, route, headers, "POST", self.base + route.path)
         if exchange.denial is not None:
-            await _error(send, exchange.denial, exchange.id)
+            await _error(send, exchange.denial, exchange.id, extra=exchange.response_headers)
             return
         await self._answer(send, receive, exchange, await self.pipeline.run(exchange, route), None)
 
@@ -205,7 +237,7 @@ class Front:
     ) -> None:
         session_id = headers.get("mcp-session-id")
         if kind is rpc.Kind.REQUEST and message["method"] == "initialize":
-            await self._initialize(send, route, message, client)
+            await self._initialize(send, route, message, client, headers)
             return
         if session_id is None:
             raise SessionRequired(
@@ -213,10 +245,12 @@ class Front:
                 f"(or use protocol version {MODERN_VERSION} with its request headers)"
             )
         exchange = Exchange(message, Era.LEGACY, version or LEGACY_VERSIONS[0], route.name, client)
-        self.pipeline.admit(exchange, route, session_id)
+        url = self.base + route.path
+        await self.pipeline.admit(exchange, route, headers, "POST", url, session_id)
         session = exchange.session
         if session is None:  # unknown or someone else's session: same answer either way
-            await _error(send, exchange.denial or SessionNotFound("session not found"), None)
+            denial = exchange.denial or SessionNotFound("session not found")
+            await _error(send, denial, None, extra=exchange.response_headers)
             return
         if version is not None and version != session.protocol_version:
             exc = InvalidRequest(
@@ -226,14 +260,14 @@ class Front:
             await _error(send, exc, rpc.request_id(message))
             return
         if kind is rpc.Kind.RESPONSE:
-            await self.pipeline.dispatcher.deliver(session, message, exchange.upstream_headers)
+            await self.pipeline.dispatcher.deliver(session, message)
             await _plain(send, 202, b"", session_headers(session))
             return
         if kind is rpc.Kind.NOTIFICATION:
             if message["method"] == "notifications/initialized":
                 session.initialized = True
             else:
-                await self.pipeline.dispatcher.notify(session, message, exchange.upstream_headers)
+                await self.pipeline.dispatcher.notify(session, message)
             await _plain(send, 202, b"", session_headers(session))
             return
         if exchange.denial is not None:
@@ -242,13 +276,16 @@ class Front:
         answer = await self.pipeline.run(exchange, route)
         await self._answer(send, receive, exchange, answer, session)
 
-    async def _initialize(self, send: Send, route: Route, message: JSON, client: str) -> None:
+    async def _initialize(
+        self, send: Send, route: Route, message: JSON, client: str, headers: dict[str, str]
+    ) -> None:
         params = message.get("params") or {}
         version = negotiate(params.get("protocolVersion"))
         exchange = Exchange(message, Era.LEGACY, version, route.name, client)
-        self.pipeline.admit(exchange, route)
+        await self.pipeline.admit(exchange, route, headers, "POST", self.base + route.path)
         if exchange.denial is not None or exchange.principal is None:
-            await _error(send, exchange.denial or InvalidRequest("no principal"), exchange.id)
+            denial = exchange.denial or InvalidRequest("no principal")
+            await _error(send, denial, exchange.id, extra=exchange.response_headers)
             return
         hello = {
             "protocolVersion": version,
@@ -356,14 +393,17 @@ class Front:
 
     # -- GET and DELETE (legacy sessions) ---------------------------------------------------
 
-    def _session(self, route: Route, headers: dict[str, str], client: str = "") -> ClientSession:
+    async def _session(self, method: str, route: Route, headers: dict[str, str]) -> ClientSession:
         session_id = headers.get("mcp-session-id")
         if session_id is None:
             raise SessionRequired("Mcp-Session-Id header is required")
-        exchange = Exchange({}, Era.LEGACY, LEGACY_VERSIONS[0], route.name, client)
-        self.pipeline.authn.authenticate(exchange)
-        assert exchange.principal is not None  # noqa: S101 - authn sets it
-        return self.pipeline.sessions.get(session_id, exchange.principal, route.name)
+        exchange = Exchange({}, Era.LEGACY, LEGACY_VERSIONS[0], route.name, "")
+        url = self.base + route.path
+        await self.pipeline.admit(exchange, route, headers, method, url, session_id)
+        if exchange.denial is not None:
+            raise _Refused(exchange)
+        assert exchange.session is not None  # noqa: S101 - admit found it or denied
+        return exchange.session
 
     async def _get(
         self, receive: Receive, send: Send, route: Route, headers: dict[str, str]
@@ -371,7 +411,7 @@ class Front:
         if headers.get("mcp-protocol-version") == MODERN_VERSION:
             raise _MethodNotAllowed()
         checks.check_get_accept(headers.get("accept"))
-        session = self._session(route, headers)
+        session = await self._session("GET", route, headers)
         last = headers.get("last-event-id")
         stream, after = session.streams["0"], 0
         if last is not None:
@@ -385,11 +425,7 @@ class Front:
             return
         stream.attached = True
         if stream.id == "0":
-            exchange = Exchange({}, Era.LEGACY, session.protocol_version, route.name, "")
-            exchange.principal = session.principal
-            self.pipeline.credentials.attach(exchange)
-            self.pipeline.dispatcher.start_listening(session, route, exchange.upstream_headers)
-            after = max(after, 0)
+            self.pipeline.dispatcher.start_listening(session, route)
         await send(
             {
                 "type": "http.response.start",
@@ -407,13 +443,38 @@ class Front:
         await self._write_stream(send, stream, after, receive)
 
     async def _delete(self, send: Send, route: Route, headers: dict[str, str]) -> None:
-        session = self._session(route, headers)
+        session = await self._session("DELETE", route, headers)
         await self.pipeline.sessions.remove(session.id)
         await _plain(send, 200, b"")
 
 
 class _MethodNotAllowed(Exception):
     pass
+
+
+class _Refused(Exception):
+    """An exchange the stages refused outside a POST (GET or DELETE)."""
+
+    def __init__(self, exchange: Exchange) -> None:
+        super().__init__("refused")
+        self.exchange = exchange
+
+
+PRM_PATH = "/.well-known/oauth-protected-resource"
+_CORS = (b"access-control-allow-origin", b"*")
+
+
+def resource_metadata(settings: Settings, route: Route) -> JSON:
+    """RFC 9728 protected resource metadata for one MCP route."""
+    base = settings.base_url()
+    return {
+        "resource": base + route.path,
+        "authorization_servers": [base],
+        "scopes_supported": list(settings.auth.scopes),
+        "bearer_methods_supported": ["header"],
+        "dpop_signing_alg_values_supported": ["ES256", "ES384", "EdDSA", "RS256", "PS256"],
+        "resource_name": f"Bastion MCP gateway: {route.name}",
+    }
 
 
 async def _pump(replies: AsyncGenerator[JSON, None], stream: Stream) -> None:

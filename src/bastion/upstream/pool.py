@@ -51,7 +51,8 @@ class Upstreams:
         if await _listening(host, port):
             # Otherwise the gateway would talk to whatever already holds the port.
             raise UpstreamError(f"cannot launch upstream {name!r}: {host}:{port} is already in use")
-        command = [expand(part, "") for part in upstream.launch]
+        base = self.settings.base_url()
+        command = [expand(part, "").replace("{bastion}", base) for part in upstream.launch]
         proc = await asyncio.create_subprocess_exec(
             *command, cwd=upstream.cwd, env=dict(os.environ), stdin=asyncio.subprocess.DEVNULL
         )

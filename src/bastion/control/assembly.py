@@ -1,0 +1,121 @@
+"""Assembly of a gateway with its control plane: registry, keys, token service, secrets."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bastion.app import Gateway, routes_for
+from bastion.config import SeedAgent, Settings
+from bastion.control.endpoints import oauth_endpoints
+from bastion.control.registry import (
+    Agent,
+    AgentStatus,
+    RegistryNotFound,
+    RegistryView,
+    SqliteRegistry,
+)
+from bastion.control.secrets import upstream_secrets
+from bastion.control.token_service import TokenService
+from bastion.errors import ConfigError
+from bastion.identity.keys import KeySet, SigningKey, generate
+from bastion.state.keystore import FileKeyStore
+from bastion.upstream.issuers import IssuerDirectory
+
+
+@dataclass
+class Identity:
+    """The identity side of a gateway: who is registered and how tokens are made."""
+
+    registry: SqliteRegistry
+    view: RegistryView
+    keys: FileKeyStore
+    service: TokenService
+    state_dir: Path
+
+    def agent_key(self, agent_id: str) -> SigningKey:
+        """A seeded agent's private key from the state directory (demo and tests)."""
+        path = self.state_dir / "agents" / f"{agent_id}.pem"
+        try:
+            pem = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError([f"no key for agent {agent_id!r} at {path}"]) from exc
+        agent = self.registry.get(agent_id)
+        kid = str(agent.jwks["keys"][0].get("kid", agent_id))
+        return SigningKey.from_pem(pem, kid, str(agent.jwks["keys"][0].get("alg", "ES256")))
+
+
+def open_identity(settings: Settings) -> Identity:
+    """Open (creating on first run) the registry, the signing keys and the token service."""
+    state = Path(settings.state_dir)
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    registry = SqliteRegistry(state / "registry.db")
+    keys = FileKeyStore(
+        state / "keys", settings.auth.signing_alg, settings.auth.token_lifetime_seconds + 3600
+    )
+    keys.load()
+    for seed in settings.auth.agents:
+        _seed(registry, seed, state)
+    view = RegistryView(registry)
+    spiffe = {}
+    for domain in settings.auth.spiffe:
+        try:
+            spiffe[domain.domain] = KeySet.from_jwks(json.loads(Path(domain.bundle).read_text()))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                [f"auth.spiffe: cannot read the bundle of {domain.domain}: {exc}"]
+            ) from exc
+    resources = frozenset(settings.base_url() + route.path for route in routes_for(settings))
+    service = TokenService(settings, view, keys, IssuerDirectory().keys, spiffe, resources)
+    return Identity(registry, view, keys, service, state)
+
+
+def _seed(registry: SqliteRegistry, seed: SeedAgent, state: Path) -> None:
+    """Register a configured agent once, with a key generated into the state directory."""
+    try:
+        registry.get(seed.id)
+        return
+    except RegistryNotFound:
+        pass
+    agents_dir = state / "agents"
+    agents_dir.mkdir(exist_ok=True, mode=0o700)
+    key = generate("ES256")
+    fd = os.open(agents_dir / f"{seed.id}.pem", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(key.private_pem())
+    registry.add(
+        Agent(
+            id=seed.id,
+            display_name=seed.id,
+            owner=seed.owner,
+            tenant=seed.tenant,
+            purpose=seed.purpose,
+            environment=seed.environment,
+            jwks={"keys": [key.public_jwk()]},
+            spiffe_id=None,
+            audiences=(),
+            scopes=seed.scopes,
+            require_dpop=seed.require_dpop,
+            expires_at=None,
+            status=AgentStatus.ACTIVE,
+            created_at=time.time(),
+        )
+    )
+
+
+async def build_gateway(settings: Settings) -> Gateway:
+    """A gateway ready to start: identity on unless `auth: none`."""
+    secrets = await upstream_secrets(settings)
+    if settings.auth.mode == "none":
+        return Gateway(settings, secrets=secrets)
+    identity = open_identity(settings)
+    return Gateway(
+        settings,
+        agents=identity.view,
+        keys=identity.keys,
+        secrets=secrets,
+        endpoints=oauth_endpoints(identity.service),
+    )

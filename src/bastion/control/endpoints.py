@@ -1,0 +1,108 @@
+"""HTTP endpoints of the embedded authorization server (plain ASGI).
+
+`/.well-known/oauth-authorization-server` (RFC 8414), `/.well-known/jwks.json` and the token
+endpoint `/oauth/token` (form-encoded POST, RFC 6749 errors, `Cache-Control: no-store`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+
+from bastion.control.token_service import OAuthError, TokenService
+
+log = logging.getLogger("bastion.oauth")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+MAX_FORM_BYTES = 64 * 1024
+_NO_STORE = [(b"cache-control", b"no-store"), (b"pragma", b"no-cache")]
+
+
+def oauth_endpoints(service: TokenService) -> dict[str, ASGIApp]:
+    """The path → handler map the front mounts next to the MCP routes."""
+
+    async def metadata(scope: Scope, receive: Receive, send: Send) -> None:
+        await _answer(send, 200, service.metadata(), [(b"access-control-allow-origin", b"*")])
+
+    async def jwks(scope: Scope, receive: Receive, send: Send) -> None:
+        service.keys.refresh()
+        await _answer(send, 200, service.keys.jwks(), [(b"cache-control", b"max-age=60")])
+
+    async def token(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] != "POST":
+            await _answer(
+                send,
+                405,
+                {"error": "invalid_request", "error_description": "use POST"},
+                [(b"allow", b"POST")],
+            )
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            form = await _form(receive, headers)
+            body = await service.token(form, headers.get("dpop"))
+        except OAuthError as exc:
+            log.info("token request refused: %s (%s)", exc.error, exc.message)
+            extra = (
+                [(b"www-authenticate", b'Bearer error="invalid_client"')]
+                if exc.status == 401
+                else []
+            )
+            await _answer(send, exc.status, exc.body(), _NO_STORE + extra)
+            return
+        await _answer(send, 200, body, _NO_STORE)
+
+    return {
+        "/.well-known/oauth-authorization-server": metadata,
+        "/.well-known/jwks.json": jwks,
+        "/oauth/token": token,
+    }
+
+
+async def _form(receive: Receive, headers: dict[str, str]) -> dict[str, str]:
+    ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/x-www-form-urlencoded":
+        raise OAuthError(
+            "invalid_request", "the token endpoint takes application/x-www-form-urlencoded"
+        )
+    body = b""
+    while True:
+        event = await receive()
+        if event["type"] == "http.disconnect":
+            raise OAuthError("invalid_request", "the client went away")
+        body += event.get("body", b"")
+        if len(body) > MAX_FORM_BYTES:
+            raise OAuthError("invalid_request", f"the request exceeds {MAX_FORM_BYTES} bytes")
+        if not event.get("more_body"):
+            break
+    try:
+        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+    except UnicodeDecodeError as exc:
+        raise OAuthError("invalid_request", "the form is not UTF-8") from exc
+    form: dict[str, str] = {}
+    for key, value in pairs:
+        if key in form:
+            raise OAuthError("invalid_request", f"parameter {key!r} appears more than once")
+        form[key] = value
+    return form
+
+
+async def _answer(
+    send: Send, status: int, body: dict[str, Any], extra: list[tuple[bytes, bytes]]
+) -> None:
+    data = orjson.dumps(body)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(data)).encode()),
+        *extra,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})

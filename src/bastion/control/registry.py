@@ -1,0 +1,667 @@
+"""The agent registry: every non-human identity (NHI) that may call Bastion, in SQLite.
+
+Operators change it from the CLI in one process while the gateway reads it in another, so
+changes are committed transactions and the gateway keeps a `RegistryView`: an in-memory copy
+that asks `version()` on every request (a few µs) and reloads only when it moved.
+
+`version()` is a `revision` row bumped in the same transaction as every change the view holds
+(agents, token revocations, killed sessions). A revision row was chosen over
+`PRAGMA data_version` because (a) it does not move on `touch()` writes, so several gateway
+processes recording last use do not make each other reload every second, (b) it is one
+monotonic number shared by all processes, and (c) the same design ports to PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import builtins
+import enum
+import json
+import math
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from bastion.errors import BastionError, TokenError
+from bastion.identity import keys
+
+ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+TENANT_PATTERN = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
+ENVIRONMENTS = ("dev", "staging", "prod")
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 §3.3
+_PRINTABLE_ASCII = re.compile(r"[\x21-\x7e]+")
+_SPIFFE_ID = re.compile(r"spiffe://[a-z0-9._-]+(/[A-Za-z0-9._-]+)+")
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+_MAX_KEYS = 16
+# Revocations outlive their token by this much, so a token accepted with clock leeway still
+# finds its revocation; older rows are pruned.
+_REVOCATION_KEEP_S = 3600.0
+
+
+class RegistryError(BastionError):
+    """A registry operation failed; subclasses say whether it conflicts, is missing or invalid."""
+
+    code: ClassVar[str] = "registry.error"
+
+
+class RegistryConflict(RegistryError):
+    """The change conflicts with the stored state (duplicate id, offboarded agent)."""
+
+    code = "registry.conflict"
+    http_status = 409
+
+
+class RegistryNotFound(RegistryError):
+    """No agent has this id."""
+
+    code = "registry.not_found"
+    http_status = 404
+
+
+class RegistryInvalid(RegistryError):
+    """A field has a value the registry refuses; the message names the field."""
+
+    code = "registry.invalid"
+    http_status = 400
+
+
+class RegistryUnavailable(RegistryError):
+    """The registry file cannot be opened, read or written."""
+
+    code = "registry.unavailable"
+    http_status = 503
+
+
+class AgentStatus(enum.StrEnum):
+    """Lifecycle of an agent: only `active` agents may call; `offboarded` is final."""
+
+    ACTIVE = "active"
+    SUSPENDED = "suspended"
+    OFFBOARDED = "offboarded"
+
+
+@dataclass(frozen=True)
+class Agent:
+    """A registered non-human identity: who owns it, what it may reach, how it proves itself."""
+
+    id: str
+    display_name: str
+    owner: str
+    tenant: str
+    purpose: str
+    environment: str
+    jwks: dict[str, Any]
+    spiffe_id: str | None
+    audiences: tuple[str, ...]
+    scopes: tuple[str, ...]
+    require_dpop: bool
+    expires_at: float | None
+    status: AgentStatus
+    created_at: float
+    last_used_at: float | None = None
+    status_reason: str | None = None
+
+    def usable(self, now: float) -> tuple[bool, str]:
+        """Whether the agent may call at `now`; else a reason: suspended, offboarded, expired."""
+        if self.status is not AgentStatus.ACTIVE:
+            return False, str(self.status)
+        if self.expires_at is not None and now >= self.expires_at:
+            return False, "expired"
+        return True, "ok"
+
+
+@dataclass(frozen=True)
+class RegistrySnapshot:
+    """Everything the gateway's view holds, read in one transaction, with its version."""
+
+    version: int
+    agents: Mapping[str, Agent]
+    revoked_jtis: frozenset[str]
+    killed_sessions: frozenset[str]
+
+
+class Registry(Protocol):
+    """The registry port; `SqliteRegistry` is the embedded implementation."""
+
+    def add(self, agent: Agent) -> Agent: ...
+    def get(self, agent_id: str) -> Agent: ...
+    def list(
+        self, tenant: str | None = None, status: AgentStatus | None = None
+    ) -> builtins.list[Agent]: ...
+    def set_status(self, agent_id: str, status: AgentStatus, reason: str | None) -> Agent: ...
+    def rotate_key(self, agent_id: str, jwks: dict[str, Any]) -> Agent: ...
+    def touch(self, agent_id: str, when: float) -> None: ...
+    def revoke_token(self, jti: str, expires_at: float, reason: str) -> None: ...
+    def is_token_revoked(self, jti: str) -> bool: ...
+    def kill_session(self, session_id_hash: str) -> None: ...
+    def killed_sessions(self) -> set[str]: ...
+    def version(self) -> int: ...
+    def snapshot(self) -> RegistrySnapshot: ...
+
+
+# --- validation -------------------------------------------------------------------------------
+
+
+def validate_agent(agent: Agent) -> None:
+    """Raise `RegistryInvalid` naming the first field of `agent` that is not acceptable."""
+    if not isinstance(agent.id, str) or not ID_PATTERN.fullmatch(agent.id):
+        raise RegistryInvalid(f"id: expected {ID_PATTERN.pattern}, found {agent.id!r}")
+    if not isinstance(agent.tenant, str) or not TENANT_PATTERN.fullmatch(agent.tenant):
+        raise RegistryInvalid(f"tenant: expected {TENANT_PATTERN.pattern}, found {agent.tenant!r}")
+    _text("display_name", agent.display_name, 200)
+    _text("owner", agent.owner, 200)
+    _text("purpose", agent.purpose, 2000)
+    if agent.environment not in ENVIRONMENTS:
+        raise RegistryInvalid(
+            f"environment: expected one of {', '.join(ENVIRONMENTS)}, found {agent.environment!r}"
+        )
+    if agent.spiffe_id is not None:
+        validate_spiffe_id(agent.spiffe_id)
+    validate_jwks(agent.jwks, allow_empty=agent.spiffe_id is not None)
+    _tokens("audiences", agent.audiences, _PRINTABLE_ASCII, "printable ASCII without spaces")
+    _tokens("scopes", agent.scopes, _SCOPE_TOKEN, "RFC 6749 scope tokens")
+    if not isinstance(agent.require_dpop, bool):
+        raise RegistryInvalid(f"require_dpop: expected a bool, found {agent.require_dpop!r}")
+    _time("created_at", agent.created_at)
+    if agent.expires_at is not None:
+        _time("expires_at", agent.expires_at)
+    if agent.last_used_at is not None:
+        _time("last_used_at", agent.last_used_at)
+    if not isinstance(agent.status, AgentStatus):
+        raise RegistryInvalid(f"status: expected an AgentStatus, found {agent.status!r}")
+    if agent.status is not AgentStatus.ACTIVE or agent.status_reason is not None:
+        _text("status_reason", agent.status_reason, 500)
+
+
+def validate_spiffe_id(value: object) -> None:
+    """Raise `RegistryInvalid` unless `value` is a SPIFFE ID of a workload (with a path)."""
+    if (
+        not isinstance(value, str)
+        or len(value) > 2048
+        or not _SPIFFE_ID.fullmatch(value)
+        or any(seg in (".", "..") for seg in value.split("/")[3:])
+    ):
+        raise RegistryInvalid(
+            f"spiffe_id: expected spiffe://<trust-domain>/<path>, found {value!r}"
+        )
+
+
+def validate_jwks(jwks: object, *, allow_empty: bool) -> None:
+    """Raise `RegistryInvalid` unless `jwks` is a JWKS of usable public signing keys."""
+    if not isinstance(jwks, dict) or (jwks and not isinstance(jwks.get("keys"), builtins.list)):
+        raise RegistryInvalid('jwks: expected a JWK Set, an object {"keys": [...]}')
+    entries: builtins.list[Any] = jwks.get("keys", [])
+    if not entries and not allow_empty:
+        raise RegistryInvalid("jwks: expected at least one public key (or a spiffe_id)")
+    if len(entries) > _MAX_KEYS:
+        raise RegistryInvalid(f"jwks: expected at most {_MAX_KEYS} keys, found {len(entries)}")
+    kids: set[str] = set()
+    for index, key in enumerate(entries):
+        where = f"jwks.keys[{index}]"
+        if not isinstance(key, dict):
+            raise RegistryInvalid(f"{where}: expected a JWK object, found {type(key).__name__}")
+        kid = key.get("kid")
+        if not isinstance(kid, str) or not _PRINTABLE_ASCII.fullmatch(kid):
+            raise RegistryInvalid(f"{where}.kid: expected a non-empty string, found {kid!r}")
+        if kid in kids:
+            raise RegistryInvalid(f"{where}.kid: {kid!r} appears twice")
+        kids.add(kid)
+        _public_key(where, key)
+
+
+def _public_key(where: str, key: dict[str, Any]) -> None:
+    # The same loader and checks as the verifier's KeySet, so that no registered key is one
+    # the gateway would silently skip.
+    try:
+        public = keys.public_key_from_jwk(key)
+    except TokenError as exc:
+        raise RegistryInvalid(f"{where}: {exc.message}") from exc
+    if key.get("use", "sig") != "sig":
+        raise RegistryInvalid(f"{where}.use: expected 'sig', found {key.get('use')!r}")
+    ops = key.get("key_ops")
+    if ops is not None and (not isinstance(ops, builtins.list) or "verify" not in ops):
+        raise RegistryInvalid(f"{where}.key_ops: expected a list with 'verify', found {ops!r}")
+    alg = key.get("alg")
+    if alg is not None and (not isinstance(alg, str) or not keys.fits(alg, public)):
+        raise RegistryInvalid(f"{where}.alg: {alg!r} does not fit a {key.get('kty')} key")
+
+
+def _text(field: str, value: object, limit: int) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise RegistryInvalid(f"{field}: expected non-empty text, found {value!r}")
+    if len(value) > limit:
+        raise RegistryInvalid(f"{field}: expected at most {limit} characters, found {len(value)}")
+    if _CONTROL_CHARS.search(value):
+        raise RegistryInvalid(f"{field}: control characters are not allowed")
+
+
+def _tokens(field: str, values: object, pattern: re.Pattern[str], expected: str) -> None:
+    if not isinstance(values, tuple):
+        raise RegistryInvalid(f"{field}: expected a tuple of strings, found {values!r}")
+    for value in values:
+        if not isinstance(value, str) or len(value) > 2048 or not pattern.fullmatch(value):
+            raise RegistryInvalid(f"{field}: expected {expected}, found {value!r}")
+    if len(set(values)) != len(values):
+        raise RegistryInvalid(f"{field}: duplicate entries in {list(values)!r}")
+
+
+def _time(field: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise RegistryInvalid(f"{field}: expected epoch seconds, found {value!r}")
+    if value < 0:
+        raise RegistryInvalid(f"{field}: expected epoch seconds ≥ 0, found {value!r}")
+
+
+# --- SQLite -----------------------------------------------------------------------------------
+
+# Each entry moves the schema one version up; never edit a released entry, append a new one.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE agents (
+            id TEXT PRIMARY KEY, display_name TEXT NOT NULL, owner TEXT NOT NULL,
+            tenant TEXT NOT NULL, purpose TEXT NOT NULL, environment TEXT NOT NULL,
+            jwks TEXT NOT NULL, spiffe_id TEXT, audiences TEXT NOT NULL, scopes TEXT NOT NULL,
+            require_dpop INTEGER NOT NULL, expires_at REAL, status TEXT NOT NULL,
+            created_at REAL NOT NULL, last_used_at REAL, status_reason TEXT)""",
+        "CREATE INDEX agents_tenant ON agents (tenant, id)",
+        "CREATE UNIQUE INDEX agents_spiffe_id ON agents (spiffe_id) WHERE spiffe_id IS NOT NULL",
+        """CREATE TABLE revoked_tokens (
+            jti TEXT PRIMARY KEY, expires_at REAL NOT NULL, reason TEXT NOT NULL,
+            revoked_at REAL NOT NULL)""",
+        "CREATE INDEX revoked_tokens_expiry ON revoked_tokens (expires_at)",
+        "CREATE TABLE killed_sessions (session_id_hash TEXT PRIMARY KEY, killed_at REAL NOT NULL)",
+        "CREATE TABLE revision (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL)",
+        "INSERT INTO revision (id, value) VALUES (1, 0)",
+    ),
+)
+# Literal statements (no string building): the column order is `_to_row`'s and `_from_row`'s.
+_INSERT_AGENT = """INSERT INTO agents (id, display_name, owner, tenant, purpose, environment,
+    jwks, spiffe_id, audiences, scopes, require_dpop, expires_at, status, created_at,
+    last_used_at, status_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+_SELECT_AGENTS = """SELECT id, display_name, owner, tenant, purpose, environment, jwks,
+    spiffe_id, audiences, scopes, require_dpop, expires_at, status, created_at, last_used_at,
+    status_reason FROM agents WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR status = ?2)
+    ORDER BY tenant, id"""
+_SELECT_AGENT = """SELECT id, display_name, owner, tenant, purpose, environment, jwks,
+    spiffe_id, audiences, scopes, require_dpop, expires_at, status, created_at, last_used_at,
+    status_reason FROM agents WHERE id = ?"""
+
+
+class SqliteRegistry:
+    """The registry in one SQLite file (WAL), shared by the gateway and the CLI processes.
+
+    One connection per instance, guarded by a lock. `touch()` is buffered in memory and
+    written at most once per `touch_interval` seconds, never waiting for a busy database.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        create: bool = True,
+        busy_timeout: float = 5.0,
+        touch_interval: float = 1.0,
+    ) -> None:
+        self.path = Path(path)
+        if not create and not self.path.is_file():
+            raise RegistryUnavailable(f"no registry at {self.path}")
+        self._lock = threading.Lock()
+        self._busy_ms = int(busy_timeout * 1000)
+        self._touch_interval = touch_interval
+        self._pending: dict[str, float] = {}
+        self._flushed_at = time.monotonic()
+        try:
+            # Autocommit mode: every transaction below is an explicit BEGIN ... COMMIT.
+            self._db = sqlite3.connect(
+                self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise RegistryUnavailable(f"cannot open the registry at {self.path}: {exc}") from exc
+
+    def _migrate(self) -> None:
+        current = self._schema_version()
+        if current == len(_MIGRATIONS):
+            return
+        with self._write():
+            current = self._schema_version()  # another process may have migrated meanwhile
+            if current > len(_MIGRATIONS):
+                raise RegistryUnavailable(
+                    f"{self.path} has registry schema version {current}; this Bastion knows "
+                    f"up to {len(_MIGRATIONS)} (upgrade Bastion)"
+                )
+            for statements in _MIGRATIONS[current:]:
+                for statement in statements:
+                    self._db.execute(statement)
+            self._db.execute("DELETE FROM schema_version")
+            self._db.execute("INSERT INTO schema_version VALUES (?)", (len(_MIGRATIONS),))
+
+    def _schema_version(self) -> int:
+        self._db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = self._db.execute("SELECT max(version) FROM schema_version").fetchone()
+        return int(row[0] or 0)
+
+    def _write(self) -> _Transaction:
+        return _Transaction(self._db, "BEGIN IMMEDIATE")
+
+    def close(self) -> None:
+        """Write pending `touch()` times and close the connection."""
+        with self._lock, self._guard():
+            try:
+                self._flush(wait=True)
+            finally:
+                self._db.close()
+
+    def __enter__(self) -> SqliteRegistry:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # --- agents ---
+
+    def add(self, agent: Agent) -> Agent:
+        """Register a new agent; `RegistryConflict` when the id is taken."""
+        validate_agent(agent)
+        with self._lock, self._guard(), self._write():
+            if self._db.execute("SELECT 1 FROM agents WHERE id = ?", (agent.id,)).fetchone():
+                raise RegistryConflict(f"id: agent {agent.id!r} already exists")
+            if agent.spiffe_id is not None:
+                owner = self._db.execute(
+                    "SELECT id FROM agents WHERE spiffe_id = ?", (agent.spiffe_id,)
+                ).fetchone()
+                if owner:
+                    raise RegistryConflict(
+                        f"spiffe_id: {agent.spiffe_id} is already agent {owner[0]!r}'s"
+                    )
+            self._db.execute(_INSERT_AGENT, _to_row(agent))
+            self._bump()
+        return agent
+
+    def get(self, agent_id: str) -> Agent:
+        """The agent with this id; `RegistryNotFound` when there is none."""
+        with self._lock, self._guard():
+            self._flush(wait=True)
+            return self._get(agent_id)
+
+    def _get(self, agent_id: str) -> Agent:
+        row = self._db.execute(_SELECT_AGENT, (agent_id,)).fetchone()
+        if row is None:
+            raise RegistryNotFound(f"no agent {agent_id!r}")
+        return _from_row(row)
+
+    def list(
+        self, tenant: str | None = None, status: AgentStatus | None = None
+    ) -> builtins.list[Agent]:
+        """Agents ordered by tenant and id, optionally of one tenant and/or one status."""
+        args = (tenant, None if status is None else str(status))
+        with self._lock, self._guard():
+            self._flush(wait=True)
+            rows = self._db.execute(_SELECT_AGENTS, args).fetchall()
+        return [_from_row(row) for row in rows]
+
+    def set_status(self, agent_id: str, status: AgentStatus, reason: str | None) -> Agent:
+        """Suspend, resume or offboard an agent; offboarded is final (`RegistryConflict`)."""
+        status = AgentStatus(status)
+        if status is not AgentStatus.ACTIVE:
+            _text("reason", reason, 500)
+        with self._lock, self._guard(), self._write():
+            agent = self._get(agent_id)
+            if agent.status is AgentStatus.OFFBOARDED:
+                raise RegistryConflict(f"agent {agent_id!r} is offboarded, which is final")
+            if agent.status is status:
+                raise RegistryConflict(f"agent {agent_id!r} is already {status}")
+            agent = replace(agent, status=status, status_reason=reason)
+            self._db.execute(
+                "UPDATE agents SET status = ?, status_reason = ? WHERE id = ?",
+                (str(status), reason, agent_id),
+            )
+            self._bump()
+        return agent
+
+    def rotate_key(self, agent_id: str, jwks: dict[str, Any]) -> Agent:
+        """Replace the agent's public keys (include the old key too for an overlap period)."""
+        with self._lock, self._guard(), self._write():
+            agent = self._get(agent_id)
+            if agent.status is AgentStatus.OFFBOARDED:
+                raise RegistryConflict(f"agent {agent_id!r} is offboarded, which is final")
+            validate_jwks(jwks, allow_empty=agent.spiffe_id is not None)
+            agent = replace(agent, jwks=jwks)
+            self._db.execute("UPDATE agents SET jwks = ? WHERE id = ?", (_dumps(jwks), agent_id))
+            self._bump()
+        return agent
+
+    def touch(self, agent_id: str, when: float) -> None:
+        """Record that the agent was used at `when`; buffered, so cheap on the hot path."""
+        with self._lock, self._guard():
+            if when > self._pending.get(agent_id, 0.0):
+                self._pending[agent_id] = when
+            if time.monotonic() - self._flushed_at >= self._touch_interval:
+                self._flush(wait=False)
+
+    def _flush(self, *, wait: bool) -> None:
+        if not self._pending:
+            return
+        self._flushed_at = time.monotonic()
+        if not wait:
+            # The gateway calls this from its event loop: never wait for a CLI's write lock,
+            # keep the times and try again at the next interval.
+            self._db.execute("PRAGMA busy_timeout = 0")
+        try:
+            with self._write():
+                self._db.executemany(
+                    "UPDATE agents SET last_used_at = ? WHERE id = ? "
+                    "AND (last_used_at IS NULL OR last_used_at < ?)",
+                    [(when, agent_id, when) for agent_id, when in self._pending.items()],
+                )
+            self._pending.clear()
+        except sqlite3.OperationalError:
+            if wait:
+                raise
+        finally:
+            if not wait:
+                self._db.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+
+    # --- revocations and killed sessions ---
+
+    def revoke_token(self, jti: str, expires_at: float, reason: str) -> None:
+        """Refuse the token with this `jti` until it expires; prunes long-expired rows."""
+        if not isinstance(jti, str) or not 0 < len(jti) <= 256:
+            raise RegistryInvalid(f"jti: expected 1 to 256 characters, found {jti!r}")
+        _time("expires_at", expires_at)
+        _text("reason", reason, 500)
+        now = time.time()
+        with self._lock, self._guard(), self._write():
+            self._db.execute(
+                "INSERT INTO revoked_tokens (jti, expires_at, reason, revoked_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (jti) DO UPDATE SET "
+                "expires_at = max(expires_at, excluded.expires_at)",
+                (jti, expires_at, reason, now),
+            )
+            self._db.execute(
+                "DELETE FROM revoked_tokens WHERE expires_at < ?", (now - _REVOCATION_KEEP_S,)
+            )
+            self._bump()
+
+    def is_token_revoked(self, jti: str) -> bool:
+        """Whether a token with this `jti` was revoked (and its row not yet pruned)."""
+        with self._lock, self._guard():
+            row = self._db.execute("SELECT 1 FROM revoked_tokens WHERE jti = ?", (jti,))
+            return row.fetchone() is not None
+
+    def kill_session(self, session_id_hash: str) -> None:
+        """End a session for good: the gateway refuses every later request on it."""
+        if not isinstance(session_id_hash, str) or not _PRINTABLE_ASCII.fullmatch(session_id_hash):
+            raise RegistryInvalid(
+                f"session_id_hash: expected printable ASCII, found {session_id_hash!r}"
+            )
+        with self._lock, self._guard(), self._write():
+            self._db.execute(
+                "INSERT OR IGNORE INTO killed_sessions VALUES (?, ?)",
+                (session_id_hash, time.time()),
+            )
+            self._bump()
+
+    def killed_sessions(self) -> set[str]:
+        """Hashes of every killed session."""
+        with self._lock, self._guard():
+            rows = self._db.execute("SELECT session_id_hash FROM killed_sessions").fetchall()
+        return {row[0] for row in rows}
+
+    # --- change detection ---
+
+    def version(self) -> int:
+        """A number that moves whenever any process commits a change the view holds.
+
+        Runs once per gateway request, so it is one primary-key read (about 3 µs) with no
+        helper objects around it.
+        """
+        with self._lock:
+            try:
+                row = self._db.execute("SELECT value FROM revision").fetchone()
+            except sqlite3.Error as exc:
+                raise RegistryUnavailable(f"registry {self.path}: {exc}") from exc
+        return int(row[0])
+
+    def snapshot(self) -> RegistrySnapshot:
+        """Agents, revoked jtis and killed sessions with their version, in one transaction."""
+        with self._lock, self._guard(), _Transaction(self._db, "BEGIN"):
+            version = int(self._db.execute("SELECT value FROM revision").fetchone()[0])
+            agents = self._db.execute(_SELECT_AGENTS, (None, None)).fetchall()
+            jtis = self._db.execute(
+                "SELECT jti FROM revoked_tokens WHERE expires_at >= ?",
+                (time.time() - _REVOCATION_KEEP_S,),
+            ).fetchall()
+            sessions = self._db.execute("SELECT session_id_hash FROM killed_sessions").fetchall()
+        return RegistrySnapshot(
+            version=version,
+            agents={row[0]: _from_row(row) for row in agents},
+            revoked_jtis=frozenset(row[0] for row in jtis),
+            killed_sessions=frozenset(row[0] for row in sessions),
+        )
+
+    def _bump(self) -> None:
+        self._db.execute("UPDATE revision SET value = value + 1")
+
+    def _guard(self) -> _Translate:
+        return _Translate(self.path)
+
+
+class _Transaction:
+    """BEGIN on enter; COMMIT on success, ROLLBACK on any exception."""
+
+    def __init__(self, db: sqlite3.Connection, begin: str) -> None:
+        self._db, self._begin = db, begin
+
+    def __enter__(self) -> None:
+        self._db.execute(self._begin)
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is not None:
+            self._db.execute("ROLLBACK")
+            return
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error:
+            self._db.execute("ROLLBACK")  # leave no transaction open for the next caller
+            raise
+
+
+class _Translate:
+    """Turn sqlite3 errors into `RegistryUnavailable` at the adapter's edge."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, _: object, exc: BaseException | None, __: object) -> None:
+        if isinstance(exc, sqlite3.Error):
+            raise RegistryUnavailable(f"registry {self._path}: {exc}") from exc
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _to_row(agent: Agent) -> tuple[object, ...]:
+    return (
+        agent.id, agent.display_name, agent.owner, agent.tenant, agent.purpose,
+        agent.environment, _dumps(agent.jwks), agent.spiffe_id, _dumps(list(agent.audiences)),
+        _dumps(list(agent.scopes)), int(agent.require_dpop), agent.expires_at, str(agent.status),
+        agent.created_at, agent.last_used_at, agent.status_reason,
+    )  # fmt: skip
+
+
+def _from_row(row: Sequence[Any]) -> Agent:
+    return Agent(
+        id=row[0], display_name=row[1], owner=row[2], tenant=row[3], purpose=row[4],
+        environment=row[5], jwks=json.loads(row[6]), spiffe_id=row[7],
+        audiences=tuple(json.loads(row[8])), scopes=tuple(json.loads(row[9])),
+        require_dpop=bool(row[10]), expires_at=row[11], status=AgentStatus(row[12]),
+        created_at=row[13], last_used_at=row[14], status_reason=row[15],
+    )  # fmt: skip
+
+
+# --- the gateway's view -----------------------------------------------------------------------
+
+
+class RegistryView:
+    """The gateway's in-memory copy of the registry; `refresh()` once per request.
+
+    Lookups are plain dict and set reads; only `refresh()` touches the database, and reloads
+    only when `version()` moved.
+    """
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+        self._version = -1
+        self._agents: Mapping[str, Agent] = {}
+        self._revoked: frozenset[str] = frozenset()
+        self._killed: frozenset[str] = frozenset()
+        self._by_spiffe_id: dict[str, Agent] = {}
+        self.refresh()
+
+    @property
+    def version(self) -> int:
+        """The registry version this view holds."""
+        return self._version
+
+    def refresh(self) -> bool:
+        """Reload when the registry changed since the last load; return whether it reloaded."""
+        if self._registry.version() == self._version:
+            return False
+        snapshot = self._registry.snapshot()
+        self._agents = snapshot.agents
+        self._by_spiffe_id = {a.spiffe_id: a for a in snapshot.agents.values() if a.spiffe_id}
+        self._revoked = snapshot.revoked_jtis
+        self._killed = snapshot.killed_sessions
+        self._version = snapshot.version
+        return True
+
+    def agent(self, agent_id: str) -> Agent | None:
+        """The agent with this id, or None."""
+        return self._agents.get(agent_id)
+
+    def agent_by_spiffe_id(self, spiffe_id: str) -> Agent | None:
+        """The agent registered with this SPIFFE ID (unique in the registry), or None."""
+        return self._by_spiffe_id.get(spiffe_id)
+
+    def agents(self) -> Iterable[Agent]:
+        """Every registered agent, whatever its status."""
+        return self._agents.values()
+
+    def revoked(self, jti: str) -> bool:
+        """Whether the token with this jti was revoked."""
+        return jti in self._revoked
+
+    def session_killed(self, session_id_hash: str) -> bool:
+        """Whether the session with this id hash was killed."""
+        return session_id_hash in self._killed

@@ -1,0 +1,362 @@
+"""The embedded authorization server: tokens for registered agents, and on-behalf-of tokens.
+
+- `client_credentials` with `private_key_jwt` (RFC 7523): the agent signs an assertion with
+  its registered key; no shared client secrets. A JWT-SVID from a trusted SPIFFE trust
+  domain is accepted in its place.
+- RFC 8693 token exchange: a user's token from a trusted issuer (subject) plus the agent's
+  assertion (actor) become a token whose `sub` is the user and whose `act` names the agent;
+  refused when the agent is not registered for the user's tenant.
+
+Tokens are RFC 9068 JWTs (`typ: at+jwt`), bound to one audience (RFC 8707 `resource`), short
+(5 minutes by default), and bound to a DPoP key (`cnf.jkt`) when a proof is presented.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from bastion.config import Settings, TrustedIssuer
+from bastion.control.registry import Agent, RegistryView
+from bastion.errors import BastionError, TokenError
+from bastion.identity import dpop
+from bastion.identity.jwt import Expect, mint, unverified_claims, verify
+from bastion.identity.keys import KeySet
+from bastion.state.keystore import FileKeyStore
+from bastion.state.memory import ReplayCache
+
+# Protocol identifiers (RFC 7523, RFC 8693), not secrets.
+JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+JWT_SPIFFE = "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe"
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105
+TOKEN_TYPE_ACCESS = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105
+TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105
+TOKEN_TYPE_ID = "urn:ietf:params:oauth:token-type:id_token"  # noqa: S105
+
+# Finds the keys of a trusted external issuer (discovery + JWKS, cached); `refresh` asks for
+# a fresh copy when a kid is unknown.
+IssuerKeys = Callable[[TrustedIssuer, bool], Awaitable[KeySet]]
+
+
+class OAuthError(BastionError):
+    """An RFC 6749 error response from the token endpoint."""
+
+    code = "auth.oauth"
+    http_status = 400
+
+    def __init__(self, error: str, description: str, status: int = 400) -> None:
+        super().__init__(description)
+        self.error = error
+        self.status = status
+
+    def body(self) -> dict[str, str]:
+        """The JSON error body."""
+        return {"error": self.error, "error_description": self.message}
+
+
+@dataclass
+class TokenService:
+    """Issues access tokens; every input is checked, every refusal says why."""
+
+    settings: Settings
+    agents: RegistryView
+    keys: FileKeyStore
+    issuer_keys: IssuerKeys
+    spiffe: Mapping[str, KeySet]
+    resources: frozenset[str]
+    replay: ReplayCache = field(default_factory=ReplayCache)
+
+    @property
+    def issuer(self) -> str:
+        """This authorization server's issuer identifier."""
+        return self.settings.base_url()
+
+    @property
+    def token_endpoint(self) -> str:
+        """Where tokens are requested."""
+        return self.issuer + "/oauth/token"
+
+    def metadata(self) -> dict[str, Any]:
+        """RFC 8414 authorization server metadata."""
+        algs = ["ES256", "EdDSA", "RS256", "PS256"]
+        return {
+            "issuer": self.issuer,
+            "token_endpoint": self.token_endpoint,
+            "jwks_uri": self.issuer + "/.well-known/jwks.json",
+            "grant_types_supported": ["client_credentials", TOKEN_EXCHANGE],
+            "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+            "token_endpoint_auth_signing_alg_values_supported": algs,
+            "dpop_signing_alg_values_supported": algs,
+            "scopes_supported": list(self.settings.auth.scopes),
+            "response_types_supported": [],
+            "code_challenge_methods_supported": ["S256"],
+        }
+
+    async def token(
+        self, form: Mapping[str, str], dpop_proof: str | None, now: float | None = None
+    ) -> dict[str, Any]:
+        """Answer a token request (form fields already decoded)."""
+        now = time.time() if now is None else now
+        self.agents.refresh()
+        grant = form.get("grant_type")
+        if grant == "client_credentials":
+            agent = await self._client(form, now)
+            return self._issue(agent, None, form, dpop_proof, now)
+        if grant == TOKEN_EXCHANGE:
+            return await self._exchange(form, dpop_proof, now)
+        raise OAuthError("unsupported_grant_type", f"grant_type {grant!r} is not supported")
+
+    # -- who is the agent -------------------------------------------------------------------
+
+    async def _client(self, form: Mapping[str, str], now: float) -> Agent:
+        assertion = form.get("client_assertion")
+        kind = form.get("client_assertion_type")
+        if not assertion or kind not in (JWT_BEARER, JWT_SPIFFE):
+            raise OAuthError(
+                "invalid_client",
+                "authenticate with private_key_jwt: client_assertion_type "
+                f"{JWT_BEARER!r} and a signed client_assertion",
+                401,
+            )
+        agent = self.authenticate_agent(assertion, now)
+        if form.get("client_id") not in (None, agent.id):
+            raise OAuthError("invalid_client", "client_id does not match the assertion", 401)
+        return agent
+
+    def authenticate_agent(self, assertion: str, now: float) -> Agent:
+        """The registered, usable agent that signed this assertion (or its JWT-SVID)."""
+        try:
+            claims = unverified_claims(assertion)
+            subject = str(claims.get("sub", ""))
+            if subject.startswith("spiffe://"):
+                return self._svid_agent(assertion, subject, now)
+            agent = self.agents.agent(str(claims.get("iss", "")))
+            if agent is None:
+                raise TokenError("unknown_kid", "the assertion's issuer is not a registered agent")
+            keys = KeySet.from_jwks(agent.jwks)
+            expect = Expect(
+                issuer=agent.id, audience=None, leeway=5.0, require=("exp", "iat", "jti", "sub")
+            )
+            verified = verify(assertion, keys, expect, now)
+            if verified.get("sub") != agent.id:
+                raise TokenError("wrong_issuer", "the assertion's sub must equal its iss")
+            self._check_assertion(verified, now, f"agent:{agent.id}")
+        except TokenError as exc:
+            raise OAuthError(
+                "invalid_client", f"client assertion refused: {exc.message}", 401
+            ) from exc
+        return self._usable(agent, now)
+
+    def _svid_agent(self, svid: str, spiffe_id: str, now: float) -> Agent:
+        domain = spiffe_id.removeprefix("spiffe://").split("/", 1)[0]
+        keys = self.spiffe.get(domain)
+        if keys is None:
+            raise TokenError("wrong_issuer", f"SPIFFE trust domain {domain!r} is not trusted")
+        issuer = str(unverified_claims(svid).get("iss", ""))
+        verified = verify(
+            svid,
+            keys,
+            Expect(issuer=issuer, audience=None, leeway=5.0, require=("exp", "sub")),
+            now,
+        )
+        agent = self.agents.agent_by_spiffe_id(spiffe_id)
+        if agent is None:
+            raise TokenError("unknown_kid", f"no agent is registered for {spiffe_id}")
+        self._check_assertion(verified, now, f"svid:{spiffe_id}")
+        return agent
+
+    def _check_assertion(self, claims: dict[str, Any], now: float, who: str) -> None:
+        audiences = claims.get("aud")
+        audiences = audiences if isinstance(audiences, list) else [audiences]
+        if not {self.issuer, self.token_endpoint} & {str(a) for a in audiences}:
+            raise TokenError("wrong_audience", f"the assertion's aud must be {self.issuer!r}")
+        exp = float(claims["exp"])
+        issued = float(claims.get("iat", now))
+        limit = self.settings.auth.assertion_max_lifetime_seconds
+        if exp - issued > limit:
+            raise TokenError("expired", f"assertions may live at most {limit} s")
+        jti = claims.get("jti")
+        if jti is not None and not self.replay.first_use(f"{who}:{jti}", exp + 60, now):
+            raise TokenError("replayed", "this assertion was already used")
+
+    def _usable(self, agent: Agent, now: float) -> Agent:
+        ok, reason = agent.usable(now)
+        if not ok:
+            raise OAuthError(
+                "invalid_client", f"agent {agent.id!r} cannot get tokens: {reason}", 401
+            )
+        return agent
+
+    # -- delegation -------------------------------------------------------------------------
+
+    async def _exchange(
+        self, form: Mapping[str, str], dpop_proof: str | None, now: float
+    ) -> dict[str, Any]:
+        subject_token = form.get("subject_token")
+        if not subject_token or form.get("subject_token_type") not in (
+            TOKEN_TYPE_ACCESS,
+            TOKEN_TYPE_JWT,
+            TOKEN_TYPE_ID,
+        ):
+            raise OAuthError(
+                "invalid_request", "subject_token and a JWT subject_token_type are required"
+            )
+        actor = form.get("actor_token")
+        if not actor or form.get("actor_token_type") != TOKEN_TYPE_JWT:
+            raise OAuthError(
+                "invalid_request",
+                f"actor_token (the agent's signed assertion, type {TOKEN_TYPE_JWT}) is required",
+            )
+        agent = self.authenticate_agent(actor, now)
+        user = await self._subject(subject_token, now)
+        tenant = user.get("__tenant")
+        if tenant != agent.tenant:
+            raise OAuthError(
+                "invalid_grant",
+                f"agent {agent.id!r} is registered for tenant {agent.tenant!r}, "
+                f"not for the user's tenant {tenant!r}",
+            )
+        return self._issue(agent, user, form, dpop_proof, now)
+
+    async def _subject(self, token: str, now: float) -> dict[str, Any]:
+        try:
+            issuer_url = str(unverified_claims(token).get("iss", ""))
+        except TokenError as exc:
+            raise OAuthError("invalid_grant", f"subject_token refused: {exc.message}") from exc
+        trusted = next(
+            (t for t in self.settings.auth.trusted_issuers if t.issuer == issuer_url), None
+        )
+        if trusted is None:
+            raise OAuthError("invalid_grant", f"subject_token issuer {issuer_url!r} is not trusted")
+        try:
+            claims = await self._verify_external(token, trusted, now)
+        except TokenError as exc:
+            raise OAuthError("invalid_grant", f"subject_token refused: {exc.message}") from exc
+        tenant = claims.get(trusted.tenant_claim)
+        if not isinstance(tenant, str) or not tenant:
+            raise OAuthError(
+                "invalid_grant", f"subject_token has no {trusted.tenant_claim!r} claim"
+            )
+        claims["__tenant"] = tenant
+        claims["__roles"] = claims.get(trusted.roles_claim) or []
+        claims["__scope"] = str(claims.get(trusted.scope_claim) or "")
+        return claims
+
+    async def _verify_external(
+        self, token: str, trusted: TrustedIssuer, now: float
+    ) -> dict[str, Any]:
+        keys = await self.issuer_keys(trusted, False)
+        expect = Expect(
+            issuer=trusted.issuer, audience=None, leeway=self.settings.auth.leeway_seconds
+        )
+        try:
+            claims = verify(token, keys, expect, now)
+        except TokenError as exc:
+            if exc.reason != "unknown_kid":
+                raise
+            claims = verify(token, await self.issuer_keys(trusted, True), expect, now)
+        audiences = claims.get("aud")
+        audiences = set(audiences if isinstance(audiences, list) else [audiences])
+        wanted = {trusted.audience} if trusted.audience else {self.issuer, *self.resources}
+        if not audiences & wanted:
+            raise TokenError("wrong_audience", "the token is not meant for this gateway")
+        return claims
+
+    # -- the token --------------------------------------------------------------------------
+
+    def _issue(
+        self,
+        agent: Agent,
+        user: dict[str, Any] | None,
+        form: Mapping[str, str],
+        dpop_proof: str | None,
+        now: float,
+    ) -> dict[str, Any]:
+        resource = self._resource(agent, form.get("resource"))
+        scope = self._scope(agent, form.get("scope"), user)
+        claims: dict[str, Any] = {
+            "iss": self.issuer,
+            "sub": agent.id,
+            "aud": resource,
+            "iat": int(now),
+            "nbf": int(now),
+            "exp": int(now) + self.settings.auth.token_lifetime_seconds,
+            "jti": uuid.uuid4().hex,
+            "client_id": agent.id,
+            "agent": agent.id,
+            "tenant": agent.tenant,
+            "scope": scope,
+            "env": agent.environment,
+        }
+        if user is not None:
+            claims["sub"] = str(user.get("sub"))
+            actor: dict[str, Any] = {"sub": agent.id}
+            if isinstance(user.get("act"), dict):
+                actor["act"] = user["act"]  # multi-hop: the earlier actors nest inside
+            claims["act"] = actor
+            claims["roles"] = [r for r in user.get("__roles", []) if isinstance(r, str)]
+        jkt = self._dpop(agent, dpop_proof, now)
+        if jkt is not None:
+            claims["cnf"] = {"jkt": jkt}
+        token = mint(self.keys.current(), claims, typ="at+jwt")
+        body: dict[str, Any] = {
+            "access_token": token,
+            "token_type": "DPoP" if jkt else "Bearer",
+            "expires_in": self.settings.auth.token_lifetime_seconds,
+            "scope": scope,
+        }
+        if user is not None:
+            body["issued_token_type"] = TOKEN_TYPE_ACCESS
+        return body
+
+    def _resource(self, agent: Agent, requested: str | None) -> str:
+        allowed = set(agent.audiences) & self.resources if agent.audiences else set(self.resources)
+        if requested is None:
+            if len(allowed) == 1:
+                return allowed.pop()
+            raise OAuthError("invalid_target", "name the MCP endpoint in `resource` (RFC 8707)")
+        if requested not in self.resources:
+            raise OAuthError("invalid_target", f"resource {requested!r} is not served here")
+        if requested not in allowed:
+            raise OAuthError("invalid_target", f"agent {agent.id!r} may not use {requested!r}")
+        return requested
+
+    def _scope(self, agent: Agent, requested: str | None, user: dict[str, Any] | None) -> str:
+        granted = set(agent.scopes) if agent.scopes else set(self.settings.auth.scopes)
+        if user is not None:
+            user_scopes = {s for s in user.get("__scope", "").split() if s.startswith("mcp:")}
+            if user_scopes:
+                granted &= user_scopes  # delegation narrows, never widens
+        if requested:
+            wanted = set(requested.split())
+            unknown = wanted - granted
+            if unknown:
+                raise OAuthError(
+                    "invalid_scope", f"scope {' '.join(sorted(unknown))} is not granted"
+                )
+            granted = wanted
+        return " ".join(sorted(granted))
+
+    def _dpop(self, agent: Agent, proof: str | None, now: float) -> str | None:
+        if proof is None:
+            if agent.require_dpop:
+                raise OAuthError(
+                    "invalid_dpop_proof", f"agent {agent.id!r} must present a DPoP proof"
+                )
+            return None
+        try:
+            checked = dpop.verify_proof(
+                proof,
+                method="POST",
+                url=self.token_endpoint,
+                now=now,
+                max_age=self.settings.auth.dpop.max_age_seconds,
+            )
+        except TokenError as exc:
+            raise OAuthError("invalid_dpop_proof", f"DPoP proof refused: {exc.message}") from exc
+        if not self.replay.first_use(f"dpop:{checked.jkt}:{checked.jti}", now + 600, now):
+            raise OAuthError("invalid_dpop_proof", "this DPoP proof was already used")
+        return checked.jkt

@@ -1,0 +1,1 @@
+"""State adapters behind small ports: in-memory caches, files, SQLite."""
