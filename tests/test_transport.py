@@ -473,6 +473,7 @@ def test_merged_lists_page_through_every_upstream(
         "badhttp__midstream",
         "badhttp__ok",
         "badhttp__cancellations",
+        "badhttp__headers",
     ]
     bad = http.post(
         gateway.url("/paged"),

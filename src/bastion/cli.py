@@ -14,6 +14,7 @@ import typer
 from bastion import config
 from bastion.app import routes_for
 from bastion.app import serve as serve_gateway
+from bastion.control.agents_cli import app as agents_app
 from bastion.control.assembly import Identity, build_gateway, open_identity
 from bastion.control.token_service import JWT_BEARER
 from bastion.errors import BastionError, ConfigError
@@ -114,6 +115,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 keys_cli = typer.Typer(no_args_is_help=True, help="The embedded authorization server's keys.")
 tokens_cli = typer.Typer(no_args_is_help=True, help="Issued access tokens.")
 sessions_cli = typer.Typer(no_args_is_help=True, help="Client sessions of running gateways.")
+cli.add_typer(agents_app, name="agents", help="Agents: the non-human identities that call MCP.")
 cli.add_typer(keys_cli, name="keys")
 cli.add_typer(tokens_cli, name="tokens")
 cli.add_typer(sessions_cli, name="sessions")

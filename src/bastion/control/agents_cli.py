@@ -26,8 +26,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from bastion.config import load as load_config
 from bastion.control.registry import Agent, AgentStatus, SqliteRegistry
-from bastion.errors import BastionError, TokenError
+from bastion.errors import BastionError, ConfigError, TokenError
 from bastion.identity.keys import thumbprint
 
 app = typer.Typer(
@@ -52,8 +53,27 @@ class InputError(BastionError):
     code = "cli.input"
 
 
+def _registry_file(value: Path) -> Path:
+    """`--config FILE.yaml` names the registry through the config's state_dir."""
+    if value.suffix not in (".yaml", ".yml"):
+        return value
+    try:
+        settings = load_config(value)
+    except ConfigError as exc:
+        raise typer.BadParameter("; ".join(exc.problems)) from exc
+    return Path(settings.state_dir) / "registry.db"
+
+
 RegistryPath = Annotated[
-    Path, typer.Option("--registry", help="The registry's SQLite file.", show_default=False)
+    Path,
+    typer.Option(
+        "--config",
+        "-c",
+        "--registry",
+        help="The gateway's config file (its state_dir holds the registry), or the registry's "
+        "SQLite file.",
+        callback=_registry_file,
+    ),
 ]
 AgentId = Annotated[str, typer.Argument(metavar="ID", help="The agent's id.", show_default=False)]
 JwksFile = Annotated[
@@ -72,10 +92,10 @@ _STATUS_STYLE = {"active": "green", "suspended": "yellow", "offboarded": "red"}
 @app.command()
 def add(
     agent_id: AgentId,
-    registry: RegistryPath,
     tenant: Annotated[str, typer.Option(help="The tenant the agent acts in.")],
     owner: Annotated[str, typer.Option(help="The person or team answerable for it.")],
     purpose: Annotated[str, typer.Option(help="What the agent is for.")],
+    registry: RegistryPath = Path("examples/quickstart.yaml"),
     display_name: Annotated[str | None, typer.Option(help="Default: the id.")] = None,
     environment: Annotated[Environment, typer.Option()] = Environment.DEV,
     jwks_file: JwksFile = None,
@@ -121,7 +141,7 @@ def add(
 
 @app.command("list")
 def list_(
-    registry: RegistryPath,
+    registry: RegistryPath = Path("examples/quickstart.yaml"),
     tenant: Annotated[str | None, typer.Option(help="Only this tenant's agents.")] = None,
     status: Annotated[AgentStatus | None, typer.Option(help="Only agents in this state.")] = None,
     as_json: AsJson = False,
@@ -153,7 +173,11 @@ def list_(
 
 
 @app.command()
-def show(agent_id: AgentId, registry: RegistryPath, as_json: AsJson = False) -> None:
+def show(
+    agent_id: AgentId,
+    registry: RegistryPath = Path("examples/quickstart.yaml"),
+    as_json: AsJson = False,
+) -> None:
     """Show one agent, keys included."""
     with _reported(), SqliteRegistry(registry, create=False) as store:
         agent = store.get(agent_id)
@@ -167,19 +191,23 @@ def show(agent_id: AgentId, registry: RegistryPath, as_json: AsJson = False) -> 
 
 
 @app.command()
-def suspend(agent_id: AgentId, registry: RegistryPath, reason: Reason) -> None:
+def suspend(
+    agent_id: AgentId, reason: Reason, registry: RegistryPath = Path("examples/quickstart.yaml")
+) -> None:
     """Stop an agent from calling until it is resumed; its tokens are refused at once."""
     _set_status(registry, agent_id, AgentStatus.SUSPENDED, reason)
 
 
 @app.command()
-def resume(agent_id: AgentId, registry: RegistryPath) -> None:
+def resume(agent_id: AgentId, registry: RegistryPath = Path("examples/quickstart.yaml")) -> None:
     """Let a suspended agent call again."""
     _set_status(registry, agent_id, AgentStatus.ACTIVE, None)
 
 
 @app.command()
-def offboard(agent_id: AgentId, registry: RegistryPath, reason: Reason) -> None:
+def offboard(
+    agent_id: AgentId, reason: Reason, registry: RegistryPath = Path("examples/quickstart.yaml")
+) -> None:
     """Retire an agent for good: it can never be resumed; its record stays for audit."""
     _set_status(registry, agent_id, AgentStatus.OFFBOARDED, reason)
 
@@ -187,7 +215,7 @@ def offboard(agent_id: AgentId, registry: RegistryPath, reason: Reason) -> None:
 @app.command("rotate-key")
 def rotate_key(
     agent_id: AgentId,
-    registry: RegistryPath,
+    registry: RegistryPath = Path("examples/quickstart.yaml"),
     jwks_file: JwksFile = None,
     public_key_pem: PemFile = None,
 ) -> None:
