@@ -130,9 +130,11 @@ virtual_servers:
 """
 
 
-def start_gateway(tmp: Path, config_text: str | None = None) -> GatewayProcess:
-    """Start `bastion serve` on a free port and wait until it is ready."""
-    port = free_port()
+def start_gateway(
+    tmp: Path, config_text: str | None = None, port: int | None = None
+) -> GatewayProcess:
+    """Start `bastion serve` (on `port`, else a free one) and wait until it is ready."""
+    port = port or free_port()
     config_path = tmp / "bastion.yaml"
     config_path.write_text(config_text or gateway_config(tmp, port))
     log_path = tmp / "gateway.log"

@@ -1,0 +1,651 @@
+"""Identity through a real gateway: the embedded authorization server, the resource server's
+checks with a table of hostile tokens and proofs, delegation from a real OIDC provider,
+session binding, revocation, and the credentials upstreams receive."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt as pyjwt
+import pytest
+import yaml
+from tests import oidc
+from tests.conftest import (
+    ACCEPT_BOTH,
+    EXAMPLES,
+    FIXTURES,
+    GatewayProcess,
+    free_port,
+    modern_body,
+    modern_headers,
+    start_gateway,
+)
+
+from bastion.identity.dpop import make_proof
+from bastion.identity.jwt import mint
+from bastion.identity.keys import SigningKey, generate
+from bastion.state.keystore import FileKeyStore
+
+oidc_provider = oidc.oidc_provider
+BASTION = [sys.executable, "-m", "bastion.cli"]
+SEEDS = [
+    {"id": "acme-reader", "tenant": "acme", "owner": "tests", "purpose": "reads acme"},
+    {"id": "globex-reader", "tenant": "globex", "owner": "tests", "purpose": "reads globex"},
+    {
+        "id": "acme-bot",
+        "tenant": "acme",
+        "owner": "tests",
+        "purpose": "DPoP only",
+        "require_dpop": True,
+    },
+    {
+        "id": "narrow",
+        "tenant": "acme",
+        "owner": "tests",
+        "purpose": "tools only",
+        "scopes": ["mcp:tools"],
+    },
+    {"id": "doomed", "tenant": "acme", "owner": "tests", "purpose": "gets offboarded"},
+    {"id": "pausable", "tenant": "acme", "owner": "tests", "purpose": "gets suspended"},
+]
+
+
+@pytest.fixture(scope="module")
+def idgw(
+    tmp_path_factory: pytest.TempPathFactory, oidc_provider: oidc.Provider
+) -> Iterator[GatewayProcess]:
+    tmp = tmp_path_factory.mktemp("identity")
+    port, wp, rp = free_port(), free_port(), free_port()
+    py = sys.executable
+    config = {
+        "listen": {"host": "127.0.0.1", "port": port},
+        "state_dir": str(tmp / "state"),
+        "auth": {
+            "mode": "oauth",
+            "trusted_issuers": [{"issuer": oidc_provider.issuer}],
+            "agents": SEEDS,
+        },
+        "upstreams": {
+            "workspace": {
+                "transport": "http",
+                "url": f"http://127.0.0.1:{wp}/mcp",
+                "launch": [
+                    py,
+                    str(EXAMPLES / "workspace_server.py"),
+                    "--port",
+                    str(wp),
+                    "--issuer",
+                    "{bastion}",
+                ],
+            },
+            "recorder": {
+                "transport": "http",
+                "url": f"http://127.0.0.1:{rp}/mcp",
+                "launch": [py, str(FIXTURES / "bad_http_upstream.py"), "--port", str(rp)],
+            },
+            "echo": {
+                "transport": "stdio",
+                "command": [py, str(EXAMPLES / "echo_server.py"), "--transport", "stdio"],
+            },
+        },
+        "virtual_servers": {"default": {"path": "/mcp", "upstreams": ["workspace", "echo"]}},
+    }
+    gw = start_gateway(tmp, yaml.safe_dump(config), port)
+    yield gw
+    gw.stop()
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def cli(gw: GatewayProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*BASTION, *args, "--config", str(gw.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def cli_token(gw: GatewayProcess, agent: str, *extra: str) -> str:
+    run = cli(gw, "token", "--agent", agent, *extra)
+    assert run.returncode == 0, run.stderr
+    return run.stdout.strip()
+
+
+def signing_key(gw: GatewayProcess) -> SigningKey:
+    store = FileKeyStore(gw.config_path.parent / "state" / "keys", "ES256", 3600)
+    store.load()
+    return store.current()
+
+
+def forge(
+    gw: GatewayProcess, key: SigningKey | None = None, typ: str = "at+jwt", **claims: Any
+) -> str:
+    """A token as Bastion would mint it for acme-reader at /mcp, with `claims` changed."""
+    now = int(time.time())
+    body = {
+        "iss": gw.base,
+        "sub": "acme-reader",
+        "aud": gw.url("/mcp"),
+        "iat": now,
+        "nbf": now,
+        "exp": now + 300,
+        "jti": uuid.uuid4().hex,
+        "client_id": "acme-reader",
+        "agent": "acme-reader",
+        "tenant": "acme",
+        "scope": "mcp:tools mcp:resources mcp:prompts",
+    }
+    body.update(claims)
+    body = {k: v for k, v in body.items() if v is not None}
+    return mint(key or signing_key(gw), body, typ=typ)
+
+
+def call(
+    gw: GatewayProcess,
+    token: str | None,
+    path: str = "/mcp",
+    method: str = "tools/list",
+    params: dict[str, Any] | None = None,
+    scheme: str = "Bearer",
+    proof: str | None = None,
+    name: str | None = None,
+) -> httpx.Response:
+    headers = modern_headers(method, name)
+    if token is not None:
+        headers["Authorization"] = f"{scheme} {token}"
+    if proof is not None:
+        headers["DPoP"] = proof
+    return httpx.post(gw.url(path), json=modern_body(method, params), headers=headers, timeout=20)
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+# -- metadata and challenges -----------------------------------------------------------------
+
+
+def test_protected_resource_and_server_metadata(idgw: GatewayProcess) -> None:
+    prm = httpx.get(idgw.url("/.well-known/oauth-protected-resource/mcp")).json()
+    assert prm["resource"] == idgw.url("/mcp")
+    assert prm["authorization_servers"] == [idgw.base]
+    assert "mcp:tools" in prm["scopes_supported"]
+    root = httpx.get(idgw.url("/.well-known/oauth-protected-resource")).json()
+    assert root["resource"] == idgw.url("/mcp")
+    single = httpx.get(idgw.url("/.well-known/oauth-protected-resource/servers/workspace/mcp"))
+    assert single.json()["resource"] == idgw.url("/servers/workspace/mcp")
+    meta = httpx.get(idgw.url("/.well-known/oauth-authorization-server")).json()
+    assert meta["issuer"] == idgw.base and meta["token_endpoint"] == idgw.url("/oauth/token")
+    assert meta["token_endpoint_auth_methods_supported"] == ["private_key_jwt"]
+    jwks = httpx.get(meta["jwks_uri"]).json()
+    assert signing_key(idgw).kid in [k["kid"] for k in jwks["keys"]]
+    assert all("d" not in k for k in jwks["keys"])
+
+
+def test_no_token_is_401_with_the_challenge(idgw: GatewayProcess) -> None:
+    response = call(idgw, None)
+    assert response.status_code == 401
+    challenge = response.headers["www-authenticate"]
+    assert challenge.startswith("Bearer ")
+    assert f'resource_metadata="{idgw.base}/.well-known/oauth-protected-resource/mcp"' in challenge
+    assert 'scope="mcp:tools mcp:resources mcp:prompts"' in challenge
+    assert "error=" not in challenge
+
+
+def test_cli_token_reaches_the_tools(idgw: GatewayProcess) -> None:
+    token = cli_token(idgw, "acme-reader")
+    claims = pyjwt.decode(token, options={"verify_signature": False})
+    assert claims["aud"] == idgw.url("/mcp") and claims["tenant"] == "acme"
+    assert claims["exp"] - claims["iat"] == 300 and "cnf" not in claims
+    assert pyjwt.get_unverified_header(token)["typ"] == "at+jwt"
+    response = call(idgw, token)
+    assert response.status_code == 200, response.text
+    names = [t["name"] for t in response.json()["result"]["tools"]]
+    assert "workspace__list_projects" in names and "echo__echo" in names
+
+
+# -- hostile tokens ----------------------------------------------------------------------------
+
+
+def _alg_none(gw: GatewayProcess) -> str:
+    header = b64(json.dumps({"alg": "none", "typ": "at+jwt"}).encode())
+    payload = b64(
+        json.dumps(
+            {
+                "iss": gw.base,
+                "aud": gw.url("/mcp"),
+                "agent": "acme-reader",
+                "tenant": "acme",
+                "exp": int(time.time()) + 300,
+            }
+        ).encode()
+    )
+    return f"{header}.{payload}."
+
+
+def _hs256_with_public_key(gw: GatewayProcess) -> str:
+    pem = (
+        signing_key(gw)
+        .private.public_key()
+        .public_bytes(
+            encoding=__import__(
+                "cryptography.hazmat.primitives.serialization", fromlist=["x"]
+            ).Encoding.PEM,
+            format=__import__(
+                "cryptography.hazmat.primitives.serialization", fromlist=["x"]
+            ).PublicFormat.SubjectPublicKeyInfo,
+        )
+    )
+    header = {"alg": "HS256", "typ": "at+jwt", "kid": signing_key(gw).kid}
+    import hashlib
+    import hmac
+
+    now = int(time.time())
+    payload = {
+        "iss": gw.base,
+        "aud": gw.url("/mcp"),
+        "agent": "acme-reader",
+        "tenant": "acme",
+        "iat": now,
+        "exp": now + 300,
+        "jti": "x",
+    }
+    signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(payload).encode())}"
+    signature = hmac.new(pem, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64(signature)}"
+
+
+def _tampered(gw: GatewayProcess) -> str:
+    head, payload, sig = forge(gw).split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=="))
+    claims["tenant"] = "globex"
+    return f"{head}.{b64(json.dumps(claims).encode())}.{sig}"
+
+
+def _with_header(gw: GatewayProcess, **header: Any) -> str:
+    key = signing_key(gw)
+    now = int(time.time())
+    claims = {
+        "iss": gw.base,
+        "aud": gw.url("/mcp"),
+        "agent": "acme-reader",
+        "tenant": "acme",
+        "iat": now,
+        "exp": now + 300,
+        "jti": "y",
+        "scope": "mcp:tools",
+    }
+    return pyjwt.encode(claims, key.private_pem(), algorithm="ES256", headers=header)
+
+
+HOSTILE = {
+    "expired": (lambda gw: forge(gw, exp=int(time.time()) - 120), "expired"),
+    "not yet valid": (lambda gw: forge(gw, nbf=int(time.time()) + 600), "not_yet_valid"),
+    "wrong iss": (lambda gw: forge(gw, iss="http://127.0.0.1:1"), "wrong_issuer"),
+    "wrong aud": (lambda gw: forge(gw, aud="http://elsewhere.example/mcp"), "wrong_audience"),
+    "another route's aud": (
+        lambda gw: forge(gw, aud=gw.url("/servers/echo/mcp")),
+        "wrong_audience",
+    ),
+    "alg none": (_alg_none, "alg_not_allowed"),
+    "HS256 with the public key": (_hs256_with_public_key, "alg_not_allowed"),
+    "unknown kid": (lambda gw: forge(gw, key=generate("ES256")), "unknown_kid"),
+    "kid injection": (lambda gw: _with_header(gw, kid="../../../etc/passwd' OR 1=1"), "malformed"),
+    "tampered payload": (_tampered, "bad_signature"),
+    "oversized header": (lambda gw: _with_header(gw, pad="x" * 9000), "too_large"),
+    "wrong typ": (lambda gw: forge(gw, typ="JWT"), "wrong_typ"),
+    "unregistered agent": (lambda gw: forge(gw, agent="ghost", sub="ghost"), "unknown_kid"),
+    "tenant not the agent's": (lambda gw: forge(gw, tenant="globex"), "wrong_audience"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_tokens_are_refused(idgw: GatewayProcess, case: str) -> None:
+    make, reason = HOSTILE[case]
+    response = call(idgw, make(idgw))
+    assert response.status_code == 401, response.text
+    assert response.json()["error"]["data"]["reason"] == reason
+    assert 'error="invalid_token"' in response.headers["www-authenticate"]
+
+
+def test_the_forging_helper_is_sound(idgw: GatewayProcess) -> None:
+    """The hostile table only means something if an unmodified forgery is accepted."""
+    assert call(idgw, forge(idgw)).status_code == 200
+
+
+def test_insufficient_scope_is_403_with_step_up(idgw: GatewayProcess) -> None:
+    token = cli_token(idgw, "narrow")
+    assert call(idgw, token).status_code == 200
+    response = call(idgw, token, method="resources/list")
+    assert response.status_code == 403
+    challenge = response.headers["www-authenticate"]
+    assert 'error="insufficient_scope"' in challenge and 'scope="mcp:resources"' in challenge
+
+
+# -- DPoP ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def holder(tmp_path_factory: pytest.TempPathFactory) -> tuple[SigningKey, Path]:
+    key = generate("ES256")
+    path = tmp_path_factory.mktemp("dpop") / "holder.pem"
+    path.write_bytes(key.private_pem())
+    return key, path
+
+
+def test_dpop_bound_token(idgw: GatewayProcess, holder: tuple[SigningKey, Path]) -> None:
+    key, path = holder
+    token = cli_token(idgw, "acme-bot", "--dpop-key", str(path))
+    claims = pyjwt.decode(token, options={"verify_signature": False})
+    assert claims["cnf"]["jkt"]
+    url = idgw.url("/mcp")
+    proof = make_proof(key, "POST", url, time.time(), access_token=token)
+    assert call(idgw, token, scheme="DPoP", proof=proof).status_code == 200
+    replayed = call(idgw, token, scheme="DPoP", proof=proof)
+    assert replayed.status_code == 401 and replayed.json()["error"]["data"]["reason"] == "replayed"
+    stolen = call(idgw, token)  # the token alone, as a Bearer token
+    assert stolen.status_code == 401 and stolen.json()["error"]["data"]["reason"] == "wrong_key"
+    other = generate("ES256")
+    cases = {
+        "htu": make_proof(
+            key, "POST", idgw.url("/servers/echo/mcp"), time.time(), access_token=token
+        ),
+        "htm": make_proof(key, "GET", url, time.time(), access_token=token),
+        "wrong_key": make_proof(other, "POST", url, time.time(), access_token=token),
+        "ath": make_proof(key, "POST", url, time.time()),
+        "iat": make_proof(key, "POST", url, time.time() - 3600, access_token=token),
+    }
+    for reason, bad in cases.items():
+        response = call(idgw, token, scheme="DPoP", proof=bad)
+        assert response.status_code == 401, reason
+        assert response.json()["error"]["data"]["reason"] == reason
+        assert response.headers["www-authenticate"].startswith("DPoP ")
+
+
+def test_agent_that_must_use_dpop_gets_no_bearer_token(idgw: GatewayProcess) -> None:
+    run = cli(idgw, "token", "--agent", "acme-bot")
+    assert run.returncode == 1 and "DPoP" in run.stderr
+
+
+# -- the token endpoint --------------------------------------------------------------------------
+
+
+def _assertion(gw: GatewayProcess, agent: str, **extra: Any) -> str:
+    key = SigningKey.from_pem(
+        (gw.config_path.parent / "state" / "agents" / f"{agent}.pem").read_bytes(),
+        _kid(gw, agent),
+        "ES256",
+    )
+    now = int(time.time())
+    claims = {
+        "iss": agent,
+        "sub": agent,
+        "aud": gw.base,
+        "iat": now,
+        "exp": now + 60,
+        "jti": uuid.uuid4().hex,
+        **extra,
+    }
+    return mint(key, claims, typ="JWT")
+
+
+def _kid(gw: GatewayProcess, agent: str) -> str:
+    show = cli(gw, "agents", "show", agent, "--json")
+    return str(json.loads(show.stdout)["jwks"]["keys"][0]["kid"])
+
+
+def test_client_credentials_with_private_key_jwt(idgw: GatewayProcess) -> None:
+    assertion = _assertion(idgw, "acme-reader")
+    form = {
+        "grant_type": "client_credentials",
+        "client_assertion": assertion,
+        "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        "resource": idgw.url("/servers/workspace/mcp"),
+    }
+    response = httpx.post(idgw.url("/oauth/token"), data=form)
+    assert response.status_code == 200, response.text
+    assert response.headers["cache-control"] == "no-store"
+    body = response.json()
+    assert body["token_type"] == "Bearer" and body["expires_in"] == 300
+    assert call(idgw, body["access_token"], path="/servers/workspace/mcp").status_code == 200
+    assert call(idgw, body["access_token"], path="/mcp").status_code == 401  # audience-bound
+    replay = httpx.post(idgw.url("/oauth/token"), data=form)
+    assert replay.status_code == 401 and replay.json()["error"] == "invalid_client"
+    assert "already used" in replay.json()["error_description"]
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"grant_type": "password"}, "unsupported_grant_type"),
+        ({"client_assertion_type": None}, "invalid_client"),
+        ({"resource": "http://elsewhere.example/mcp"}, "invalid_target"),
+        ({"scope": "mcp:admin"}, "invalid_scope"),
+    ],
+)
+def test_token_endpoint_refusals(idgw: GatewayProcess, change: dict[str, Any], error: str) -> None:
+    form = {
+        "grant_type": "client_credentials",
+        "client_assertion": _assertion(idgw, "acme-reader"),
+        "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        "resource": idgw.url("/mcp"),
+        **change,
+    }
+    response = httpx.post(idgw.url("/oauth/token"), data={k: v for k, v in form.items() if v})
+    assert response.status_code in (400, 401)
+    assert response.json()["error"] == error
+
+
+def test_assertion_signed_by_another_key(idgw: GatewayProcess) -> None:
+    now = int(time.time())
+    forged = mint(
+        generate("ES256"),
+        {
+            "iss": "acme-reader",
+            "sub": "acme-reader",
+            "aud": idgw.base,
+            "iat": now,
+            "exp": now + 60,
+            "jti": "z",
+        },
+        typ="JWT",
+    )
+    form = {
+        "grant_type": "client_credentials",
+        "client_assertion": forged,
+        "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        "resource": idgw.url("/mcp"),
+    }
+    response = httpx.post(idgw.url("/oauth/token"), data=form)
+    assert response.status_code == 401 and response.json()["error"] == "invalid_client"
+
+
+# -- delegation (RFC 8693) with a real OIDC provider ----------------------------------------------
+
+
+def _exchange(gw: GatewayProcess, user_token: str, agent: str) -> httpx.Response:
+    form = {
+        "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+        "subject_token": user_token,
+        "subject_token_type": "urn:ietf:params:oauth:token-type:access_token",
+        "actor_token": _assertion(gw, agent),
+        "actor_token_type": "urn:ietf:params:oauth:token-type:jwt",
+        "resource": gw.url("/mcp"),
+    }
+    return httpx.post(gw.url("/oauth/token"), data=form)
+
+
+def test_on_behalf_of_a_user(idgw: GatewayProcess, oidc_provider: oidc.Provider) -> None:
+    alice = oidc_provider.user_token("alice", idgw.url("/mcp"))
+    response = _exchange(idgw, alice, "acme-reader")
+    assert response.status_code == 200, response.text
+    assert response.json()["issued_token_type"] == "urn:ietf:params:oauth:token-type:access_token"
+    token = response.json()["access_token"]
+    claims = pyjwt.decode(token, options={"verify_signature": False})
+    assert claims["sub"] == "alice" and claims["act"] == {"sub": "acme-reader"}
+    assert claims["tenant"] == "acme" and claims["roles"] == ["member"]
+    listed = call(
+        idgw,
+        token,
+        method="tools/call",
+        params={"name": "workspace__list_projects", "arguments": {}},
+        name="workspace__list_projects",
+    )
+    assert listed.status_code == 200 and "acme-p1" in listed.text
+
+
+def test_exchange_refused_across_tenants(
+    idgw: GatewayProcess, oidc_provider: oidc.Provider
+) -> None:
+    bob = oidc_provider.user_token("bob", idgw.url("/mcp"))
+    response = _exchange(idgw, bob, "acme-reader")
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_grant"
+    assert "not for the user's tenant 'globex'" in response.json()["error_description"]
+
+
+def test_user_token_alone_is_not_an_access_token(
+    idgw: GatewayProcess, oidc_provider: oidc.Provider
+) -> None:
+    alice = oidc_provider.user_token("alice", idgw.url("/mcp"))
+    response = call(idgw, alice)
+    assert response.status_code == 401  # users reach tools only through an agent's delegation
+
+
+# -- sessions, revocation, offboarding ----------------------------------------------------------
+
+
+def _legacy(gw: GatewayProcess, token: str, path: str = "/mcp") -> dict[str, str]:
+    headers = {
+        "Content-Type": "application/json",
+        "Accept": ACCEPT_BOTH,
+        "Authorization": f"Bearer {token}",
+    }
+    init = {
+        "jsonrpc": "2.0",
+        "id": 0,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "clientInfo": {"name": "t", "version": "0"},
+        },
+    }
+    response = httpx.post(gw.url(path), json=init, headers=headers, timeout=20)
+    assert response.status_code == 200, response.text
+    return {
+        **headers,
+        "Mcp-Session-Id": response.headers["mcp-session-id"],
+        "MCP-Protocol-Version": "2025-11-25",
+    }
+
+
+def _list(gw: GatewayProcess, headers: dict[str, str]) -> int:
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+    return httpx.post(gw.url("/mcp"), json=body, headers=headers, timeout=20).status_code
+
+
+def test_session_belongs_to_its_principal(idgw: GatewayProcess) -> None:
+    session = _legacy(idgw, cli_token(idgw, "acme-reader"))
+    assert _list(idgw, session) == 200
+    hijack = {**session, "Authorization": f"Bearer {cli_token(idgw, 'globex-reader')}"}
+    assert _list(idgw, hijack) == 404  # exactly as for an unknown session
+    assert _list(idgw, session) == 200  # the owner keeps it
+    assert "presented by another principal" in idgw.log()
+
+
+def test_suspend_and_resume(idgw: GatewayProcess) -> None:
+    token = cli_token(idgw, "pausable")
+    assert call(idgw, token).status_code == 200
+    assert cli(idgw, "agents", "suspend", "pausable", "--reason", "incident 42").returncode == 0
+    refused = call(idgw, token)
+    assert refused.status_code == 401 and refused.json()["error"]["data"]["reason"] == "suspended"
+    assert cli(idgw, "token", "--agent", "pausable").returncode == 1
+    assert cli(idgw, "agents", "resume", "pausable").returncode == 0
+    assert call(idgw, token).status_code == 200
+
+
+def test_revoke_a_token(idgw: GatewayProcess) -> None:
+    token = cli_token(idgw, "acme-reader")
+    assert call(idgw, token).status_code == 200
+    jti = pyjwt.decode(token, options={"verify_signature": False})["jti"]
+    assert cli(idgw, "tokens", "revoke", jti, "--reason", "leaked").returncode == 0
+    refused = call(idgw, token)
+    assert refused.status_code == 401 and refused.json()["error"]["data"]["reason"] == "revoked"
+
+
+def test_kill_a_session(idgw: GatewayProcess) -> None:
+    session = _legacy(idgw, cli_token(idgw, "acme-reader"))
+    assert _list(idgw, session) == 200
+    assert cli(idgw, "sessions", "kill", session["Mcp-Session-Id"]).returncode == 0
+    assert _list(idgw, session) == 404
+
+
+def test_offboarding_ends_everything(idgw: GatewayProcess) -> None:
+    token = cli_token(idgw, "doomed")
+    session = _legacy(idgw, token)
+    assert _list(idgw, session) == 200
+    assert cli(idgw, "agents", "offboard", "doomed", "--reason", "project ended").returncode == 0
+    assert _list(idgw, session) in (401, 404)
+    assert call(idgw, token).status_code == 401
+    fresh = cli(idgw, "token", "--agent", "doomed")
+    assert fresh.returncode == 1 and "offboarded" in fresh.stderr
+
+
+# -- what upstreams receive ------------------------------------------------------------------------
+
+
+def test_upstream_gets_a_minted_credential_never_the_clients(idgw: GatewayProcess) -> None:
+    token = cli_token(idgw, "acme-reader", "--resource", idgw.url("/servers/recorder/mcp"))
+    response = call(
+        idgw,
+        token,
+        path="/servers/recorder/mcp",
+        method="tools/call",
+        params={"name": "headers", "arguments": {}},
+        name="headers",
+    )
+    assert response.status_code == 200, response.text
+    seen = json.loads(response.json()["result"]["content"][0]["text"])
+    assert all(token not in value for value in seen.values())
+    assert "cookie" not in seen and "dpop" not in seen
+    scheme, minted = seen["authorization"].split(" ", 1)
+    assert scheme == "Bearer" and minted != token
+    jwks = httpx.get(idgw.url("/.well-known/jwks.json")).json()
+    key = pyjwt.PyJWK(
+        next(k for k in jwks["keys"] if k["kid"] == pyjwt.get_unverified_header(minted)["kid"])
+    )
+    recorder_url = yaml.safe_load(idgw.config_path.read_text())["upstreams"]["recorder"]["url"]
+    claims = pyjwt.decode(
+        minted, key.key, algorithms=["ES256"], audience=recorder_url, issuer=idgw.base
+    )
+    assert claims["tenant"] == "acme" and claims["act"] == {"sub": "acme-reader"}
+    assert claims["sub"] == "acme-reader" and claims["scope"] == "headers"
+    assert claims["exp"] - claims["iat"] <= 60
+
+
+def test_demo_takes_the_tenant_from_the_minted_credential(idgw: GatewayProcess) -> None:
+    for agent, own, other in (
+        ("acme-reader", "acme-p1", "globex"),
+        ("globex-reader", "globex-p1", "acme"),
+    ):
+        response = call(
+            idgw,
+            cli_token(idgw, agent),
+            method="tools/call",
+            params={"name": "workspace__list_projects", "arguments": {}},
+            name="workspace__list_projects",
+        )
+        text = response.json()["result"]["content"][0]["text"]
+        assert own in text and f"{other}-p" not in text
