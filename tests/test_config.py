@@ -35,8 +35,10 @@ virtual_servers:
 
 def test_quickstart_is_valid() -> None:
     settings = config.load(ROOT / "examples" / "quickstart.yaml")
-    assert settings.auth.mode == "none" and settings.is_loopback()
+    assert settings.auth.mode == "oauth" and settings.is_loopback()
+    assert {a.id for a in settings.auth.agents} == {"acme-reader", "acme-admin", "globex-reader"}
     assert set(settings.upstreams) == {"workspace", "echo"}
+    assert settings.upstreams["workspace"].credentials.mode == "mint"
 
 
 def test_every_problem_with_path_and_line() -> None:

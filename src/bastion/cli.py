@@ -68,6 +68,7 @@ def serve(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     settings = _load(config_file)
+    configured = settings.base_url()
     listen = settings.listen.model_copy(
         update={k: v for k, v in (("host", host), ("port", port)) if v is not None}
     )
@@ -88,7 +89,8 @@ def serve(
 
     def ready(port: int) -> None:
         listen = settings.listen.model_copy(update={"port": port})
-        typer.echo(_banner(settings.model_copy(update={"listen": listen})))
+        running = settings.model_copy(update={"listen": listen})
+        typer.echo(_banner(running, config_file, configured))
 
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
@@ -125,8 +127,11 @@ CONFIG_OPTION = typer.Option(
 )
 
 
-def _identity(config_file: Path) -> Identity:
+def _identity(config_file: Path, url: str | None = None) -> Identity:
     settings = _load(config_file)
+    if url is not None:  # the gateway runs elsewhere than the file says (e.g. PORT=…)
+        auth = settings.auth.model_copy(update={"public_url": url.rstrip("/")})
+        settings = settings.model_copy(update={"auth": auth})
     if settings.auth.mode != "oauth":
         typer.echo(f"{config_file}: auth.mode is {settings.auth.mode!r}; identity is off", err=True)
         raise typer.Exit(1)
@@ -178,9 +183,10 @@ def token(
     resource: str | None = typer.Option(None, help="The MCP endpoint (default: the first route)."),
     scope: str | None = typer.Option(None, help="Space-separated scopes (default: all granted)."),
     dpop_key: Path | None = typer.Option(None, help="PEM private key to bind the token to (DPoP)."),
+    url: str | None = typer.Option(None, help="The gateway's base URL, if not the config's."),
 ) -> None:
     """Print a fresh access token for an agent, alone on stdout."""
-    identity = _identity(config_file)
+    identity = _identity(config_file, url)
     settings = identity.service.settings
     now = time.time()
     try:
@@ -230,7 +236,7 @@ def _alg_of(path: Path) -> str:
     raise BastionError(f"{path}: expected an EC P-256, Ed25519 or RSA private key")
 
 
-def _banner(settings: config.Settings) -> str:
+def _banner(settings: config.Settings, config_file: Path, configured: str) -> str:
     base = f"http://{settings.listen.host}:{settings.listen.port}"
     lines = [
         "",
@@ -241,12 +247,25 @@ def _banner(settings: config.Settings) -> str:
         kind = "virtual server" if route.multiplex else "one upstream"
         lines.append(f"  {base}{route.path:<28} {kind}: {', '.join(route.upstreams)}")
     first = routes_for(settings)[0].path if routes_for(settings) else "/mcp"
-    lines += [
-        "Connect a client, for example with the Python SDK (pip install mcp):",
-        f'  async with mcp.Client("{base}{first}") as client: await client.list_tools()',
-        "or point MCP Inspector / your IDE at the URL above (transport: Streamable HTTP).",
-        "",
-    ]
+    if settings.auth.mode == "oauth":
+        agents = ", ".join(a.id for a in settings.auth.agents) or "none yet (bastion agents add)"
+        example = settings.auth.agents[0].id if settings.auth.agents else "AGENT"
+        url_option = "" if base == configured else f" --url {base}"
+        lines += [
+            f"Every request needs an access token. Demo agents: {agents}. Get a token with:",
+            f"  .venv/bin/bastion token --config {config_file} --agent {example}{url_option}",
+            f'and send it as "Authorization: Bearer <token>" to {base}{first}.',
+            f"Clients that do OAuth discover everything from the 401 ({base}/.well-known/"
+            "oauth-protected-resource): client_credentials with private_key_jwt.",
+            "",
+        ]
+    else:
+        lines += [
+            "Connect a client, for example with the Python SDK (pip install mcp):",
+            f'  async with mcp.Client("{base}{first}") as client: await client.list_tools()',
+            "or point MCP Inspector / your IDE at the URL above (transport: Streamable HTTP).",
+            "",
+        ]
     return "\n".join(lines)
 
 
