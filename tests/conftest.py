@@ -131,7 +131,10 @@ virtual_servers:
 
 
 def start_gateway(
-    tmp: Path, config_text: str | None = None, port: int | None = None
+    tmp: Path,
+    config_text: str | None = None,
+    port: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> GatewayProcess:
     """Start `bastion serve` (on `port`, else a free one) and wait until it is ready."""
     port = port or free_port()
@@ -146,7 +149,7 @@ def start_gateway(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             # A secret in the gateway's own environment, which no stdio upstream may inherit.
-            env={**os.environ, "GATEWAY_ONLY_SECRET": "s3cr3t-" + str(port)},
+            env={**os.environ, "GATEWAY_ONLY_SECRET": "s3cr3t-" + str(port), **(env or {})},
         )
     gateway = GatewayProcess(proc, port, log_path, config_path)
     try:

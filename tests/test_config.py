@@ -138,3 +138,27 @@ def test_launch_onto_a_busy_port_refuses_to_start(tmp_path: Path) -> None:
     assert run.returncode == 1
     assert f"127.0.0.1:{port} is already in use" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("credentials", "needle"),
+    [
+        ("{mode: secret, secret: hunter2}", "literal secrets are refused"),
+        (
+            "{mode: token_exchange, token_endpoint: 'http://127.0.0.1:1/token', client_id: b,"
+            " client_secret: plaintext}",
+            "literal secrets are refused",
+        ),
+        ("{mode: secret}", "mode secret needs `secret`"),
+        ("{mode: token_exchange}", "needs `token_endpoint` and `client_id`"),
+    ],
+)
+def test_credentials_are_references_never_literals(credentials: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config.parse(
+            "upstreams:\n  api:\n    transport: http\n    url: http://127.0.0.1:1/mcp\n"
+            f"    credentials: {credentials}\n"
+        )
+    text = str(caught.value)
+    assert "upstreams.api.credentials" in text and needle in text
+    assert "hunter2" not in text and "plaintext" not in text

@@ -37,6 +37,8 @@ from bastion.state.keystore import FileKeyStore
 
 oidc_provider = oidc.oidc_provider
 BASTION = [sys.executable, "-m", "bastion.cli"]
+SPIFFE_KEY = generate("ES256")  # the example.org trust domain's signing key, made per run
+KEYED_SECRET = "k-" + uuid.uuid4().hex
 SEEDS = [
     {"id": "acme-reader", "tenant": "acme", "owner": "tests", "purpose": "reads acme"},
     {"id": "globex-reader", "tenant": "globex", "owner": "tests", "purpose": "reads globex"},
@@ -64,8 +66,9 @@ def idgw(
     tmp_path_factory: pytest.TempPathFactory, oidc_provider: oidc.Provider
 ) -> Iterator[GatewayProcess]:
     tmp = tmp_path_factory.mktemp("identity")
-    port, wp, rp = free_port(), free_port(), free_port()
+    port, wp, rp, kp = free_port(), free_port(), free_port(), free_port()
     py = sys.executable
+    (tmp / "spiffe-bundle.json").write_text(json.dumps({"keys": [SPIFFE_KEY.public_jwk()]}))
     config = {
         "listen": {"host": "127.0.0.1", "port": port},
         "state_dir": str(tmp / "state"),
@@ -73,6 +76,7 @@ def idgw(
             "mode": "oauth",
             "trusted_issuers": [{"issuer": oidc_provider.issuer}],
             "agents": SEEDS,
+            "spiffe": [{"domain": "example.org", "bundle": str(tmp / "spiffe-bundle.json")}],
         },
         "upstreams": {
             "workspace": {
@@ -92,6 +96,17 @@ def idgw(
                 "url": f"http://127.0.0.1:{rp}/mcp",
                 "launch": [py, str(FIXTURES / "bad_http_upstream.py"), "--port", str(rp)],
             },
+            "keyed": {
+                "transport": "http",
+                "url": f"http://127.0.0.1:{kp}/mcp",
+                "launch": [py, str(FIXTURES / "bad_http_upstream.py"), "--port", str(kp)],
+                "credentials": {
+                    "mode": "secret",
+                    "secret": "env:KEYED_UPSTREAM_TOKEN",
+                    "header": "X-Api-Key",
+                    "scheme": "",
+                },
+            },
             "echo": {
                 "transport": "stdio",
                 "command": [py, str(EXAMPLES / "echo_server.py"), "--transport", "stdio"],
@@ -99,7 +114,9 @@ def idgw(
         },
         "virtual_servers": {"default": {"path": "/mcp", "upstreams": ["workspace", "echo"]}},
     }
-    gw = start_gateway(tmp, yaml.safe_dump(config), port)
+    gw = start_gateway(
+        tmp, yaml.safe_dump(config), port, env={"KEYED_UPSTREAM_TOKEN": KEYED_SECRET}
+    )
     yield gw
     gw.stop()
 
@@ -649,3 +666,88 @@ def test_demo_takes_the_tenant_from_the_minted_credential(idgw: GatewayProcess) 
         )
         text = response.json()["result"]["content"][0]["text"]
         assert own in text and f"{other}-p" not in text
+
+
+def test_secret_credential_from_a_reference(idgw: GatewayProcess) -> None:
+    token = cli_token(idgw, "acme-reader", "--resource", idgw.url("/servers/keyed/mcp"))
+    response = call(
+        idgw,
+        token,
+        path="/servers/keyed/mcp",
+        method="tools/call",
+        params={"name": "headers", "arguments": {}},
+        name="headers",
+    )
+    seen = json.loads(response.json()["result"]["content"][0]["text"])
+    assert seen["x-api-key"] == KEYED_SECRET
+    assert "authorization" not in seen
+    assert KEYED_SECRET not in idgw.config_path.read_text()  # only the reference is written
+
+
+def test_key_rotation(idgw: GatewayProcess) -> None:
+    before = cli_token(idgw, "acme-reader")
+    old_kid = pyjwt.get_unverified_header(before)["kid"]
+    rotated = cli(idgw, "keys", "rotate")
+    assert rotated.returncode == 0, rotated.stderr
+    after = cli_token(idgw, "acme-reader")
+    new_kid = pyjwt.get_unverified_header(after)["kid"]
+    assert new_kid != old_kid
+    kids = [k["kid"] for k in httpx.get(idgw.url("/.well-known/jwks.json")).json()["keys"]]
+    assert old_kid in kids and new_kid in kids  # the old key verifies until its tokens expire
+    assert call(idgw, before).status_code == 200
+    assert call(idgw, after).status_code == 200
+
+
+def test_jwt_svid_as_the_agent_assertion(idgw: GatewayProcess) -> None:
+    spiffe_id = "spiffe://example.org/ns/agents/sa/indexer"
+    added = cli(
+        idgw,
+        "agents",
+        "add",
+        "svid-agent",
+        "--tenant",
+        "acme",
+        "--owner",
+        "platform",
+        "--purpose",
+        "workload identity",
+        "--spiffe-id",
+        spiffe_id,
+    )
+    assert added.returncode == 0, added.stderr
+    now = int(time.time())
+    svid = mint(
+        SPIFFE_KEY,
+        {"sub": spiffe_id, "aud": idgw.base, "iat": now, "exp": now + 60, "jti": uuid.uuid4().hex},
+        typ="JWT",
+    )
+    form = {
+        "grant_type": "client_credentials",
+        "client_assertion": svid,
+        "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe",
+        "resource": idgw.url("/mcp"),
+    }
+    response = httpx.post(idgw.url("/oauth/token"), data=form)
+    assert response.status_code == 200, response.text
+    claims = pyjwt.decode(response.json()["access_token"], options={"verify_signature": False})
+    assert claims["agent"] == "svid-agent" and claims["tenant"] == "acme"
+    foreign = mint(
+        generate("ES256"),
+        {"sub": spiffe_id, "aud": idgw.base, "iat": now, "exp": now + 60, "jti": "f"},
+        typ="JWT",
+    )
+    refused = httpx.post(idgw.url("/oauth/token"), data={**form, "client_assertion": foreign})
+    assert refused.status_code == 401 and refused.json()["error"] == "invalid_client"
+    other_domain = mint(
+        SPIFFE_KEY,
+        {
+            "sub": "spiffe://evil.example/x",
+            "aud": idgw.base,
+            "iat": now,
+            "exp": now + 60,
+            "jti": "g",
+        },
+        typ="JWT",
+    )
+    refused = httpx.post(idgw.url("/oauth/token"), data={**form, "client_assertion": other_domain})
+    assert refused.status_code == 401 and "not trusted" in refused.json()["error_description"]

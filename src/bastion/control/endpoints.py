@@ -60,8 +60,17 @@ def oauth_endpoints(service: TokenService) -> dict[str, ASGIApp]:
             return
         await _answer(send, 200, body, _NO_STORE)
 
+    async def authorize(scope: Scope, receive: Receive, send: Send) -> None:
+        body = {
+            "error": "unsupported_response_type",
+            "error_description": "agents get tokens at the token endpoint "
+            "(client_credentials with private_key_jwt, or token exchange)",
+        }
+        await _answer(send, 400, body, _NO_STORE)
+
     return {
         "/.well-known/oauth-authorization-server": metadata,
+        "/oauth/authorize": authorize,
         "/.well-known/jwks.json": jwks,
         "/oauth/token": token,
     }

@@ -77,4 +77,7 @@ async def upstream_secrets(settings: Settings) -> dict[str, str]:
         if credential.mode == "secret" and credential.secret is not None:
             where = f"upstreams.{name}.credentials.secret"
             found[name] = await resolve(credential.secret, where)
+        if credential.mode == "token_exchange" and credential.client_secret is not None:
+            where = f"upstreams.{name}.credentials.client_secret"
+            found[f"{name}#client_secret"] = await resolve(credential.client_secret, where)
     return found

@@ -91,8 +91,10 @@ class TokenService:
             "token_endpoint_auth_signing_alg_values_supported": algs,
             "dpop_signing_alg_values_supported": algs,
             "scopes_supported": list(self.settings.auth.scopes),
+            # Agents get tokens without a browser; the endpoint exists because MCP client
+            # SDKs require it in the metadata, and it refuses every response type.
+            "authorization_endpoint": self.issuer + "/oauth/authorize",
             "response_types_supported": [],
-            "code_challenge_methods_supported": ["S256"],
         }
 
     async def token(
@@ -101,6 +103,7 @@ class TokenService:
         """Answer a token request (form fields already decoded)."""
         now = time.time() if now is None else now
         self.agents.refresh()
+        self.keys.refresh()  # `bastion keys rotate` in another process
         grant = form.get("grant_type")
         if grant == "client_credentials":
             agent = await self._client(form, now)
@@ -155,13 +158,9 @@ class TokenService:
         keys = self.spiffe.get(domain)
         if keys is None:
             raise TokenError("wrong_issuer", f"SPIFFE trust domain {domain!r} is not trusted")
-        issuer = str(unverified_claims(svid).get("iss", ""))
-        verified = verify(
-            svid,
-            keys,
-            Expect(issuer=issuer, audience=None, leeway=5.0, require=("exp", "sub")),
-            now,
-        )
+        # The trust domain's keys vouch for the SVID; its `iss`, if any, is informational.
+        expect = Expect(issuer=None, audience=None, leeway=5.0, require=("exp", "sub"))
+        verified = verify(svid, keys, expect, now)
         agent = self.agents.agent_by_spiffe_id(spiffe_id)
         if agent is None:
             raise TokenError("unknown_kid", f"no agent is registered for {spiffe_id}")
@@ -331,13 +330,12 @@ class TokenService:
             if user_scopes:
                 granted &= user_scopes  # delegation narrows, never widens
         if requested:
-            wanted = set(requested.split())
-            unknown = wanted - granted
-            if unknown:
-                raise OAuthError(
-                    "invalid_scope", f"scope {' '.join(sorted(unknown))} is not granted"
-                )
-            granted = wanted
+            # RFC 6749 §3.3: issue the part of the request the agent holds (the response says
+            # which); refuse only when it holds none of it.
+            narrowed = set(requested.split()) & granted
+            if not narrowed:
+                raise OAuthError("invalid_scope", f"none of the scopes {requested!r} is granted")
+            granted = narrowed
         return " ".join(sorted(granted))
 
     def _dpop(self, agent: Agent, proof: str | None, now: float) -> str | None:

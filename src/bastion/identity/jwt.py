@@ -56,7 +56,7 @@ _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
 class Expect:
     """What a token must say to be accepted: issuer, audience, type and clock tolerances."""
 
-    issuer: str
+    issuer: str | None  # None: trust comes from the key alone (JWT-SVIDs carry no fixed iss)
     audience: str | None
     typ: str | None = None
     leeway: float = 30.0
@@ -249,7 +249,7 @@ def _media(typ: str) -> str:
 
 def check_claims(claims: Mapping[str, Any], expect: Expect, now: float) -> None:
     """Check iss, aud, exp, nbf, iat, max age and required claims against `expect` at `now`."""
-    if claims.get("iss") != expect.issuer:
+    if expect.issuer is not None and claims.get("iss") != expect.issuer:
         raise TokenError(
             "wrong_issuer", f"expected iss {expect.issuer!r}, found {_shown(claims.get('iss'))}"
         )

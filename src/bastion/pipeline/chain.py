@@ -35,6 +35,7 @@ class Pipeline:
     ) -> None:
         self.settings = settings
         self.agents = agents
+        self.keys = keys
         self.authn = Authenticator(settings.auth, settings.base_url(), agents, keys)
         self.sessions = SessionStore(
             settings.limits.max_sessions, settings.limits.session_idle_seconds
@@ -56,6 +57,8 @@ class Pipeline:
         left in `exchange.denial` (with its challenge headers)."""
         if self.agents is not None and self.agents.refresh():
             await self.reconcile()
+        if self.keys is not None:
+            self.keys.refresh()  # a rotation by `bastion keys rotate` (a stat, no read)
         resource = self.settings.base_url() + route.path
         await self.authn.authenticate(exchange, headers, method, url, resource)
         if exchange.denial is not None:

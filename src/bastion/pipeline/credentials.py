@@ -5,6 +5,8 @@ upstream's headers are built here from the principal and the upstream's `credent
 
 - `mint`: a JWT signed with Bastion's key for this principal, this upstream's audience and
   this tool, living at most 60 s, cached per (principal, upstream, scope) while valid;
+- `token_exchange`: RFC 8693 at the upstream's authorization server, with a JWT Bastion signs
+  as the subject token, cached per principal and audience;
 - `secret`: a header value read from a secret reference when the gateway starts;
 - `none`: nothing (under `auth: none` the tenant goes in `X-Bastion-Tenant`, loopback only).
 """
@@ -21,6 +23,7 @@ from bastion.identity.jwt import mint
 from bastion.identity.keys import SigningKey
 from bastion.state.memory import TtlCache
 from bastion.types import Principal
+from bastion.upstream.oauth import exchange_token
 
 TENANT_HEADER = "X-Bastion-Tenant"
 _REUSE_MARGIN = 10.0  # a cached credential is reused only while it has this long to live
@@ -55,7 +58,9 @@ class Credentials:
             )
             self._plans[name] = (upstream.credentials, audience)
 
-    def headers(self, principal: Principal | None, upstream: str, scope: str) -> dict[str, str]:
+    async def headers(
+        self, principal: Principal | None, upstream: str, scope: str
+    ) -> dict[str, str]:
         """The credential headers for one call of `principal` to `upstream` for `scope`."""
         if principal is None:
             return {}
@@ -64,11 +69,54 @@ class Credentials:
         credential, audience = self._plans[upstream]
         if credential.mode == "mint":
             return self._minted(principal, upstream, scope, credential, audience)
+        if credential.mode == "token_exchange":
+            return await self._exchanged(principal, upstream, credential, audience)
         if credential.mode == "secret":
             value = self._secrets[upstream]
             prefix = f"{credential.scheme} " if credential.scheme else ""
             return {credential.header: prefix + value}
         return {}
+
+    async def _exchanged(
+        self, principal: Principal, upstream: str, credential: Credential, audience: str
+    ) -> dict[str, str]:
+        """RFC 8693 at the upstream's authorization server: Bastion's statement of who calls
+        (a JWT it signs, audience the token endpoint) for a token meant for the upstream;
+        cached per principal and audience until shortly before it expires."""
+        now = time.time()
+        key = f"{principal.agent}\0{principal.binding_key()}\0{upstream}\0exchange"
+        cached = self._cache.get(key, now + _REUSE_MARGIN)
+        if cached is not None:
+            return cached
+        assert self._keys is not None and credential.token_endpoint is not None  # noqa: S101
+        subject = mint(
+            self._keys.current(),
+            {
+                "iss": self._issuer,
+                "aud": credential.token_endpoint,
+                "sub": principal.user or principal.agent,
+                "act": _actor_chain(principal),
+                "tenant": principal.tenant,
+                "iat": int(now),
+                "exp": int(now) + 60,
+                "jti": uuid.uuid4().hex,
+            },
+            typ="JWT",
+        )
+        form = {
+            "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+            "subject_token": subject,
+            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+            "audience": audience,
+            "resource": audience,
+        }
+        secret = self._secrets.get(f"{upstream}#client_secret", "")
+        token, expires_in = await exchange_token(
+            credential.token_endpoint, form, credential.client_id or "", secret, upstream
+        )
+        headers = {credential.header: f"{credential.scheme} {token}".strip()}
+        self._cache.put(key, headers, now + max(0.0, expires_in))
+        return headers
 
     def _minted(
         self, principal: Principal, upstream: str, scope: str, credential: Credential, audience: str

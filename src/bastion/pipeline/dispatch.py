@@ -78,7 +78,9 @@ class Dispatcher:
         self.upstreams = upstreams
         self.credentials = credentials
 
-    def _headers(self, principal: Principal | None, upstream: str, message: JSON) -> dict[str, str]:
+    async def _headers(
+        self, principal: Principal | None, upstream: str, message: JSON
+    ) -> dict[str, str]:
         """The credential an upstream gets for this message: scoped to the tool it calls."""
         method = str(message.get("method", ""))
         params = message.get("params") or {}
@@ -88,7 +90,7 @@ class Dispatcher:
             scope = f"prompts/get:{params.get('name', '')}"
         else:
             scope = method
-        return self.credentials.headers(principal, upstream, scope)
+        return await self.credentials.headers(principal, upstream, scope)
 
     # -- channels ---------------------------------------------------------------------------
 
@@ -125,7 +127,7 @@ class Dispatcher:
         """Send one request to one upstream; map server requests into the session."""
         channel = await self.channel(exchange, upstream)
         shaped = self._shape(exchange, channel, message)
-        headers = self._headers(exchange.principal, upstream, message)
+        headers = await self._headers(exchange.principal, upstream, message)
         if exchange.forward_headers:
             headers = {**headers, **exchange.forward_headers}
         answer = await channel.call(shaped, headers)
@@ -344,7 +346,8 @@ class Dispatcher:
 
     async def _open(self, exchange: Exchange, upstream: str) -> JSON:
         channel = await self.channel(exchange, upstream)
-        opened = await channel.open(self._headers(exchange.principal, upstream, exchange.message))
+        headers = await self._headers(exchange.principal, upstream, exchange.message)
+        opened = await channel.open(headers)
         return opened if opened is not None else await self._discover_one(exchange, upstream)
 
     async def _discover_one(self, exchange: Exchange, upstream: str) -> JSON:
@@ -471,7 +474,7 @@ class Dispatcher:
         channel = session.channels.get(upstream)
         if channel is None:
             return
-        headers = self.credentials.headers(session.principal, upstream, "listen")
+        headers = await self.credentials.headers(session.principal, upstream, "listen")
         stream = session.streams["0"]
         try:
             async for message in channel.listen(headers):
@@ -488,7 +491,7 @@ class Dispatcher:
             raise InvalidParams(f"no server request with id {message.get('id')!r} is pending")
         upstream, upstream_id = mapped
         channel = session.channels[upstream]
-        headers = self.credentials.headers(session.principal, upstream, "respond")
+        headers = await self.credentials.headers(session.principal, upstream, "respond")
         await channel.send({**message, "id": upstream_id}, headers)
 
     async def notify(self, session: ClientSession, message: JSON) -> None:
@@ -497,8 +500,8 @@ class Dispatcher:
         method = message.get("method")
         principal = session.principal
 
-        def headers_for(upstream: str) -> dict[str, str]:
-            return self.credentials.headers(principal, upstream, str(method))
+        async def headers_for(upstream: str) -> dict[str, str]:
+            return await self.credentials.headers(principal, upstream, str(method))
 
         if method == "notifications/cancelled":
             request_id = (message.get("params") or {}).get("requestId")
@@ -506,11 +509,11 @@ class Dispatcher:
                 upstream_id = channel.inflight.get(request_id)
                 if upstream_id is not None:
                     params = {**message["params"], "requestId": upstream_id}
-                    await channel.send({**message, "params": params}, headers_for(upstream))
+                    await channel.send({**message, "params": params}, await headers_for(upstream))
         elif method == "notifications/roots/list_changed":
             for upstream, channel in session.channels.items():
                 with contextlib.suppress(BastionError):
-                    await channel.send(message, headers_for(upstream))
+                    await channel.send(message, await headers_for(upstream))
 
 
 async def _guard(
