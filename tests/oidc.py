@@ -17,6 +17,15 @@ RFC 8707 resource through a real OAuth flow of the provider, driven over HTTP wi
 
 Each call uses a fresh cookie jar, so every token comes from its own login session.
 
+RFC 8693 token exchange: `start_provider(tmp_path, trust_issuer="http://127.0.0.1:P")` makes the
+provider accept subject tokens (JWTs) of that issuer, verified with the keys at
+`http://127.0.0.1:P/.well-known/jwks.json` (fetched on the first exchange). Every provider has the
+confidential client `Provider.exchange_client` = ("bastion-gateway", a secret made per start) that
+may use the grant; `Provider.exchange(subject_token, audience)` performs one exchange with it
+(HTTP Basic, subject_token_type urn:ietf:params:oauth:token-type:jwt) and returns the JSON answer
+or raises `TokenExchangeError` (status, error, description). The issued token is a JWT (typ
+at+jwt) for `audience`, living 120 s, signed with a key published at the provider's jwks_uri.
+
 In a test module, take the session fixture by re-exporting it (a plain import of the name trips
 ruff's F811 on every test parameter of that name):
 
@@ -38,7 +47,7 @@ import secrets
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urljoin, urlsplit
@@ -66,6 +75,16 @@ USERS: dict[str, dict[str, Any]] = {
 #: offline_access). Requested scopes outside both sets are silently dropped by the provider.
 RESOURCE_SCOPES = ("mcp:read", "mcp:write", "mcp:admin")
 
+#: RFC 8693 token exchange, as oidc_provider.mjs implements it.
+EXCHANGE_CLIENT_ID = "bastion-gateway"
+TOKEN_EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
+SUBJECT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"
+ISSUED_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105
+EXCHANGED_TOKEN_TTL = 120
+#: What a subject token may live at most (exp - iat), and the clock leeway the provider allows.
+SUBJECT_MAX_LIFETIME = 60
+SUBJECT_CLOCK_LEEWAY = 5
+
 START_DEADLINE_S = 20.0
 HTTP_TIMEOUT_S = 10.0
 MAX_FLOW_STEPS = 12
@@ -76,6 +95,17 @@ _PROMPT = re.compile(r'<input\b[^>]*\bname="prompt"[^>]*\bvalue="([^"]*)"', re.I
 
 class OIDCFlowError(RuntimeError):
     """The provider did not hand out a token the way the flow expects."""
+
+
+class TokenExchangeError(OIDCFlowError):
+    """The token endpoint refused a token exchange: HTTP status, OAuth error and description."""
+
+    def __init__(self, status: int, error: str, description: str, body: str):
+        super().__init__(f"token exchange refused: {status} {error}: {description}")
+        self.status = status
+        self.error = error
+        self.description = description
+        self.body = body
 
 
 def _b64url(data: bytes) -> str:
@@ -99,11 +129,24 @@ def _require_node_modules() -> None:
 class Provider:
     """A running oidc_provider.mjs process and an OAuth client of it."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], issuer: str, port: int, log_path: Path):
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        issuer: str,
+        port: int,
+        log_path: Path,
+        *,
+        exchange_client: tuple[str, str] | None = None,
+        trust_issuers: Sequence[str] = (),
+    ):
         self.proc = proc
         self.issuer = issuer
         self.port = port
         self.log_path = log_path
+        #: (client_id, client_secret) of the confidential client allowed the token exchange.
+        self.exchange_client = exchange_client
+        #: The issuers whose subject tokens the exchange accepts.
+        self.trust_issuers = tuple(trust_issuers)
         self._metadata: dict[str, Any] | None = None
 
     # -- discovery ------------------------------------------------------------------------------
@@ -248,6 +291,78 @@ class Provider:
                 raise OIDCFlowError(f"unknown interaction prompt {prompt.group(1)!r}")
         raise OIDCFlowError(f"no callback after {MAX_FLOW_STEPS} steps of the flow")
 
+    # -- token exchange (RFC 8693) -----------------------------------------------------------------
+
+    def exchange_response(
+        self,
+        subject_token: str,
+        audience: str | None,
+        *,
+        scope: str | None = None,
+        resource: str | None = None,
+        client: tuple[str, str] | None = None,
+        extra: dict[str, str] | None = None,
+    ) -> httpx.Response:
+        """POST one token-exchange request as Bastion sends it; the raw answer.
+
+        HTTP Basic with `client` (default: `exchange_client`); `audience=None` leaves the
+        parameter out; `extra` adds or overrides form fields.
+        """
+        auth = client or self.exchange_client
+        if auth is None:
+            raise OIDCFlowError("this provider has no token-exchange client")
+        form = {
+            "grant_type": TOKEN_EXCHANGE_GRANT,
+            "subject_token": subject_token,
+            "subject_token_type": SUBJECT_TOKEN_TYPE,
+        }
+        if audience is not None:
+            form["audience"] = audience
+        if resource is not None:
+            form["resource"] = resource
+        if scope is not None:
+            form["scope"] = scope
+        form.update(extra or {})
+        return httpx.post(
+            self.token_endpoint,
+            data=form,
+            auth=httpx.BasicAuth(*auth),
+            headers={"Accept": "application/json"},
+            timeout=HTTP_TIMEOUT_S,
+        )
+
+    def exchange(
+        self,
+        subject_token: str,
+        audience: str | None,
+        *,
+        scope: str | None = None,
+        resource: str | None = None,
+        client: tuple[str, str] | None = None,
+        extra: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Exchange `subject_token` for an access token for `audience`; the JSON answer.
+
+        Raises `TokenExchangeError` when the provider refuses.
+        """
+        if self.proc.poll() is not None:
+            raise OIDCFlowError(
+                f"the provider exited with {self.proc.returncode}{self._log_tail()}"
+            )
+        resp = self.exchange_response(
+            subject_token, audience, scope=scope, resource=resource, client=client, extra=extra
+        )
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        if resp.status_code != 200 or not isinstance(body, dict):
+            error = body.get("error", "") if isinstance(body, dict) else ""
+            description = body.get("error_description", "") if isinstance(body, dict) else ""
+            raise TokenExchangeError(resp.status_code, str(error), str(description), resp.text)
+        answer: dict[str, Any] = body
+        return answer
+
     # -- lifecycle --------------------------------------------------------------------------------
 
     def log(self) -> str:
@@ -285,27 +400,39 @@ def start_provider(
     tmp_path: Path,
     *,
     access_token_alg: str = "RS256",  # noqa: S107  (a JWS algorithm, not a password)
+    trust_issuer: str | Sequence[str] | None = None,
     deadline_s: float = START_DEADLINE_S,
 ) -> Provider:
     """Start oidc_provider.mjs on a free loopback port; return once it printed its ready line.
+
+    `trust_issuer` (one URL or several) is the issuer whose subject tokens the token exchange
+    accepts, its keys at `<URL>/.well-known/jwks.json`; the provider fetches them on the first
+    exchange, so that issuer may start later. The exchange client's secret is made here, per start.
 
     Its stderr goes to `tmp_path / "oidc_provider.log"`. It exits on SIGTERM (`Provider.stop()`)
     and also when its stdin closes, so it does not outlive a test runner that dies.
     """
     _require_node_modules()
     log_path = Path(tmp_path) / "oidc_provider.log"
+    trusted = [trust_issuer] if isinstance(trust_issuer, str) else list(trust_issuer or ())
+    exchange_secret = secrets.token_urlsafe(32)
+    argv = [
+        str(NODE),
+        str(SCRIPT),
+        "--port",
+        "0",
+        "--access-token-alg",
+        access_token_alg,
+        "--exit-with-stdin",
+        # The `=` form: a token_urlsafe value may start with "-", which node's parseArgs refuses
+        # as a separate argument ("argument is ambiguous").
+        f"--exchange-secret={exchange_secret}",
+        *(f"--trust-issuer={url}" for url in trusted),
+    ]
     log = log_path.open("wb")
     try:
         proc = subprocess.Popen(
-            [
-                str(NODE),
-                str(SCRIPT),
-                "--port",
-                "0",
-                "--access-token-alg",
-                access_token_alg,
-                "--exit-with-stdin",
-            ],
+            argv,
             cwd=NODE_DIR,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -333,7 +460,14 @@ def start_provider(
             )
             raise RuntimeError(f"oidc_provider.mjs {why}")
         ready = json.loads(lines[0])
-        return Provider(proc, str(ready["issuer"]), int(ready["port"]), log_path)
+        return Provider(
+            proc,
+            str(ready["issuer"]),
+            int(ready["port"]),
+            log_path,
+            exchange_client=(EXCHANGE_CLIENT_ID, exchange_secret),
+            trust_issuers=trusted,
+        )
     except Exception as exc:
         proc.kill()
         proc.wait(timeout=5)

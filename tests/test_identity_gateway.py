@@ -66,8 +66,12 @@ def idgw(
     tmp_path_factory: pytest.TempPathFactory, oidc_provider: oidc.Provider
 ) -> Iterator[GatewayProcess]:
     tmp = tmp_path_factory.mktemp("identity")
-    port, wp, rp, kp = free_port(), free_port(), free_port(), free_port()
+    port, wp, rp, kp, xp = free_port(), free_port(), free_port(), free_port(), free_port()
     py = sys.executable
+    # The upstream `exchanged` gets its credential by RFC 8693 at its own authorization
+    # server, which trusts subject tokens signed by this gateway.
+    exchange_as = oidc.start_provider(tmp, trust_issuer=f"http://127.0.0.1:{port}")
+    client_id, client_secret = exchange_as.exchange_client
     (tmp / "spiffe-bundle.json").write_text(json.dumps({"keys": [SPIFFE_KEY.public_jwk()]}))
     config = {
         "listen": {"host": "127.0.0.1", "port": port},
@@ -107,6 +111,17 @@ def idgw(
                     "scheme": "",
                 },
             },
+            "exchanged": {
+                "transport": "http",
+                "url": f"http://127.0.0.1:{xp}/mcp",
+                "launch": [py, str(FIXTURES / "bad_http_upstream.py"), "--port", str(xp)],
+                "credentials": {
+                    "mode": "token_exchange",
+                    "token_endpoint": exchange_as.token_endpoint,
+                    "client_id": client_id,
+                    "client_secret": "env:EXCHANGE_CLIENT_SECRET",
+                },
+            },
             "echo": {
                 "transport": "stdio",
                 "command": [py, str(EXAMPLES / "echo_server.py"), "--transport", "stdio"],
@@ -114,11 +129,12 @@ def idgw(
         },
         "virtual_servers": {"default": {"path": "/mcp", "upstreams": ["workspace", "echo"]}},
     }
-    gw = start_gateway(
-        tmp, yaml.safe_dump(config), port, env={"KEYED_UPSTREAM_TOKEN": KEYED_SECRET}
-    )
+    env = {"KEYED_UPSTREAM_TOKEN": KEYED_SECRET, "EXCHANGE_CLIENT_SECRET": client_secret}
+    gw = start_gateway(tmp, yaml.safe_dump(config), port, env=env)
+    gw.exchange_as = exchange_as  # type: ignore[attr-defined]
     yield gw
     gw.stop()
+    exchange_as.stop()
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -751,3 +767,28 @@ def test_jwt_svid_as_the_agent_assertion(idgw: GatewayProcess) -> None:
     )
     refused = httpx.post(idgw.url("/oauth/token"), data={**form, "client_assertion": other_domain})
     assert refused.status_code == 401 and "not trusted" in refused.json()["error_description"]
+
+
+def test_token_exchange_credential(idgw: GatewayProcess) -> None:
+    """The upstream's own authorization server exchanges Bastion's statement of the caller
+    for a token meant for that upstream; the client's token never leaves the gateway."""
+    exchange_as: oidc.Provider = idgw.exchange_as  # type: ignore[attr-defined]
+    token = cli_token(idgw, "acme-reader", "--resource", idgw.url("/servers/exchanged/mcp"))
+    for _ in range(2):  # the second call reuses the cached exchanged token
+        response = call(
+            idgw,
+            token,
+            path="/servers/exchanged/mcp",
+            method="tools/call",
+            params={"name": "headers", "arguments": {}},
+            name="headers",
+        )
+        assert response.status_code == 200, response.text
+    seen = json.loads(response.json()["result"]["content"][0]["text"])
+    scheme, issued = seen["authorization"].split(" ", 1)
+    assert scheme == "Bearer" and issued != token
+    upstream_url = yaml.safe_load(idgw.config_path.read_text())["upstreams"]["exchanged"]["url"]
+    claims = exchange_as.verify_access_token(issued, upstream_url)
+    assert claims["iss"] == exchange_as.issuer and claims["client_id"] == "bastion-gateway"
+    assert claims["sub"] == "acme-reader" and claims["tenant"] == "acme"
+    assert claims["act"] == {"sub": "acme-reader"}

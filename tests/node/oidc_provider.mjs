@@ -1,6 +1,10 @@
 // A real OpenID Connect provider on loopback for Bastion's tests: node-oidc-provider (panva) 9.x.
 //
 //   node tests/node/oidc_provider.mjs --port 0 [--access-token-alg RS256|ES256] [--exit-with-stdin]
+//        [--trust-issuer URL ...] [--exchange-secret=S]
+//
+// (Write --exchange-secret=S with `=` when S may start with "-": parseArgs refuses such a value
+// given as a separate argument.)
 //
 // Listens on 127.0.0.1 only, at issuer http://127.0.0.1:PORT, and prints exactly one JSON line on
 // stdout once it accepts connections: {"issuer": "...", "port": N}. Everything else goes to stderr.
@@ -16,16 +20,47 @@
 //   - fixed users alice, bob, carol (see USERS), each with the password `<user>-password`;
 //   - a public client `bastion-tests` (no secret, PKCE S256 required) with redirect URI
 //     http://127.0.0.1/callback.
+//   - with --exchange-secret S, a confidential client `bastion-gateway` (client_secret S, Basic or
+//     post authentication) allowed the RFC 8693 token-exchange grant (see TOKEN EXCHANGE below);
+//     --trust-issuer URL (repeatable) names an issuer whose subject tokens that grant accepts.
 // Users log in through this file's own interaction pages at /interaction/<uid> (the pattern the
 // oidc-provider docs prescribe; its devInteractions accept any login and then fail with a server
 // error on an unknown account): a login form (fields prompt=login, login, password) and a consent
 // form (prompt=consent). A wrong user or password ends the flow with error=access_denied at the
 // redirect URI.
+//
+// TOKEN EXCHANGE (RFC 8693), the request the grant accepts:
+//
+//   POST /token   Authorization: Basic base64(bastion-gateway:S)   (or client_id + client_secret
+//                 in the form)   Content-Type: application/x-www-form-urlencoded
+//     grant_type=urn:ietf:params:oauth:grant-type:token-exchange
+//     subject_token=<JWT>                                   required
+//     subject_token_type=urn:ietf:params:oauth:token-type:jwt  required, exactly this
+//     audience=http://127.0.0.1:<port>/...                  audience and/or resource; equal if both
+//     resource=http://127.0.0.1:<port>/...
+//     scope=...                                             optional, copied into the token
+//     requested_token_type=urn:ietf:params:oauth:token-type:access_token   optional
+//   (actor_token is refused; every parameter at most once.)
+//
+// The subject token must be a JWS signed by a key of a trusted issuer's JWKS at
+// <issuer>/.well-known/jwks.json (fetched on first use, cached, fetched again on an unknown kid),
+// alg ES256, EdDSA or RS256; `iss` exactly that issuer; `aud` this provider's issuer or its token
+// endpoint; `exp` in the future (5 s leeway) and at most 60 s away (exp - iat <= 60 when iat is
+// present); string claims `sub` and `tenant`; `act`, if present, an object with a string `sub`.
+// Otherwise: 400 invalid_grant with an error_description saying which check failed. A target that
+// is not http://127.0.0.1:<port>/...: 400 invalid_target. A wrong client secret: 401 invalid_client.
+//
+// Answer: {"access_token", "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
+// "token_type": "Bearer", "expires_in": 120[, "scope"]}; the access token is a JWT (typ at+jwt,
+// signed with this provider's --access-token-alg key from jwks_uri) with iss, aud = the target,
+// sub, act (copied when present), tenant, client_id = bastion-gateway, scope (when requested), iat,
+// exp = iat + 120, jti.
 
 import * as crypto from 'node:crypto';
 import * as http from 'node:http';
 import { parseArgs } from 'node:util';
 
+import * as jose from 'jose';
 import Provider, { errors } from 'oidc-provider';
 
 const USERS = {
@@ -41,6 +76,16 @@ const REDIRECT_URI = 'http://127.0.0.1/callback';
 const RESOURCE_SCOPES = 'mcp:read mcp:write mcp:admin';
 const ACCESS_TOKEN_TTL = 300;
 
+const EXCHANGE_CLIENT_ID = 'bastion-gateway';
+const TOKEN_EXCHANGE = 'urn:ietf:params:oauth:grant-type:token-exchange';
+const TOKEN_TYPE_JWT = 'urn:ietf:params:oauth:token-type:jwt';
+const TOKEN_TYPE_ACCESS_TOKEN = 'urn:ietf:params:oauth:token-type:access_token';
+const EXCHANGED_TOKEN_TTL = 120;
+const SUBJECT_MAX_LIFETIME = 60;
+const SUBJECT_CLOCK_LEEWAY = 5;
+const SUBJECT_ALGS = ['ES256', 'EdDSA', 'RS256'];
+const JWKS_FETCH_TIMEOUT_MS = 3000;
+
 // stdout carries the ready line only: oidc-provider prints its notices with console.info.
 console.log = console.error;
 console.info = console.error;
@@ -50,6 +95,8 @@ const { values: args } = parseArgs({
     port: { type: 'string', default: '0' },
     'access-token-alg': { type: 'string', default: 'RS256' },
     'exit-with-stdin': { type: 'boolean', default: false },
+    'trust-issuer': { type: 'string', multiple: true, default: [] },
+    'exchange-secret': { type: 'string' },
   },
 });
 
@@ -61,6 +108,21 @@ if (!Number.isInteger(port) || port < 0 || port > 65535) {
 const accessTokenAlg = args['access-token-alg'];
 if (!['RS256', 'ES256'].includes(accessTokenAlg)) {
   console.error(`--access-token-alg must be RS256 or ES256, got ${accessTokenAlg}`);
+  process.exit(2);
+}
+
+const trustIssuers = args['trust-issuer'];
+for (const trusted of trustIssuers) {
+  const url = URL.parse(trusted);
+  if (!url || !['http:', 'https:'].includes(url.protocol) || url.username || url.password
+      || url.search || url.hash) {
+    console.error(`--trust-issuer must be an http(s) URL without query or fragment, got ${trusted}`);
+    process.exit(2);
+  }
+}
+const exchangeSecret = args['exchange-secret'];
+if (exchangeSecret !== undefined && exchangeSecret.length < 16) {
+  console.error('--exchange-secret must be at least 16 characters');
   process.exit(2);
 }
 
@@ -112,20 +174,40 @@ await new Promise((resolve, reject) => {
 const actualPort = server.address().port;
 const issuer = `http://127.0.0.1:${actualPort}`;
 
+const signingKeys = [signingJwk('RS256'), signingJwk('ES256')];
+// The key that signs exchanged tokens: the one access tokens use, hence published at jwks_uri.
+const exchangeJwk = signingKeys.find((jwk) => jwk.alg === accessTokenAlg);
+const exchangeKey = await jose.importJWK(exchangeJwk, accessTokenAlg);
+
+const clients = [
+  {
+    client_id: CLIENT_ID,
+    client_name: 'Bastion test suite',
+    application_type: 'web',
+    token_endpoint_auth_method: 'none',
+    redirect_uris: [REDIRECT_URI],
+    grant_types: ['authorization_code', 'refresh_token'],
+    response_types: ['code'],
+  },
+];
+if (exchangeSecret !== undefined) {
+  clients.push({
+    client_id: EXCHANGE_CLIENT_ID,
+    client_secret: exchangeSecret,
+    client_name: 'Bastion gateway (token exchange)',
+    application_type: 'web',
+    // client_secret_post is accepted as well: oidc-provider treats the two as one method.
+    token_endpoint_auth_method: 'client_secret_basic',
+    redirect_uris: [],
+    grant_types: [TOKEN_EXCHANGE],
+    response_types: [],
+  });
+}
+
 const provider = new Provider(issuer, {
-  jwks: { keys: [signingJwk('RS256'), signingJwk('ES256')] },
+  jwks: { keys: signingKeys.map((jwk) => structuredClone(jwk)) },
   cookies: { keys: [crypto.randomBytes(32).toString('base64url')] },
-  clients: [
-    {
-      client_id: CLIENT_ID,
-      client_name: 'Bastion test suite',
-      application_type: 'web',
-      token_endpoint_auth_method: 'none',
-      redirect_uris: [REDIRECT_URI],
-      grant_types: ['authorization_code', 'refresh_token'],
-      response_types: ['code'],
-    },
-  ],
+  clients,
   claims: {
     openid: ['sub'],
     profile: ['name', 'tenant', 'roles'],
@@ -184,6 +266,208 @@ const provider = new Provider(issuer, {
 });
 
 provider.on('server_error', (ctx, err) => console.error('oidc-provider server_error:', err));
+provider.on('grant.error', (ctx, err) => {
+  console.error(`token endpoint: ${ctx.oidc?.params?.grant_type}: ${err.error ?? err.message}: `
+    + `${err.error_description ?? ''}`);
+});
+
+// -- token exchange (RFC 8693) -----------------------------------------------------------------
+
+const tokenEndpoint = provider.urlFor('token');
+
+// One lazily fetched JWKS per trusted issuer: nothing is fetched before the first exchange (the
+// issuer may start after this provider); the set is cached and fetched again when a token names
+// a kid it does not hold (no cooldown: loopback, and a rotated key must work at once).
+const trustedIssuers = new Map(trustIssuers.map((trusted) => {
+  const jwksUrl = new URL('.well-known/jwks.json', trusted.endsWith('/') ? trusted : `${trusted}/`);
+  const remote = jose.createRemoteJWKSet(jwksUrl, {
+    timeoutDuration: JWKS_FETCH_TIMEOUT_MS,
+    cooldownDuration: 0,
+  });
+  return [trusted, { jwksUrl: jwksUrl.href, remote }];
+}));
+
+const invalidGrant = (description) => new errors.CustomOIDCProviderError('invalid_grant', description);
+
+class KeysUnavailable extends Error {}
+
+const isPlainObject = (value) => typeof value === 'object' && value !== null && !Array.isArray(value);
+const isNonEmptyString = (value) => typeof value === 'string' && value.length > 0;
+
+function describeSubjectError(err, trusted, header) {
+  const { jwksUrl } = trustedIssuers.get(trusted);
+  const kid = JSON.stringify(header.kid ?? null);
+  if (err instanceof KeysUnavailable) return err.message;
+  if (err instanceof jose.errors.JWKSNoMatchingKey) {
+    return `no key of trusted issuer ${trusted} (${jwksUrl}) matches the subject_token header `
+      + `(kid ${kid}, alg ${header.alg})`;
+  }
+  if (err instanceof jose.errors.JWKSMultipleMatchingKeys) {
+    return `several keys of ${jwksUrl} match the subject_token header (kid ${kid}); name one kid`;
+  }
+  if (err instanceof jose.errors.JWSSignatureVerificationFailed) {
+    return `subject_token signature does not verify with key ${kid} of ${jwksUrl}`;
+  }
+  if (err instanceof jose.errors.JWTExpired) {
+    return `subject_token expired (exp ${err.payload?.exp}, now ${Math.floor(Date.now() / 1000)}, `
+      + `leeway ${SUBJECT_CLOCK_LEEWAY} s)`;
+  }
+  if (err instanceof jose.errors.JWTClaimValidationFailed) {
+    if (err.claim === 'aud') {
+      return `subject_token aud ${JSON.stringify(err.payload?.aud ?? null)} is neither this `
+        + `provider's issuer ${issuer} nor its token endpoint ${tokenEndpoint}`;
+    }
+    return `subject_token ${err.claim} claim rejected: ${err.message}`;
+  }
+  if (err instanceof jose.errors.JOSEAlgNotAllowed) {
+    return `subject_token alg ${header.alg} is not accepted (${SUBJECT_ALGS.join(', ')})`;
+  }
+  if (err instanceof jose.errors.JOSEError) {
+    return `subject_token rejected: ${err.message}`;
+  }
+  console.error('token exchange: unexpected error while verifying a subject token:', err);
+  return `subject_token rejected: ${err.message}`;
+}
+
+// The verified claims of a subject token, or invalid_grant saying which check failed.
+async function verifySubjectToken(token) {
+  let header;
+  let unverified;
+  try {
+    header = jose.decodeProtectedHeader(token);
+    unverified = jose.decodeJwt(token);
+  } catch {
+    throw invalidGrant('subject_token is not a JWT (a compact JWS with a JSON claims set)');
+  }
+  const trusted = unverified.iss;
+  if (typeof trusted !== 'string' || !trustedIssuers.has(trusted)) {
+    throw invalidGrant(`subject_token iss ${JSON.stringify(trusted ?? null)} is not a trusted issuer`
+      + ` (trusted: ${[...trustedIssuers.keys()].join(', ') || 'none'})`);
+  }
+  if (!SUBJECT_ALGS.includes(header.alg)) {
+    throw invalidGrant(`subject_token alg ${JSON.stringify(header.alg ?? null)} is not accepted `
+      + `(${SUBJECT_ALGS.join(', ')})`);
+  }
+  const { jwksUrl, remote } = trustedIssuers.get(trusted);
+  const keyFor = async (protectedHeader, jws) => {
+    try {
+      return await remote(protectedHeader, jws);
+    } catch (err) {
+      if (err instanceof jose.errors.JWKSNoMatchingKey
+          || err instanceof jose.errors.JWKSMultipleMatchingKeys) {
+        throw err;
+      }
+      const cause = err.cause?.code ?? err.cause?.message;
+      throw new KeysUnavailable(`cannot get the keys of trusted issuer ${trusted} from ${jwksUrl}: `
+        + `${err.message}${cause ? ` (${cause})` : ''}`);
+    }
+  };
+  let payload;
+  try {
+    ({ payload } = await jose.jwtVerify(token, keyFor, {
+      issuer: trusted,
+      audience: [issuer, tokenEndpoint],
+      algorithms: SUBJECT_ALGS,
+      clockTolerance: SUBJECT_CLOCK_LEEWAY,
+      requiredClaims: ['exp', 'sub', 'tenant'],
+    }));
+  } catch (err) {
+    throw invalidGrant(describeSubjectError(err, trusted, header));
+  }
+  const now = Math.floor(Date.now() / 1000);
+  if (payload.exp - now > SUBJECT_MAX_LIFETIME + SUBJECT_CLOCK_LEEWAY) {
+    throw invalidGrant(`subject_token exp is ${payload.exp - now} s away; at most `
+      + `${SUBJECT_MAX_LIFETIME} s is accepted`);
+  }
+  if (payload.iat !== undefined) {
+    if (payload.iat > now + SUBJECT_CLOCK_LEEWAY) {
+      throw invalidGrant(`subject_token iat ${payload.iat} is in the future (now ${now})`);
+    }
+    if (payload.exp - payload.iat > SUBJECT_MAX_LIFETIME) {
+      throw invalidGrant(`subject_token lives ${payload.exp - payload.iat} s (exp - iat); at most `
+        + `${SUBJECT_MAX_LIFETIME} s is accepted`);
+    }
+  }
+  if (!isNonEmptyString(payload.sub)) {
+    throw invalidGrant('subject_token sub must be a non-empty string');
+  }
+  if (!isNonEmptyString(payload.tenant)) {
+    throw invalidGrant('subject_token tenant must be a non-empty string');
+  }
+  if (payload.act !== undefined && !(isPlainObject(payload.act) && isNonEmptyString(payload.act.sub))) {
+    throw invalidGrant('subject_token act must be an object with a string sub');
+  }
+  return payload;
+}
+
+// The single target of the exchange: `audience` and/or `resource` (equal when both are sent).
+function exchangeTarget(params) {
+  const { audience, resource } = params;
+  if (audience === undefined && resource === undefined) {
+    throw new errors.InvalidRequest("missing required parameter 'audience' (or 'resource')");
+  }
+  if (audience !== undefined && resource !== undefined && audience !== resource) {
+    throw new errors.InvalidTarget('audience and resource name different targets; send one target');
+  }
+  const target = audience ?? resource;
+  if (!isLoopbackResource(target)) {
+    throw new errors.InvalidTarget(`target ${JSON.stringify(target)} is not an `
+      + 'http://127.0.0.1:<port>/... URL');
+  }
+  return target;
+}
+
+async function tokenExchange(ctx) {
+  const { params, client } = ctx.oidc;
+  if (!params.subject_token) {
+    throw new errors.InvalidRequest("missing required parameter 'subject_token'");
+  }
+  if (params.subject_token_type !== TOKEN_TYPE_JWT) {
+    throw new errors.InvalidRequest(`subject_token_type must be ${TOKEN_TYPE_JWT}`);
+  }
+  if (params.actor_token !== undefined || params.actor_token_type !== undefined) {
+    throw new errors.InvalidRequest('actor_token is not supported; put the actor in the subject '
+      + 'token\'s act claim');
+  }
+  if (params.requested_token_type !== undefined
+      && params.requested_token_type !== TOKEN_TYPE_ACCESS_TOKEN) {
+    throw new errors.InvalidRequest(`requested_token_type must be ${TOKEN_TYPE_ACCESS_TOKEN}`);
+  }
+  const audience = exchangeTarget(params);
+  const subject = await verifySubjectToken(params.subject_token);
+
+  const iat = Math.floor(Date.now() / 1000);
+  const scope = params.scope ? params.scope.split(' ').filter(Boolean).join(' ') : undefined;
+  const claims = {
+    iss: issuer,
+    aud: audience,
+    sub: subject.sub,
+    ...(subject.act !== undefined ? { act: subject.act } : undefined),
+    tenant: subject.tenant,
+    client_id: client.clientId,
+    ...(scope ? { scope } : undefined),
+    iat,
+    exp: iat + EXCHANGED_TOKEN_TTL,
+    jti: crypto.randomBytes(16).toString('base64url'),
+  };
+  const accessToken = await new jose.SignJWT(claims)
+    .setProtectedHeader({ alg: accessTokenAlg, kid: exchangeJwk.kid, typ: 'at+jwt' })
+    .sign(exchangeKey);
+  console.error(`token exchange: issued for sub ${subject.sub} (tenant ${subject.tenant}) `
+    + `to ${audience}`);
+  ctx.body = {
+    access_token: accessToken,
+    issued_token_type: TOKEN_TYPE_ACCESS_TOKEN,
+    token_type: 'Bearer',
+    expires_in: EXCHANGED_TOKEN_TTL,
+    ...(scope ? { scope } : undefined),
+  };
+}
+
+provider.registerGrantType(TOKEN_EXCHANGE, tokenExchange, [
+  'subject_token', 'subject_token_type', 'actor_token', 'actor_token_type',
+  'requested_token_type', 'audience', 'resource', 'scope',
+]);
 
 // -- interactions: login and consent -------------------------------------------------------------
 
