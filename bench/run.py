@@ -4,19 +4,24 @@ One run starts, as its own process tree:
 
 * the demo echo MCP server (examples/echo_server.py) on a free loopback port;
 * bench/bare_hop.py, a pass-through proxy with no MCP logic, in front of it;
-* `bastion serve` with a generated config whose one upstream is the echo server;
+* `bastion serve` with a generated `auth: none` config whose one upstream is the echo server;
+* `bastion serve` with a generated `auth: oauth` config (same upstream, seeded bench agents)
+  for the identity scenarios: a Bearer token, and a DPoP-bound token with a new proof per call;
 * bench/load.py, the load generator (aiohttp, pooled), driven over stdin/stdout.
 
 For each protocol era (2026-07-28 stateless, and/or 2025-11-25 with a session), each target
 and each mode (sequential calls; N concurrent workers) it measures latency percentiles,
 calls/s, the CPU time the target process and the echo server spent per call (from
-/proc/PID/stat), and reads every process's peak RSS (VmHWM). The whole measurement repeats
---repeats times; the report gives medians across repeats, as a Markdown table on stdout and
-as JSON in bench/results/latest.json. Exit status: 0 when every call succeeded, 1 when any
-failed, 2 when the setup failed, 130 on interruption.
+/proc/PID/stat), and reads every process's peak RSS (VmHWM). With identity on it also
+measures the token endpoint: concurrent `client_credentials` requests, tokens/s and CPU per
+token. The whole measurement repeats --repeats times; the report gives medians across
+repeats, as Markdown tables on stdout and as JSON in bench/results/latest.json. Exit status:
+0 when every call succeeded, 1 when any failed, 2 when the setup failed, 130 on interruption.
 
     .venv/bin/python bench/run.py [--quick] [--era modern|legacy|both] [--repeats R]
-                                  [--calls N] [--concurrent-calls N] [--concurrency C]
+                                  [--auth none|oauth|dpop|all] [--calls N]
+                                  [--concurrent-calls N] [--concurrency C]
+                                  [--token-requests N] [--token-concurrency C]
 """
 
 from __future__ import annotations
@@ -46,14 +51,29 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS = BENCH / "results"
 
-TARGETS = ("direct", "bare", "bastion")
-LABELS = {"direct": "direct", "bare": "bare hop", "bastion": "bastion"}
+BASE_TARGETS = ("direct", "bare")
+# --auth names → the target each one measures (all three are Bastion; "bastion" keeps its name
+# from before identity existed, so older JSON compares key for key).
+SCENARIOS = {"none": "bastion", "oauth": "oauth", "dpop": "dpop"}
+IDENTITY = ("oauth", "dpop")
+LABELS = {
+    "direct": "direct",
+    "bare": "bare hop",
+    "bastion": "bastion (auth none)",
+    "oauth": "bastion oauth",
+    "dpop": "bastion dpop",
+}
 MODES = ("sequential", "concurrent")
 ERAS = {"modern": "2026-07-28, stateless", "legacy": "2025-11-25, Mcp-Session-Id"}
+# The agents seeded into the identity gateway: one per scenario, and one for the token phase.
+AGENTS = {"oauth": "bench-bearer", "dpop": "bench-dpop", "tokens": "bench-client"}
 
 # Project targets for the gateway's overhead (reported, not enforced).
 TARGET_ADDED_P50_MS = 0.3
 TARGET_CPU_MS_PER_CALL = 0.3
+TARGET_IDENTITY_ADDED_P50_MS = 0.4
+TARGET_IDENTITY_CPU_MS_PER_CALL = 0.4
+TARGET_TOKENS_PER_S = 500.0
 
 try:
     _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -236,12 +256,40 @@ class Load:
 @dataclass
 class Plan:
     eras: tuple[str, ...]
+    auth: tuple[str, ...]  # Bastion targets: "bastion" (auth none), "oauth", "dpop"
     calls: int
     concurrent_calls: int
     concurrency: int
     repeats: int
     warmup: int
     phase_timeout: float
+    token_requests: int  # 0: no token endpoint phase
+    token_concurrency: int
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return (*BASE_TARGETS, *self.auth)
+
+    @property
+    def identity(self) -> bool:
+        """Whether the `auth: oauth` gateway runs."""
+        return any(t in IDENTITY for t in self.auth)
+
+    @property
+    def tokens(self) -> bool:
+        """Whether the token endpoint phase runs."""
+        return self.identity and self.token_requests > 0
+
+
+def _auth_choice(value: str) -> tuple[str, ...]:
+    """--auth: none, oauth, dpop, all, or a comma-separated list of the first three."""
+    names = ["none", "oauth", "dpop"] if value == "all" else value.split(",")
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"expected none, oauth, dpop, all or a comma list of the first three, found {value!r}"
+        )
+    return tuple(SCENARIOS[n] for n in SCENARIOS if n in names)
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
@@ -257,7 +305,22 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
     parser.add_argument(
         "--era", choices=("modern", "legacy", "both"), help="protocol era(s) (default both)"
     )
+    parser.add_argument(
+        "--auth",
+        type=_auth_choice,
+        default="all",
+        help="Bastion scenario(s): none (auth: none), oauth (Bearer token), dpop (DPoP-bound "
+        "token, new proof per call), all, or a comma list (default all)",
+    )
     parser.add_argument("--warmup", type=int, help="warm-up calls per phase (default 200)")
+    parser.add_argument(
+        "--token-requests",
+        type=int,
+        help="token endpoint requests per repeat when oauth or dpop runs; 0 skips (default 2000)",
+    )
+    parser.add_argument(
+        "--token-concurrency", type=int, default=16, help="token endpoint workers (default 16)"
+    )
     parser.add_argument(
         "--phase-timeout",
         type=float,
@@ -272,8 +335,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
     )
     args = parser.parse_args(argv)
     quick = args.quick
+    auth = args.auth if isinstance(args.auth, tuple) else _auth_choice(args.auth)
     plan = Plan(
         eras=("modern", "legacy") if (args.era or "both") == "both" else (args.era,),
+        auth=auth,
         calls=args.calls if args.calls is not None else (200 if quick else 2000),
         concurrent_calls=args.concurrent_calls
         if args.concurrent_calls is not None
@@ -282,10 +347,16 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
         repeats=args.repeats if args.repeats is not None else (1 if quick else 3),
         warmup=args.warmup if args.warmup is not None else (50 if quick else 200),
         phase_timeout=args.phase_timeout,
+        token_requests=args.token_requests
+        if args.token_requests is not None
+        else (300 if quick else 2000),
+        token_concurrency=args.token_concurrency,
     )
-    for name in ("calls", "concurrent_calls", "concurrency", "repeats"):
+    for name in ("calls", "concurrent_calls", "concurrency", "repeats", "token_concurrency"):
         if getattr(plan, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if plan.token_requests < 0:
+        parser.error("--token-requests must be 0 or more")
     return args, plan
 
 
@@ -296,19 +367,45 @@ def bastion_command() -> list[str]:
     return [sys.executable, "-m", "bastion.cli"]
 
 
-def start_targets(fleet: Fleet, workdir: Path) -> dict[str, Any]:
-    """Start echo, bare hop and Bastion; return their URLs and processes once all are ready."""
+def _serve(fleet: Fleet, name: str, config: Path, port: int) -> Child:
+    argv = [
+        *bastion_command(),
+        "serve",
+        "--config",
+        str(config),
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
+    return fleet.start(name, argv)
+
+
+def _agent_kids(config: Path) -> dict[str, str]:
+    """The registered kid of each seeded agent, as `bastion agents list --json` reports it."""
+    argv = [*bastion_command(), "agents", "list", "--json", "--config", str(config)]
+    try:
+        done = subprocess.run(
+            argv, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SetupError(f"bastion agents list: {exc}") from exc
+    if done.returncode != 0:
+        raise SetupError(f"bastion agents list failed ({done.returncode}):\n{done.stderr}")
+    try:
+        return {
+            agent["id"]: str(agent["jwks"]["keys"][0]["kid"]) for agent in json.loads(done.stdout)
+        }
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise SetupError(f"bastion agents list: unexpected output: {done.stdout[:300]}") from exc
+
+
+def start_targets(plan: Plan, fleet: Fleet, workdir: Path) -> dict[str, Any]:
+    """Start echo, bare hop and the Bastion(s); return their URLs and processes once ready."""
     py = sys.executable
-    echo_port, bare_port, bastion_port = free_port(), free_port(), free_port()
+    echo_port, bare_port = free_port(), free_port()
     echo_url = f"http://127.0.0.1:{echo_port}/mcp"
-    config = workdir / "bastion.yaml"
-    config.write_text(
-        "# Generated by bench/run.py\n"
-        f"listen: {{host: 127.0.0.1, port: {bastion_port}}}\n"
-        "auth: {mode: none, tenant: bench}\n"
-        "upstreams:\n"
-        f"  echo: {{transport: http, url: {json.dumps(echo_url)}}}\n"
-    )
+    upstreams = f"upstreams:\n  echo: {{transport: http, url: {json.dumps(echo_url)}}}\n"
     echo = fleet.start(
         "echo", [py, str(ROOT / "examples" / "echo_server.py"), "--port", str(echo_port)]
     )
@@ -316,32 +413,80 @@ def start_targets(fleet: Fleet, workdir: Path) -> dict[str, Any]:
         "bare",
         [py, str(BENCH / "bare_hop.py"), "--upstream", echo_url, "--port", str(bare_port)],
     )
-    bastion = fleet.start(
-        "bastion",
-        [
-            *bastion_command(),
-            "serve",
-            "--config",
-            str(config),
-            "--port",
-            str(bastion_port),
-            "--log-level",
-            "warning",
-        ],
-    )
+    procs = {"echo": echo, "bare": bare}
+    urls = {"direct": echo_url, "bare": f"http://127.0.0.1:{bare_port}/mcp"}
+    ready = [
+        (echo, f"http://127.0.0.1:{echo_port}/healthz"),
+        (bare, urls["bare"][:-4] + "/healthz"),
+    ]
+    configs: dict[str, str] = {}
+    if "bastion" in plan.auth:
+        port = free_port()
+        config = workdir / "bastion.yaml"
+        config.write_text(
+            "# Generated by bench/run.py\n"
+            f"listen: {{host: 127.0.0.1, port: {port}}}\n"
+            "auth: {mode: none, tenant: bench}\n" + upstreams
+        )
+        configs["none"] = config.read_text()
+        procs["bastion"] = _serve(fleet, "bastion", config, port)
+        urls["bastion"] = f"http://127.0.0.1:{port}/servers/echo/mcp"
+        ready.append((procs["bastion"], f"http://127.0.0.1:{port}/readyz"))
+    identity: dict[str, Any] = {}
+    if plan.identity:
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        config = workdir / "bastion-oauth.yaml"
+        state = workdir / "state"
+        seeds = "".join(
+            f"    - {{id: {agent}, tenant: bench, owner: bench, purpose: {purpose}"
+            + (", require_dpop: true}\n" if scenario == "dpop" else "}\n")
+            for scenario, agent, purpose in (
+                ("oauth", AGENTS["oauth"], "Bearer-token calls"),
+                ("dpop", AGENTS["dpop"], "DPoP-bound calls"),
+                ("tokens", AGENTS["tokens"], "token endpoint load"),
+            )
+        )
+        config.write_text(
+            "# Generated by bench/run.py\n"
+            f"listen: {{host: 127.0.0.1, port: {port}}}\n"
+            f"state_dir: {json.dumps(str(state))}\n"
+            "auth:\n"
+            "  mode: oauth\n"
+            "  agents:\n" + seeds + upstreams
+        )
+        configs["oauth"] = config.read_text()
+        procs["bastion-oauth"] = _serve(fleet, "bastion-oauth", config, port)
+        resource = f"{base}/servers/echo/mcp"
+        for target in IDENTITY:
+            if target in plan.auth:
+                urls[target] = resource
+        ready.append((procs["bastion-oauth"], f"{base}/readyz"))
+        identity = {"base": base, "config": config, "state": state, "resource": resource}
     deadline = time.monotonic() + 60
-    wait_ready(echo, f"http://127.0.0.1:{echo_port}/healthz", deadline)
-    wait_ready(bare, f"http://127.0.0.1:{bare_port}/healthz", deadline)
-    wait_ready(bastion, f"http://127.0.0.1:{bastion_port}/readyz", deadline)
-    return {
-        "procs": {"echo": echo, "bare": bare, "bastion": bastion},
-        "urls": {
-            "direct": echo_url,
-            "bare": f"http://127.0.0.1:{bare_port}/mcp",
-            "bastion": f"http://127.0.0.1:{bastion_port}/servers/echo/mcp",
-        },
-        "config": config.read_text(),
-    }
+    for child, url in ready:
+        wait_ready(child, url, deadline)
+    if identity:
+        kids = _agent_kids(identity["config"])
+        identity["agents"] = {}
+        for role, agent in AGENTS.items():
+            if agent not in kids:
+                raise SetupError(f"seeded agent {agent} is not registered: {sorted(kids)}")
+            identity["agents"][role] = {
+                "token_url": identity["base"] + "/oauth/token",
+                "issuer": identity["base"],
+                "resource": identity["resource"],
+                "agent": agent,
+                "kid": kids[agent],
+                "pem": str(identity["state"] / "agents" / f"{agent}.pem"),
+            }
+    return {"procs": procs, "urls": urls, "configs": configs, "identity": identity}
+
+
+def _pid_of(target: str, procs: dict[str, Child]) -> int:
+    if target == "direct":
+        return procs["echo"].pid
+    return procs["bastion-oauth" if target in IDENTITY else target].pid
 
 
 def measure(
@@ -350,13 +495,18 @@ def measure(
     """Run every phase `plan.repeats` times; each finished repeat is appended to `runs`."""
     procs: dict[str, Child] = setup["procs"]
     echo_pid = procs["echo"].pid
-    target_pid = {"direct": echo_pid, "bare": procs["bare"].pid, "bastion": procs["bastion"].pid}
+    targets = plan.targets
     for repeat in range(plan.repeats):
         # Rotate the targets' order each repeat so slow drift on a shared machine spreads out.
-        order = TARGETS[repeat % 3 :] + TARGETS[: repeat % 3]
+        shift = repeat % len(targets)
+        order = targets[shift:] + targets[:shift]
         run: dict[str, Any] = {}
         for era in plan.eras:
             for target in order:
+                auth = None
+                if target in IDENTITY:
+                    scheme = "dpop" if target == "dpop" else "bearer"
+                    auth = {"scheme": scheme, **setup["identity"]["agents"][target]}
                 for mode in MODES:
                     sequential = mode == "sequential"
                     command = {
@@ -367,27 +517,48 @@ def measure(
                         "concurrency": 1 if sequential else plan.concurrency,
                         "warmup": plan.warmup,
                         "timeout": plan.phase_timeout,
-                        "pids": {"target": target_pid[target], "echo": echo_pid},
+                        "pids": {"target": _pid_of(target, procs), "echo": echo_pid},
+                        "auth": auth,
                     }
                     result = load.ask(command, 2 * plan.phase_timeout + 60)
                     run.setdefault(era, {}).setdefault(target, {})[mode] = result
                     print(
-                        f"  repeat {repeat + 1}/{plan.repeats} {era:6} {LABELS[target]:8} "
+                        f"  repeat {repeat + 1}/{plan.repeats} {era:6} {LABELS[target]:19} "
                         f"{mode:10} {_progress(result)}",
                         file=log,
                         flush=True,
                     )
+        if plan.tokens:
+            command = {
+                "cmd": "tokens",
+                **setup["identity"]["agents"]["tokens"],
+                "requests": plan.token_requests,
+                "concurrency": plan.token_concurrency,
+                "warmup": plan.warmup,
+                "timeout": plan.phase_timeout,
+                "pids": {"bastion": procs["bastion-oauth"].pid},
+            }
+            result = load.ask(command, 2 * plan.phase_timeout + 60)
+            run["tokens"] = result
+            print(
+                f"  repeat {repeat + 1}/{plan.repeats} token endpoint "
+                f"{plan.token_requests}@{plan.token_concurrency} {_progress(result, 'tokens')}",
+                file=log,
+                flush=True,
+            )
         run["rss_kib"] = {name: proc_status(child.pid) for name, child in procs.items()}
         runs.append(run)
 
 
-def _progress(result: dict[str, Any]) -> str:
+def _progress(result: dict[str, Any], unit: str = "calls") -> str:
     if "fatal" in result:
         return f"FAILED: {result['fatal']}"
     text = (
         f"p50 {result['p50_ms']:.3f} ms  p99 {result['p99_ms']:.3f} ms  "
-        f"{result['calls_per_s']:.0f}/s  errors {result['errors']}"
+        f"{result[f'{unit}_per_s']:.0f}/s  errors {result['errors']}"
     )
+    if result.get("proofs_made_late"):
+        text += f"  ({result['proofs_made_late']} proofs made while timed)"
     if result["errors"] or result["timed_out"]:
         text += f"  {'TIMED OUT ' if result['timed_out'] else ''}{result['error_samples'][:1]}"
     return text
@@ -401,78 +572,121 @@ def _median(values: list[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
+def _row(phases: list[dict[str, Any]], unit: str = "call") -> dict[str, Any]:
+    """Medians of one phase kind across repeats, with its errors summed."""
+    good = [p for p in phases if "fatal" not in p]
+
+    def med(key: str, sub: str | None = None) -> Any:
+        if sub is None:
+            return _median([p.get(key) for p in good])
+        return _median([(p.get(key) or {}).get(sub) for p in good])
+
+    row: dict[str, Any] = {
+        "p50_ms": med("p50_ms"),
+        "p90_ms": med("p90_ms"),
+        "p99_ms": med("p99_ms"),
+        "mean_ms": med("mean_ms"),
+    }
+    if unit == "call":
+        row |= {
+            "calls_per_s": med("calls_per_s"),
+            "target_cpu_ms_per_call": med("cpu_ms_per_call", "target"),
+            "echo_cpu_ms_per_call": med("cpu_ms_per_call", "echo"),
+            "client_cpu_ms_per_call": med("client_cpu_ms_per_call"),
+        }
+    else:
+        row |= {
+            "tokens_per_s": med("tokens_per_s"),
+            "bastion_cpu_ms_per_token": med("cpu_ms_per_token", "bastion"),
+            "client_cpu_ms_per_token": med("client_cpu_ms_per_token"),
+        }
+    row |= {
+        "errors": sum(p.get("errors", 0) for p in good),
+        "warmup_errors": sum(p.get("warmup_errors", 0) for p in good),
+        "failed_phases": len(phases) - len(good) + sum(1 for p in good if p.get("timed_out")),
+    }
+    return row
+
+
 def summarize(plan: Plan, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Medians across repeats per era/target/mode, and per-repeat paired comparisons."""
+    """Medians across repeats per era/target/mode, and per-repeat paired comparisons.
+
+    Comparison keys are `<target>_<what>` for target bare, bastion (auth none), oauth and dpop;
+    identity targets also get `<target>_over_none_*` (their cost over auth none).
+    """
     summary: dict[str, Any] = {}
     for era in plan.eras:
         table: dict[str, Any] = {}
-        for target in TARGETS:
+        for target in plan.targets:
             for mode in MODES:
                 phases = [run[era][target][mode] for run in runs]
-                good = [p for p in phases if "fatal" not in p]
-
-                def med(key: str, sub: str | None = None, _good: list[Any] = good) -> Any:
-                    if sub is None:
-                        return _median([p.get(key) for p in _good])
-                    return _median([(p.get(key) or {}).get(sub) for p in _good])
-
-                table.setdefault(target, {})[mode] = {
-                    "p50_ms": med("p50_ms"),
-                    "p90_ms": med("p90_ms"),
-                    "p99_ms": med("p99_ms"),
-                    "mean_ms": med("mean_ms"),
-                    "calls_per_s": med("calls_per_s"),
-                    "target_cpu_ms_per_call": med("cpu_ms_per_call", "target"),
-                    "echo_cpu_ms_per_call": med("cpu_ms_per_call", "echo"),
-                    "client_cpu_ms_per_call": med("client_cpu_ms_per_call"),
-                    "errors": sum(p.get("errors", 0) for p in good),
-                    "warmup_errors": sum(p.get("warmup_errors", 0) for p in good),
-                    "failed_phases": len(phases)
-                    - len(good)
-                    + sum(1 for p in good if p.get("timed_out")),
-                }
+                table.setdefault(target, {})[mode] = _row(phases)
         comparisons: dict[str, Any] = {}
         for mode in MODES:
 
-            def paired(fn: Any, _era: str = era, _mode: str = mode) -> float | None:
-                return _paired(runs, _era, _mode, fn)
+            def paired(fn: Any, *names: str, _era: str = era, _mode: str = mode) -> float | None:
+                return _paired(runs, _era, _mode, fn, names)
 
-            comparisons[mode] = {
-                "bastion_vs_direct_p50": paired(lambda d, b, g: g["p50_ms"] / d["p50_ms"]),
-                "bare_vs_direct_p50": paired(lambda d, b, g: b["p50_ms"] / d["p50_ms"]),
-                "bastion_vs_direct_p99": paired(lambda d, b, g: g["p99_ms"] / d["p99_ms"]),
-                "bare_vs_direct_p99": paired(lambda d, b, g: b["p99_ms"] / d["p99_ms"]),
-                "bastion_vs_direct_throughput": paired(
-                    lambda d, b, g: g["calls_per_s"] / d["calls_per_s"]
-                ),
-                "bare_vs_direct_throughput": paired(
-                    lambda d, b, g: b["calls_per_s"] / d["calls_per_s"]
-                ),
-                "bastion_added_p50_ms": paired(lambda d, b, g: g["p50_ms"] - d["p50_ms"]),
-                "bare_added_p50_ms": paired(lambda d, b, g: b["p50_ms"] - d["p50_ms"]),
-                "bastion_over_bare_p50_ms": paired(lambda d, b, g: g["p50_ms"] - b["p50_ms"]),
-                "bastion_added_p99_ms": paired(lambda d, b, g: g["p99_ms"] - d["p99_ms"]),
-                "bare_added_p99_ms": paired(lambda d, b, g: b["p99_ms"] - d["p99_ms"]),
-                "bastion_cpu_ms_per_call": table["bastion"][mode]["target_cpu_ms_per_call"],
-                "bare_cpu_ms_per_call": table["bare"][mode]["target_cpu_ms_per_call"],
-                "bastion_over_bare_cpu_ms_per_call": paired(
-                    lambda d, b, g: g["cpu_ms_per_call"]["target"] - b["cpu_ms_per_call"]["target"]
-                ),
-            }
+            cmp: dict[str, Any] = {}
+            for t in ("bare", *plan.auth):
+                cmp |= {
+                    f"{t}_vs_direct_p50": paired(
+                        lambda p, t=t: p[t]["p50_ms"] / p["direct"]["p50_ms"], t, "direct"
+                    ),
+                    f"{t}_vs_direct_p99": paired(
+                        lambda p, t=t: p[t]["p99_ms"] / p["direct"]["p99_ms"], t, "direct"
+                    ),
+                    f"{t}_vs_direct_throughput": paired(
+                        lambda p, t=t: p[t]["calls_per_s"] / p["direct"]["calls_per_s"],
+                        t,
+                        "direct",
+                    ),
+                    f"{t}_added_p50_ms": paired(
+                        lambda p, t=t: p[t]["p50_ms"] - p["direct"]["p50_ms"], t, "direct"
+                    ),
+                    f"{t}_added_p99_ms": paired(
+                        lambda p, t=t: p[t]["p99_ms"] - p["direct"]["p99_ms"], t, "direct"
+                    ),
+                    f"{t}_cpu_ms_per_call": table[t][mode]["target_cpu_ms_per_call"],
+                }
+                if t == "bare":
+                    continue
+                for base, suffix in (("bare", "bare"), ("bastion", "none")):
+                    if base == "bare" or (t in IDENTITY and "bastion" in plan.auth):
+                        cmp[f"{t}_over_{suffix}_p50_ms"] = paired(
+                            lambda p, t=t, b=base: p[t]["p50_ms"] - p[b]["p50_ms"], t, base
+                        )
+                        cmp[f"{t}_over_{suffix}_cpu_ms_per_call"] = paired(
+                            lambda p, t=t, b=base: (
+                                p[t]["cpu_ms_per_call"]["target"]
+                                - p[b]["cpu_ms_per_call"]["target"]
+                            ),
+                            t,
+                            base,
+                        )
+            comparisons[mode] = cmp
         summary[era] = {"targets": table, "comparisons": comparisons}
     return summary
 
 
-def _paired(runs: list[dict[str, Any]], era: str, mode: str, fn: Any) -> float | None:
-    """Median over repeats of fn(direct, bare, bastion), each repeat's phases compared."""
+def summarize_tokens(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Medians of the token endpoint phases across repeats (None when none ran)."""
+    phases = [run["tokens"] for run in runs if "tokens" in run]
+    return _row(phases, unit="token") if phases else None
+
+
+def _paired(
+    runs: list[dict[str, Any]], era: str, mode: str, fn: Any, names: tuple[str, ...]
+) -> float | None:
+    """Median over repeats of fn(phases by target), each repeat's phases compared."""
     values = []
     for run in runs:
-        d, b, g = (run[era][t][mode] for t in TARGETS)
-        if any("fatal" in p for p in (d, b, g)):
+        phases = {t: run[era][t][mode] for t in names}
+        if any("fatal" in p for p in phases.values()):
             continue
         try:
-            values.append(fn(d, b, g))
-        except (TypeError, ZeroDivisionError):
+            values.append(fn(phases))
+        except (TypeError, ZeroDivisionError, KeyError):
             continue
     return _median(values)
 
@@ -494,6 +708,22 @@ def _signed(value: float | None) -> str:
     return "–" if value is None else f"{value:+.3f}"
 
 
+def _errors(row: dict[str, Any]) -> str:
+    text = str(row["errors"])
+    if row["warmup_errors"]:
+        text += f" (+{row['warmup_errors']} in warm-up)"
+    if row["failed_phases"]:
+        text += f" ({row['failed_phases']} phase(s) failed)"
+    return text
+
+
+def _targets_of(target: str) -> tuple[float, float]:
+    """The (added p50, CPU per call) limits for a Bastion target."""
+    if target in IDENTITY:
+        return TARGET_IDENTITY_ADDED_P50_MS, TARGET_IDENTITY_CPU_MS_PER_CALL
+    return TARGET_ADDED_P50_MS, TARGET_CPU_MS_PER_CALL
+
+
 def render(plan: Plan, report: dict[str, Any]) -> str:
     out = []
     reps = plan.repeats
@@ -506,6 +736,15 @@ def render(plan: Plan, report: dict[str, Any]) -> str:
         f"calls over {plan.concurrency} workers · warm-up {plan.warmup} calls per phase · "
         f"load avg before {report['meta']['loadavg_before']}"
     )
+    scenarios = {
+        "bastion": "auth none",
+        "oauth": "Bearer token fetched once per phase (verified-token cache)",
+        "dpop": "DPoP-bound token, a new pre-made proof on every call",
+    }
+    out.append("")
+    out.append(
+        "Bastion scenarios: " + " · ".join(f"**{LABELS[t]}**: {scenarios[t]}" for t in plan.auth)
+    )
     concurrent_label = f"{plan.concurrency}-concurrent"
     for era in plan.eras:
         block = report["summary"][era]
@@ -517,65 +756,83 @@ def render(plan: Plan, report: dict[str, Any]) -> str:
             "| echo CPU ms/call | errors |"
         )
         out.append("|---|---|--:|--:|--:|--:|--:|--:|")
-        for target in TARGETS:
+        for target in plan.targets:
             for mode in MODES:
                 row = block["targets"][target][mode]
-                errors = str(row["errors"])
-                if row["warmup_errors"]:
-                    errors += f" (+{row['warmup_errors']} in warm-up)"
-                if row["failed_phases"]:
-                    errors += f" ({row['failed_phases']} phase(s) failed)"
                 out.append(
                     f"| {LABELS[target]} | {mode if mode == 'sequential' else concurrent_label} "
                     f"| {_f(row['p50_ms'])} | {_f(row['p99_ms'])} | {_f(row['calls_per_s'], 0)} "
                     f"| {_f(row['target_cpu_ms_per_call'])} "
-                    f"| {_f(row['echo_cpu_ms_per_call'])} | {errors} |"
+                    f"| {_f(row['echo_cpu_ms_per_call'])} | {_errors(row)} |"
                 )
         out.append("")
-        out.append(f"| {era}: compared with direct | sequential | {concurrent_label} |")
-        out.append("|---|--:|--:|")
-        cmp = block["comparisons"]
-        rows = [
-            ("bastion p50 ÷ direct p50", "bastion_vs_direct_p50", "x"),
-            ("bare hop p50 ÷ direct p50", "bare_vs_direct_p50", "x"),
-            ("bastion p99 ÷ direct p99", "bastion_vs_direct_p99", "x"),
-            ("bastion calls/s ÷ direct", "bastion_vs_direct_throughput", "x"),
-            ("bare hop calls/s ÷ direct", "bare_vs_direct_throughput", "x"),
-            ("**bastion added p50 ms** (target ≤ 0.3)", "bastion_added_p50_ms", "ms"),
-            ("bare hop added p50 ms", "bare_added_p50_ms", "ms"),
-            ("bastion − bare hop p50 ms", "bastion_over_bare_p50_ms", "ms"),
-            ("**bastion CPU ms/call** (target ≤ 0.3)", "bastion_cpu_ms_per_call", "cpu"),
-            ("bare hop CPU ms/call", "bare_cpu_ms_per_call", "cpu"),
-            ("bastion − bare hop CPU ms/call", "bastion_over_bare_cpu_ms_per_call", "ms"),
-        ]
-        for label, key, kind in rows:
-            cells = []
+        out.append(
+            f"| {era}: compared | mode | p50 ÷ direct | calls/s ÷ direct | **added p50 ms** "
+            "| added p99 ms | **CPU ms/call** | − bare hop p50 ms | − bare hop CPU ms "
+            "| − auth none p50 ms | − auth none CPU ms |"
+        )
+        out.append("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+        for target in ("bare", *plan.auth):
             for mode in MODES:
-                value = cmp[mode][key]
-                if kind == "x":
-                    cells.append(_f(value, 2, "×"))
-                elif kind == "ms":
-                    cells.append(_signed(value))
-                else:
-                    cells.append(_f(value))
-            out.append(f"| {label} | {cells[0]} | {cells[1]} |")
+                c = block["comparisons"][mode]
+
+                def get(key: str, _c: dict[str, Any] = c, _t: str = target) -> Any:
+                    return _c.get(f"{_t}_{key}")
+
+                out.append(
+                    f"| {LABELS[target]} | {mode if mode == 'sequential' else concurrent_label} "
+                    f"| {_f(get('vs_direct_p50'), 2, '×')} "
+                    f"| {_f(get('vs_direct_throughput'), 2, '×')} "
+                    f"| {_signed(get('added_p50_ms'))} | {_signed(get('added_p99_ms'))} "
+                    f"| {_f(get('cpu_ms_per_call'))} "
+                    f"| {_signed(get('over_bare_p50_ms'))} "
+                    f"| {_signed(get('over_bare_cpu_ms_per_call'))} "
+                    f"| {_signed(get('over_none_p50_ms'))} "
+                    f"| {_signed(get('over_none_cpu_ms_per_call'))} |"
+                )
+    tokens = report.get("token_endpoint")
+    if tokens is not None:
+        out.append("")
+        out.append(
+            f"## token endpoint (`client_credentials` + private_key_jwt, "
+            f"{plan.token_requests} requests over {plan.token_concurrency} workers)"
+        )
+        out.append("")
+        out.append(
+            "| tokens/s | p50 ms | p99 ms | bastion CPU ms/token | client CPU ms/token | errors |"
+        )
+        out.append("|--:|--:|--:|--:|--:|--:|")
+        out.append(
+            f"| {_f(tokens['tokens_per_s'], 0)} | {_f(tokens['p50_ms'])} "
+            f"| {_f(tokens['p99_ms'])} | {_f(tokens['bastion_cpu_ms_per_token'])} "
+            f"| {_f(tokens['client_cpu_ms_per_token'])} | {_errors(tokens)} |"
+        )
     out.append("")
     out.append("| process | peak RSS (VmHWM) MiB |")
     out.append("|---|--:|")
     for name, status in report["peak_rss_kib"].items():
         out.append(f"| {name} | {_f(status.get('VmHWM', 0) / 1024, 1)} |")
     out.append("")
-    lines = []
+    out.append("Targets (sequential mode; added p50 = paired median of target p50 − direct p50):")
+    out.append("")
     for era in plan.eras:
         seq = report["summary"][era]["comparisons"]["sequential"]
-        added, cpu = seq["bastion_added_p50_ms"], seq["bastion_cpu_ms_per_call"]
-        verdict_p50 = _verdict(added, TARGET_ADDED_P50_MS)
-        verdict_cpu = _verdict(cpu, TARGET_CPU_MS_PER_CALL)
-        lines.append(
-            f"{era}: added p50 {_signed(added)} ms ({verdict_p50}), "
-            f"CPU {_f(cpu)} ms/call ({verdict_cpu})"
+        for target in plan.auth:
+            p50_limit, cpu_limit = _targets_of(target)
+            added, cpu = seq[f"{target}_added_p50_ms"], seq[f"{target}_cpu_ms_per_call"]
+            out.append(
+                f"- {era}, {LABELS[target]}: added p50 {_signed(added)} ms "
+                f"(≤ {p50_limit}: {_verdict(added, p50_limit)}), CPU {_f(cpu)} ms/call "
+                f"(≤ {cpu_limit}: {_verdict(cpu, cpu_limit)})"
+            )
+    if tokens is not None:
+        rate = tokens["tokens_per_s"]
+        verdict = "–" if rate is None else ("met" if rate >= TARGET_TOKENS_PER_S else "MISSED")
+        out.append(
+            f"- token endpoint: {_f(rate, 0)} tokens/s (≥ {TARGET_TOKENS_PER_S:.0f}: {verdict}), "
+            f"CPU {_f(tokens['bastion_cpu_ms_per_token'])} ms/token"
         )
-    out.append("Targets (sequential, ≤ 0.3 ms each): " + "; ".join(lines))
+    out.append("")
     status = "OK" if report["ok"] else f"FAILED: {report['failure']}"
     out.append(f"Result: {status} · {report['meta']['duration_s']:.0f} s · JSON: {report['json']}")
     return "\n".join(out)
@@ -598,15 +855,20 @@ def main(argv: list[str] | None = None) -> int:
         "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "argv": sys.argv[1:] if argv is None else argv,
         "plan": plan.__dict__,
+        "targets": list(plan.targets),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
         "loadavg_before": loadavg(),
         "git_commit": _git_commit(),
     }
+    tokens = (
+        f", token endpoint {plan.token_requests}@{plan.token_concurrency}" if plan.tokens else ""
+    )
     print(
-        f"bench: eras {','.join(plan.eras)}, {plan.repeats} repeat(s), "
-        f"{plan.calls} sequential + {plan.concurrent_calls}@{plan.concurrency} calls per phase",
+        f"bench: eras {','.join(plan.eras)}, targets {','.join(plan.targets)}, "
+        f"{plan.repeats} repeat(s), {plan.calls} sequential + "
+        f"{plan.concurrent_calls}@{plan.concurrency} calls per phase{tokens}",
         file=sys.stderr,
         flush=True,
     )
@@ -618,7 +880,7 @@ def main(argv: list[str] | None = None) -> int:
         fleet = Fleet(Path(tmp))
         setup: dict[str, Any] = {}
         try:
-            setup = start_targets(fleet, Path(tmp))
+            setup = start_targets(plan, fleet, Path(tmp))
             load = Load(fleet.start("load", [sys.executable, str(BENCH / "load.py")], pipes=True))
             load.ask({"cmd": "ping"}, 30)
             print("bench: all processes ready", file=sys.stderr, flush=True)
@@ -636,12 +898,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {failure}", file=sys.stderr)
         return code
     summary = summarize(plan, runs)
-    errors = sum(
-        row["errors"] + row["warmup_errors"] + row["failed_phases"]
+    token_summary = summarize_tokens(runs)
+    rows = [
+        row
         for era in summary.values()
         for modes in era["targets"].values()
         for row in modes.values()
-    )
+    ]
+    if token_summary is not None:
+        rows.append(token_summary)
+    errors = sum(row["errors"] + row["warmup_errors"] + row["failed_phases"] for row in rows)
     if failure is None and errors:
         failure, code = f"{errors} failed call(s) or phase(s)", 1
     meta["loadavg_after"] = loadavg()
@@ -651,8 +917,10 @@ def main(argv: list[str] | None = None) -> int:
         "ok": failure is None,
         "failure": failure,
         "meta": meta,
-        "bastion_config": setup.get("config"),
+        "bastion_config": setup.get("configs", {}).get("none"),
+        "bastion_oauth_config": setup.get("configs", {}).get("oauth"),
         "summary": summary,
+        "token_endpoint": token_summary,
         "peak_rss_kib": peak,
         "runs": runs,
         "json": str(output.relative_to(ROOT) if output.is_relative_to(ROOT) else output),

@@ -81,6 +81,7 @@ def idgw(
             "trusted_issuers": [{"issuer": oidc_provider.issuer}],
             "agents": SEEDS,
             "spiffe": [{"domain": "example.org", "bundle": str(tmp / "spiffe-bundle.json")}],
+            "dpop": {"nonce": True},
         },
         "upstreams": {
             "workspace": {
@@ -383,21 +384,42 @@ def test_dpop_bound_token(idgw: GatewayProcess, holder: tuple[SigningKey, Path])
     claims = pyjwt.decode(token, options={"verify_signature": False})
     assert claims["cnf"]["jkt"]
     url = idgw.url("/mcp")
-    proof = make_proof(key, "POST", url, time.time(), access_token=token)
-    assert call(idgw, token, scheme="DPoP", proof=proof).status_code == 200
-    replayed = call(idgw, token, scheme="DPoP", proof=proof)
+    # The server demands its nonce (RFC 9449 §8): the first proof, without one, learns it.
+    first = call(
+        idgw,
+        token,
+        scheme="DPoP",
+        proof=make_proof(key, "POST", url, time.time(), access_token=token),
+    )
+    assert first.status_code == 401
+    assert 'error="use_dpop_nonce"' in first.headers["www-authenticate"]
+    nonce = first.headers["dpop-nonce"]
+
+    def proof(
+        signer: SigningKey = key,
+        method: str = "POST",
+        at: str = url,
+        when: float = 0.0,
+        bind: str | None = token,
+        with_nonce: str | None = nonce,
+    ) -> str:
+        return make_proof(
+            signer, method, at, when or time.time(), access_token=bind, nonce=with_nonce
+        )
+
+    good = proof()
+    assert call(idgw, token, scheme="DPoP", proof=good).status_code == 200
+    replayed = call(idgw, token, scheme="DPoP", proof=good)
     assert replayed.status_code == 401 and replayed.json()["error"]["data"]["reason"] == "replayed"
     stolen = call(idgw, token)  # the token alone, as a Bearer token
     assert stolen.status_code == 401 and stolen.json()["error"]["data"]["reason"] == "wrong_key"
-    other = generate("ES256")
     cases = {
-        "htu": make_proof(
-            key, "POST", idgw.url("/servers/echo/mcp"), time.time(), access_token=token
-        ),
-        "htm": make_proof(key, "GET", url, time.time(), access_token=token),
-        "wrong_key": make_proof(other, "POST", url, time.time(), access_token=token),
-        "ath": make_proof(key, "POST", url, time.time()),
-        "iat": make_proof(key, "POST", url, time.time() - 3600, access_token=token),
+        "htu": proof(at=idgw.url("/servers/echo/mcp")),
+        "htm": proof(method="GET"),
+        "wrong_key": proof(signer=generate("ES256")),
+        "ath": proof(bind=None),
+        "iat": proof(when=time.time() - 3600),
+        "nonce": proof(with_nonce="made-up"),
     }
     for reason, bad in cases.items():
         response = call(idgw, token, scheme="DPoP", proof=bad)
@@ -641,18 +663,18 @@ def test_offboarding_ends_everything(idgw: GatewayProcess) -> None:
 
 def test_upstream_gets_a_minted_credential_never_the_clients(idgw: GatewayProcess) -> None:
     token = cli_token(idgw, "acme-reader", "--resource", idgw.url("/servers/recorder/mcp"))
-    response = call(
-        idgw,
-        token,
-        path="/servers/recorder/mcp",
-        method="tools/call",
-        params={"name": "headers", "arguments": {}},
-        name="headers",
-    )
+    headers = {
+        **modern_headers("tools/call", "headers"),
+        "Authorization": f"Bearer {token}",
+        "Cookie": "session=client-cookie",
+        "X-Forwarded-For": "10.9.8.7",
+    }
+    body = modern_body("tools/call", {"name": "headers", "arguments": {}})
+    response = httpx.post(idgw.url("/servers/recorder/mcp"), json=body, headers=headers, timeout=20)
     assert response.status_code == 200, response.text
     seen = json.loads(response.json()["result"]["content"][0]["text"])
     assert all(token not in value for value in seen.values())
-    assert "cookie" not in seen and "dpop" not in seen
+    assert "cookie" not in seen and "dpop" not in seen and "x-forwarded-for" not in seen
     scheme, minted = seen["authorization"].split(" ", 1)
     assert scheme == "Bearer" and minted != token
     jwks = httpx.get(idgw.url("/.well-known/jwks.json")).json()

@@ -7,6 +7,7 @@ out. Remembering which `jti`s were seen is the caller's job, since it needs shar
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -18,8 +19,15 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from bastion.errors import TokenError
-from bastion.identity.jwt import allowed_alg, encode, parse, verify_signature
-from bastion.identity.keys import SigningKey, b64url, fits, public_key_from_jwk, thumbprint
+from bastion.identity.jwt import allowed_alg, encode, json_object, split, verify_signature
+from bastion.identity.keys import (
+    SigningKey,
+    b64url,
+    b64url_decode,
+    fits,
+    public_key_from_jwk,
+    thumbprint,
+)
 
 DPOP_TYP = "dpop+jwt"
 MAX_JTI_CHARS = 256
@@ -49,6 +57,7 @@ def _unescape_unreserved(match: re.Match[str]) -> str:
     return char if char in _UNRESERVED else match.group().upper()
 
 
+@functools.lru_cache(maxsize=1024)
 def canonical_url(url: str) -> str:
     """`url` as htu is compared (RFC 9449 §4.3, RFC 3986 §6.2.2-6.2.3).
 
@@ -102,6 +111,29 @@ def _check_iat(claims: Mapping[str, Any], now: float, max_age: float, leeway: fl
     return float(iat)
 
 
+@functools.lru_cache(maxsize=4096)
+def _proof_key(head: str) -> tuple[str, Any, str]:
+    """The alg, public key and thumbprint a proof header names, checked once per distinct header.
+
+    A client signs every proof with the same key and so sends the same header segment; caching
+    by that segment keeps key construction and thumbprinting off the per-request path. Refused
+    headers raise and are not cached.
+    """
+    header = json_object(head, "header")
+    if "crit" in header:
+        raise TokenError("malformed", "expected no critical header extensions, found 'crit'")
+    typ = header.get("typ")
+    if not isinstance(typ, str) or typ.lower() != DPOP_TYP:
+        raise TokenError(
+            "wrong_typ",
+            f"expected typ {DPOP_TYP!r}, found "
+            f"{typ if isinstance(typ, str) and len(typ) < 40 else 'another'!r}",
+        )
+    alg = allowed_alg(header)
+    public, jwk = _check_key(header, alg)
+    return alg, public, thumbprint(jwk)
+
+
 def _check_key(header: Mapping[str, Any], alg: str) -> tuple[Any, Mapping[str, Any]]:
     jwk = header.get("jwk")
     if not isinstance(jwk, Mapping):
@@ -136,23 +168,17 @@ def verify_proof(
     and refuse a proof whose jti it has seen with `TokenError("replayed", ...)`. Binding to the
     access token's `cnf.jkt` is also the caller's, using the returned `Proof.jkt`.
     """
-    jws = parse(proof)
-    typ = jws.header.get("typ")
-    if not isinstance(typ, str) or typ.lower() != DPOP_TYP:
-        raise TokenError(
-            "wrong_typ",
-            f"expected typ {DPOP_TYP!r}, found "
-            f"{typ if isinstance(typ, str) and len(typ) < 40 else 'another'!r}",
-        )
-    alg = allowed_alg(jws.header)
-    public, jwk = _check_key(jws.header, alg)
-    if not verify_signature(alg, public, jws.signing_input, jws.signature):
+    head, body, signature = split(proof)
+    alg, public, jkt = _proof_key(head)
+    claims = json_object(body, "payload")
+    if not verify_signature(
+        alg, public, f"{head}.{body}".encode("ascii"), b64url_decode(signature, "signature")
+    ):
         raise TokenError(
             "bad_signature",
             "expected a proof signed by the key in its jwk "
             "header, found a signature that does not verify",
         )
-    claims = jws.claims
     if _string_claim(claims, "htm") != method:
         raise TokenError("htm", f"expected htm {method!r}, found another method")
     if canonical_url(_string_claim(claims, "htu")) != canonical_url(url):
@@ -180,7 +206,7 @@ def verify_proof(
             "expected the nonce the server issued, found "
             f"{'none' if proof_nonce is None else 'another one'}",
         )
-    return Proof(jkt=thumbprint(jwk), jti=jti, iat=iat, nonce=proof_nonce)
+    return Proof(jkt=jkt, jti=jti, iat=iat, nonce=proof_nonce)
 
 
 def make_proof(

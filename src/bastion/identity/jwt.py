@@ -93,7 +93,8 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _split(token: str) -> list[str]:
+def split(token: str) -> list[str]:
+    """The three segments of a compact JWS, size- and shape-checked."""
     if len(token) > MAX_TOKEN_BYTES:
         raise TokenError(
             "too_large", f"expected a token of at most {MAX_TOKEN_BYTES} bytes, found {len(token)}"
@@ -107,7 +108,8 @@ def _split(token: str) -> list[str]:
     return parts
 
 
-def _json_object(segment: str, what: str) -> dict[str, Any]:
+def json_object(segment: str, what: str) -> dict[str, Any]:
+    """A base64url segment decoded as a JSON object (duplicate keys and NaN refused)."""
     raw = b64url_decode(segment, what)
     try:
         value = json.loads(
@@ -124,19 +126,19 @@ def _json_object(segment: str, what: str) -> dict[str, Any]:
 
 def unverified_header(token: str) -> dict[str, Any]:
     """The JOSE header of `token`, unverified: only for choosing a key set before `verify`."""
-    return _json_object(_split(token)[0], "header")
+    return json_object(split(token)[0], "header")
 
 
 def unverified_claims(token: str) -> dict[str, Any]:
     """The claims of `token`, unverified: only for choosing the issuer before `verify`."""
-    return _json_object(_split(token)[1], "payload")
+    return json_object(split(token)[1], "payload")
 
 
 def parse(token: str) -> Jws:
     """Split and decode a compact JWS without checking its signature (`crit` is refused)."""
-    head, body, sig = _split(token)
-    header = _json_object(head, "header")
-    claims = _json_object(body, "payload")
+    head, body, sig = split(token)
+    header = json_object(head, "header")
+    claims = json_object(body, "payload")
     if "crit" in header:
         raise TokenError("malformed", "expected no critical header extensions, found 'crit'")
     return Jws(header, claims, f"{head}.{body}".encode("ascii"), b64url_decode(sig, "signature"))

@@ -114,8 +114,7 @@ class Authenticator:
     ) -> Principal:
         scheme, token = _credentials(headers.get("authorization"))
         assert self._agents is not None  # noqa: S101 - present when auth is oauth
-        self._agents.refresh()
-        key = f"{resource}\0{token}"
+        key = f"{resource}\0{token}"  # the registry view was refreshed by the pipeline
         cached = self._verified.get(key, now)
         if cached is None:
             claims = await self._verify(token, resource, now)
@@ -265,7 +264,6 @@ class Authenticator:
         elif isinstance(exc, TokenError) and exc.reason == "nonce":
             parts = ['error="use_dpop_nonce"', f'error_description="{_quote(exc.message)}"']
             scheme = "DPoP"
-            out.append((b"dpop-nonce", self._nonce(time.time()).encode()))
         elif isinstance(exc, TokenError) and headers.get("authorization"):
             parts = [
                 'error="invalid_token"',

@@ -36,6 +36,7 @@ class Pipeline:
         self.settings = settings
         self.agents = agents
         self.keys = keys
+        self._keys_checked = 0.0
         self.authn = Authenticator(settings.auth, settings.base_url(), agents, keys)
         self.sessions = SessionStore(
             settings.limits.max_sessions, settings.limits.session_idle_seconds
@@ -57,8 +58,9 @@ class Pipeline:
         left in `exchange.denial` (with its challenge headers)."""
         if self.agents is not None and self.agents.refresh():
             await self.reconcile()
-        if self.keys is not None:
-            self.keys.refresh()  # a rotation by `bastion keys rotate` (a stat, no read)
+        if self.keys is not None and (now := time.monotonic()) > self._keys_checked + 1.0:
+            self._keys_checked = now
+            self.keys.refresh()  # a rotation by `bastion keys rotate`, seen within a second
         resource = self.settings.base_url() + route.path
         await self.authn.authenticate(exchange, headers, method, url, resource)
         if exchange.denial is not None:
