@@ -14,8 +14,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner
 
+from bastion.control.agents import AgentStatus
 from bastion.control.agents_cli import app
-from bastion.control.registry import AgentStatus, RegistryView, SqliteRegistry
+from bastion.control.registry import RegistryView, SqliteRegistry
 from bastion.identity import keys
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from bastion.control.registry import (
+from bastion.control.agents import (
     Agent,
     AgentStatus,
     RegistryConflict,
@@ -21,9 +21,8 @@ from bastion.control.registry import (
     RegistryNotFound,
     RegistrySnapshot,
     RegistryUnavailable,
-    RegistryView,
-    SqliteRegistry,
 )
+from bastion.control.registry import RegistryView, SqliteRegistry
 from bastion.identity import keys
 
 NOW = 1_900_000_000.0

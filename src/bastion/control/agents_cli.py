@@ -27,7 +27,8 @@ from rich.table import Table
 from rich.text import Text
 
 from bastion.config import load as load_config
-from bastion.control.registry import Agent, AgentStatus, SqliteRegistry
+from bastion.control.agents import Agent, AgentStatus
+from bastion.control.registry import SqliteRegistry
 from bastion.errors import BastionError, ConfigError, TokenError
 from bastion.identity.keys import thumbprint
 

@@ -10,14 +10,9 @@ from pathlib import Path
 
 from bastion.app import Gateway, routes_for
 from bastion.config import SeedAgent, Settings
+from bastion.control.agents import Agent, AgentStatus, RegistryNotFound
 from bastion.control.endpoints import oauth_endpoints
-from bastion.control.registry import (
-    Agent,
-    AgentStatus,
-    RegistryNotFound,
-    RegistryView,
-    SqliteRegistry,
-)
+from bastion.control.registry import RegistryView, SqliteRegistry
 from bastion.control.secrets import upstream_secrets
 from bastion.control.token_service import TokenService
 from bastion.errors import ConfigError

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bastion.config import Settings, TrustedIssuer
-from bastion.control.registry import Agent, RegistryView
+from bastion.control.agents import Agent
+from bastion.control.registry import RegistryView
 from bastion.errors import BastionError, TokenError
 from bastion.identity import dpop
 from bastion.identity.jwt import Expect, mint, unverified_claims, verify
