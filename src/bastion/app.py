@@ -9,6 +9,7 @@ import signal
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from bastion.audit import AuditWriter
 from bastion.config import Settings
 from bastion.pipeline.authn import AgentDirectory, SigningKeys
 from bastion.pipeline.chain import Pipeline
@@ -52,16 +53,20 @@ class Gateway:
         keys: SigningKeys | None = None,
         secrets: Mapping[str, str] | None = None,
         endpoints: Mapping[str, ASGIApp] | None = None,
+        audit: AuditWriter | None = None,
     ) -> None:
         self.settings = settings
+        self.audit = audit
         self.upstreams = Upstreams(settings)
-        self.pipeline = Pipeline(settings, self.upstreams, agents, keys, secrets)
+        self.pipeline = Pipeline(settings, self.upstreams, agents, keys, secrets, audit)
         self.routes = routes_for(settings)
         self.front = Front(settings, self.pipeline, self.routes, endpoints)
         self._janitor: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Launch managed upstreams and begin expiring idle sessions."""
+        if self.audit is not None:
+            await self.audit.start()
         await self.upstreams.start()
         self._janitor = asyncio.create_task(self._expire_sessions())
         self.front.ready = True
@@ -75,6 +80,8 @@ class Gateway:
                 await self._janitor
         await self.pipeline.sessions.close()
         await self.upstreams.close()
+        if self.audit is not None:
+            await self.audit.stop()
 
     async def _expire_sessions(self) -> None:
         period = min(60.0, self.settings.limits.session_idle_seconds / 2)

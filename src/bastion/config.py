@@ -216,12 +216,27 @@ class VirtualServer(_Frozen):
     instructions: str | None = None
 
 
+class AuditSettings(_Frozen):
+    """The audit trail: where it is kept and what a call waits for."""
+
+    enabled: bool = True
+    # strict: a call goes upstream only after its decision record is committed;
+    # relaxed: records are written behind the calls.
+    durability: Literal["strict", "relaxed"] = "strict"
+    synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    max_bytes: int | None = Field(None, ge=65536)  # the store refuses to grow past this
+    checkpoint_every: int = Field(1000, ge=1)
+    checkpoint_seconds: float = Field(5.0, gt=0)
+    record_arguments: bool = False  # keep the arguments themselves, not only their digest
+
+
 class Settings(_Frozen):
     """The whole configuration, validated."""
 
     listen: Listen = Listen()
     state_dir: str = ".state"  # keys and the registry; relative to the config file
     auth: Auth = Auth()
+    audit: AuditSettings = AuditSettings()
     limits: Limits = Limits()
     security: Security = Security()
     upstreams: dict[str, Upstream] = Field(default_factory=dict)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bastion.app import Gateway, routes_for
+from bastion.audit import AuditWriter, WriterOptions, open_writer
 from bastion.config import SeedAgent, Settings
 from bastion.control.agents import Agent, AgentStatus, RegistryNotFound
 from bastion.control.endpoints import oauth_endpoints
@@ -101,11 +102,27 @@ def _seed(registry: SqliteRegistry, seed: SeedAgent, state: Path) -> None:
     )
 
 
+def open_audit(settings: Settings) -> AuditWriter | None:
+    """The audit writer for `<state_dir>/audit`, unless the trail is off."""
+    audit = settings.audit
+    if not audit.enabled:
+        return None
+    options = WriterOptions(
+        checkpoint_every=audit.checkpoint_every, checkpoint_seconds=audit.checkpoint_seconds
+    )
+    Path(settings.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    return open_writer(
+        settings.state_dir, options, synchronous=audit.synchronous, max_bytes=audit.max_bytes
+    )
+
+
 async def build_gateway(settings: Settings) -> Gateway:
-    """A gateway ready to start: identity on unless `auth: none`."""
+    """A gateway ready to start: identity on unless `auth: none`, the audit trail on unless
+    `audit.enabled: false`."""
     secrets = await upstream_secrets(settings)
+    audit = open_audit(settings)
     if settings.auth.mode == "none":
-        return Gateway(settings, secrets=secrets)
+        return Gateway(settings, secrets=secrets, audit=audit)
     identity = open_identity(settings)
     return Gateway(
         settings,
@@ -113,4 +130,5 @@ async def build_gateway(settings: Settings) -> Gateway:
         keys=identity.keys,
         secrets=secrets,
         endpoints=oauth_endpoints(identity.service),
+        audit=audit,
     )

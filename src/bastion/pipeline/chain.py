@@ -7,6 +7,7 @@ import time
 from collections.abc import Mapping
 from typing import cast
 
+from bastion.audit import AuditWriter
 from bastion.config import Settings
 from bastion.errors import BastionError, PolicyError, SessionNotFound
 from bastion.pipeline.authn import AgentDirectory, Authenticator, SigningKeys
@@ -16,6 +17,7 @@ from bastion.pipeline.dispatch import Dispatcher
 from bastion.pipeline.exchange import Exchange
 from bastion.pipeline.route import Route
 from bastion.pipeline.session import ClientSession, SessionStore, session_hash
+from bastion.pipeline.trail import Trail
 from bastion.upstream.base import Answer
 from bastion.upstream.pool import Upstreams
 
@@ -32,8 +34,10 @@ class Pipeline:
         agents: AgentDirectory | None = None,
         keys: SigningKeys | None = None,
         secrets: Mapping[str, str] | None = None,
+        audit: AuditWriter | None = None,
     ) -> None:
         self.settings = settings
+        self.trail = Trail(settings, audit)
         self.agents = agents
         self.keys = keys
         self._keys_checked = 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,9 @@ class Exchange:
     forward_headers: dict[str, str] = field(default_factory=dict)
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    trace_id: str | None = None
+    request_bytes: int = 0
 
     @property
     def method(self) -> str:

@@ -23,8 +23,10 @@ from typing import Any
 import orjson
 
 from bastion import rpc, sse
+from bastion.audit import AuditUnavailable
 from bastion.config import Settings
 from bastion.errors import (
+    AuthError,
     BastionError,
     BodyTooLarge,
     InvalidRequest,
@@ -142,6 +144,7 @@ class Front:
     ) -> None:
         checks.check_post_media(headers.get("content-type"), headers.get("accept"))
         body = await self._read_body(receive, headers)
+        headers[_BODY_SIZE] = str(len(body))
         message: Any = None
         try:
             message = rpc.loads(body)
@@ -218,11 +221,9 @@ class Front:
             return
         exchange = Exchange(message, Era.MODERN, MODERN_VERSION, route.name, client)
         exchange.forward_headers = {k: v for k, v in headers.items() if k.startswith("mcp-param-")}
+        _describe(exchange, headers)
         await self.pipeline.admit(exchange, route, headers, "POST", self.base + route.path)
-        if exchange.denial is not None:
-            await _error(send, exchange.denial, exchange.id, extra=exchange.response_headers)
-            return
-        await self._answer(send, receive, exchange, await self.pipeline.run(exchange, route), None)
+        await self._execute(send, receive, exchange, route, None)
 
     async def _post_legacy(
         self,
@@ -245,11 +246,14 @@ class Front:
                 f"(or use protocol version {MODERN_VERSION} with its request headers)"
             )
         exchange = Exchange(message, Era.LEGACY, version or LEGACY_VERSIONS[0], route.name, client)
+        _describe(exchange, headers)
         url = self.base + route.path
         await self.pipeline.admit(exchange, route, headers, "POST", url, session_id)
         session = exchange.session
         if session is None:  # unknown or someone else's session: same answer either way
             denial = exchange.denial or SessionNotFound("session not found")
+            if isinstance(denial, AuthError):
+                await self.pipeline.trail.refused(exchange, route)
             await _error(send, denial, None, extra=exchange.response_headers)
             return
         if version is not None and version != session.protocol_version:
@@ -270,11 +274,7 @@ class Front:
                 await self.pipeline.dispatcher.notify(session, message)
             await _plain(send, 202, b"", session_headers(session))
             return
-        if exchange.denial is not None:
-            await _error(send, exchange.denial, exchange.id, extra=session_headers(session))
-            return
-        answer = await self.pipeline.run(exchange, route)
-        await self._answer(send, receive, exchange, answer, session)
+        await self._execute(send, receive, exchange, route, session)
 
     async def _initialize(
         self, send: Send, route: Route, message: JSON, client: str, headers: dict[str, str]
@@ -282,10 +282,17 @@ class Front:
         params = message.get("params") or {}
         version = negotiate(params.get("protocolVersion"))
         exchange = Exchange(message, Era.LEGACY, version, route.name, client)
+        _describe(exchange, headers)
         await self.pipeline.admit(exchange, route, headers, "POST", self.base + route.path)
         if exchange.denial is not None or exchange.principal is None:
             denial = exchange.denial or InvalidRequest("no principal")
+            await self._record_refusal(exchange, route)
             await _error(send, denial, exchange.id, extra=exchange.response_headers)
+            return
+        try:
+            await self.pipeline.trail.decision(exchange, route)
+        except AuditUnavailable as exc:
+            await _error(send, exc, exchange.id)
             return
         hello = {
             "protocolVersion": version,
@@ -309,9 +316,44 @@ class Front:
             await _error(send, exc, exchange.id)
             return
         await store.add(session)
-        await _json(send, 200, rpc.dumps(rpc.result(exchange.id, body)), session_headers(session))
+        reply = rpc.result(exchange.id, body)
+        await _json(send, 200, rpc.dumps(reply), session_headers(session))
+        await self.pipeline.trail.outcome(exchange, route, reply)
 
     # -- answering: JSON or SSE -------------------------------------------------------------
+
+    async def _execute(
+        self,
+        send: Send,
+        receive: Receive,
+        exchange: Exchange,
+        route: Route,
+        session: ClientSession | None,
+    ) -> None:
+        """Record the decision (waiting under strict durability), run the call, answer, and
+        record the outcome behind the answer. A refused exchange is recorded and answered."""
+        extra = session_headers(session) if session is not None else []
+        if exchange.denial is not None:
+            await self._record_refusal(exchange, route)
+            await _error(
+                send, exchange.denial, exchange.id, extra=extra + exchange.response_headers
+            )
+            return
+        try:
+            await self.pipeline.trail.decision(exchange, route)
+        except AuditUnavailable as exc:  # fail closed: nothing goes upstream unrecorded
+            await _error(send, exc, exchange.id, extra=extra)
+            return
+        answer = await self.pipeline.run(exchange, route)
+        final = answer.first if answer.rest is None else None
+        await self._answer(send, receive, exchange, answer, session)
+        await self.pipeline.trail.outcome(exchange, route, final)
+
+    async def _record_refusal(self, exchange: Exchange, route: Route) -> None:
+        if isinstance(exchange.denial, AuthError):
+            await self.pipeline.trail.refused(exchange, route)
+        else:
+            await self.pipeline.trail.decision(exchange, route)
 
     async def _answer(
         self,
@@ -500,6 +542,18 @@ async def _watch_disconnect(receive: Receive, gone: asyncio.Event, stream: Strea
 def session_headers(session: ClientSession) -> list[tuple[bytes, bytes]]:
     """The Mcp-Session-Id response header."""
     return [(b"mcp-session-id", session.id.encode())]
+
+
+_BODY_SIZE = "x-bastion-body-size"  # carried in the parsed header map, never on the wire
+
+
+def _describe(exchange: Exchange, headers: dict[str, str]) -> None:
+    """What the audit record needs from the HTTP request: its size and W3C trace id."""
+    exchange.request_bytes = int(headers.get(_BODY_SIZE, "0"))
+    traceparent = headers.get("traceparent", "")
+    parts = traceparent.split("-")
+    if len(parts) == 4 and len(parts[1]) == 32:
+        exchange.trace_id = parts[1]
 
 
 def _has_modern_meta(message: Any) -> bool:

@@ -1,0 +1,31 @@
+"""The audit stage: a tamper-evident, durable trail of every request Bastion handles.
+
+`record` (what is written), `chain` (hash links and signed checkpoints; pure), `store` (the
+SQLite adapter), `writer` (batching, durability, back-pressure), `keys` (files in the state
+directory), `ocsf` and `export` (for other tools).
+"""
+
+from bastion.audit.chain import Checkpoint, Entry, Finding, Problem, VerifyReport, verify
+from bastion.audit.errors import AuditUnavailable
+from bastion.audit.record import SCHEMA_VERSION, AuditRecord, digest
+from bastion.audit.store import AuditStore, Query, SqliteAuditStore
+from bastion.audit.writer import AuditWriter, WriterOptions, open_writer
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "AuditRecord",
+    "AuditStore",
+    "AuditUnavailable",
+    "AuditWriter",
+    "Checkpoint",
+    "Entry",
+    "Finding",
+    "Problem",
+    "Query",
+    "SqliteAuditStore",
+    "VerifyReport",
+    "WriterOptions",
+    "digest",
+    "open_writer",
+    "verify",
+]

@@ -1,0 +1,348 @@
+"""`bastion audit ...`: verify the trail, tail it, search it, export it.
+
+Every command reads `<state_dir>/audit/` of the config given by `--config` (or that directory,
+or its `audit.db`, given directly) and never writes to it; a running gateway can keep writing.
+Exit status: 0 when all is well, 1 when `verify` finds the trail tampered with, 2 when the
+trail cannot be read (one line on stderr, never a traceback).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, BinaryIO, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from bastion.audit.chain import Entry, Finding, VerifyReport
+from bastion.audit.chain import verify as verify_chain
+from bastion.audit.errors import AuditUnavailable
+from bastion.audit.export import jsonl_line, ocsf_line
+from bastion.audit.keys import DB_FILE, audit_dir, load_public_keys
+from bastion.audit.record import AuditRecord
+from bastion.audit.store import Query, SqliteAuditStore
+from bastion.config import load as load_config
+from bastion.errors import BastionError, ConfigError
+
+app = typer.Typer(
+    name="audit",
+    help="Check, read and export the tamper-evident audit trail.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+EXIT_TAMPERED, EXIT_ERROR = 1, 2
+_RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class Format(enum.StrEnum):
+    """Export formats."""
+
+    JSONL = "jsonl"
+    OCSF = "ocsf"
+
+
+def _audit_folder(value: Path) -> Path:
+    """`--config FILE.yaml` names the audit directory through the config's state_dir."""
+    if value.suffix in (".yaml", ".yml"):
+        try:
+            return audit_dir(load_config(value).state_dir)
+        except ConfigError as exc:
+            raise typer.BadParameter("; ".join(exc.problems)) from exc
+    return value.parent if value.suffix == ".db" else value
+
+
+ConfigPath = Annotated[
+    Path,
+    typer.Option(
+        "--config",
+        "-c",
+        help="The gateway's config file (the trail is <state_dir>/audit/audit.db), or the "
+        "audit directory or its audit.db.",
+        callback=_audit_folder,
+    ),
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON lines instead of text.")]
+Since = Annotated[
+    str | None,
+    typer.Option(help="From this time: ISO 8601 (UTC unless it says) or relative (30m, 1h, 2d)."),
+]
+Until = Annotated[str | None, typer.Option(help="Before this time; same forms as --since.")]
+
+DEFAULT_CONFIG = Path("examples/quickstart.yaml")
+
+
+@app.command()
+def verify(config: ConfigPath = DEFAULT_CONFIG, as_json: AsJson = False) -> None:
+    """Check every hash link and signed checkpoint; exit 1 naming the first bad record."""
+    with _reported(), _store(config) as store:
+        keys = load_public_keys(config)
+        # Checkpoints first: each commits with the entries it names, so reading entries
+        # afterwards never finds a live writer's checkpoint ahead of its records.
+        checkpoints = store.checkpoints()
+        report = verify_chain(store.read(), checkpoints, keys)
+    if as_json:
+        typer.echo(json.dumps(_report_json(report), indent=2))
+    else:
+        _print_report(report)
+    if not report.ok:
+        raise typer.Exit(EXIT_TAMPERED)
+
+
+@app.command()
+def tail(
+    config: ConfigPath = DEFAULT_CONFIG,
+    lines: Annotated[int, typer.Option("-n", "--lines", help="How many records.")] = 20,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new records (Ctrl-C stops).")
+    ] = False,
+    as_json: AsJson = False,
+    interval: Annotated[float, typer.Option(hidden=True)] = 0.5,
+) -> None:
+    """Print the last records, oldest first; with --follow, new ones as they arrive."""
+    with _reported(), _store(config) as store:
+        rows = store.tail(lines)
+        position = rows[-1][0] if rows else 0
+        for _, entry in rows:
+            _print_entry(entry, as_json)
+        try:
+            while follow:
+                time.sleep(interval)
+                fresh = store.after(position)
+                for _, entry in fresh:
+                    _print_entry(entry, as_json)
+                if fresh:
+                    position = fresh[-1][0]
+        except KeyboardInterrupt:
+            return
+
+
+@app.command()
+def query(
+    config: ConfigPath = DEFAULT_CONFIG,
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant.")] = None,
+    agent: Annotated[str | None, typer.Option(help="Only this agent.")] = None,
+    tool: Annotated[str | None, typer.Option(help="Only this tool (its exposed name).")] = None,
+    decision: Annotated[str | None, typer.Option(help="allow or deny.")] = None,
+    phase: Annotated[str | None, typer.Option(help="decision, outcome, authn or alert.")] = None,
+    since: Since = None,
+    until: Until = None,
+    limit: Annotated[int, typer.Option(help="At most this many (the newest).")] = 100,
+    as_json: AsJson = False,
+) -> None:
+    """Search records by tenant, agent, tool, decision, phase and time."""
+    with _reported():
+        now = time.time()
+        filters = Query(
+            tenant=tenant,
+            agent=agent,
+            tool=tool,
+            decision=decision,
+            phase=phase,
+            since=None if since is None else _parse_time(since, now, "--since"),
+            until=None if until is None else _parse_time(until, now, "--until"),
+            limit=limit,
+        )
+        with _store(config) as store:
+            entries = store.query(filters)
+    if as_json:
+        for entry in entries:
+            _print_entry(entry, True)
+        return
+    if not entries:
+        typer.echo("no records match")
+        return
+    table = Table("TIME", "PHASE", "TENANT", "AGENT", "USER", "METHOD", "TOOL", "RESULT", "REASON")
+    for entry in entries:
+        record = AuditRecord.from_json(entry.record)
+        table.add_row(
+            *(
+                Text(value or "-")
+                for value in (
+                    _when(record.time),
+                    record.phase,
+                    record.tenant,
+                    record.agent,
+                    record.user,
+                    record.method,
+                    record.tool,
+                    record.outcome or record.decision,
+                    record.reason,
+                )
+            )
+        )
+    _console().print(table)
+
+
+@app.command()
+def export(
+    config: ConfigPath = DEFAULT_CONFIG,
+    format_: Annotated[Format, typer.Option("--format", help="jsonl or ocsf.")] = Format.JSONL,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")
+    ] = None,
+) -> None:
+    """Write every record, in append order, as JSON lines: Bastion's own or OCSF 6003."""
+    line: Callable[[Entry], bytes] = jsonl_line if format_ is Format.JSONL else ocsf_line
+    with _reported(), _store(config) as store, _sink(output) as out:
+        count = 0
+        for entry in store.read():
+            out.write(line(entry) + b"\n")
+            count += 1
+    if output is not None:
+        typer.echo(f"exported {count} records to {output}", err=True)
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+@contextmanager
+def _reported() -> Iterator[None]:
+    """Turn Bastion's errors into one line on stderr and exit status 2, never a traceback."""
+    try:
+        yield
+    except BastionError as exc:
+        _fail(exc.message)
+    except ValueError as exc:  # a record that does not parse: the trail was tampered with
+        _fail(f"cannot read a record: {exc}; run `bastion audit verify`")
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(EXIT_ERROR)
+
+
+def _store(folder: Path) -> SqliteAuditStore:
+    path = folder / DB_FILE
+    if not path.is_file():
+        raise AuditUnavailable(f"no audit trail at {path} (has the gateway run?)")
+    return SqliteAuditStore(path, create=False)
+
+
+@contextmanager
+def _sink(output: Path | None) -> Iterator[BinaryIO]:
+    if output is None:
+        sys.stdout.flush()
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+        return
+    try:
+        with output.open("wb") as out:
+            yield out
+    except OSError as exc:
+        raise AuditUnavailable(f"--output {output}: cannot write ({exc.strerror})") from exc
+
+
+def _parse_time(value: str, now: float, option: str) -> float:
+    relative = _RELATIVE.fullmatch(value.strip())
+    if relative:
+        return now - float(relative.group(1)) * _UNITS[relative.group(2)]
+    try:
+        when = dt.datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise AuditUnavailable(
+            f"{option}: expected ISO 8601 (2026-05-01T12:00:00Z) or relative (30m, 1h, 2d), "
+            f"found {value!r}"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.timestamp()
+
+
+def _when(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+def _print_entry(entry: Entry, as_json: bool) -> None:
+    if as_json:
+        typer.echo(jsonl_line(entry).decode("utf-8"))
+        return
+    record = AuditRecord.from_json(entry.record)
+    who = f"{record.tenant or '-'}/{record.agent or '-'}"
+    if record.user:
+        who += f" ({record.user})"
+    parts = [
+        _when(record.time),
+        f"{entry.writer_id}:{entry.seq}",
+        record.phase,
+        who,
+        record.method or "-",
+        record.tool or "-",
+        record.outcome or record.decision or "-",
+    ]
+    if record.reason:
+        parts.append(f"reason={record.reason!r}")
+    typer.echo("  ".join(parts))
+
+
+def _print_report(report: VerifyReport) -> None:
+    chains = len(report.writers)
+    checkpoints = sum(s.checkpoints for s in report.writers.values())
+    if report.ok:
+        typer.echo(
+            f"intact: {report.entries} records in {chains} chain(s), {checkpoints} checkpoint(s)"
+        )
+        for writer_id, summary in sorted(report.writers.items()):
+            if summary.unsealed:
+                typer.echo(
+                    f"  writer {writer_id}: the last {summary.unsealed} records (after seq "
+                    f"{summary.sealed_seq}) await a checkpoint; hash links protect them"
+                )
+        return
+    first = report.first
+    assert first is not None  # noqa: S101 - not ok means a finding
+    typer.echo(f"TAMPERED: {first}")
+    typer.echo(
+        f"{report.problem_count} problem(s) in {report.entries} records, "
+        f"{chains} chain(s), {checkpoints} checkpoint(s):"
+    )
+    for finding in report.findings:
+        typer.echo(f"  {finding}")
+    if report.problem_count > len(report.findings):
+        typer.echo(f"  … and {report.problem_count - len(report.findings)} more")
+
+
+def _report_json(report: VerifyReport) -> dict[str, Any]:
+    def finding(f: Finding) -> dict[str, Any]:
+        return {
+            "writer": f.writer_id,
+            "seq": f.seq,
+            "problem": str(f.problem),
+            "message": f.message,
+        }
+
+    return {
+        "ok": report.ok,
+        "first": None if report.first is None else finding(report.first),
+        "problem_count": report.problem_count,
+        "problems": [finding(f) for f in report.findings],
+        "writers": {
+            writer_id: {
+                "entries": s.entries,
+                "first_seq": s.first_seq,
+                "last_seq": s.last_seq,
+                "checkpoints": s.checkpoints,
+                "sealed_seq": s.sealed_seq,
+                "unsealed": s.unsealed,
+            }
+            for writer_id, s in sorted(report.writers.items())
+        },
+    }
+
+
+def _console() -> Console:
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 160))
+    return console

@@ -1,0 +1,138 @@
+"""The audit stage: one record when a request reaches the decision, one when it is answered.
+
+Under `durability: strict` a call goes upstream only after its decision record is committed,
+and when the trail cannot be written the call is refused (fail closed). The outcome record
+(latency, sizes, result digest) follows the answer without delaying it. Refused
+authentications are recorded too.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any
+
+from bastion.audit import AuditRecord, AuditUnavailable, AuditWriter, digest
+from bastion.config import AuditSettings, HttpUpstream, Settings
+from bastion.pipeline.exchange import Exchange
+from bastion.pipeline.route import Route
+from bastion.rpc import dumps
+from bastion.types import JSON
+
+
+class Trail:
+    """Builds audit records from exchanges and hands them to the writer."""
+
+    def __init__(self, settings: Settings, writer: AuditWriter | None) -> None:
+        self._writer = writer
+        self._audit: AuditSettings = settings.audit
+        self._strict = settings.audit.durability == "strict"
+        self._upstreams = {
+            name: (up.url if isinstance(up, HttpUpstream) else " ".join(up.command))
+            for name, up in settings.upstreams.items()
+        }
+
+    @property
+    def enabled(self) -> bool:
+        """Whether records are written at all."""
+        return self._writer is not None
+
+    def check(self) -> None:
+        """Refuse to serve while the trail cannot be written (fail closed)."""
+        if self._writer is not None and not self._writer.healthy:
+            raise AuditUnavailable(
+                "the audit trail cannot be written; calls are refused until it can "
+                f"({self._writer.problem or 'store unavailable'})"
+            )
+
+    async def decision(self, exchange: Exchange, route: Route) -> None:
+        """Record the decision. Under strict durability an allowed call waits until its record
+        is committed (nothing goes upstream unrecorded); a denial never waits."""
+        if self._writer is None:
+            return
+        allowed = exchange.denial is None
+        if allowed:
+            self.check()
+        record = self._record(exchange, route, "decision")
+        await self._writer.append(record, self._strict and allowed)
+
+    async def outcome(self, exchange: Exchange, route: Route, answer: JSON | None) -> None:
+        """Record how the call ended (written behind the answer)."""
+        if self._writer is None:
+            return
+        record = self._record(exchange, route, "outcome")
+        size = len(dumps(answer)) if answer is not None else None
+        result = answer.get("result") if answer is not None else None
+        error = answer.get("error") if answer is not None else None
+        if exchange.denial is not None:
+            outcome = "denied"
+        elif isinstance(error, dict) and str((error.get("data") or {}).get("code", "")).startswith(
+            "upstream."
+        ):
+            outcome = "upstream_error"
+        else:
+            outcome = "ok"
+        record = _replace(
+            record,
+            outcome=outcome,
+            latency_ms=round((time.perf_counter() - exchange.started) * 1000, 3),
+            response_bytes=size,
+            result_digest=digest(result) if result is not None else None,
+        )
+        await self._writer.append(record, False)
+
+    async def refused(self, exchange: Exchange, route: Route) -> None:
+        """Record a refused authentication (never waits: refusals must stay cheap)."""
+        if self._writer is None:
+            return
+        record = self._record(exchange, route, "authn")
+        await self._writer.append(record, False)
+
+    def _record(self, exchange: Exchange, route: Route, phase: str) -> AuditRecord:
+        principal = exchange.principal
+        params = exchange.params
+        arguments: Any = (
+            params.get("arguments", params) if exchange.method == "tools/call" else params
+        )
+        decision = exchange.decision
+        target = exchange.target
+        denial = exchange.denial
+        return AuditRecord(
+            time=time.time(),
+            request_id=exchange.request_id,
+            phase=phase,  # type: ignore[arg-type]
+            trace_id=exchange.trace_id,
+            tenant=principal.tenant if principal else None,
+            user=principal.user if principal else None,
+            agent=principal.agent if principal else None,
+            delegation=principal.delegation if principal else (),
+            session=digest(exchange.session.id) if exchange.session else None,
+            client=exchange.client or None,
+            route=route.path,
+            method=exchange.method or None,
+            server=target.upstream if target else None,
+            tool_original=target.name if target and exchange.method == "tools/call" else None,
+            tool_exposed=params.get("name") if exchange.method == "tools/call" else None,
+            args_digest=digest(arguments) if arguments else None,
+            args=arguments
+            if self._audit.record_arguments and isinstance(arguments, dict)
+            else None,
+            decision=("deny" if denial is not None else "allow") if phase != "authn" else "deny",
+            policies=decision.policies if decision else (),
+            reason=(
+                denial.message
+                if denial is not None
+                else "; ".join(decision.reasons)
+                if decision
+                else None
+            ),
+            obligations=dict(decision.obligations) if decision else {},
+            upstream=self._upstreams.get(target.upstream) if target else None,
+            request_bytes=exchange.request_bytes or None,
+            outcome="denied" if phase == "authn" else None,
+            detail={"error": (denial.data or {}).get("reason")} if denial and denial.data else {},
+        )
+
+
+def _replace(record: AuditRecord, **changes: Any) -> AuditRecord:
+    return replace(record, **changes)
