@@ -814,3 +814,12 @@ def test_token_exchange_credential(idgw: GatewayProcess) -> None:
     assert claims["iss"] == exchange_as.issuer and claims["client_id"] == "bastion-gateway"
     assert claims["sub"] == "acme-reader" and claims["tenant"] == "acme"
     assert claims["act"] == {"sub": "acme-reader"}
+
+
+def test_refused_authentication_is_audited(idgw: GatewayProcess) -> None:
+    assert call(idgw, forge(idgw, exp=int(time.time()) - 120)).status_code == 401
+    run = cli(idgw, "audit", "query", "--phase", "authn", "--json", "--limit", "1000")
+    assert run.returncode == 0, run.stderr
+    refused = [json.loads(line)["record"] for line in run.stdout.splitlines() if line.strip()]
+    assert any(r["detail"].get("error") == "expired" and r["decision"] == "deny" for r in refused)
+    assert cli(idgw, "audit", "verify").returncode == 0

@@ -8,6 +8,7 @@ authentications are recorded too.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import replace
 from typing import Any
@@ -18,6 +19,9 @@ from bastion.pipeline.exchange import Exchange
 from bastion.pipeline.route import Route
 from bastion.rpc import dumps
 from bastion.types import JSON
+
+log = logging.getLogger("bastion.audit")
+_REFUSAL = "the audit trail cannot be written, so calls are refused until it can"
 
 
 class Trail:
@@ -40,10 +44,8 @@ class Trail:
     def check(self) -> None:
         """Refuse to serve while the trail cannot be written (fail closed)."""
         if self._writer is not None and not self._writer.healthy:
-            raise AuditUnavailable(
-                "the audit trail cannot be written; calls are refused until it can "
-                f"({self._writer.problem or 'store unavailable'})"
-            )
+            log.error("audit trail unavailable: %s", self._writer.problem)
+            raise AuditUnavailable(_REFUSAL)
 
     async def decision(self, exchange: Exchange, route: Route) -> None:
         """Record the decision. Under strict durability an allowed call waits until its record
@@ -54,7 +56,13 @@ class Trail:
         if allowed:
             self.check()
         record = self._record(exchange, route, "decision")
-        await self._writer.append(record, self._strict and allowed)
+        try:
+            await self._writer.append(record, self._strict and allowed)
+        except AuditUnavailable as exc:
+            # The operator's log gets the detail (a path, the SQLite error); the client a
+            # refusal that names the cause without it.
+            log.error("audit trail unavailable: %s", exc.message)
+            raise AuditUnavailable(_REFUSAL) from exc
 
     async def outcome(self, exchange: Exchange, route: Route, answer: JSON | None) -> None:
         """Record how the call ended (written behind the answer)."""
