@@ -821,5 +821,7 @@ def test_refused_authentication_is_audited(idgw: GatewayProcess) -> None:
     run = cli(idgw, "audit", "query", "--phase", "authn", "--json", "--limit", "1000")
     assert run.returncode == 0, run.stderr
     refused = [json.loads(line)["record"] for line in run.stdout.splitlines() if line.strip()]
-    assert any(r["detail"].get("error") == "expired" and r["decision"] == "deny" for r in refused)
+    assert any(
+        r.get("detail", {}).get("error") == "expired" and r["decision"] == "deny" for r in refused
+    )
     assert cli(idgw, "audit", "verify").returncode == 0
