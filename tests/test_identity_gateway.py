@@ -58,6 +58,8 @@ SEEDS = [
     },
     {"id": "doomed", "tenant": "acme", "owner": "tests", "purpose": "gets offboarded"},
     {"id": "pausable", "tenant": "acme", "owner": "tests", "purpose": "gets suspended"},
+    # The OIDC provider's client: its users' tokens name it in `client_id`.
+    {"id": "bastion-tests", "tenant": "acme", "owner": "tests", "purpose": "acme users' app"},
 ]
 
 
@@ -78,7 +80,9 @@ def idgw(
         "state_dir": str(tmp / "state"),
         "auth": {
             "mode": "oauth",
-            "trusted_issuers": [{"issuer": oidc_provider.issuer}],
+            # Users' tokens from this issuer are also accepted directly on MCP routes when the
+            # client they were issued to is a registered agent (agent_claim: client_id).
+            "trusted_issuers": [{"issuer": oidc_provider.issuer, "agent_claim": "client_id"}],
             "agents": SEEDS,
             "spiffe": [{"domain": "example.org", "bundle": str(tmp / "spiffe-bundle.json")}],
             "dpop": {"nonce": True},
@@ -570,12 +574,27 @@ def test_exchange_refused_across_tenants(
     assert "not for the user's tenant 'globex'" in response.json()["error_description"]
 
 
-def test_user_token_alone_is_not_an_access_token(
+def test_external_issuer_tokens_on_mcp_routes(
     idgw: GatewayProcess, oidc_provider: oidc.Provider
 ) -> None:
-    alice = oidc_provider.user_token("alice", idgw.url("/mcp"))
-    response = call(idgw, alice)
-    assert response.status_code == 401  # users reach tools only through an agent's delegation
+    """A trusted issuer's user token is accepted directly when the app it was issued to is a
+    registered agent of the user's tenant; the principal is the user acting through it."""
+    alice = oidc_provider.user_token("alice", idgw.url("/mcp"), scope="openid mcp:read")
+    discovered = call(idgw, alice, method="server/discover")
+    assert discovered.status_code == 200, discovered.text
+    # Its scopes are the issuer's (mcp:read), not Bastion's: tools stay out of reach.
+    listed = call(idgw, alice)
+    assert listed.status_code == 403 and listed.json()["error"]["data"]["scope"] == "mcp:tools"
+    run = cli(idgw, "audit", "query", "--agent", "bastion-tests", "--json", "--limit", "50")
+    users = {json.loads(line)["record"].get("user") for line in run.stdout.splitlines() if line}
+    assert "alice" in users
+    bob = oidc_provider.user_token("bob", idgw.url("/mcp"))  # tenant globex, app of acme
+    refused = call(idgw, bob, method="server/discover")
+    assert refused.status_code == 401
+    assert refused.json()["error"]["data"]["reason"] == "wrong_audience"
+    elsewhere = oidc_provider.user_token("alice", idgw.url("/servers/echo/mcp"))
+    # the route's audience still applies
+    assert call(idgw, elsewhere, method="server/discover").status_code == 401
 
 
 # -- sessions, revocation, offboarding ----------------------------------------------------------
