@@ -582,3 +582,29 @@ def test_2025_06_18_session(gateway: GatewayProcess, http: httpx.Client) -> None
             line[5:] for line in text.splitlines() if line.startswith("data:") and line[5:].strip()
         )
     assert json.loads(text)["result"]["content"][0]["type"] == "text"
+
+
+def test_prometheus_metrics(gateway: GatewayProcess, http: httpx.Client) -> None:
+    before = http.get(gateway.url("/metrics"))
+    assert before.status_code == 200
+    assert before.headers["content-type"].startswith("text/plain; version=0.0.4")
+    http.post(
+        gateway.url("/servers/echo/mcp"),
+        headers=modern_headers("tools/call", "echo"),
+        json=modern_body("tools/call", {"name": "echo", "arguments": {"text": "m"}}),
+    )
+    http.post(
+        gateway.url("/servers/badhttp/mcp"),
+        headers=modern_headers("tools/call", "http500"),
+        json=modern_body("tools/call", {"name": "http500", "arguments": {}}),
+    )
+    text = http.get(gateway.url("/metrics")).text
+    assert (
+        'bastion_requests_total{method="tools/call",outcome="ok",route="/servers/echo/mcp"}' in text
+    )
+    assert 'bastion_upstream_errors_total{code="upstream.error",upstream="badhttp"}' in text
+    assert 'bastion_decisions_total{decision="allow",route="/servers/echo/mcp"}' in text
+    assert (
+        'bastion_request_seconds_bucket{le="0.005",route="/servers/echo/mcp",stage="total"}' in text
+    )
+    assert "bastion_audit_queue_depth" in text

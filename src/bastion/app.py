@@ -11,6 +11,7 @@ from typing import Any
 
 from bastion.audit import AuditWriter
 from bastion.config import Settings
+from bastion.observe.metrics import Metrics
 from bastion.pipeline.authn import AgentDirectory, SigningKeys
 from bastion.pipeline.chain import Pipeline
 from bastion.pipeline.route import Route
@@ -60,7 +61,10 @@ class Gateway:
         self.upstreams = Upstreams(settings)
         self.pipeline = Pipeline(settings, self.upstreams, agents, keys, secrets, audit)
         self.routes = routes_for(settings)
-        self.front = Front(settings, self.pipeline, self.routes, endpoints)
+        self.metrics = Metrics()
+        if audit is not None:
+            self.metrics.watch_audit_queue(lambda: audit.queue_depth)
+        self.front = Front(settings, self.pipeline, self.routes, endpoints, self.metrics)
         self._janitor: asyncio.Task[None] | None = None
 
     async def start(self) -> None:

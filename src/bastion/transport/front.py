@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import (
     AsyncGenerator,
     Awaitable,
@@ -35,6 +36,8 @@ from bastion.errors import (
     SessionNotFound,
     SessionRequired,
 )
+from bastion.observe.metrics import CONTENT_TYPE as METRICS_TYPE
+from bastion.observe.metrics import Metrics
 from bastion.pipeline.chain import Pipeline
 from bastion.pipeline.dispatch import KNOWN_METHODS, negotiate
 from bastion.pipeline.exchange import Exchange
@@ -69,8 +72,10 @@ class Front:
         pipeline: Pipeline,
         routes: list[Route],
         endpoints: Mapping[str, ASGIApp] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self.pipeline = pipeline
         self.routes = {route.path: route for route in routes}
         self.endpoints = dict(endpoints or {})
@@ -101,6 +106,15 @@ class Front:
             await _plain(
                 send, status, b'{"status":"ready"}' if self.ready else b'{"status":"starting"}'
             )
+            return
+        if path == "/metrics" and scope["method"] == "GET":
+            body = self.metrics.render()
+            exposition = [
+                (b"content-type", METRICS_TYPE.encode()),
+                (b"content-length", str(len(body)).encode()),
+            ]
+            await send({"type": "http.response.start", "status": 200, "headers": exposition})
+            await send({"type": "http.response.body", "body": body})
             return
         endpoint = self.endpoints.get(path)
         if endpoint is not None:
@@ -333,11 +347,13 @@ class Front:
         """Record the decision (waiting under strict durability), run the call, answer, and
         record the outcome behind the answer. A refused exchange is recorded and answered."""
         extra = session_headers(session) if session is not None else []
+        admitted = time.perf_counter() - exchange.started
         if exchange.denial is not None:
             await self._record_refusal(exchange, route)
             await _error(
                 send, exchange.denial, exchange.id, extra=extra + exchange.response_headers
             )
+            self._count(exchange, route, admitted, None)
             return
         try:
             await self.pipeline.trail.decision(exchange, route)
@@ -347,7 +363,25 @@ class Front:
         answer = await self.pipeline.run(exchange, route)
         final = answer.first if answer.rest is None else None
         await self._answer(send, receive, exchange, answer, session)
+        self._count(exchange, route, admitted, final if final is not None else {"result": {}})
         await self.pipeline.trail.outcome(exchange, route, final)
+
+    def _count(self, exchange: Exchange, route: Route, admitted: float, final: JSON | None) -> None:
+        """Metrics of one answered request: its outcome, decision and latency."""
+        total = time.perf_counter() - exchange.started
+        denial = exchange.denial
+        if denial is not None:
+            outcome = "unauthenticated" if isinstance(denial, AuthError) else denial.code
+            if not isinstance(denial, AuthError):
+                self.metrics.decided(route.path, False)
+        else:
+            self.metrics.decided(route.path, True)
+            error = (final or {}).get("error")
+            code = str(((error or {}).get("data") or {}).get("code", "error")) if error else "ok"
+            outcome = code
+            if code.startswith("upstream.") and exchange.target is not None:
+                self.metrics.upstream_failed(exchange.target.upstream, code)
+        self.metrics.answered(route.path, exchange.method, outcome, admitted, total)
 
     async def _record_refusal(self, exchange: Exchange, route: Route) -> None:
         if isinstance(exchange.denial, AuthError):
