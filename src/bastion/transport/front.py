@@ -158,7 +158,7 @@ class Front:
     ) -> None:
         checks.check_post_media(headers.get("content-type"), headers.get("accept"))
         body = await self._read_body(receive, headers)
-        headers[_BODY_SIZE] = str(len(body))
+        size = len(body)
         message: Any = None
         try:
             message = rpc.loads(body)
@@ -177,9 +177,13 @@ class Front:
         if version == MODERN_VERSION or (
             version is None and "mcp-session-id" not in headers and _has_modern_meta(message)
         ):
-            await self._post_modern(send, receive, route, headers, message, kind, client, version)
+            await self._post_modern(
+                send, receive, route, headers, message, kind, (client, size), version
+            )
         else:
-            await self._post_legacy(send, receive, route, headers, message, kind, client, version)
+            await self._post_legacy(
+                send, receive, route, headers, message, kind, (client, size), version
+            )
 
     async def _read_body(self, receive: Receive, headers: dict[str, str]) -> bytes:
         length = headers.get("content-length")
@@ -207,7 +211,7 @@ class Front:
         headers: dict[str, str],
         message: JSON,
         kind: rpc.Kind,
-        client: str,
+        origin: tuple[str, int],  # client address, body size
         version: str | None,
     ) -> None:
         if kind is rpc.Kind.RESPONSE:
@@ -233,9 +237,10 @@ class Front:
             )
             await _error(send, missing, message.get("id"), status=404)
             return
+        client, size = origin
         exchange = Exchange(message, Era.MODERN, MODERN_VERSION, route.name, client)
         exchange.forward_headers = {k: v for k, v in headers.items() if k.startswith("mcp-param-")}
-        _describe(exchange, headers)
+        _describe(exchange, headers, size)
         await self.pipeline.admit(exchange, route, headers, "POST", self.base + route.path)
         await self._execute(send, receive, exchange, route, None)
 
@@ -247,20 +252,21 @@ class Front:
         headers: dict[str, str],
         message: JSON,
         kind: rpc.Kind,
-        client: str,
+        origin: tuple[str, int],  # client address, body size
         version: str | None,
     ) -> None:
         session_id = headers.get("mcp-session-id")
         if kind is rpc.Kind.REQUEST and message["method"] == "initialize":
-            await self._initialize(send, route, message, client, headers)
+            await self._initialize(send, route, message, origin, headers)
             return
         if session_id is None:
             raise SessionRequired(
                 "Mcp-Session-Id header is required; send initialize first "
                 f"(or use protocol version {MODERN_VERSION} with its request headers)"
             )
+        client, size = origin
         exchange = Exchange(message, Era.LEGACY, version or LEGACY_VERSIONS[0], route.name, client)
-        _describe(exchange, headers)
+        _describe(exchange, headers, size)
         url = self.base + route.path
         await self.pipeline.admit(exchange, route, headers, "POST", url, session_id)
         session = exchange.session
@@ -291,12 +297,18 @@ class Front:
         await self._execute(send, receive, exchange, route, session)
 
     async def _initialize(
-        self, send: Send, route: Route, message: JSON, client: str, headers: dict[str, str]
+        self,
+        send: Send,
+        route: Route,
+        message: JSON,
+        origin: tuple[str, int],
+        headers: dict[str, str],
     ) -> None:
         params = message.get("params") or {}
         version = negotiate(params.get("protocolVersion"))
+        client, size = origin
         exchange = Exchange(message, Era.LEGACY, version, route.name, client)
-        _describe(exchange, headers)
+        _describe(exchange, headers, size)
         await self.pipeline.admit(exchange, route, headers, "POST", self.base + route.path)
         if exchange.denial is not None or exchange.principal is None:
             denial = exchange.denial or InvalidRequest("no principal")
@@ -363,7 +375,7 @@ class Front:
         answer = await self.pipeline.run(exchange, route)
         final = answer.first if answer.rest is None else None
         await self._answer(send, receive, exchange, answer, session)
-        self._count(exchange, route, admitted, final if final is not None else {"result": {}})
+        self._count(exchange, route, admitted, final)
         await self.pipeline.trail.outcome(exchange, route, final)
 
     def _count(self, exchange: Exchange, route: Route, admitted: float, final: JSON | None) -> None:
@@ -376,11 +388,11 @@ class Front:
                 self.metrics.decided(route.path, False)
         else:
             self.metrics.decided(route.path, True)
-            error = (final or {}).get("error")
-            code = str(((error or {}).get("data") or {}).get("code", "error")) if error else "ok"
-            outcome = code
-            if code.startswith("upstream.") and exchange.target is not None:
-                self.metrics.upstream_failed(exchange.target.upstream, code)
+            # A streamed answer (final is None) ended normally when it reached this point.
+            error = final.get("error") if final is not None else None
+            outcome = str((error.get("data") or {}).get("code", "error")) if error else "ok"
+            if outcome.startswith("upstream.") and exchange.target is not None:
+                self.metrics.upstream_failed(exchange.target.upstream, outcome)
         self.metrics.answered(route.path, exchange.method, outcome, admitted, total)
 
     async def _record_refusal(self, exchange: Exchange, route: Route) -> None:
@@ -578,14 +590,10 @@ def session_headers(session: ClientSession) -> list[tuple[bytes, bytes]]:
     return [(b"mcp-session-id", session.id.encode())]
 
 
-_BODY_SIZE = "x-bastion-body-size"  # carried in the parsed header map, never on the wire
-
-
-def _describe(exchange: Exchange, headers: dict[str, str]) -> None:
+def _describe(exchange: Exchange, headers: dict[str, str], size: int) -> None:
     """What the audit record needs from the HTTP request: its size and W3C trace id."""
-    exchange.request_bytes = int(headers.get(_BODY_SIZE, "0"))
-    traceparent = headers.get("traceparent", "")
-    parts = traceparent.split("-")
+    exchange.request_bytes = size
+    parts = headers.get("traceparent", "").split("-")
     if len(parts) == 4 and len(parts[1]) == 32:
         exchange.trace_id = parts[1]
 
