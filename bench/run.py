@@ -63,6 +63,19 @@ LABELS = {
     "oauth": "bastion oauth",
     "dpop": "bastion dpop",
 }
+# Every Bastion in the run decides with Cedar: the bench tenant may call the echo server's
+# tools, with an argument condition, and a forbid that must be checked too.
+POLICY_YAML = (
+    "policy:\n"
+    "  grants:\n"
+    '    - {id: bench, tenant: bench, server: echo, tools: [echo], arguments: {text: {like: "*"}}}\n'
+    "  files: [bench.cedar]\n"
+)
+POLICY_CEDAR = (
+    '@id("no-secrets") @reason("the echo text names a secret")\n'
+    "forbid (principal, action, resource)\n"
+    'when { context has input && context.input has text && context.input.text like "*secret*" };\n'
+)
 MODES = ("sequential", "concurrent")
 ERAS = {"modern": "2026-07-28, stateless", "legacy": "2025-11-25, Mcp-Session-Id"}
 # The agents seeded into the identity gateway: one per scenario, and one for the token phase.
@@ -424,7 +437,9 @@ def start_targets(plan: Plan, fleet: Fleet, workdir: Path) -> dict[str, Any]:
     py = sys.executable
     echo_port, bare_port = free_port(), free_port()
     echo_url = f"http://127.0.0.1:{echo_port}/mcp"
-    upstreams = f"upstreams:\n  echo: {{transport: http, url: {json.dumps(echo_url)}}}\n"
+    upstreams = (
+        POLICY_YAML + f"upstreams:\n  echo: {{transport: http, url: {json.dumps(echo_url)}}}\n"
+    )
     echo = fleet.start(
         "echo", [py, str(ROOT / "examples" / "echo_server.py"), "--port", str(echo_port)]
     )
@@ -432,6 +447,7 @@ def start_targets(plan: Plan, fleet: Fleet, workdir: Path) -> dict[str, Any]:
         "bare",
         [py, str(BENCH / "bare_hop.py"), "--upstream", echo_url, "--port", str(bare_port)],
     )
+    (workdir / "bench.cedar").write_text(POLICY_CEDAR)
     procs = {"echo": echo, "bare": bare}
     urls = {"direct": echo_url, "bare": f"http://127.0.0.1:{bare_port}/mcp"}
     ready = [

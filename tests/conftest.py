@@ -87,6 +87,26 @@ class GatewayProcess:
                 self.proc.wait(timeout=5)
 
 
+# The policy of gateways whose tests are about something else: every tenant may use everything.
+ALLOW_ALL: dict[str, Any] = {
+    "catalog_timeout_seconds": 3,
+    "grants": [
+        {
+            "id": "everything",
+            "tenant": "*",
+            "server": "*",
+            "tools": "*",
+            "prompts": "*",
+            "resources": "*",
+        }
+    ],
+}
+ALLOW_ALL_YAML = (
+    "policy:\n  catalog_timeout_seconds: 3\n  grants:\n"
+    '    - {id: everything, tenant: "*", server: "*", tools: "*", prompts: "*", resources: "*"}\n'
+)
+
+
 def gateway_config(tmp: Path, port: int) -> str:
     """The test gateway's configuration: every kind of upstream, good and bad."""
     ports = {name: free_port() for name in ("everything", "workspace", "badhttp")}
@@ -96,7 +116,7 @@ def gateway_config(tmp: Path, port: int) -> str:
 listen: {{host: 127.0.0.1, port: {port}}}
 auth: {{mode: none, tenant: acme, agent: test-agent}}
 limits: {{max_body_bytes: 65536, sse_keepalive_seconds: 1}}
-upstreams:
+{ALLOW_ALL_YAML}upstreams:
   everything:
     transport: http
     url: http://127.0.0.1:{ports["everything"]}/mcp

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import yaml
 from tests.conftest import (
+    ALLOW_ALL,
     EXAMPLES,
     GatewayProcess,
     free_port,
@@ -37,6 +38,7 @@ def _config(tmp: Path, port: int, echo_port: int, **audit: object) -> str:
             "state_dir": str(tmp / "state"),
             "auth": {"mode": "none", "tenant": "acme", "agent": "auditor"},
             "audit": {"durability": "strict", "checkpoint_every": 50, **audit},
+            "policy": ALLOW_ALL,
             "upstreams": {
                 "echo": {"transport": "http", "url": f"http://127.0.0.1:{echo_port}/mcp"}
             },

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests.conftest import MODERN, free_port
+from tests.conftest import ALLOW_ALL_YAML, MODERN, free_port
 
 from bastion import config
 from bastion.app import Gateway
@@ -26,7 +26,7 @@ def front() -> Iterator[tuple[asyncio.AbstractEventLoop, Gateway]]:
         f"""
 auth: {{mode: none}}
 limits: {{max_body_bytes: 4096}}
-upstreams:
+{ALLOW_ALL_YAML}upstreams:
   up: {{transport: http, url: "http://127.0.0.1:{dead}/mcp", timeout_seconds: 1}}
 virtual_servers:
   v: {{path: /mcp, upstreams: [up]}}

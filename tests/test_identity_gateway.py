@@ -20,6 +20,7 @@ import pytest
 import yaml
 from tests import oidc
 from tests.conftest import (
+    ALLOW_ALL,
     ACCEPT_BOTH,
     EXAMPLES,
     FIXTURES,
@@ -87,6 +88,7 @@ def idgw(
             "spiffe": [{"domain": "example.org", "bundle": str(tmp / "spiffe-bundle.json")}],
             "dpop": {"nonce": True},
         },
+        "policy": ALLOW_ALL,
         "upstreams": {
             "workspace": {
                 "transport": "http",

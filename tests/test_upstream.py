@@ -150,13 +150,13 @@ def test_broken_stdio_upstream(
 
 
 def test_unreachable_upstream(tmp_path: Path, http: httpx.Client) -> None:
-    from tests.conftest import free_port, start_gateway
+    from tests.conftest import ALLOW_ALL_YAML, free_port, start_gateway
 
     port, dead = free_port(), free_port()
     config = f"""
 listen: {{host: 127.0.0.1, port: {port}}}
 auth: {{mode: none}}
-upstreams:
+{ALLOW_ALL_YAML}upstreams:
   gone: {{transport: http, url: "http://127.0.0.1:{dead}/mcp", timeout_seconds: 2}}
 """
     gw = start_gateway(tmp_path, config)

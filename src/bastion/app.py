@@ -72,6 +72,7 @@ class Gateway:
         if self.audit is not None:
             await self.audit.start()
         await self.upstreams.start()
+        await self.pipeline.start()
         self._janitor = asyncio.create_task(self._expire_sessions())
         self.front.ready = True
 

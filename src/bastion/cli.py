@@ -17,6 +17,7 @@ from bastion.app import serve as serve_gateway
 from bastion.control.agents_cli import app as agents_app
 from bastion.control.assembly import Identity, build_gateway, open_identity
 from bastion.control.audit_cli import app as audit_app
+from bastion.control.policy_cli import app as policy_app
 from bastion.control.token_service import JWT_BEARER
 from bastion.errors import BastionError, ConfigError
 from bastion.identity.dpop import make_proof
@@ -120,6 +121,7 @@ tokens_cli = typer.Typer(no_args_is_help=True, help="Issued access tokens.")
 sessions_cli = typer.Typer(no_args_is_help=True, help="Client sessions of running gateways.")
 cli.add_typer(agents_app, name="agents", help="Agents: the non-human identities that call MCP.")
 cli.add_typer(audit_app, name="audit", help="The tamper-evident audit trail.")
+cli.add_typer(policy_app, name="policy", help="Cedar policy: test, explain, lint, schema.")
 cli.add_typer(keys_cli, name="keys")
 cli.add_typer(tokens_cli, name="tokens")
 cli.add_typer(sessions_cli, name="sessions")

@@ -180,6 +180,12 @@ class HttpUpstream(_Frozen):
     launch: tuple[str, ...] = ()
     cwd: str | None = None
     expose: bool = True
+    # Policy inputs: whether the tool annotations this server declares are believed, which
+    # arguments name a tenant's object (`{tenant}` in a glob, e.g. "{tenant}-p*"), and
+    # labels per tool that a session's history collects (e.g. `send_report: [egress]`).
+    trusted: bool = False
+    tenant_arguments: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     credentials: Credential = Credential()
 
     @field_validator("url")
@@ -202,6 +208,12 @@ class StdioUpstream(_Frozen):
     protocol: Literal["auto", "legacy", "modern"] = "auto"
     restart: Restart = Restart()
     expose: bool = True
+    # Policy inputs: whether the tool annotations this server declares are believed, which
+    # arguments name a tenant's object (`{tenant}` in a glob, e.g. "{tenant}-p*"), and
+    # labels per tool that a session's history collects (e.g. `send_report: [egress]`).
+    trusted: bool = False
+    tenant_arguments: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     credentials: Credential = Credential(mode="none")
 
 
@@ -214,6 +226,70 @@ class VirtualServer(_Frozen):
     path: str = Field(pattern=r"^/[A-Za-z0-9/_.-]*$")
     upstreams: tuple[str, ...] = Field(min_length=1)
     instructions: str | None = None
+
+
+RATE_PATTERN = r"^[1-9][0-9]*/(second|minute|hour|day)$"
+
+
+class ArgumentRule(_Frozen):
+    """A constraint on one tool argument in a grant (exactly one of the operators)."""
+
+    equals: str | int | bool | None = None
+    like: str | None = None  # Cedar glob: * matches any run of characters
+    one_of: tuple[str, ...] | None = None
+    max: int | None = None  # integers only
+
+    @model_validator(mode="after")
+    def _one(self) -> ArgumentRule:
+        given = [k for k in ("equals", "like", "one_of", "max") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of equals, like, one_of, max")
+        return self
+
+
+class Grant(_Frozen):
+    """A simple permission compiled to a Cedar permit: who (tenant, agents or roles), which
+    server, which tools/prompts/resources, with which constraints and obligations."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+    tenant: str  # a tenant name, or "*" for every tenant (flagged by `bastion policy lint`)
+    agents: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
+    server: str  # an upstream name, or "*"
+    tools: tuple[str, ...] | Literal["*"] = ()
+    prompts: tuple[str, ...] | Literal["*"] = ()
+    resources: tuple[str, ...] | Literal["*"] = ()  # URI globs
+    read_only: bool = False  # only tools a trusted server marks read-only
+    arguments: dict[str, ArgumentRule] = Field(default_factory=dict)
+    approval: bool = False
+    rate: str | None = Field(None, pattern=RATE_PATTERN)
+    reason: str | None = None
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant(cls, value: str) -> str:
+        if value != "*" and not re.match(NAME_PATTERN, value):
+            raise ValueError(f"expected a tenant name or '*', found {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _shape(self) -> Grant:
+        if not (self.tools or self.prompts or self.resources):
+            raise ValueError("a grant names at least one of tools, prompts, resources")
+        if self.arguments and (self.tools == "*" or not self.tools):
+            raise ValueError("argument rules need an explicit list of tools")
+        return self
+
+
+class PolicySettings(_Frozen):
+    """Authorization: Cedar policy files and YAML grants, evaluated on every request."""
+
+    files: tuple[str, ...] = ()  # .cedar files, relative to the config file
+    grants: tuple[Grant, ...] = ()
+    environment: str = "production"  # context.request.environment
+    reload_seconds: float = Field(1.0, gt=0)  # how often the files are checked for changes
+    approval_timeout_seconds: float = Field(120.0, gt=0)
+    catalog_timeout_seconds: float = Field(10.0, gt=0)  # listing upstream tools at start
 
 
 class AuditSettings(_Frozen):
@@ -237,6 +313,7 @@ class Settings(_Frozen):
     state_dir: str = ".state"  # keys and the registry; relative to the config file
     auth: Auth = Auth()
     audit: AuditSettings = AuditSettings()
+    policy: PolicySettings = PolicySettings()
     limits: Limits = Limits()
     security: Security = Security()
     upstreams: dict[str, Upstream] = Field(default_factory=dict)
@@ -260,6 +337,12 @@ class Settings(_Frozen):
                     f"virtual servers {paths[server.path]!r} and {vname!r} share a path"
                 )
             paths[server.path] = vname
+        for grant in self.policy.grants:
+            if grant.server != "*" and grant.server not in self.upstreams:
+                problems.append(f"grant {grant.id!r} names unknown upstream {grant.server!r}")
+        ids = [g.id for g in self.policy.grants]
+        if len(set(ids)) != len(ids):
+            problems.append("grant ids must be unique")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -361,6 +444,8 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
     )
     auth = settings.auth.model_copy(update={"spiffe": spiffe})
     state_dir = str((base / settings.state_dir).resolve())
+    files = tuple(str((base / f).resolve()) for f in settings.policy.files)
+    policy = settings.policy.model_copy(update={"files": files})
     return settings.model_copy(
-        update={"upstreams": upstreams, "auth": auth, "state_dir": state_dir}
+        update={"upstreams": upstreams, "auth": auth, "state_dir": state_dir, "policy": policy}
     )

@@ -9,19 +9,26 @@ from typing import cast
 
 from bastion.audit import AuditWriter
 from bastion.config import Settings
-from bastion.errors import BastionError, PolicyError, SessionNotFound
+from bastion.errors import BastionError, InvalidParams, SessionNotFound
 from bastion.pipeline.authn import AgentDirectory, Authenticator, SigningKeys
 from bastion.pipeline.authz import Authorizer
 from bastion.pipeline.credentials import Credentials, CurrentKey
 from bastion.pipeline.dispatch import Dispatcher
 from bastion.pipeline.exchange import Exchange
+from bastion.pipeline.obligations import Obligations
 from bastion.pipeline.route import Route
 from bastion.pipeline.session import ClientSession, SessionStore, session_hash
 from bastion.pipeline.trail import Trail
+from bastion.state.rates import MemoryRateCounter, RateCounter
+from bastion.types import JSON, Principal
 from bastion.upstream.base import Answer
 from bastion.upstream.pool import Upstreams
 
 log = logging.getLogger("bastion.pipeline")
+
+# Who the gateway is when it lists upstreams for policy.
+CATALOG_PRINCIPAL = Principal(tenant="bastion", agent="bastion-catalog")
+_BY_URI = ("resources/read", "resources/subscribe")
 
 
 class Pipeline:
@@ -35,6 +42,7 @@ class Pipeline:
         keys: SigningKeys | None = None,
         secrets: Mapping[str, str] | None = None,
         audit: AuditWriter | None = None,
+        rates: RateCounter | None = None,
     ) -> None:
         self.settings = settings
         self.trail = Trail(settings, audit)
@@ -45,9 +53,18 @@ class Pipeline:
         self.sessions = SessionStore(
             settings.limits.max_sessions, settings.limits.session_idle_seconds
         )
-        self.authz = Authorizer()
         self.credentials = Credentials(settings, cast("CurrentKey | None", keys), secrets)
         self.dispatcher = Dispatcher(upstreams, self.credentials)
+        self.authz = Authorizer(settings, self._listing, rates or MemoryRateCounter())
+        self.dispatcher.visible = self.authz.visible
+        self.obligations = Obligations(settings, self.dispatcher)
+
+    async def start(self) -> None:
+        """Load the policy (listing every upstream first); raises PolicyLoadError if invalid."""
+        await self.authz.start()
+
+    async def _listing(self, upstream: str) -> JSON:
+        return await self.dispatcher.listing(upstream, CATALOG_PRINCIPAL)
 
     async def admit(
         self,
@@ -74,13 +91,21 @@ class Pipeline:
             if session_id is not None:
                 exchange.session = self._session(session_id, exchange, route)
             exchange.target = route.target(exchange)
+            if exchange.target is None and exchange.method in _BY_URI:
+                await self.dispatcher.refresh_index(exchange, route)
+                exchange.target = route.target(exchange)
+                if exchange.target is None:
+                    uri = exchange.params.get("uri")
+                    raise InvalidParams(f"resource not found: {uri!r}")
         except BastionError as exc:
             exchange.denial = exc
             return
-        self.authz.authorize(exchange)
-        if exchange.decision is not None and not exchange.decision.allowed:
-            reason = "; ".join(exchange.decision.reasons) or "denied by policy"
-            exchange.denial = PolicyError(reason)
+        self.authz.maybe_reload()
+        target = exchange.target
+        if target is not None:
+            tool = target.name if exchange.method == "tools/call" else None
+            await self.authz.relist(target.upstream, tool)
+        await self.authz.authorize(exchange)
 
     def _session(self, session_id: str, exchange: Exchange, route: Route) -> ClientSession:
         assert exchange.principal is not None  # noqa: S101 - authn ran
@@ -105,5 +130,9 @@ class Pipeline:
                 self.credentials.forget_agent(session.principal.agent)
 
     async def run(self, exchange: Exchange, route: Route) -> Answer:
-        """Execute an admitted exchange; the Answer ends with the response."""
-        return await self.dispatcher.run(exchange, route)
+        """Execute an admitted exchange, with the obligations of its decision (approval,
+        redaction); the Answer ends with the response."""
+        decision = exchange.decision
+        if decision is None or not decision.obligations:
+            return await self.dispatcher.run(exchange, route)
+        return await self.obligations.run(exchange, route)

@@ -10,7 +10,7 @@ import asyncio
 import base64
 import contextlib
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import orjson
@@ -77,6 +77,40 @@ class Dispatcher:
     def __init__(self, upstreams: Upstreams, credentials: Credentials) -> None:
         self.upstreams = upstreams
         self.credentials = credentials
+        # Policy's view of a list page: (exchange, upstream, method, items) → visible items.
+        self.visible: Callable[[Exchange, str, str, list[JSON]], list[JSON]] | None = None
+
+    async def listing(self, upstream: str, principal: Principal) -> JSON:
+        """Every tool and prompt of an upstream, asked as the gateway itself (for policy)."""
+        out: JSON = {}
+        for method, key in (("tools/list", "tools"), ("prompts/list", "prompts")):
+            items: list[JSON] = []
+            cursor = None
+            for page in range(_MAX_INDEX_PAGES):
+                params: JSON = {"_meta": PROBE_META}
+                if cursor is not None:
+                    params["cursor"] = cursor
+                message = {
+                    "jsonrpc": "2.0",
+                    "id": f"catalog-{page}",
+                    "method": method,
+                    "params": params,
+                }
+                exchange = Exchange(message, Era.MODERN, MODERN_VERSION, "catalog", "", principal)
+                reply = await self.call_once(exchange, upstream, message)
+                body = reply.get("result")
+                if not isinstance(body, dict):
+                    if key == "prompts":  # a server without prompts may refuse the method
+                        break
+                    raise UpstreamError(
+                        f"upstream {upstream!r} refused {method}: {reply.get('error')}"
+                    )
+                items.extend(i for i in body.get(key, []) if isinstance(i, dict))
+                cursor = body.get("nextCursor")
+                if cursor is None:
+                    break
+            out[key] = items
+        return out
 
     async def _headers(
         self, principal: Principal | None, upstream: str, message: JSON
@@ -225,10 +259,12 @@ class Dispatcher:
         key, _ = _LISTS[exchange.method]
         if not route.multiplex:
             reply = await self.call_once(exchange, route.upstreams[0], exchange.message)
-            if "result" in reply:
-                self._learn(
-                    route, exchange.method, route.upstreams[0], reply["result"].get(key, [])
-                )
+            if isinstance(reply.get("result"), dict):
+                items = reply["result"].get(key, [])
+                self._learn(route, exchange.method, route.upstreams[0], items)
+                if self.visible is not None and isinstance(items, list):
+                    shown = self.visible(exchange, route.upstreams[0], exchange.method, items)
+                    reply = {**reply, "result": {**reply["result"], key: shown}}
             return reply
         cursors = _decode_cursor(exchange.params.get("cursor"), route.upstreams)
         pages = await asyncio.gather(
@@ -266,6 +302,8 @@ class Dispatcher:
         page: JSON = reply["result"]
         items = [i for i in page.get(key, []) if isinstance(i, dict)]
         self._learn(route, exchange.method, upstream, items)
+        if self.visible is not None:
+            items = self.visible(exchange, upstream, exchange.method, items)
         if key in ("tools", "prompts"):
             items = [{**i, "name": route.expose(upstream, str(i.get("name")))} for i in items]
         return {key: items, "nextCursor": page.get("nextCursor")}
@@ -485,7 +523,13 @@ class Dispatcher:
             log.info("server stream of %r for a session ended: %s", upstream, exc.message)
 
     async def deliver(self, session: ClientSession, message: JSON) -> None:
-        """Route a client's answer to a server request back to the upstream that asked."""
+        """Route a client's answer to a server request back to the upstream that asked (or to
+        the gateway, when it asked)."""
+        asked = session.asks.pop(str(message.get("id")), None)
+        if asked is not None:
+            if not asked.done():
+                asked.set_result(message)
+            return
         mapped = session.server_requests.pop(str(message.get("id")), None)
         if mapped is None:
             raise InvalidParams(f"no server request with id {message.get('id')!r} is pending")

@@ -90,6 +90,7 @@ class ClientSession:
     channels: dict[str, Channel] = field(default_factory=dict)
     streams: dict[str, Stream] = field(default_factory=dict)
     server_requests: dict[str, tuple[str, Any]] = field(default_factory=dict)
+    asks: dict[str, asyncio.Future[JSON]] = field(default_factory=dict)  # the gateway's own
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     initialized: bool = False
     listening: bool = False
@@ -119,6 +120,17 @@ class ClientSession:
         out = dict(message)
         out["id"] = gateway_id
         return out
+
+    def ask(self) -> tuple[str, asyncio.Future[JSON]]:
+        """An id for a request the gateway itself sends the client, and where its answer
+        will arrive."""
+        gateway_id = f"bastion-ask-{next(self._counter)}"
+        if len(self.asks) >= _MAX_PENDING_SERVER_REQUESTS:
+            _, oldest = self.asks.popitem()
+            oldest.cancel()
+        future: asyncio.Future[JSON] = asyncio.get_running_loop().create_future()
+        self.asks[gateway_id] = future
+        return gateway_id, future
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run a task the session owns; closing the session cancels it."""

@@ -1,0 +1,261 @@
+"""`bastion policy ...`: test, explain, lint, and show the schema of a deployment's policy.
+
+Each command loads the policy exactly as the gateway does: the files and grants of the config,
+validated against the schema generated from the upstreams' tool lists. Those lists come from
+the catalog the gateway saved when it last started (`<state_dir>/policy-catalog.json`), or from
+`--catalog FILE` (the same JSON: `{"<upstream>": {"tools": [...], "prompts": [...]}}`).
+
+Exit status: 0 when all is well; 1 when a test case fails, lint finds something, or explain's
+request is denied; 2 when the policy or the catalog cannot be loaded (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+import yaml
+
+from bastion.config import load as load_config
+from bastion.errors import BastionError
+from bastion.pipeline.authz import Authorizer, history_key
+from bastion.pipeline.exchange import Exchange
+from bastion.policy.lint import lint as lint_policy
+from bastion.state.rates import MemoryRateCounter
+from bastion.types import Era, Principal, Target
+
+app = typer.Typer(
+    name="policy",
+    help="Test, explain and lint the Cedar policy of a config.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+EXIT_FAILED, EXIT_ERROR = 1, 2
+CONFIG = typer.Option(..., "--config", "-c", help="The gateway's YAML configuration.")
+CATALOG = typer.Option(
+    None, "--catalog", help="Tool lists as JSON (default: the catalog the gateway saved)."
+)
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(EXIT_ERROR)
+
+
+def _load(config_file: Path, catalog: Path | None) -> Authorizer:
+    try:
+        settings = load_config(config_file)
+    except BastionError as exc:
+        _fail(exc.message)
+    source = catalog or Path(settings.state_dir) / "policy-catalog.json"
+    try:
+        listings = json.loads(source.read_text(encoding="utf-8"))
+    except OSError as exc:
+        _fail(
+            f"no tool catalog at {source} ({exc.strerror}): start the gateway once (it saves "
+            "the upstreams' tool lists there) or pass --catalog FILE"
+        )
+    except ValueError as exc:
+        _fail(f"{source}: not valid JSON: {exc}")
+    if not isinstance(listings, dict):
+        _fail(f"{source}: expected an object of upstream listings")
+
+    async def lister(upstream: str) -> Any:
+        if upstream not in listings:
+            raise LookupError(f"no listing for {upstream!r} in {source}")
+        return listings[upstream]
+
+    authz = Authorizer(settings, lister, MemoryRateCounter())
+    try:
+        asyncio.run(authz.start(save=False))
+    except BastionError as exc:
+        _fail(f"the policy does not load: {exc.message}")
+    return authz
+
+
+def _exchange(authz: Authorizer, case: dict[str, Any]) -> Exchange:
+    agent = str(case.get("agent") or "")
+    if not agent:
+        raise ValueError("each case names an agent")
+    seeded = {a.id: a.tenant for a in authz.settings.auth.agents}
+    tenant = case.get("tenant") or seeded.get(agent)
+    if not tenant:
+        raise ValueError(f"agent {agent!r} is not seeded in the config: give its tenant")
+    principal = Principal(
+        tenant=str(tenant),
+        agent=agent,
+        user=case.get("user"),
+        roles=frozenset(case.get("roles") or ()),
+    )
+    method = str(case.get("method") or "tools/call")
+    params: dict[str, Any]
+    if method == "tools/call":
+        tool = str(case.get("tool") or "")
+        server, sep, name = tool.partition("__")
+        if not sep:
+            raise ValueError(f"tool {tool!r}: write it as <server>__<tool>")
+        params = {"name": tool, "arguments": case.get("arguments") or {}}
+        target = Target(server, name)
+    elif method in ("resources/read", "resources/subscribe"):
+        uri = str(case.get("uri") or "")
+        params = {"uri": uri}
+        target = Target(str(case.get("server") or ""), uri)
+    elif method == "prompts/get":
+        prompt = str(case.get("prompt") or "")
+        server, _, name = prompt.partition("__")
+        params = {"name": prompt, "arguments": case.get("arguments") or {}}
+        target = Target(server, name)
+    else:
+        raise ValueError(f"method {method!r}: cases use tools/call, resources/read or prompts/get")
+    message = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
+    client = f"{case.get('client_ip', '127.0.0.1')}:1"
+    exchange = Exchange(message, Era.MODERN, "2026-07-28", "policy-test", client, principal)
+    exchange.target = target
+    for done in case.get("history") or ():
+        authz.history.add(history_key(exchange, principal), str(done), ())
+    return exchange
+
+
+def _decide(authz: Authorizer, exchange: Exchange) -> None:
+    asyncio.run(authz.authorize(exchange))
+
+
+@app.command("test")
+def test(
+    cases_file: Annotated[Path, typer.Argument(help="YAML file with a `cases:` list.")],
+    config_file: Path = CONFIG,
+    catalog: Path | None = CATALOG,
+) -> None:
+    """Run table-driven cases: each request's decision, deciding policies and reason."""
+    authz = _load(config_file, catalog)
+    try:
+        document = yaml.safe_load(cases_file.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        _fail(f"{cases_file}: {exc}")
+    cases = document.get("cases") if isinstance(document, dict) else None
+    if not isinstance(cases, list) or not cases:
+        _fail(f"{cases_file}: expected a non-empty `cases:` list")
+    failed = 0
+    for n, case in enumerate(cases):
+        name = str(case.get("name") or f"case {n}") if isinstance(case, dict) else f"case {n}"
+        try:
+            if not isinstance(case, dict):
+                raise ValueError("a case is a mapping")
+            expect = str(case.get("expect", "")).lower()
+            if expect not in ("allow", "deny"):
+                raise ValueError("expect: allow or deny")
+            authz.history = type(authz.history)()  # each case starts a fresh session
+            exchange = _exchange(authz, case)
+            _decide(authz, exchange)
+        except ValueError as exc:
+            failed += 1
+            typer.echo(f"ERROR {name}: {exc}")
+            continue
+        decision = exchange.decision
+        assert decision is not None  # noqa: S101 - authorize always decides
+        problems = []
+        got = "allow" if decision.allowed else "deny"
+        if got != expect:
+            problems.append(f"expected {expect}, got {got}")
+        for wanted in case.get("policies") or ():
+            if wanted not in decision.policies:
+                problems.append(
+                    f"policy {wanted!r} did not decide (deciding: {list(decision.policies)})"
+                )
+        reason = case.get("reason")
+        said = "; ".join(decision.reasons)
+        if reason and str(reason) not in said:
+            problems.append(f"reason {reason!r} not in {said!r}")
+        if problems:
+            failed += 1
+            typer.echo(f"FAIL  {name}: " + "; ".join(problems))
+        else:
+            typer.echo(f"ok    {name}: {got} ({', '.join(decision.policies) or 'default'})")
+    typer.echo(f"{len(cases) - failed} passed, {failed} failed")
+    if failed:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command("explain")
+def explain(
+    config_file: Path = CONFIG,
+    agent: str = typer.Option(..., "--agent", help="The calling agent."),
+    tool: str | None = typer.Option(None, "--tool", help="<server>__<tool> to call."),
+    arguments: str = typer.Option("{}", "--arguments", help="The call's arguments, as JSON."),
+    uri: str | None = typer.Option(None, "--uri", help="A resource URI to read instead."),
+    server: str | None = typer.Option(None, "--server", help="The server of --uri."),
+    tenant: str | None = typer.Option(None, "--tenant", help="Default: the seeded agent's."),
+    user: str | None = typer.Option(None, "--user", help="The user the agent acts for."),
+    catalog: Path | None = CATALOG,
+) -> None:
+    """Why a request is allowed or denied: the deciding policies, their text and reasons."""
+    authz = _load(config_file, catalog)
+    try:
+        args = json.loads(arguments)
+    except ValueError as exc:
+        _fail(f"--arguments is not JSON: {exc}")
+    case: dict[str, Any] = {"agent": agent, "tenant": tenant, "user": user}
+    if uri is not None:
+        case.update(method="resources/read", uri=uri, server=server)
+    else:
+        case.update(tool=tool, arguments=args)
+    try:
+        exchange = _exchange(authz, case)
+    except ValueError as exc:
+        _fail(str(exc))
+    _decide(authz, exchange)
+    decision = exchange.decision
+    engine = authz.engine
+    assert decision is not None and engine is not None  # noqa: S101 - decided, loaded
+    verdict = "ALLOW" if decision.allowed else "DENY"
+    typer.echo(f"{verdict}: " + "; ".join(decision.reasons))
+    for pid in decision.policies:
+        doc = engine.docs.get(pid)
+        if doc is None:
+            continue
+        typer.echo(f"\n{pid} ({doc.origin}):\n{doc.text()}")
+    if decision.obligations:
+        typer.echo("\nobligations: " + json.dumps(decision.obligations, sort_keys=True))
+    if not decision.allowed and not decision.policies:
+        target = exchange.target
+        assert target is not None  # noqa: S101 - set by _exchange
+        action = f"{target.upstream}__{target.name}" if uri is None else "read_resource"
+        candidates = [
+            engine.docs[p]
+            for p in engine.policy_ids(action, exchange.principal.tenant)  # type: ignore[union-attr]
+            if engine.docs[p].effect == "permit"
+        ]
+        if candidates:
+            typer.echo("\nno permit matched; the permits for this action and tenant were:")
+            for doc in candidates:
+                typer.echo(f"\n{doc.id} ({doc.origin}):\n{doc.text()}")
+        else:
+            typer.echo("\nno permit mentions this action for this tenant.")
+    if not decision.allowed:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command("lint")
+def lint(config_file: Path = CONFIG, catalog: Path | None = CATALOG) -> None:
+    """Flag cross-tenant permits, wildcard principals, dead policies, shadowed permits."""
+    authz = _load(config_file, catalog)
+    assert authz.engine is not None  # noqa: S101 - loaded
+    findings = lint_policy(authz.engine)
+    for finding in findings:
+        typer.echo(f"warning: {finding}")
+    typer.echo(f"{len(authz.engine.docs)} policies, {len(findings)} findings")
+    if findings:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command("schema")
+def schema(config_file: Path = CONFIG, catalog: Path | None = CATALOG) -> None:
+    """Print the Cedar schema policies are validated against."""
+    authz = _load(config_file, catalog)
+    assert authz.engine is not None  # noqa: S101 - loaded
+    sys.stdout.write(authz.engine.schema.text + "\n")

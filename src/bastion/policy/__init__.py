@@ -1,0 +1,26 @@
+"""Policy: Cedar decisions on every request, typed by the upstreams' own tool schemas.
+
+`catalog` holds what the upstreams offer; `schema` turns it into a Cedar schema (through
+`cedar-policy-mcp-schema-generator`) and converts arguments to typed Cedar values; `source`
+reads `.cedar` files and compiles YAML grants; `engine` validates, partitions and decides;
+`lint` and `cases` are the operator's tools. Everything here is pure: no I/O but reading
+policy files.
+"""
+
+from bastion.policy.catalog import Catalog, ToolInfo
+from bastion.policy.engine import CedarRequest, PolicyEngine, Verdict
+from bastion.policy.schema import NAMESPACE, PolicySchema, build_schema
+from bastion.policy.source import PolicyDoc, load_policies
+
+__all__ = [
+    "NAMESPACE",
+    "Catalog",
+    "CedarRequest",
+    "PolicyDoc",
+    "PolicyEngine",
+    "PolicySchema",
+    "ToolInfo",
+    "Verdict",
+    "build_schema",
+    "load_policies",
+]

@@ -1,0 +1,309 @@
+"""Where policies come from: `.cedar` files, and grants in the YAML config compiled to Cedar.
+
+Every policy gets a stable id: its `@id` annotation, else `<file>#<n>` (the n-th policy of the
+file, from 0); a grant compiles to `grant:<id>` (and `grant:<id>:list` for listing the server).
+Ids appear in decisions, the audit trail and `bastion policy explain`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cedarpy
+
+from bastion.config import ArgumentRule, Grant
+from bastion.errors import BastionError
+
+_NS = "Bastion"
+_EMPTY_SCOPE = "unable to find an applicable action given the policy scope constraints"
+log = logging.getLogger("bastion.policy")
+
+
+class PolicyLoadError(BastionError):
+    """A policy file or grant cannot be read, parsed or validated; names every problem."""
+
+    code = "policy.invalid"
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class PolicyDoc:
+    """One static Cedar policy with where it came from."""
+
+    id: str
+    effect: str  # "permit" | "forbid"
+    origin: str  # "<file> policy <n>" or "grant <id>"
+    est: Mapping[str, Any]  # Cedar's JSON form, annotations included
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def reason(self) -> str:
+        """What the policy says about itself (`@reason`), else its id."""
+        return self.annotations.get("reason") or f"policy {self.id}"
+
+    def text(self) -> str:
+        """The policy in Cedar syntax."""
+        document = {"staticPolicies": {self.id: self.est}, "templates": {}, "templateLinks": []}
+        return cedarpy.policies_from_json_str(json.dumps(document)).strip()
+
+
+@dataclass(frozen=True)
+class SourceText:
+    """One unit of policy text to parse and validate: a file or the compiled grants."""
+
+    name: str
+    text: str
+    ids: tuple[str, ...] = ()  # for grants: the id of each policy in order
+
+
+def read_files(files: Iterable[str]) -> list[SourceText]:
+    """Read the policy files; a missing or unreadable file is a load error."""
+    out: list[SourceText] = []
+    problems: list[str] = []
+    for file in files:
+        try:
+            out.append(SourceText(file, Path(file).read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"{file}: cannot read: {getattr(exc, 'strerror', None) or exc}")
+    if problems:
+        raise PolicyLoadError(problems)
+    return out
+
+
+def load_policies(sources: Iterable[SourceText]) -> list[PolicyDoc]:
+    """Parse every source into policies with ids; every problem is reported at once."""
+    docs: list[PolicyDoc] = []
+    problems: list[str] = []
+    seen: dict[str, str] = {}
+    for source in sources:
+        try:
+            document = json.loads(cedarpy.policies_to_json_str(source.text))
+        except ValueError as exc:
+            problems.append(f"{source.name}: not valid Cedar: {_first_line(exc)}")
+            continue
+        if document.get("templates"):
+            problems.append(f"{source.name}: templates (?principal, ?resource) are not supported")
+            continue
+        ordered = sorted(document.get("staticPolicies", {}).items(), key=lambda kv: _index(kv[0]))
+        for n, (_, est) in enumerate(ordered):
+            annotations = {k: (v or "") for k, v in (est.get("annotations") or {}).items()}
+            if source.ids:
+                pid, origin = source.ids[n], f"grant {source.ids[n].split(':')[1]}"
+            else:
+                pid = annotations.get("id") or f"{Path(source.name).name}#{n}"
+                origin = f"{source.name} policy {n}"
+            if pid in seen:
+                problems.append(f"{origin}: id {pid!r} is already used by {seen[pid]}")
+                continue
+            seen[pid] = origin
+            problems.extend(_check_annotations(origin, annotations))
+            est = {**est, "annotations": {**annotations, "id": pid}}
+            docs.append(PolicyDoc(pid, est["effect"], origin, est, {**annotations, "id": pid}))
+    if problems:
+        raise PolicyLoadError(problems)
+    return docs
+
+
+def validate(sources: Iterable[SourceText], schema: cedarpy.Schema) -> list[str]:
+    """Strict validation of each source against the schema; the problems, each naming the
+    policy by file and position (or grant)."""
+    problems: list[str] = []
+    for source in sources:
+        result = cedarpy.validate_policies(source.text, schema)
+        for error in result.errors:
+            if _EMPTY_SCOPE in error.error:
+                # A group with no tools yet (its upstreams were not listed): the policy simply
+                # applies to nothing until they are.
+                log.warning("%s: %s", source.name, error.error)
+                continue
+            where = source.name
+            if error.policy_id:
+                n = _index(error.policy_id)
+                label = source.ids[n] if source.ids and n < len(source.ids) else None
+                annotated = result.id_annotations_by_policy_id.get(error.policy_id)
+                where = (
+                    f"grant {label.split(':')[1]}"
+                    if label
+                    else f"{source.name} policy {n}" + (f" ({annotated})" if annotated else "")
+                )
+            problems.append(f"{where}: {error.error}")
+    return problems
+
+
+PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
+
+
+def parse_rate(text: str) -> tuple[int, float]:
+    """'10/minute' → (10, 60.0); ValueError for anything else."""
+    count, _, period = text.strip().partition("/")
+    if not count.isdigit() or int(count) < 1 or period not in PERIODS:
+        raise ValueError(f"expected a rate like '10/minute', found {text!r}")
+    return int(count), PERIODS[period]
+
+
+def parse_redaction(text: str) -> list[tuple[str, tuple[str | int | None, ...]]]:
+    """'$.arguments.body, $.result.content[*].text' → [(root, steps)], root 'arguments' or
+    'result'; a step is a key, an index, or None for [*]. ValueError when malformed."""
+    out = []
+    for raw in text.split(","):
+        path = raw.strip()
+        if not path:
+            continue
+        steps: list[str | int | None] = []
+        for match in re.finditer(r"\.([A-Za-z0-9_-]+)|\[(\*|[0-9]+|'[^']*')\]|(.)", path[1:]):
+            key, index, stray = match.groups()
+            if stray is not None or not path.startswith("$"):
+                raise ValueError(f"cannot read the JSON path {path!r}")
+            if key is not None:
+                steps.append(key)
+            elif index == "*":
+                steps.append(None)
+            elif index.startswith("'"):
+                steps.append(index[1:-1])
+            else:
+                steps.append(int(index))
+        if not steps or steps[0] not in ("arguments", "result"):
+            raise ValueError(f"a redaction path starts with $.arguments or $.result: {path!r}")
+        out.append((str(steps[0]), tuple(steps[1:])))
+    return out
+
+
+def _check_annotations(origin: str, annotations: Mapping[str, str]) -> list[str]:
+    problems = []
+    if "rate" in annotations:
+        try:
+            parse_rate(annotations["rate"])
+        except ValueError as exc:
+            problems.append(f"{origin}: @rate: {exc}")
+    if "redact" in annotations:
+        try:
+            parse_redaction(annotations["redact"])
+        except ValueError as exc:
+            problems.append(f"{origin}: @redact: {exc}")
+    return problems
+
+
+def _index(policy_id: str) -> int:
+    digits = policy_id.removeprefix("policy")
+    return int(digits) if digits.isdigit() else 0
+
+
+def _first_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:500]
+
+
+# -- grants --------------------------------------------------------------------------------
+
+
+def compile_grants(grants: Iterable[Grant]) -> SourceText:
+    """The grants as one Cedar source, each grant a permit (plus one for listing)."""
+    parts: list[str] = []
+    ids: list[str] = []
+    for grant in grants:
+        for pid, text in _grant(grant):
+            ids.append(pid)
+            parts.append(text)
+    return SourceText("config grants", "\n\n".join(parts), tuple(ids))
+
+
+def _str(value: str) -> str:
+    return json.dumps(value)
+
+
+def _grant(grant: Grant) -> list[tuple[str, str]]:
+    principal = (
+        "principal" if grant.tenant == "*" else f"principal in {_NS}::Tenant::{_str(grant.tenant)}"
+    )
+    server = None if grant.server == "*" else f"{_NS}::Server::{_str(grant.server)}"
+    who: list[str] = [f"principal == {_NS}::Agent::{_str(a)}" for a in grant.agents]
+    if grant.roles:
+        roles = ", ".join(_str(r) for r in grant.roles)
+        who.append(f"principal.roles.containsAny([{roles}])")
+    common = [f"({' || '.join(who)})"] if who else []
+    head = [f"@id({_str('grant:' + grant.id)})"]
+    head.append(f"@reason({_str(grant.reason or f'granted by {grant.id}')})")
+    if grant.approval:
+        head.append('@approval("required")')
+    if grant.rate:
+        head.append(f"@rate({_str(grant.rate)})")
+    out: list[tuple[str, str]] = []
+
+    def emit(suffix: str, action: str, resource: str, conditions: list[str]) -> None:
+        pid = f"grant:{grant.id}{suffix}"
+        heads = [f"@id({_str(pid)})", *head[1:]] if suffix else head
+        if suffix == ":list":  # listing a server carries no obligations
+            heads = heads[:2]
+        body = f"permit (\n  {principal},\n  {action},\n  {resource}\n)"
+        if conditions:
+            body += " when {\n  " + " &&\n  ".join(conditions) + "\n}"
+        out.append((pid, "\n".join(heads) + "\n" + body + ";"))
+
+    if grant.tools:
+        conditions = list(common)
+        if grant.read_only:
+            conditions.append("context.tool.read_only")
+        conditions.extend(_argument(name, rule) for name, rule in grant.arguments.items())
+        if grant.tools == "*":
+            action = f'action in {_NS}::Action::"call_tool"'
+        else:
+            actions = ", ".join(
+                f"{_NS}::Action::{_str(f'{grant.server}__{t}')}" for t in grant.tools
+            )
+            action = f"action in [{actions}]"
+        resource = f"resource in {server}" if server else "resource"
+        emit("", action, resource, conditions)
+    if grant.prompts:
+        conditions = list(common)
+        if grant.prompts != "*":
+            prompts = ", ".join(
+                f"{_NS}::Prompt::{_str(f'{grant.server}__{p}')}" for p in grant.prompts
+            )
+            conditions.append(f"[{prompts}].contains(resource)")
+        actions = f'action in [{_NS}::Action::"get_prompt", {_NS}::Action::"complete"]'
+        resource = f"resource is {_NS}::Prompt" + (f" in {server}" if server else "")
+        emit(":prompts" if grant.tools else "", actions, resource, conditions)
+    if grant.resources:
+        conditions = list(common)
+        if grant.resources != "*":
+            globs = " || ".join(f"context.uri like {_glob(g)}" for g in grant.resources)
+            conditions.append(f"({globs})")
+        actions = f'action in [{_NS}::Action::"read_resource", {_NS}::Action::"subscribe_resource"]'
+        resource = f"resource is {_NS}::Resource" + (f" in {server}" if server else "")
+        suffix = ":resources" if (grant.tools or grant.prompts) else ""
+        emit(suffix, actions, resource, conditions)
+    listing = f"resource == {server}" if server else "resource"
+    emit(":list", f'action in {_NS}::Action::"list"', listing, list(common))
+    return out
+
+
+def _glob(pattern: str) -> str:
+    """A glob as a Cedar `like` pattern: `*` stays a wildcard, quotes are escaped."""
+    return '"' + pattern.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _argument(name: str, rule: ArgumentRule) -> str:
+    ref = f"context.input.{name}" if name.isidentifier() else f"context.input[{_str(name)}]"
+    if rule.like is not None:
+        return f"{ref} like {_glob(rule.like)}"
+    if rule.one_of is not None:
+        return f"[{', '.join(_str(v) for v in rule.one_of)}].contains({ref})"
+    if rule.max is not None:
+        return f"{ref} <= {rule.max}"
+    value = rule.equals
+    literal = (
+        ("true" if value else "false")
+        if isinstance(value, bool)
+        else str(value)
+        if isinstance(value, int)
+        else _str(str(value))
+    )
+    return f"{ref} == {literal}"

@@ -1,0 +1,309 @@
+"""Policy decisions, table-driven, against the quickstart's own policy and the demo server's real
+tool list (listed from the workspace server built in process, as the gateway lists it).
+
+Every deny case is an attack or a mistake that policy must stop; every allow case proves the
+deny cases are not passing because everything is denied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bastion import config
+from bastion.errors import PolicyError
+from bastion.pipeline.authz import Authorizer
+from bastion.pipeline.exchange import Exchange
+from bastion.policy.source import PolicyLoadError
+from bastion.state.rates import MemoryRateCounter
+from bastion.types import Era, Principal, Target
+from tests.conftest import EXAMPLES
+
+
+def _module(name: str) -> Any:
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))  # the demos import their shared helper module
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _listing(server: Any) -> dict[str, Any]:
+    async def run() -> dict[str, Any]:
+        tools = await server.list_tools()
+        prompts = await server.list_prompts()
+        return {
+            "tools": [t.model_dump(by_alias=True, exclude_none=True, mode="json") for t in tools],
+            "prompts": [
+                p.model_dump(by_alias=True, exclude_none=True, mode="json") for p in prompts
+            ],
+        }
+
+    return asyncio.run(run())
+
+
+@pytest.fixture(scope="module")
+def listings() -> dict[str, Any]:
+    workspace, _ = _module("workspace_server").build_server()
+    echo = _module("echo_server").build_server()
+    return {"workspace": _listing(workspace), "echo": _listing(echo)}
+
+
+def _settings(tmp: Path, extra_cedar: str | None = None) -> config.Settings:
+    """The quickstart's config with its policy file copied, so a test may edit it."""
+    shutil.copytree(EXAMPLES / "policies", tmp / "policies", dirs_exist_ok=True)
+    if extra_cedar is not None:
+        (tmp / "policies" / "workspace.cedar").write_text(extra_cedar)
+    text = (EXAMPLES / "quickstart.yaml").read_text()
+    return config.parse(text, base=tmp)
+
+
+def _authorizer(settings: config.Settings, listings: dict[str, Any]) -> Authorizer:
+    async def lister(upstream: str) -> dict[str, Any]:
+        return listings[upstream]
+
+    authz = Authorizer(settings, lister, MemoryRateCounter())
+    asyncio.run(authz.start())
+    return authz
+
+
+@pytest.fixture
+def authz(tmp_path: Path, listings: dict[str, Any]) -> Authorizer:
+    return _authorizer(_settings(tmp_path), listings)
+
+
+AGENTS = {
+    "acme-reader": "acme",
+    "acme-admin": "acme",
+    "globex-reader": "globex",
+}
+
+
+def _exchange(
+    agent: str, method: str, params: dict[str, Any], target: Target, session_key: str = "s"
+) -> Exchange:
+    message = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
+    principal = Principal(tenant=AGENTS.get(agent, agent.split("-")[0]), agent=agent, user="alice")
+    ex = Exchange(message, Era.MODERN, "2026-07-28", "default", "127.0.0.1:5000", principal)
+    ex.target = target
+    return ex
+
+
+def call(authz: Authorizer, agent: str, tool: str, **arguments: Any) -> Exchange:
+    server, _, name = tool.partition("__")
+    params = {"name": tool, "arguments": arguments}
+    ex = _exchange(agent, "tools/call", params, Target(server, name))
+    asyncio.run(authz.authorize(ex))
+    return ex
+
+
+CASES = [
+    # (what, agent, tool, arguments, allowed, deciding policy or None, reason fragment)
+    ("reader reads its own task", "acme-reader", "workspace__get_task",
+     {"task_id": "acme-t1"}, True, "grant:acme-read", "read their workspace"),
+    ("reader searches its workspace", "acme-reader", "workspace__search_tasks",
+     {"query": "launch"}, True, "grant:acme-read", ""),
+    ("globex reader reads globex", "globex-reader", "workspace__get_task",
+     {"task_id": "globex-t1"}, True, "grant:globex-read", ""),
+    ("admin deletes an acme project", "acme-admin", "workspace__delete_project",
+     {"project_id": "acme-p1"}, True, "grant:acme-admin-write", ""),
+    ("reader deletes (destructive tool, not admin)", "acme-reader",
+     "workspace__delete_project", {"project_id": "acme-p1"}, False, None, "default deny"),
+    ("reader creates a task (write tool, not admin)", "acme-reader",
+     "workspace__create_task", {"project_id": "acme-p1", "title": "x"}, False, None,
+     "default deny"),
+    ("acme reader names a globex task (cross-tenant argument)", "acme-reader",
+     "workspace__get_task", {"task_id": "globex-t1"}, False, "tenant-binding",
+     "another tenant's"),
+    ("admin deletes globex's project: forbidden despite its permit", "acme-admin",
+     "workspace__delete_project", {"project_id": "globex-p1"}, False, "tenant-binding",
+     "another tenant's"),
+    ("globex reader names an acme task", "globex-reader", "workspace__get_task",
+     {"task_id": "acme-t2"}, False, "tenant-binding", ""),
+    ("unknown agent of acme: no grant names it... but the tenant grant does", "acme-intern",
+     "workspace__list_projects", {}, True, "grant:acme-read", ""),
+    ("a tool the server does not have", "acme-admin", "workspace__drop_database", {},
+     False, None, "not a known action"),
+    ("argument of the wrong type", "acme-reader", "workspace__get_task", {"task_id": 7},
+     False, None, "arguments.task_id must be a string"),
+    ("an argument the tool does not declare", "acme-reader", "workspace__get_task",
+     {"task_id": "acme-t1", "tenant": "globex"}, False, None,
+     "arguments.tenant is not an argument"),
+    ("a required argument missing", "acme-reader", "workspace__get_task", {}, False, None,
+     "arguments.task_id is required"),
+    ("enum argument outside its values", "acme-admin", "workspace__update_task",
+     {"task_id": "acme-t1", "status": "deleted"}, False, None, "must be one of"),
+    ("report before reading anything (session history)", "acme-admin",
+     "workspace__send_report", {"to": "a@example.org", "body": "hi"}, False,
+     "report-after-reading", "only after reading"),
+]
+
+
+@pytest.mark.parametrize(
+    ("what", "agent", "tool", "arguments", "allowed", "policy", "reason"),
+    CASES,
+    ids=[c[0] for c in CASES],
+)
+def test_decisions(
+    authz: Authorizer,
+    what: str,
+    agent: str,
+    tool: str,
+    arguments: dict[str, Any],
+    allowed: bool,
+    policy: str | None,
+    reason: str,
+) -> None:
+    ex = call(authz, agent, tool, **arguments)
+    assert ex.decision is not None
+    assert ex.decision.allowed is allowed, ex.decision
+    if allowed:
+        assert ex.denial is None
+        assert policy in ex.decision.policies
+    else:
+        assert isinstance(ex.denial, PolicyError)
+        assert ex.denial.rpc_error()["data"]["code"] == "policy.denied"
+        if policy is not None:
+            assert policy in ex.decision.policies
+            assert all(authz.engine.docs[p].effect == "forbid" for p in ex.decision.policies)  # type: ignore[union-attr]
+            assert ex.denial.data is not None
+            assert ex.denial.data["policies"] == list(ex.decision.policies)
+        else:
+            assert ex.decision.policies == ()
+    assert reason in "; ".join(ex.decision.reasons)
+
+
+def test_denial_names_only_the_deciding_policies(authz: Authorizer) -> None:
+    ex = call(authz, "acme-admin", "workspace__delete_project", project_id="globex-p1")
+    assert isinstance(ex.denial, PolicyError)
+    # The admin's own permit matched too; the client hears only of the forbid.
+    assert "acme-admin-write" not in ex.denial.message
+    assert "tenant-binding" not in ex.denial.message  # ids go in data, reasons in the message
+    assert "another tenant's project, task or resource" in ex.denial.message
+
+
+def test_history_opens_the_report_and_it_needs_approval(authz: Authorizer) -> None:
+    assert call(authz, "acme-admin", "workspace__list_projects").decision.allowed  # type: ignore[union-attr]
+    ex = call(authz, "acme-admin", "workspace__send_report", to="a@example.org", body="hi")
+    assert ex.decision is not None and ex.decision.allowed
+    assert ex.decision.obligations["approval"]["policy"] == "grant:acme-admin-report"
+    assert ex.decision.obligations["rate"] == [
+        {"policy": "grant:acme-admin-report", "limit": "5/minute"}
+    ]
+    # Another principal's history does not count.
+    other = call(authz, "acme-reader", "workspace__send_report", to="a@example.org", body="x")
+    assert other.decision is not None and not other.decision.allowed
+
+
+def test_rate_limit_per_principal_and_tool(authz: Authorizer) -> None:
+    call(authz, "acme-admin", "workspace__search_tasks", query="x")
+    results = [
+        call(authz, "acme-admin", "workspace__send_report", to="a@b.c", body=str(i))
+        for i in range(7)
+    ]
+    allowed = [r.decision.allowed for r in results]  # type: ignore[union-attr]
+    assert allowed == [True] * 5 + [False] * 2
+    denied = results[-1]
+    assert denied.decision is not None
+    assert "rate limit 5/minute of policy grant:acme-admin-report exceeded" in (
+        denied.decision.reasons[0]
+    )
+    # A different tool of the same agent is not limited by it.
+    assert call(authz, "acme-admin", "workspace__search_tasks", query="y").decision.allowed  # type: ignore[union-attr]
+
+
+def _list(authz: Authorizer, agent: str, method: str, key: str, listings: dict[str, Any]) -> list[str]:
+    ex = _exchange(agent, method, {}, Target("workspace", None))
+    items = listings["workspace"][key] if key != "resources" else [
+        {"uri": "workspace://about"},
+        {"uri": "workspace://acme/projects/acme-p1"},
+        {"uri": "workspace://globex/projects/globex-p1"},
+    ]
+    shown = authz.visible(ex, "workspace", method, items)
+    return sorted(i.get("name") or i.get("uri") for i in shown)
+
+
+def test_lists_show_only_what_the_caller_may_use(
+    authz: Authorizer, listings: dict[str, Any]
+) -> None:
+    reader = _list(authz, "acme-reader", "tools/list", "tools", listings)
+    admin = _list(authz, "acme-admin", "tools/list", "tools", listings)
+    assert reader == ["get_task", "list_projects", "search_tasks"]
+    assert admin == sorted(
+        ["create_task", "delete_project", "get_task", "list_projects", "search_tasks",
+         "send_report", "update_task"]
+    )
+    assert _list(authz, "acme-reader", "resources/list", "resources", listings) == [
+        "workspace://about",
+        "workspace://acme/projects/acme-p1",
+    ]
+    # An agent of a tenant with no grant on the server sees nothing of it.
+    assert _list(authz, "initech-bot", "tools/list", "tools", listings) == []
+    # Hidden is not the same as allowed: calling the hidden tool by name is denied too.
+    ex = call(authz, "acme-reader", "workspace__delete_project", project_id="acme-p1")
+    assert ex.decision is not None and not ex.decision.allowed
+
+
+def test_a_policy_naming_a_missing_argument_fails_at_load(
+    tmp_path: Path, listings: dict[str, Any]
+) -> None:
+    bad = (
+        "permit (principal, action == Bastion::Action::\"workspace__get_task\", resource)\n"
+        "when { context.input.project == \"acme\" };\n"
+    )
+    with pytest.raises(PolicyLoadError) as raised:
+        _authorizer(_settings(tmp_path, bad), listings)
+    assert "workspace.cedar policy 0" in raised.value.message
+    assert "project" in raised.value.message
+
+
+def test_a_policy_comparing_with_the_wrong_type_fails_at_load(
+    tmp_path: Path, listings: dict[str, Any]
+) -> None:
+    bad = (
+        "permit (principal, action == Bastion::Action::\"workspace__get_task\", resource)\n"
+        "when { context.input.task_id > 3 };\n"
+    )
+    with pytest.raises(PolicyLoadError) as raised:
+        _authorizer(_settings(tmp_path, bad), listings)
+    assert "workspace.cedar policy 0" in raised.value.message
+
+
+def test_bad_annotations_and_syntax_fail_at_load(tmp_path: Path, listings: dict[str, Any]) -> None:
+    for text, expected in (
+        ('@rate("lots") permit (principal, action, resource);', "@rate"),
+        ('@redact("body") permit (principal, action, resource);', "@redact"),
+        ("permit (principal, action, resource", "not valid Cedar"),
+        ("permit (principal == ?principal, action, resource);", "templates"),
+    ):
+        with pytest.raises(PolicyLoadError) as raised:
+            _authorizer(_settings(tmp_path, text), listings)
+        assert expected in raised.value.message
+
+
+def test_hot_reload_keeps_the_last_good_policy(tmp_path: Path, listings: dict[str, Any]) -> None:
+    settings = _settings(tmp_path)
+    authz = _authorizer(settings, listings)
+    file = Path(settings.policy.files[0])
+    good = file.read_text()
+    assert call(authz, "acme-reader", "workspace__get_task", task_id="acme-t1").denial is None
+    # A broken edit: the running policy stays, the problem is kept for the operator.
+    file.write_text(good + "\nforbid (principal, action, resource) when { context.nope };\n")
+    assert authz.reload() is False
+    assert authz.problem is not None and "nope" in authz.problem
+    assert call(authz, "acme-reader", "workspace__get_task", task_id="acme-t1").denial is None
+    # A good edit takes effect.
+    file.write_text(good + '\n@id("freeze") @reason("frozen")\nforbid (principal, action, resource);\n')
+    assert authz.reload() is True
+    assert authz.problem is None
+    ex = call(authz, "acme-reader", "workspace__get_task", task_id="acme-t1")
+    assert ex.decision is not None and ex.decision.policies == ("freeze",)
