@@ -68,7 +68,8 @@ LABELS = {
 POLICY_YAML = (
     "policy:\n"
     "  grants:\n"
-    '    - {id: bench, tenant: bench, server: echo, tools: [echo], arguments: {text: {like: "*"}}}\n'
+    "    - {id: bench, tenant: bench, server: echo, tools: [echo],\n"
+    '       arguments: {text: {like: "*"}}}\n'
     "  files: [bench.cedar]\n"
 )
 POLICY_CEDAR = (

@@ -20,8 +20,8 @@ import pytest
 import yaml
 from tests import oidc
 from tests.conftest import (
-    ALLOW_ALL,
     ACCEPT_BOTH,
+    ALLOW_ALL,
     EXAMPLES,
     FIXTURES,
     GatewayProcess,

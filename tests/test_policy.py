@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.conftest import EXAMPLES
 
 from bastion import config
 from bastion.errors import PolicyError
@@ -23,7 +24,6 @@ from bastion.pipeline.exchange import Exchange
 from bastion.policy.source import PolicyLoadError
 from bastion.state.rates import MemoryRateCounter
 from bastion.types import Era, Principal, Target
-from tests.conftest import EXAMPLES
 
 
 def _module(name: str) -> Any:
@@ -108,43 +108,150 @@ def call(authz: Authorizer, agent: str, tool: str, **arguments: Any) -> Exchange
 
 CASES = [
     # (what, agent, tool, arguments, allowed, deciding policy or None, reason fragment)
-    ("reader reads its own task", "acme-reader", "workspace__get_task",
-     {"task_id": "acme-t1"}, True, "grant:acme-read", "read their workspace"),
-    ("reader searches its workspace", "acme-reader", "workspace__search_tasks",
-     {"query": "launch"}, True, "grant:acme-read", ""),
-    ("globex reader reads globex", "globex-reader", "workspace__get_task",
-     {"task_id": "globex-t1"}, True, "grant:globex-read", ""),
-    ("admin deletes an acme project", "acme-admin", "workspace__delete_project",
-     {"project_id": "acme-p1"}, True, "grant:acme-admin-write", ""),
-    ("reader deletes (destructive tool, not admin)", "acme-reader",
-     "workspace__delete_project", {"project_id": "acme-p1"}, False, None, "default deny"),
-    ("reader creates a task (write tool, not admin)", "acme-reader",
-     "workspace__create_task", {"project_id": "acme-p1", "title": "x"}, False, None,
-     "default deny"),
-    ("acme reader names a globex task (cross-tenant argument)", "acme-reader",
-     "workspace__get_task", {"task_id": "globex-t1"}, False, "tenant-binding",
-     "another tenant's"),
-    ("admin deletes globex's project: forbidden despite its permit", "acme-admin",
-     "workspace__delete_project", {"project_id": "globex-p1"}, False, "tenant-binding",
-     "another tenant's"),
-    ("globex reader names an acme task", "globex-reader", "workspace__get_task",
-     {"task_id": "acme-t2"}, False, "tenant-binding", ""),
-    ("unknown agent of acme: no grant names it... but the tenant grant does", "acme-intern",
-     "workspace__list_projects", {}, True, "grant:acme-read", ""),
-    ("a tool the server does not have", "acme-admin", "workspace__drop_database", {},
-     False, None, "not a known action"),
-    ("argument of the wrong type", "acme-reader", "workspace__get_task", {"task_id": 7},
-     False, None, "arguments.task_id must be a string"),
-    ("an argument the tool does not declare", "acme-reader", "workspace__get_task",
-     {"task_id": "acme-t1", "tenant": "globex"}, False, None,
-     "arguments.tenant is not an argument"),
-    ("a required argument missing", "acme-reader", "workspace__get_task", {}, False, None,
-     "arguments.task_id is required"),
-    ("enum argument outside its values", "acme-admin", "workspace__update_task",
-     {"task_id": "acme-t1", "status": "deleted"}, False, None, "must be one of"),
-    ("report before reading anything (session history)", "acme-admin",
-     "workspace__send_report", {"to": "a@example.org", "body": "hi"}, False,
-     "report-after-reading", "only after reading"),
+    (
+        "reader reads its own task",
+        "acme-reader",
+        "workspace__get_task",
+        {"task_id": "acme-t1"},
+        True,
+        "grant:acme-read",
+        "read their workspace",
+    ),
+    (
+        "reader searches its workspace",
+        "acme-reader",
+        "workspace__search_tasks",
+        {"query": "launch"},
+        True,
+        "grant:acme-read",
+        "",
+    ),
+    (
+        "globex reader reads globex",
+        "globex-reader",
+        "workspace__get_task",
+        {"task_id": "globex-t1"},
+        True,
+        "grant:globex-read",
+        "",
+    ),
+    (
+        "admin deletes an acme project",
+        "acme-admin",
+        "workspace__delete_project",
+        {"project_id": "acme-p1"},
+        True,
+        "grant:acme-admin-write",
+        "",
+    ),
+    (
+        "reader deletes (destructive tool, not admin)",
+        "acme-reader",
+        "workspace__delete_project",
+        {"project_id": "acme-p1"},
+        False,
+        None,
+        "default deny",
+    ),
+    (
+        "reader creates a task (write tool, not admin)",
+        "acme-reader",
+        "workspace__create_task",
+        {"project_id": "acme-p1", "title": "x"},
+        False,
+        None,
+        "default deny",
+    ),
+    (
+        "acme reader names a globex task (cross-tenant argument)",
+        "acme-reader",
+        "workspace__get_task",
+        {"task_id": "globex-t1"},
+        False,
+        "tenant-binding",
+        "another tenant's",
+    ),
+    (
+        "admin deletes globex's project: forbidden despite its permit",
+        "acme-admin",
+        "workspace__delete_project",
+        {"project_id": "globex-p1"},
+        False,
+        "tenant-binding",
+        "another tenant's",
+    ),
+    (
+        "globex reader names an acme task",
+        "globex-reader",
+        "workspace__get_task",
+        {"task_id": "acme-t2"},
+        False,
+        "tenant-binding",
+        "",
+    ),
+    (
+        "unknown agent of acme: no grant names it... but the tenant grant does",
+        "acme-intern",
+        "workspace__list_projects",
+        {},
+        True,
+        "grant:acme-read",
+        "",
+    ),
+    (
+        "a tool the server does not have",
+        "acme-admin",
+        "workspace__drop_database",
+        {},
+        False,
+        None,
+        "not a known action",
+    ),
+    (
+        "argument of the wrong type",
+        "acme-reader",
+        "workspace__get_task",
+        {"task_id": 7},
+        False,
+        None,
+        "arguments.task_id must be a string",
+    ),
+    (
+        "an argument the tool does not declare",
+        "acme-reader",
+        "workspace__get_task",
+        {"task_id": "acme-t1", "tenant": "globex"},
+        False,
+        None,
+        "arguments.tenant is not an argument",
+    ),
+    (
+        "a required argument missing",
+        "acme-reader",
+        "workspace__get_task",
+        {},
+        False,
+        None,
+        "arguments.task_id is required",
+    ),
+    (
+        "enum argument outside its values",
+        "acme-admin",
+        "workspace__update_task",
+        {"task_id": "acme-t1", "status": "deleted"},
+        False,
+        None,
+        "must be one of",
+    ),
+    (
+        "report before reading anything (session history)",
+        "acme-admin",
+        "workspace__send_report",
+        {"to": "a@example.org", "body": "hi"},
+        False,
+        "report-after-reading",
+        "only after reading",
+    ),
 ]
 
 
@@ -214,20 +321,27 @@ def test_rate_limit_per_principal_and_tool(authz: Authorizer) -> None:
     assert allowed == [True] * 5 + [False] * 2
     denied = results[-1]
     assert denied.decision is not None
-    assert "rate limit 5/minute of policy grant:acme-admin-report exceeded" in (
-        denied.decision.reasons[0]
+    assert (
+        "rate limit 5/minute of policy grant:acme-admin-report exceeded"
+        in (denied.decision.reasons[0])
     )
     # A different tool of the same agent is not limited by it.
     assert call(authz, "acme-admin", "workspace__search_tasks", query="y").decision.allowed  # type: ignore[union-attr]
 
 
-def _list(authz: Authorizer, agent: str, method: str, key: str, listings: dict[str, Any]) -> list[str]:
+def _list(
+    authz: Authorizer, agent: str, method: str, key: str, listings: dict[str, Any]
+) -> list[str]:
     ex = _exchange(agent, method, {}, Target("workspace", None))
-    items = listings["workspace"][key] if key != "resources" else [
-        {"uri": "workspace://about"},
-        {"uri": "workspace://acme/projects/acme-p1"},
-        {"uri": "workspace://globex/projects/globex-p1"},
-    ]
+    items = (
+        listings["workspace"][key]
+        if key != "resources"
+        else [
+            {"uri": "workspace://about"},
+            {"uri": "workspace://acme/projects/acme-p1"},
+            {"uri": "workspace://globex/projects/globex-p1"},
+        ]
+    )
     shown = authz.visible(ex, "workspace", method, items)
     return sorted(i.get("name") or i.get("uri") for i in shown)
 
@@ -239,8 +353,15 @@ def test_lists_show_only_what_the_caller_may_use(
     admin = _list(authz, "acme-admin", "tools/list", "tools", listings)
     assert reader == ["get_task", "list_projects", "search_tasks"]
     assert admin == sorted(
-        ["create_task", "delete_project", "get_task", "list_projects", "search_tasks",
-         "send_report", "update_task"]
+        [
+            "create_task",
+            "delete_project",
+            "get_task",
+            "list_projects",
+            "search_tasks",
+            "send_report",
+            "update_task",
+        ]
     )
     assert _list(authz, "acme-reader", "resources/list", "resources", listings) == [
         "workspace://about",
@@ -257,8 +378,8 @@ def test_a_policy_naming_a_missing_argument_fails_at_load(
     tmp_path: Path, listings: dict[str, Any]
 ) -> None:
     bad = (
-        "permit (principal, action == Bastion::Action::\"workspace__get_task\", resource)\n"
-        "when { context.input.project == \"acme\" };\n"
+        'permit (principal, action == Bastion::Action::"workspace__get_task", resource)\n'
+        'when { context.input.project == "acme" };\n'
     )
     with pytest.raises(PolicyLoadError) as raised:
         _authorizer(_settings(tmp_path, bad), listings)
@@ -270,7 +391,7 @@ def test_a_policy_comparing_with_the_wrong_type_fails_at_load(
     tmp_path: Path, listings: dict[str, Any]
 ) -> None:
     bad = (
-        "permit (principal, action == Bastion::Action::\"workspace__get_task\", resource)\n"
+        'permit (principal, action == Bastion::Action::"workspace__get_task", resource)\n'
         "when { context.input.task_id > 3 };\n"
     )
     with pytest.raises(PolicyLoadError) as raised:
@@ -302,7 +423,9 @@ def test_hot_reload_keeps_the_last_good_policy(tmp_path: Path, listings: dict[st
     assert authz.problem is not None and "nope" in authz.problem
     assert call(authz, "acme-reader", "workspace__get_task", task_id="acme-t1").denial is None
     # A good edit takes effect.
-    file.write_text(good + '\n@id("freeze") @reason("frozen")\nforbid (principal, action, resource);\n')
+    file.write_text(
+        good + '\n@id("freeze") @reason("frozen")\nforbid (principal, action, resource);\n'
+    )
     assert authz.reload() is True
     assert authz.problem is None
     ex = call(authz, "acme-reader", "workspace__get_task", task_id="acme-t1")

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from bastion.config import Settings
-from bastion.errors import PolicyError
+from bastion.errors import BastionError, PolicyError, UpstreamTimeout
 from bastion.pipeline.exchange import Exchange
+from bastion.pipeline.obligations import STATE_PREFIX as APPROVAL_STATE_PREFIX
 from bastion.pipeline.obligations import redact
 from bastion.policy.build import build_engine, fingerprint
 from bastion.policy.catalog import Catalog, action_id
@@ -86,6 +87,7 @@ class Authorizer:
         self._checked = 0.0
         self._listed_at: dict[str, float] = {}
         self._listings: dict[str, JSON] = {}
+        self._list_errors: dict[str, BastionError] = {}
         self._snapshot = Path(settings.state_dir) / "policy-catalog.json"
         self._tenant_patterns = {
             name: {arg: _tenant_regex(glob) for arg, glob in up.tenant_arguments.items()}
@@ -105,7 +107,10 @@ class Authorizer:
         for name, listing in zip(names, found, strict=True):
             if isinstance(listing, dict):
                 self._listings[name] = listing
-            elif name in saved:
+                continue
+            if isinstance(listing, BastionError):
+                self._list_errors[name] = listing
+            if name in saved:
                 log.warning(
                     "upstream %r cannot be listed (%s); using its last saved listing", name, listing
                 )
@@ -128,8 +133,14 @@ class Authorizer:
 
     async def _list(self, upstream: str) -> JSON:
         self._listed_at[upstream] = time.monotonic()
-        async with asyncio.timeout(self.policy.catalog_timeout_seconds):
-            return await self._lister(upstream)
+        limit = self.policy.catalog_timeout_seconds
+        try:
+            async with asyncio.timeout(limit):
+                return await self._lister(upstream)
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"upstream {upstream!r} did not list its tools within {limit} s"
+            ) from None
 
     def _catalog(self) -> Catalog:
         return Catalog.build(self.settings.upstreams, self._listings)
@@ -190,15 +201,21 @@ class Authorizer:
         ):
             return
         if time.monotonic() < self._listed_at.get(upstream, 0.0) + _RETRY_LISTING_SECONDS:
+            self._unlisted(upstream)
             return
         async with self._lock:
             if time.monotonic() < self._listed_at.get(upstream, 0.0) + _RETRY_LISTING_SECONDS:
+                self._unlisted(upstream)
                 return
             try:
                 listing = await self._list(upstream)
             except Exception as exc:  # noqa: BLE001 - any failure: try again later
                 log.info("upstream %r cannot be listed: %s", upstream, exc)
+                if isinstance(exc, BastionError):
+                    self._list_errors[upstream] = exc
+                self._unlisted(upstream)
                 return
+            self._list_errors.pop(upstream, None)
             if listing == self._listings.get(upstream):
                 return
             previous = self._listings.get(upstream)
@@ -219,6 +236,12 @@ class Authorizer:
                 return
             log.info("upstream %r listed again: policy rebuilt over its tools", upstream)
             self._write_snapshot()
+
+    def _unlisted(self, upstream: str) -> None:
+        """A call to an upstream never listed fails as that upstream last failed (nothing is
+        forwarded: without its tool list there is nothing policy could allow)."""
+        if upstream not in self._listings and upstream in self._list_errors:
+            raise self._list_errors[upstream]
 
     # -- deciding ----------------------------------------------------------------------------
 
@@ -365,7 +388,11 @@ class Authorizer:
     async def _limit(
         self, exchange: Exchange, principal: Principal, action: str, verdict: Verdict
     ) -> Verdict:
-        """Apply `@rate` obligations: per principal and tool, over the shared counter."""
+        """Apply `@rate` obligations: per principal and tool, over the shared counter. The
+        retry that brings an approval is the same call, not another one."""
+        state = exchange.params.get("requestState")
+        if isinstance(state, str) and state.startswith(APPROVAL_STATE_PREFIX):
+            return verdict
         for rule in verdict.obligations["rate"]:
             limit, window = parse_rate(rule["limit"])
             who = f"{principal.tenant}/{principal.agent}/{principal.user or ''}"

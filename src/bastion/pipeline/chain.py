@@ -104,7 +104,11 @@ class Pipeline:
         target = exchange.target
         if target is not None:
             tool = target.name if exchange.method == "tools/call" else None
-            await self.authz.relist(target.upstream, tool)
+            try:
+                await self.authz.relist(target.upstream, tool)
+            except BastionError as exc:
+                exchange.denial = exc
+                return
         await self.authz.authorize(exchange)
 
     def _session(self, session_id: str, exchange: Exchange, route: Route) -> ClientSession:
