@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
 import os
 import shutil
 import signal
@@ -239,3 +241,36 @@ def legacy_session(client: httpx.Client, url: str, version: str = LEGACY) -> dic
     note = {"jsonrpc": "2.0", "method": "notifications/initialized"}
     assert client.post(url, json=note, headers=session).status_code == 202
     return session
+
+
+def _example(name: str) -> Any:
+    """An example module, imported from its file (the demos import their shared helper)."""
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def demo_listings() -> dict[str, Any]:
+    """The demo servers' real tool and prompt lists, listed in process as the gateway lists
+    them: `{"workspace": {"tools": [...], "prompts": [...]}, "echo": {...}}`."""
+
+    async def listing(server: Any) -> dict[str, Any]:
+        tools = await server.list_tools()
+        prompts = await server.list_prompts()
+        dump = {"by_alias": True, "exclude_none": True, "mode": "json"}
+        return {
+            "tools": [t.model_dump(**dump) for t in tools],
+            "prompts": [p.model_dump(**dump) for p in prompts],
+        }
+
+    workspace, _ = _example("workspace_server").build_server()
+    echo = _example("echo_server").build_server()
+    return {
+        "workspace": asyncio.run(listing(workspace)),
+        "echo": asyncio.run(listing(echo)),
+    }

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, demo_listings
 
 from bastion import config
 from bastion.errors import PolicyError
@@ -24,38 +24,6 @@ from bastion.pipeline.exchange import Exchange
 from bastion.policy.source import PolicyLoadError
 from bastion.state.rates import MemoryRateCounter
 from bastion.types import Era, Principal, Target
-
-
-def _module(name: str) -> Any:
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))  # the demos import their shared helper module
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def _listing(server: Any) -> dict[str, Any]:
-    async def run() -> dict[str, Any]:
-        tools = await server.list_tools()
-        prompts = await server.list_prompts()
-        return {
-            "tools": [t.model_dump(by_alias=True, exclude_none=True, mode="json") for t in tools],
-            "prompts": [
-                p.model_dump(by_alias=True, exclude_none=True, mode="json") for p in prompts
-            ],
-        }
-
-    return asyncio.run(run())
-
-
-@pytest.fixture(scope="module")
-def listings() -> dict[str, Any]:
-    workspace, _ = _module("workspace_server").build_server()
-    echo = _module("echo_server").build_server()
-    return {"workspace": _listing(workspace), "echo": _listing(echo)}
 
 
 def _settings(tmp: Path, extra_cedar: str | None = None) -> config.Settings:
@@ -74,6 +42,11 @@ def _authorizer(settings: config.Settings, listings: dict[str, Any]) -> Authoriz
     authz = Authorizer(settings, lister, MemoryRateCounter())
     asyncio.run(authz.start())
     return authz
+
+
+@pytest.fixture(scope="module")
+def listings() -> dict[str, Any]:
+    return demo_listings()
 
 
 @pytest.fixture

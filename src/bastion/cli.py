@@ -18,6 +18,8 @@ from bastion.control.agents_cli import app as agents_app
 from bastion.control.assembly import Identity, build_gateway, open_identity
 from bastion.control.audit_cli import app as audit_app
 from bastion.control.policy_cli import app as policy_app
+from bastion.policy.build import sources_of
+from bastion.policy.source import PolicyLoadError, load_policies
 from bastion.control.token_service import JWT_BEARER
 from bastion.errors import BastionError, ConfigError
 from bastion.identity.dpop import make_proof
@@ -52,9 +54,17 @@ def check_config(file: Path = typer.Argument(..., help="The YAML configuration f
             err=True,
         )
         raise typer.Exit(1)
+    try:
+        policies = load_policies(sources_of(settings.policy))
+    except PolicyLoadError as exc:
+        typer.echo(f"{file}: {len(exc.problems)} problem(s) in the policy:", err=True)
+        for problem in exc.problems:
+            typer.echo(f"  {problem}", err=True)
+        raise typer.Exit(1) from exc
     typer.echo(
         f"{file}: valid ({len(settings.upstreams)} upstreams, "
-        f"{len(settings.virtual_servers)} virtual servers)"
+        f"{len(settings.virtual_servers)} virtual servers, {len(policies)} policies; "
+        "the policy is validated against the upstreams' tools when the gateway starts)"
     )
 
 

@@ -117,7 +117,10 @@ def _never_matches(engine: PolicyEngine, est: Mapping[str, Any]) -> str | None:
         return None
     # Partial evaluation with everything about the request unknown: if the policy is not even
     # possibly determining, its conditions are false whatever the request is.
-    single = {"staticPolicies": {"p": est}, "templates": {}, "templateLinks": []}
+    # (Scopes are checked above; with them in, an unknown principal would keep every
+    # condition residual.)
+    bare = {**est, "principal": {"op": "All"}, "action": {"op": "All"}, "resource": {"op": "All"}}
+    single = {"staticPolicies": {"p": bare}, "templates": {}, "templateLinks": []}
     policies = cedarpy.PolicySet.from_json_str(json.dumps(single))
     for action in sorted(actions)[:50]:
         request = {
