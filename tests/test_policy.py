@@ -8,9 +8,7 @@ deny cases are not passing because everything is denied.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 

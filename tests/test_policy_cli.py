@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from tests.conftest import EXAMPLES, demo_listings
 
 BASTION = [sys.executable, "-m", "bastion.cli", "policy"]
@@ -139,13 +138,16 @@ def test_lint_flags_what_it_should(setup: tuple[Path, Path], tmp_path: Path) -> 
     _, catalog = setup
     shutil.copy(EXAMPLES / "quickstart.yaml", tmp_path / "bastion.yaml")
     (tmp_path / "policies").mkdir()
+    ws, echo = 'Bastion::Action::"workspace__get_task"', 'Bastion::Action::"echo__echo"'
+    acme = 'principal in Bastion::Tenant::"acme"'
     (tmp_path / "policies" / "workspace.cedar").write_text(
-        '@id("everyone") permit (principal, action == Bastion::Action::"workspace__get_task", resource);\n'
-        '@id("never") permit (principal in Bastion::Tenant::"acme", action == Bastion::Action::"workspace__get_task", resource) when { false };\n'
-        '@id("wrong-type") permit (principal in Bastion::Tenant::"acme", action == Bastion::Action::"workspace__get_task", resource is Bastion::Prompt);\n'
-        '@id("shadowed") permit (principal in Bastion::Tenant::"globex", action == Bastion::Action::"echo__echo", resource);\n'
-        '@id("no-echo") forbid (principal, action == Bastion::Action::"echo__echo", resource);\n'
-        '@id("scoped") permit (principal in Bastion::Tenant::"acme", action == Bastion::Action::"workspace__search_tasks", resource);\n'
+        f'@id("everyone") permit (principal, action == {ws}, resource);\n'
+        f'@id("never") permit ({acme}, action == {ws}, resource) when {{ false }};\n'
+        f'@id("wrong-type") permit ({acme}, action == {ws}, resource is Bastion::Prompt);\n'
+        f'@id("shadowed") permit (principal in Bastion::Tenant::"globex", action == {echo},'
+        " resource);\n"
+        f'@id("no-echo") forbid (principal, action == {echo}, resource);\n'
+        f"@id(\"scoped\") permit ({acme}, action == {ws}, resource);\n"
     )
     done = run("lint", "-c", str(tmp_path / "bastion.yaml"), "--catalog", str(catalog))
     assert done.returncode == 1

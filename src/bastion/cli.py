@@ -18,14 +18,14 @@ from bastion.control.agents_cli import app as agents_app
 from bastion.control.assembly import Identity, build_gateway, open_identity
 from bastion.control.audit_cli import app as audit_app
 from bastion.control.policy_cli import app as policy_app
-from bastion.policy.build import sources_of
-from bastion.policy.source import PolicyLoadError, load_policies
 from bastion.control.token_service import JWT_BEARER
 from bastion.errors import BastionError, ConfigError
 from bastion.identity.dpop import make_proof
 from bastion.identity.jwt import mint
 from bastion.identity.keys import SigningKey
 from bastion.pipeline.session import session_hash
+from bastion.policy.build import sources_of
+from bastion.policy.source import PolicyLoadError, load_policies
 
 cli = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Bastion, the MCP security gateway."
