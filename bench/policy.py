@@ -194,15 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     counts = [int(c) for c in args.counts.split(",")]
     print(f"policy decision cost ({TOOLS} tools; p50 / p99 in us; median of {args.repeats} runs)")
-    print(
-        f"{'policies':>9} {'engine p50':>11} {'p99':>7} {'stage p50':>10} {'p99':>7} {'scan p50':>9}"
-    )
+    header = ("policies", "engine p50", "p99", "stage p50", "p99", "scan p50")
+    print("{:>9} {:>11} {:>7} {:>10} {:>7} {:>9}".format(*header))
     worst = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         for count in counts:
             runs = [run_count(count, args.calls, Path(tmp)) for _ in range(args.repeats)]
 
-            def med(key: str, q: float) -> float:
+            def med(key: str, q: float, runs: list[dict[str, list[float]]] = runs) -> float:
                 values = [percentile(r[key], q) for r in runs if key in r]
                 return statistics.median(values) if values else float("nan")
 
