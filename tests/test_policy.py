@@ -401,3 +401,32 @@ def test_hot_reload_keeps_the_last_good_policy(tmp_path: Path, listings: dict[st
     assert authz.problem is None
     ex = call(authz, "acme-reader", "workspace__get_task", task_id="acme-t1")
     assert ex.decision is not None and ex.decision.policies == ("freeze",)
+
+
+def test_redaction_of_arguments_and_results(tmp_path: Path, listings: dict[str, Any]) -> None:
+    from bastion.pipeline.obligations import REDACTED, _redacted, _redactions, redact
+    from bastion.upstream.base import Answer
+
+    cedar = (EXAMPLES / "policies" / "workspace.cedar").read_text() + (
+        '\n@id("quiet-search") @redact("$.arguments.query, $.result.structuredContent.tasks[*].title")\n'
+        'permit (principal in Bastion::Tenant::"acme", '
+        'action == Bastion::Action::"workspace__search_tasks", resource);\n'
+    )
+    authz = _authorizer(_settings(tmp_path, cedar), listings)
+    ex = call(authz, "acme-reader", "workspace__search_tasks", query="salary of bob")
+    assert ex.decision is not None and ex.decision.allowed
+    assert ex.params["arguments"] == {"query": REDACTED}  # what the upstream and the trail see
+    reply = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "result": {"structuredContent": {"tasks": [{"id": "acme-t1", "title": "secret"}]}},
+    }
+    paths = [steps for root, steps in _redactions(ex.decision.obligations) if root == "result"]
+    assert paths == [("structuredContent", "tasks", None, "title")]
+    shown = _redacted(Answer(reply), ex, paths).first
+    assert shown["result"]["structuredContent"]["tasks"] == [{"id": "acme-t1", "title": REDACTED}]
+    assert reply["result"]["structuredContent"]["tasks"][0]["title"] == "secret"  # a copy
+    # Paths that do not reach anything leave the value as it is.
+    assert redact({"a": [1, 2]}, ("b",)) == {"a": [1, 2]}
+    assert redact({"a": [1, 2]}, ("a", 5)) == {"a": [1, 2]}
+    assert redact({"a": [1, 2]}, ("a", -1)) == {"a": [1, REDACTED]}
