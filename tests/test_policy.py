@@ -408,7 +408,8 @@ def test_redaction_of_arguments_and_results(tmp_path: Path, listings: dict[str, 
     from bastion.upstream.base import Answer
 
     cedar = (EXAMPLES / "policies" / "workspace.cedar").read_text() + (
-        '\n@id("quiet-search") @redact("$.arguments.query, $.result.structuredContent.tasks[*].title")\n'
+        '\n@id("quiet-search")\n'
+        '@redact("$.arguments.query, $.result.structuredContent.tasks[*].title")\n'
         'permit (principal in Bastion::Tenant::"acme", '
         'action == Bastion::Action::"workspace__search_tasks", resource);\n'
     )
