@@ -451,10 +451,9 @@ def start_targets(plan: Plan, fleet: Fleet, workdir: Path) -> dict[str, Any]:
     (workdir / "bench.cedar").write_text(POLICY_CEDAR)
     procs = {"echo": echo, "bare": bare}
     urls = {"direct": echo_url, "bare": f"http://127.0.0.1:{bare_port}/mcp"}
-    ready = [
-        (echo, f"http://127.0.0.1:{echo_port}/healthz"),
-        (bare, urls["bare"][:-4] + "/healthz"),
-    ]
+    ready = [(bare, urls["bare"][:-4] + "/healthz")]
+    # Bastion lists the echo server's tools for policy when it starts: echo must be up first.
+    wait_ready(echo, f"http://127.0.0.1:{echo_port}/healthz", time.monotonic() + 60)
     configs: dict[str, str] = {}
     if "bastion" in plan.auth:
         port = free_port()

@@ -431,3 +431,30 @@ def test_redaction_of_arguments_and_results(tmp_path: Path, listings: dict[str, 
     assert redact({"a": [1, 2]}, ("b",)) == {"a": [1, 2]}
     assert redact({"a": [1, 2]}, ("a", 5)) == {"a": [1, 2]}
     assert redact({"a": [1, 2]}, ("a", -1)) == {"a": [1, REDACTED]}
+
+
+def test_an_upstream_down_at_start_delays_its_policies_not_the_start(
+    tmp_path: Path, listings: dict[str, Any]
+) -> None:
+    from bastion.errors import UpstreamUnavailable
+
+    down = {"workspace": True}
+
+    async def lister(upstream: str) -> dict[str, Any]:
+        if down.get(upstream):
+            raise UpstreamUnavailable(f"upstream {upstream!r} is unreachable")
+        return listings[upstream]
+
+    authz = Authorizer(_settings(tmp_path), lister, MemoryRateCounter())
+    asyncio.run(authz.start(save=False))  # the quickstart names workspace tools everywhere
+    assert authz.engine is not None
+    assert "grant:acme-admin-write" not in authz.engine.docs  # waits for the workspace tools
+    assert "acme-task-ids" not in authz.engine.docs
+    assert "grant:acme-echo" in authz.engine.docs
+    with pytest.raises(UpstreamUnavailable):
+        asyncio.run(authz.relist("workspace", "get_task"))  # too soon: the last failure stands
+    down["workspace"] = False
+    authz._listed_at.clear()  # as if 5 s had passed
+    asyncio.run(authz.relist("workspace", "get_task"))
+    assert "grant:acme-admin-write" in authz.engine.docs and "acme-task-ids" in authz.engine.docs
+    assert call(authz, "acme-reader", "workspace__get_task", task_id="acme-t1").denial is None

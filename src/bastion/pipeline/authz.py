@@ -43,7 +43,9 @@ _RETRY_LISTING_SECONDS = 5.0
 _MAX_HISTORIES = 10_000
 _HISTORY_IDLE_SECONDS = 3600.0
 _NO_TENANT = "(unrecognized)"
-_ANSWERED_HERE = ("answered by the gateway; list items are filtered by policy",)
+# Requests with nothing for policy to decide: answered by the gateway itself (lists are then
+# filtered item by item), or only giving up access (resources/unsubscribe).
+_NOTHING_TO_DECIDE = ("no upstream action to decide; list items are filtered by policy",)
 
 
 class History:
@@ -257,7 +259,7 @@ class Authorizer:
                     exchange.decision.reasons[0], data=_data(exchange.decision)
                 )
             else:
-                exchange.decision = Decision(True, _ANSWERED_HERE)
+                exchange.decision = Decision(True, _NOTHING_TO_DECIDE)
             return
         verdict = engine.decide(request)
         if verdict.allowed and "rate" in verdict.obligations:

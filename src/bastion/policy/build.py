@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 
 from bastion.config import PolicySettings
 from bastion.policy.catalog import Catalog
@@ -10,12 +12,16 @@ from bastion.policy.engine import PolicyEngine
 from bastion.policy.schema import PolicySchema, build_schema
 from bastion.policy.source import (
     PolicyLoadError,
+    Problem,
     SourceText,
     compile_grants,
     load_policies,
     read_files,
     validate,
 )
+
+log = logging.getLogger("bastion.policy")
+_UNRECOGNIZED = re.compile(r'unrecognized action `Bastion::Action::"([^"]+)"`')
 
 
 def sources_of(settings: PolicySettings) -> list[SourceText]:
@@ -37,9 +43,37 @@ def build_engine(
     docs = load_policies(sources)
     schema = schema or build_schema(catalog)
     problems = validate(sources, schema.schema)
-    if problems:
-        raise PolicyLoadError(problems)
-    return PolicyEngine(schema, catalog, docs, version)
+    waiting = _waiting(problems, set(catalog.servers) - set(catalog.listed))
+    failed = [p.text for p in problems if p.place not in waiting]
+    if failed:
+        raise PolicyLoadError(failed)
+    for doc in docs:
+        if doc.place in waiting:
+            log.warning(
+                "policy %s (%s) names tools of %s, not listed yet: not in force until it is",
+                doc.id,
+                doc.origin,
+                waiting[doc.place],
+            )
+    kept = [doc for doc in docs if doc.place not in waiting]
+    return PolicyEngine(schema, catalog, kept, version)
+
+
+def _waiting(problems: list[Problem], unlisted: set[str]) -> dict[tuple[str, int], str]:
+    """Policies that fail only because they name tools of upstreams that could not be listed
+    (down at start, no saved listing): they wait for those upstreams instead of refusing the
+    start. A policy with any other problem is not waiting."""
+    waiting: dict[tuple[str, int], str] = {}
+    for problem in problems:
+        match = _UNRECOGNIZED.search(problem.error)
+        if match and match.group(1).partition("__")[0] in unlisted:
+            waiting[problem.place] = match.group(1).partition("__")[0]
+    for problem in problems:
+        if problem.place in waiting and not _UNRECOGNIZED.search(problem.error):
+            # Cedar reports follow-on errors for the other actions once one is unknown.
+            if "not found" not in problem.error:
+                waiting.pop(problem.place)
+    return waiting
 
 
 def fingerprint(settings: PolicySettings) -> tuple[tuple[str, int, int], ...]:

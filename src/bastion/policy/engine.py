@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,7 +82,6 @@ class PolicyEngine:
         self.catalog = catalog
         self.docs = {doc.id: doc for doc in docs}
         self.version = version
-        self._lock = threading.Lock()
         self._sets: dict[tuple[str, str], cedarpy.PolicySet] = {}
         self._principals: dict[Who, Any] = {}
         # action id → tenant ("" for any) → policy ids
@@ -132,8 +130,7 @@ class PolicyEngine:
             "templateLinks": [],
         }
         built = cedarpy.PolicySet.from_json_str(json.dumps(document))
-        with self._lock:
-            self._sets[key] = built
+        self._sets[key] = built
         return built
 
     # -- entities ----------------------------------------------------------------------------
@@ -204,10 +201,9 @@ class PolicyEngine:
                     }
                 )
             handle = self._base.with_added_json_str(json.dumps(delta))
-            with self._lock:
-                if len(self._principals) >= _MAX_PRINCIPALS:
-                    self._principals.clear()
-                self._principals[who] = handle
+            if len(self._principals) >= _MAX_PRINCIPALS:
+                self._principals.clear()
+            self._principals[who] = handle
         if extra:
             handle = handle.with_added_json_str(json.dumps(list(extra)))
         return handle

@@ -44,6 +44,7 @@ class PolicyDoc:
     origin: str  # "<file> policy <n>" or "grant <id>"
     est: Mapping[str, Any]  # Cedar's JSON form, annotations included
     annotations: Mapping[str, str] = field(default_factory=dict)
+    place: tuple[str, int] = ("", 0)  # (source name, position in it)
 
     @property
     def reason(self) -> str:
@@ -107,16 +108,28 @@ def load_policies(sources: Iterable[SourceText]) -> list[PolicyDoc]:
             seen[pid] = origin
             problems.extend(_check_annotations(origin, annotations))
             est = {**est, "annotations": {**annotations, "id": pid}}
-            docs.append(PolicyDoc(pid, est["effect"], origin, est, {**annotations, "id": pid}))
+            docs.append(
+                PolicyDoc(
+                    pid, est["effect"], origin, est, {**annotations, "id": pid}, (source.name, n)
+                )
+            )
     if problems:
         raise PolicyLoadError(problems)
     return docs
 
 
-def validate(sources: Iterable[SourceText], schema: cedarpy.Schema) -> list[str]:
-    """Strict validation of each source against the schema; the problems, each naming the
-    policy by file and position (or grant)."""
-    problems: list[str] = []
+@dataclass(frozen=True)
+class Problem:
+    """A validation error of one policy."""
+
+    place: tuple[str, int]  # (source name, position), as PolicyDoc.place
+    text: str  # names the policy by file and position (or grant)
+    error: str  # Cedar's own message
+
+
+def validate(sources: Iterable[SourceText], schema: cedarpy.Schema) -> list[Problem]:
+    """Strict validation of each source against the schema."""
+    problems: list[Problem] = []
     for source in sources:
         result = cedarpy.validate_policies(source.text, schema)
         for error in result.errors:
@@ -126,8 +139,8 @@ def validate(sources: Iterable[SourceText], schema: cedarpy.Schema) -> list[str]
                 log.warning("%s: %s", source.name, error.error)
                 continue
             where = source.name
+            n = _index(error.policy_id) if error.policy_id else -1
             if error.policy_id:
-                n = _index(error.policy_id)
                 label = source.ids[n] if source.ids and n < len(source.ids) else None
                 annotated = result.id_annotations_by_policy_id.get(error.policy_id)
                 where = (
@@ -135,7 +148,7 @@ def validate(sources: Iterable[SourceText], schema: cedarpy.Schema) -> list[str]
                     if label
                     else f"{source.name} policy {n}" + (f" ({annotated})" if annotated else "")
                 )
-            problems.append(f"{where}: {error.error}")
+            problems.append(Problem((source.name, n), f"{where}: {error.error}", error.error))
     return problems
 
 
