@@ -280,6 +280,14 @@ def _banner(settings: config.Settings, config_file: Path, configured: str) -> st
             "or point MCP Inspector / your IDE at the URL above (transport: Streamable HTTP).",
             "",
         ]
+    policy = settings.policy
+    lines += [
+        f"Policy: default deny; {len(policy.grants)} grants and {len(policy.files)} Cedar files. "
+        "Why a call is allowed or denied:",
+        f"  .venv/bin/bastion policy explain --config {config_file} --agent AGENT "
+        "--tool SERVER__TOOL --arguments '{...}'",
+        "",
+    ]
     return "\n".join(lines)
 
 
