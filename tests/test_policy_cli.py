@@ -147,7 +147,7 @@ def test_lint_flags_what_it_should(setup: tuple[Path, Path], tmp_path: Path) -> 
         f'@id("shadowed") permit (principal in Bastion::Tenant::"globex", action == {echo},'
         " resource);\n"
         f'@id("no-echo") forbid (principal, action == {echo}, resource);\n'
-        f"@id(\"scoped\") permit ({acme}, action == {ws}, resource);\n"
+        f'@id("scoped") permit ({acme}, action == {ws}, resource);\n'
     )
     done = run("lint", "-c", str(tmp_path / "bastion.yaml"), "--catalog", str(catalog))
     assert done.returncode == 1

@@ -342,3 +342,20 @@ def test_a_broken_policy_refuses_the_start(tmp_path: Path) -> None:
     assert run.returncode != 0
     assert "workspace.cedar policy 0" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_completion_on_another_tenants_resource_is_decided_too(qs: GatewayProcess) -> None:
+    # The URI was never listed by this route: it is looked up before the decision, and the
+    # tenant it names is bound like any argument.
+    headers = {
+        **modern_headers("completion/complete"),
+        "Authorization": f"Bearer {token(qs, 'acme-reader')}",
+    }
+    params = {
+        "ref": {"type": "ref/resource", "uri": "workspace://globex/projects/{project_id}"},
+        "argument": {"name": "project_id", "value": "g"},
+    }
+    body = modern_body("completion/complete", params)
+    error = httpx.post(qs.url("/mcp"), headers=headers, json=body, timeout=STEP).json()["error"]
+    assert error["data"]["code"] == "policy.denied"
+    assert "tenant-binding" in error["data"]["policies"]

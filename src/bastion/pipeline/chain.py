@@ -28,7 +28,9 @@ log = logging.getLogger("bastion.pipeline")
 
 # Who the gateway is when it lists upstreams for policy.
 CATALOG_PRINCIPAL = Principal(tenant="bastion", agent="bastion-catalog")
-_BY_URI = ("resources/read", "resources/subscribe")
+# Forwarded methods whose upstream is found by URI: a URI the route has not seen yet is looked
+# up before the decision, so nothing reaches an upstream undecided.
+_BY_URI = ("resources/read", "resources/subscribe", "resources/unsubscribe", "completion/complete")
 
 
 class Pipeline:
@@ -95,7 +97,8 @@ class Pipeline:
                 await self.dispatcher.refresh_index(exchange, route)
                 exchange.target = route.target(exchange)
                 if exchange.target is None:
-                    uri = exchange.params.get("uri")
+                    ref = exchange.params.get("ref") or {}
+                    uri = exchange.params.get("uri", ref.get("uri"))
                     raise InvalidParams(f"resource not found: {uri!r}")
         except BastionError as exc:
             exchange.denial = exc
