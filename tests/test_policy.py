@@ -345,29 +345,25 @@ def test_lists_show_only_what_the_caller_may_use(
     assert ex.decision is not None and not ex.decision.allowed
 
 
-def test_a_policy_naming_a_missing_argument_fails_at_load(
-    tmp_path: Path, listings: dict[str, Any]
+@pytest.mark.parametrize(
+    ("condition", "named"),
+    [
+        ('context.input.project == "acme"', "project"),  # get_task has no `project`
+        ("context.input.task_id > 3", "expected Long but saw String"),  # String vs number
+    ],
+    ids=["missing-argument", "wrong-type"],
+)
+def test_a_policy_the_tool_schema_refutes_fails_at_load(
+    tmp_path: Path, listings: dict[str, Any], condition: str, named: str
 ) -> None:
     bad = (
         'permit (principal, action == Bastion::Action::"workspace__get_task", resource)\n'
-        'when { context.input.project == "acme" };\n'
+        f"when {{ {condition} }};\n"
     )
     with pytest.raises(PolicyLoadError) as raised:
         _authorizer(_settings(tmp_path, bad), listings)
     assert "workspace.cedar policy 0" in raised.value.message
-    assert "project" in raised.value.message
-
-
-def test_a_policy_comparing_with_the_wrong_type_fails_at_load(
-    tmp_path: Path, listings: dict[str, Any]
-) -> None:
-    bad = (
-        'permit (principal, action == Bastion::Action::"workspace__get_task", resource)\n'
-        "when { context.input.task_id > 3 };\n"
-    )
-    with pytest.raises(PolicyLoadError) as raised:
-        _authorizer(_settings(tmp_path, bad), listings)
-    assert "workspace.cedar policy 0" in raised.value.message
+    assert named in raised.value.message
 
 
 def test_bad_annotations_and_syntax_fail_at_load(tmp_path: Path, listings: dict[str, Any]) -> None:

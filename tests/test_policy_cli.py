@@ -70,49 +70,22 @@ def test_a_wrong_expectation_fails(setup: tuple[Path, Path], tmp_path: Path) -> 
 
 def test_explain_names_the_deciding_policy_and_its_text(setup: tuple[Path, Path]) -> None:
     config, catalog = setup
-    done = run(
-        "explain",
-        "-c",
-        str(config),
-        "--catalog",
-        str(catalog),
-        "--agent",
-        "acme-admin",
-        "--tool",
-        "workspace__delete_project",
-        "--arguments",
-        '{"project_id": "globex-p1"}',
-    )
+
+    def explain(agent: str, tool: str, arguments: str) -> subprocess.CompletedProcess[str]:
+        return run(
+            *("explain", "-c", str(config), "--catalog", str(catalog), "--agent", agent),
+            *("--tool", tool, "--arguments", arguments),
+        )
+
+    done = explain("acme-admin", "workspace__delete_project", '{"project_id": "globex-p1"}')
     assert done.returncode == 1
     assert done.stdout.startswith("DENY: an argument names another tenant's")
     assert "tenant-binding (" in done.stdout and "forbid" in done.stdout
-    allowed = run(
-        "explain",
-        "-c",
-        str(config),
-        "--catalog",
-        str(catalog),
-        "--agent",
-        "acme-reader",
-        "--tool",
-        "workspace__get_task",
-        "--arguments",
-        '{"task_id": "acme-t1"}',
-    )
+    allowed = explain("acme-reader", "workspace__get_task", '{"task_id": "acme-t1"}')
     assert allowed.returncode == 0
     assert allowed.stdout.startswith("ALLOW: acme agents read their workspace")
-    default = run(
-        "explain",
-        "-c",
-        str(config),
-        "--catalog",
-        str(catalog),
-        "--agent",
-        "acme-reader",
-        "--tool",
-        "workspace__create_task",
-        "--arguments",
-        '{"project_id": "acme-p1", "title": "t"}',
+    default = explain(
+        "acme-reader", "workspace__create_task", '{"project_id": "acme-p1", "title": "t"}'
     )
     assert "default deny" in default.stdout
     assert "no permit matched; the permits for this action and tenant were:" in default.stdout

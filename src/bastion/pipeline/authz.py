@@ -283,7 +283,7 @@ class Authorizer:
             return None
         needs = engine.needs
         context: dict[str, Any] = {}
-        named: list[str] = []
+        named: Mapping[str, Any] = {}  # the values tenant_arguments may name a tenant in
         if method == "tools/call":
             action = action_id(target.upstream, str(target.name))
             resource = ("Tool", action)
@@ -298,8 +298,7 @@ class Authorizer:
                     return None
             if "tool" in needs:
                 context["tool"] = {"__entity": {"type": "Bastion::Tool", "id": action}}
-            if isinstance(arguments, dict):
-                named = self._tenants(target.upstream, arguments)
+            named = arguments if isinstance(arguments, dict) else {}
             extra: tuple[Mapping[str, Any], ...] = ()
         elif method in ("prompts/get", "completion/complete") and (
             method == "prompts/get"
@@ -314,8 +313,7 @@ class Authorizer:
                 else (_entity("Prompt", prompt, target.upstream, {"name": str(target.name)}),)
             )
             arguments = exchange.params.get("arguments")
-            if isinstance(arguments, dict):
-                named = self._tenants(target.upstream, arguments)
+            named = arguments if isinstance(arguments, dict) else {}
         elif method in METHOD_ACTIONS:
             action = METHOD_ACTIONS[method]
             uri = str(target.name)
@@ -323,11 +321,13 @@ class Authorizer:
             extra = (_entity("Resource", uri, target.upstream, {}),)
             if action != "complete":
                 context["uri"] = uri
-            named = self._tenants(target.upstream, {"uri": uri})
+            named = {"uri": uri}
         else:
             return None
         if "request" in needs:
-            context["request"] = await self._situation(exchange, principal, action, named, needs)
+            context["request"] = await self._situation(
+                exchange, principal, action, (target.upstream, named), needs
+            )
         return CedarRequest(_who(principal), action, resource, context, extra)
 
     async def _situation(
@@ -335,7 +335,7 @@ class Authorizer:
         exchange: Exchange,
         principal: Principal,
         action: str,
-        named: list[str],
+        naming: tuple[str, Mapping[str, Any]],  # (upstream, values that may name a tenant)
         needs: frozenset[str],
     ) -> dict[str, Any]:
         now = time.time()
@@ -357,7 +357,7 @@ class Authorizer:
             situation["user"] = {"__entity": {"type": "Bastion::User", "id": principal.user}}
         if "tenants" in needs:
             situation["tenants"] = [
-                {"__entity": {"type": "Bastion::Tenant", "id": t}} for t in named
+                {"__entity": {"type": "Bastion::Tenant", "id": t}} for t in self._tenants(*naming)
             ]
         if "history" in needs:
             tools, labels = self.history.get(history_key(exchange, principal))

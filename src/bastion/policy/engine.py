@@ -266,6 +266,8 @@ class PolicyEngine:
     def may(self, request: CedarRequest, unknown: Sequence[str]) -> bool:
         """Whether the request can be allowed for some values of the context attributes named
         in `unknown` (the rest known): false only when it is denied whatever they are."""
+        if request.action not in self.schema.actions:
+            return False
         context = dict(request.context)
         for name in unknown:
             context[name] = {"__extn": {"fn": "unknown", "arg": name}}
@@ -276,8 +278,6 @@ class PolicyEngine:
             "resource": f"{NAMESPACE}::{request.resource[0]}::{json.dumps(request.resource[1])}",
             "context": orjson.dumps(context).decode(),
         }
-        if request.action not in self.schema.actions:
-            return False
         result = cedarpy.is_authorized_partial(
             native,
             self._set(request.action, who.tenant),
