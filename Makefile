@@ -7,7 +7,7 @@ PORT ?= 8080
 STAMP := $(VENV)/.installed
 NODE_STAMP := tests/node/node_modules/.installed
 
-.PHONY: run test lint check bench install node clean
+.PHONY: run test lint check bench install node postgres clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ $(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
 
 node: $(NODE_STAMP)
 
+# PostgreSQL server binaries for tests/test_audit_postgres.py (Debian; root on CI).
+postgres:
+	@compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || \
+		{ apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; }
+
 run: install
 	$(VENV)/bin/bastion serve --config examples/quickstart.yaml --port $(PORT)
 
@@ -33,7 +38,7 @@ lint: install
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-test: install node lint
+test: install node postgres lint
 	$(PY) -m pytest
 
 bench: install

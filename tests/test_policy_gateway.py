@@ -59,6 +59,9 @@ def quickstart(tmp: Path, port: int) -> str:
     for grant in config["policy"]["grants"]:
         if grant.get("rate"):  # these tests send many reports; test_policy covers the limit
             grant["rate"] = "100/minute"
+    # These tests attack across tenants again and again with the same agents; the suspension
+    # that follows repeated attempts is tested in test_audit_alerts.
+    config["audit"] = {"alerts": {"cross_tenant": {"suspend": False}}}
     return yaml.safe_dump(config)
 
 

@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable, Mapping
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
 
-from bastion.audit import AuditWriter
+from bastion.audit import AuditRecord, AuditWriter, Query
 from bastion.config import Settings
 from bastion.observe.metrics import Metrics
+from bastion.observe.tracing import Tracing
 from bastion.pipeline.authn import AgentDirectory, SigningKeys
 from bastion.pipeline.chain import Pipeline
 from bastion.pipeline.route import Route
@@ -20,6 +22,7 @@ from bastion.transport.server import HttpServer
 from bastion.upstream.pool import Upstreams
 
 log = logging.getLogger("bastion")
+_WARM_RECORDS = 200_000  # records of history replayed into the detectors at most
 
 
 def routes_for(settings: Settings) -> list[Route]:
@@ -44,6 +47,15 @@ def routes_for(settings: Settings) -> list[Route]:
     return routes
 
 
+class Service(Protocol):
+    """Something that runs beside the gateway (an audit sink): started after the trail,
+    stopped after it was flushed."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self, grace: float = 5.0) -> None: ...
+
+
 class Gateway:
     """The running gateway: an ASGI app whose lifespan starts and stops the upstreams."""
 
@@ -55,6 +67,7 @@ class Gateway:
         secrets: Mapping[str, str] | None = None,
         endpoints: Mapping[str, ASGIApp] | None = None,
         audit: AuditWriter | None = None,
+        suspend: Callable[[str, str], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
         self.audit = audit
@@ -62,22 +75,32 @@ class Gateway:
         self.pipeline = Pipeline(settings, self.upstreams, agents, keys, secrets, audit)
         self.routes = routes_for(settings)
         self.metrics = Metrics()
+        self.tracing = Tracing(settings.telemetry.traces)  # this gateway's own tracer provider
         if audit is not None:
             self.metrics.watch_audit_queue(lambda: audit.queue_depth)
-        self.front = Front(settings, self.pipeline, self.routes, endpoints, self.metrics)
+        trail = self.pipeline.trail
+        trail.alerted = lambda alert: self.metrics.alerted(alert.rule, alert.severity)
+        trail.suspend = suspend
+        self.services: list[Service] = []  # audit sinks, added by the assembly
+        self.front = Front(
+            settings, self.pipeline, self.routes, endpoints, self.metrics, self.tracing
+        )
         self._janitor: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Launch managed upstreams and begin expiring idle sessions."""
         if self.audit is not None:
+            await self._warm(self.audit)
             await self.audit.start()
+        for service in self.services:
+            await service.start()
         await self.upstreams.start()
         await self.pipeline.start()
         self._janitor = asyncio.create_task(self._expire_sessions())
         self.front.ready = True
 
     async def stop(self) -> None:
-        """End sessions, close upstreams, stop launched servers."""
+        """End sessions, close upstreams, stop launched servers, flush the traces."""
         self.front.ready = False
         if self._janitor is not None:
             self._janitor.cancel()
@@ -85,8 +108,28 @@ class Gateway:
                 await self._janitor
         await self.pipeline.sessions.close()
         await self.upstreams.close()
-        if self.audit is not None:
-            await self.audit.stop()
+        await self.tracing.close()
+        try:
+            if self.audit is not None:
+                await self.audit.stop()
+        finally:
+            for service in self.services:
+                await service.stop()
+
+    async def _warm(self, audit: AuditWriter) -> None:
+        """Replay recent history into the anomaly detectors, so baselines survive restarts."""
+        trail = self.pipeline.trail
+        days = self.settings.audit.alerts.baseline_days
+        if trail.detectors is None or days <= 0:
+            return
+        since = time.time() - days * 86400
+
+        def recent() -> list[AuditRecord]:
+            entries = audit.store.query(Query(since=since, limit=_WARM_RECORDS))
+            return [AuditRecord.from_json(entry.record) for entry in entries]
+
+        count = trail.warm(await asyncio.to_thread(recent))
+        log.info("anomaly detectors: baselines rebuilt from %d records", count)
 
     async def _expire_sessions(self) -> None:
         period = min(60.0, self.settings.limits.session_idle_seconds / 2)

@@ -14,6 +14,7 @@ import typer
 from bastion import config
 from bastion.app import routes_for
 from bastion.app import serve as serve_gateway
+from bastion.control.admin_auth import TOKEN_FILE
 from bastion.control.agents_cli import app as agents_app
 from bastion.control.assembly import Identity, build_gateway, open_identity
 from bastion.control.audit_cli import app as audit_app
@@ -278,6 +279,16 @@ def _banner(settings: config.Settings, config_file: Path, configured: str) -> st
             "Connect a client, for example with the Python SDK (pip install mcp):",
             f'  async with mcp.Client("{base}{first}") as client: await client.list_tools()',
             "or point MCP Inspector / your IDE at the URL above (transport: Streamable HTTP).",
+            "",
+        ]
+    if settings.admin.enabled:
+        reference = settings.admin.token
+        token = f"the admin.token secret ({reference.split(':')[0]}:)" if reference else None
+        path = Path(settings.state_dir) / TOKEN_FILE
+        lines += [
+            f"Admin API (audit trail, agents) at {base}/admin/; its token is {token or path}:",
+            f'  curl -H "Authorization: Bearer {"$ADMIN_TOKEN" if token else f"$(cat {path})"}" '
+            f"{base}/admin/agents",
             "",
         ]
     policy = settings.policy

@@ -21,6 +21,8 @@ from bastion.errors import ConfigError
 # so the first "__" in an exposed name always ends the prefix.
 NAME_PATTERN = r"^[a-z0-9]+(-[a-z0-9]+)*$"
 TOOL_SEPARATOR = "__"
+# A secret is named, never written in the file: env:NAME, file:PATH or vault:PATH#KEY.
+SECRET_REFERENCE = r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:.+|vault:[^#]+#.+)$"  # noqa: S105
 
 
 class _Frozen(BaseModel):
@@ -126,9 +128,7 @@ class Credential(_Frozen):
     def _references(self) -> Credential:
         for key in ("secret", "client_secret"):
             value = getattr(self, key)
-            if value is not None and not re.match(
-                r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:.+|vault:[^#]+#.+)$", value
-            ):
+            if value is not None and not re.match(SECRET_REFERENCE, value):
                 raise ValueError(
                     f"{key} must be a secret reference (env:NAME, file:PATH or vault:PATH#KEY); "
                     "literal secrets are refused"
@@ -292,6 +292,119 @@ class PolicySettings(_Frozen):
     catalog_timeout_seconds: float = Field(10.0, gt=0)  # listing upstream tools at start
 
 
+def _loopback(host: str | None) -> bool:
+    if host in ("localhost", None):
+        return host is not None
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class Sink(_Frozen):
+    """An export of the audit trail: each committed record (or those of `phases`) is sent in
+    order, at least once, behind the hot path, resuming where it stopped after a restart.
+
+    - `jsonl`: lines appended to `path`;
+    - `syslog`: RFC 5424 messages to `address` (`host:port`) over UDP or TCP (RFC 6587 octet
+      counting);
+    - `webhook`: a JSON array of records POSTed to an HTTPS `url` (plain http only on loopback),
+      retried with backoff, optionally signed (HMAC-SHA256 with `secret`);
+    - `otel_logs`: OTLP/HTTP (protobuf) log records POSTed to `url` (a collector's /v1/logs).
+    """
+
+    name: str = Field(pattern=NAME_PATTERN)
+    type: Literal["jsonl", "syslog", "webhook", "otel_logs"]
+    format: Literal["json", "ocsf"] = "json"
+    phases: tuple[Literal["decision", "outcome", "authn", "alert"], ...] = ()  # empty: all
+    path: str | None = None
+    address: str | None = None
+    transport: Literal["udp", "tcp"] = "udp"
+    facility: int = Field(13, ge=0, le=23)  # 13: log audit (RFC 5424)
+    url: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)  # header -> secret reference
+    secret: str | None = None  # webhook signing key, a secret reference
+    ca_file: str | None = None  # trust this CA for the url (besides the system's)
+    batch_max: int = Field(100, ge=1, le=10_000)
+    timeout_seconds: float = Field(10.0, gt=0)
+    retry_max_seconds: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _shape(self) -> Sink:
+        needs = {"jsonl": "path", "syslog": "address", "webhook": "url", "otel_logs": "url"}
+        if getattr(self, needs[self.type]) is None:
+            raise ValueError(f"sink type {self.type} needs `{needs[self.type]}`")
+        for key, value in [
+            *(("headers." + k, v) for k, v in self.headers.items()),
+            ("secret", self.secret),
+        ]:
+            if value is not None and not re.match(SECRET_REFERENCE, value):
+                raise ValueError(
+                    f"{key} must be a secret reference (env:NAME, file:PATH or vault:PATH#KEY); "
+                    "literal secrets are refused"
+                )
+        if self.url is not None:
+            match = re.match(r"^(https?)://(\[[^\]]+\]|[^/:]+)(:\d+)?(/.*)?$", self.url)
+            if match is None:
+                raise ValueError(f"url must be an http(s) URL, found {self.url!r}")
+            if match.group(1) == "http" and not _loopback(match.group(2)):
+                raise ValueError("url must use https (plain http is allowed on loopback only)")
+        if self.address is not None and not re.match(r"^(\[[^\]]+\]|[^:]+):\d+$", self.address):
+            raise ValueError(f"address must be host:port, found {self.address!r}")
+        return self
+
+
+class Rule(_Frozen):
+    """One anomaly detector: whether it runs and whether its alert suspends the agent."""
+
+    enabled: bool = True
+    suspend: bool = False
+
+
+class RateSpike(Rule):
+    """An agent's calls in one minute far above its own moving average."""
+
+    factor: float = Field(5.0, gt=1)  # times the agent's average calls per minute
+    min_calls: int = Field(60, ge=1)  # never alert below this many calls in the minute
+    warmup_minutes: int = Field(10, ge=1)  # minutes of history before the baseline counts
+
+
+class DenialBurst(Rule):
+    """Many denials of one agent in a short window."""
+
+    count: int = Field(10, ge=1)
+    window_seconds: float = Field(60.0, gt=0)
+
+
+class CrossTenant(Rule):
+    """A request naming another tenant's data, or presenting another tenant's session."""
+
+    suspend: bool = True
+    count: int = Field(3, ge=1)  # attempts within the window that suspend the agent
+    window_seconds: float = Field(600.0, gt=0)
+
+
+class Habit(Rule):
+    """A first that matters only once the agent has a history (`min_calls`)."""
+
+    min_calls: int = Field(50, ge=0)
+
+
+class Alerts(_Frozen):
+    """Streaming anomaly detectors over the audit records; alerts are written to the trail,
+    counted in /metrics and sent to the sinks that take `alert` records."""
+
+    enabled: bool = True
+    cooldown_seconds: float = Field(600.0, ge=0)  # one alert per rule, agent and subject
+    baseline_days: float = Field(14.0, ge=0)  # history replayed at start to rebuild baselines
+    rate_spike: RateSpike = RateSpike()
+    denial_burst: DenialBurst = DenialBurst()
+    cross_tenant: CrossTenant = CrossTenant()
+    first_use: Habit = Habit(min_calls=0)
+    unusual_hours: Habit = Habit(min_calls=200)
+    new_client: Habit = Habit(min_calls=20)
+
+
 class AuditSettings(_Frozen):
     """The audit trail: where it is kept and what a call waits for."""
 
@@ -304,6 +417,78 @@ class AuditSettings(_Frozen):
     checkpoint_every: int = Field(1000, ge=1)
     checkpoint_seconds: float = Field(5.0, gt=0)
     record_arguments: bool = False  # keep the arguments themselves, not only their digest
+    sinks: tuple[Sink, ...] = ()
+    alerts: Alerts = Alerts()
+    # sqlite: one file in <state_dir>/audit/ (one machine); postgres: one database that every
+    # replica appends to. `dsn` (postgres only) is a secret reference, env:NAME or file:PATH,
+    # or a DSN without a password (libpq then finds it in PGPASSWORD, ~/.pgpass or uses
+    # certificates); a DSN with a password written into the config is refused.
+    store: Literal["sqlite", "postgres"] = "sqlite"
+    dsn: str | None = None
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn(cls, value: str | None) -> str | None:
+        if value is None or re.match(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:.+)$", value):
+            return value
+        if value.startswith("vault:"):
+            raise ValueError("expected env:NAME or file:PATH; vault: is not read here")
+        if re.search(r"(?i)\bpassword\s*=", value) or re.match(
+            r"(?i)^postgres(ql)?://[^/?#@]*:[^/?#@]*@", value
+        ):
+            raise ValueError(
+                "a DSN with a password must come from a secret reference (env:NAME or "
+                "file:PATH); literal secrets are refused"
+            )
+        if not re.match(r"(?i)^postgres(ql)?://", value) and "=" not in value:
+            raise ValueError("expected env:NAME, file:PATH or a postgresql:// DSN")
+        return value
+
+    @model_validator(mode="after")
+    def _store_needs(self) -> AuditSettings:
+        if self.store == "postgres" and self.dsn is None:
+            raise ValueError("store postgres needs audit.dsn")
+        if self.store == "postgres" and self.max_bytes is not None:
+            raise ValueError("audit.max_bytes applies to store sqlite only")
+        return self
+
+
+class AdminSettings(_Frozen):
+    """The admin API under /admin on the gateway's port, for operators.
+
+    `token` is a secret reference (env:NAME, file:PATH or vault:PATH#KEY); without one, a
+    token is generated at first start into `<state_dir>/admin-token` (mode 0600).
+    """
+
+    enabled: bool = True
+    token: str | None = None
+
+    @field_validator("token")
+    @classmethod
+    def _reference(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(SECRET_REFERENCE, value):
+            raise ValueError(
+                "expected a secret reference (env:NAME, file:PATH or vault:PATH#KEY); "
+                "a literal token is refused"
+            )
+        return value
+
+
+class Traces(_Frozen):
+    """OpenTelemetry traces exported over OTLP/HTTP; W3C trace context propagates either way."""
+
+    enabled: bool = False
+    endpoint: str = Field("http://127.0.0.1:4318/v1/traces", pattern=r"^https?://")
+    service_name: str = Field("bastion", min_length=1)
+    sample_ratio: float = Field(1.0, ge=0.0, le=1.0)  # of traces the gateway starts itself
+    # Sent with every export; OTEL_EXPORTER_OTLP_TRACES_HEADERS adds more (keep secrets there).
+    headers: dict[str, str] = Field(default_factory=dict)
+
+
+class Telemetry(_Frozen):
+    """What the gateway reports about its own work beyond /metrics."""
+
+    traces: Traces = Traces()
 
 
 class Settings(_Frozen):
@@ -313,9 +498,11 @@ class Settings(_Frozen):
     state_dir: str = ".state"  # keys and the registry; relative to the config file
     auth: Auth = Auth()
     audit: AuditSettings = AuditSettings()
+    admin: AdminSettings = AdminSettings()
     policy: PolicySettings = PolicySettings()
     limits: Limits = Limits()
     security: Security = Security()
+    telemetry: Telemetry = Telemetry()
     upstreams: dict[str, Upstream] = Field(default_factory=dict)
     virtual_servers: dict[str, VirtualServer] = Field(default_factory=dict)
 
@@ -330,7 +517,11 @@ class Settings(_Frozen):
             for ref in server.upstreams:
                 if ref not in self.upstreams:
                     problems.append(f"virtual server {vname!r} names unknown upstream {ref!r}")
-            if server.path.startswith("/servers/") or server.path in ("/healthz", "/readyz"):
+            if server.path.startswith(("/servers/", "/admin/")) or server.path in (
+                "/healthz",
+                "/readyz",
+                "/admin",
+            ):
                 problems.append(f"virtual server {vname!r} path {server.path!r} is reserved")
             if server.path in paths:
                 problems.append(
@@ -446,6 +637,23 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
     state_dir = str((base / settings.state_dir).resolve())
     files = tuple(str((base / f).resolve()) for f in settings.policy.files)
     policy = settings.policy.model_copy(update={"files": files})
+    sinks = tuple(
+        sink.model_copy(
+            update={
+                key: str((base / value).resolve())
+                for key in ("path", "ca_file")
+                if (value := getattr(sink, key)) is not None
+            }
+        )
+        for sink in settings.audit.sinks
+    )
+    audit = settings.audit.model_copy(update={"sinks": sinks})
     return settings.model_copy(
-        update={"upstreams": upstreams, "auth": auth, "state_dir": state_dir, "policy": policy}
+        update={
+            "upstreams": upstreams,
+            "auth": auth,
+            "state_dir": state_dir,
+            "policy": policy,
+            "audit": audit,
+        }
     )

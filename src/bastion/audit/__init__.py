@@ -1,8 +1,10 @@
 """The audit stage: a tamper-evident, durable trail of every request Bastion handles.
 
 `record` (what is written), `chain` (hash links and signed checkpoints; pure), `store` (the
-SQLite adapter), `writer` (batching, durability, back-pressure), `keys` (files in the state
-directory), `ocsf` and `export` (for other tools).
+port and its SQLite adapter), `postgres` (the PostgreSQL adapter, imported only when
+configured), `writer` (batching, durability, back-pressure), `keys` (files in the state
+directory), `trail` (the store the configuration names, for writing or reading), `ocsf` and
+`export` (for other tools).
 """
 
 from bastion.audit.chain import Checkpoint, Entry, Finding, Problem, VerifyReport, verify

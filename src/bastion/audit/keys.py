@@ -11,7 +11,9 @@
 A process claims a writer id by holding an exclusive `flock` on its file for as long as it
 writes, so two processes that share a state directory never extend the same chain; a
 restarted process finds its old id free again and continues its own chain. The lock dies with
-the process, kill -9 included.
+the process, kill -9 included. When processes on several machines append to one database, the
+store adds a claim of its own inside the database (`claim_writer_id(..., hold=...)`): a slot
+whose id another machine holds is skipped as if its file were locked.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import fcntl
 import json
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bastion.audit.chain import WRITER_ID
 from bastion.audit.errors import AuditUnavailable
@@ -90,6 +93,13 @@ def load_public_keys(directory: str | os.PathLike[str]) -> KeySet:
         raise AuditUnavailable(f"{path}: cannot read the checkpoint public keys: {exc}") from exc
 
 
+class Hold(Protocol):
+    """A claim on a writer id held outside the state directory (in a shared database)."""
+
+    def release(self) -> None:
+        """Give the id up."""
+
+
 @dataclass
 class WriterClaim:
     """A writer id this process holds (by a lock on its file) until `release`."""
@@ -97,16 +107,26 @@ class WriterClaim:
     writer_id: str
     path: Path
     _fd: int
+    _hold: Hold | None = None
 
     def release(self) -> None:
         """Let another process (or a later writer of this one) take the id."""
+        if self._hold is not None:
+            self._hold.release()
+            self._hold = None
         if self._fd >= 0:
             os.close(self._fd)  # closing drops the flock
             self._fd = -1
 
 
-def claim_writer_id(directory: str | os.PathLike[str]) -> WriterClaim:
-    """Take the first writer-id slot no live process holds; make up an id for a new slot."""
+def claim_writer_id(
+    directory: str | os.PathLike[str], hold: Callable[[str], Hold | None] | None = None
+) -> WriterClaim:
+    """Take the first writer-id slot no live process holds; make up an id for a new slot.
+
+    With `hold`, a slot counts as free only when `hold(writer_id)` also claims its id (None:
+    another process, maybe on another machine, holds it).
+    """
     folder = Path(directory)
     try:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -119,10 +139,15 @@ def claim_writer_id(directory: str | os.PathLike[str]) -> WriterClaim:
                 os.close(fd)
                 continue
             try:
-                return WriterClaim(_writer_id(fd), path, fd)
+                writer_id = _writer_id(fd)
+                held = None if hold is None else hold(writer_id)
             except BaseException:
                 os.close(fd)
                 raise
+            if hold is not None and held is None:
+                os.close(fd)
+                continue
+            return WriterClaim(writer_id, path, fd, held)
     except OSError as exc:
         raise AuditUnavailable(f"{folder}: cannot claim an audit writer id: {exc}") from exc
     raise AuditUnavailable(

@@ -106,6 +106,11 @@ class AuditWriter:
         self._watchdog: asyncio.TimerHandle | None = None
 
     @property
+    def store(self) -> AuditStore:
+        """The store this writer appends to (thread-safe; for reads beside the writer)."""
+        return self._store
+
+    @property
     def writer_id(self) -> str:
         """The id of this writer's chain."""
         return self._chain.writer_id

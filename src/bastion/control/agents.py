@@ -10,7 +10,7 @@ import enum
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Protocol
 
 from bastion.errors import BastionError, TokenError
@@ -99,6 +99,14 @@ class Agent:
         if self.expires_at is not None and now >= self.expires_at:
             return False, "expired"
         return True, "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The agent as a JSON object (`bastion agents show --json`, the admin API)."""
+        data = asdict(self)
+        data["status"] = str(self.status)
+        data["audiences"] = list(self.audiences)
+        data["scopes"] = list(self.scopes)
+        return data
 
 
 @dataclass(frozen=True)

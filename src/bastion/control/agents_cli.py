@@ -8,7 +8,6 @@ and exit status 1.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import datetime as dt
 import enum
 import json
@@ -151,7 +150,7 @@ def list_(
     with _reported(), SqliteRegistry(registry, create=False) as store:
         agents = store.list(tenant=tenant, status=status)
     if as_json:
-        typer.echo(json.dumps([_as_json(agent) for agent in agents], indent=2))
+        typer.echo(json.dumps([agent.to_dict() for agent in agents], indent=2))
         return
     if not agents:
         typer.echo("no agents match")
@@ -183,7 +182,7 @@ def show(
     with _reported(), SqliteRegistry(registry, create=False) as store:
         agent = store.get(agent_id)
     if as_json:
-        typer.echo(json.dumps(_as_json(agent), indent=2))
+        typer.echo(json.dumps(agent.to_dict(), indent=2))
         return
     table = Table("FIELD", "VALUE", show_header=False, box=None)
     for name, value in _details(agent):
@@ -338,14 +337,6 @@ def _console() -> Console:
     if not console.is_terminal:
         console = Console(width=max(console.width, 160))  # piped: wider than 80, no "…" in ids
     return console
-
-
-def _as_json(agent: Agent) -> dict[str, Any]:
-    data = dataclasses.asdict(agent)
-    data["status"] = str(agent.status)
-    data["audiences"] = list(agent.audiences)
-    data["scopes"] = list(agent.scopes)
-    return data
 
 
 def _when(epoch: float | None) -> str:

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from bastion.app import Gateway, routes_for
-from bastion.audit import AuditWriter, WriterOptions, open_writer
+from bastion.audit import AuditWriter
+from bastion.audit.trail import open_trail_writer
 from bastion.config import SeedAgent, Settings
+from bastion.control.admin import PREFIX as ADMIN_PREFIX
+from bastion.control.admin import admin_app
+from bastion.control.admin_auth import admin_token
 from bastion.control.agents import Agent, AgentStatus, RegistryNotFound
 from bastion.control.endpoints import oauth_endpoints
+from bastion.control.forward import open_forwarders
 from bastion.control.registry import RegistryView, SqliteRegistry
 from bastion.control.secrets import upstream_secrets
 from bastion.control.token_service import TokenService
@@ -20,6 +28,8 @@ from bastion.errors import ConfigError
 from bastion.identity.keys import KeySet, SigningKey, generate
 from bastion.state.keystore import FileKeyStore
 from bastion.upstream.issuers import IssuerDirectory
+
+log = logging.getLogger("bastion.alerts")
 
 
 @dataclass
@@ -103,32 +113,51 @@ def _seed(registry: SqliteRegistry, seed: SeedAgent, state: Path) -> None:
 
 
 def open_audit(settings: Settings) -> AuditWriter | None:
-    """The audit writer for `<state_dir>/audit`, unless the trail is off."""
-    audit = settings.audit
-    if not audit.enabled:
+    """The audit writer of the configured store (SQLite or PostgreSQL), unless the trail is off."""
+    if not settings.audit.enabled:
         return None
-    options = WriterOptions(
-        checkpoint_every=audit.checkpoint_every, checkpoint_seconds=audit.checkpoint_seconds
-    )
-    Path(settings.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
-    return open_writer(
-        settings.state_dir, options, synchronous=audit.synchronous, max_bytes=audit.max_bytes
-    )
+    return open_trail_writer(settings)
 
 
 async def build_gateway(settings: Settings) -> Gateway:
     """A gateway ready to start: identity on unless `auth: none`, the audit trail on unless
-    `audit.enabled: false`."""
+    `audit.enabled: false`, the admin API under /admin unless `admin.enabled: false`."""
     secrets = await upstream_secrets(settings)
+    token = await admin_token(settings) if settings.admin.enabled else None
     audit = open_audit(settings)
+    registry: Path | None = None
     if settings.auth.mode == "none":
-        return Gateway(settings, secrets=secrets, audit=audit)
-    identity = open_identity(settings)
-    return Gateway(
-        settings,
-        agents=identity.view,
-        keys=identity.keys,
-        secrets=secrets,
-        endpoints=oauth_endpoints(identity.service),
-        audit=audit,
-    )
+        gateway = Gateway(settings, secrets=secrets, audit=audit)
+    else:
+        identity = open_identity(settings)
+        registry = identity.registry.path
+        gateway = Gateway(
+            settings,
+            agents=identity.view,
+            keys=identity.keys,
+            secrets=secrets,
+            endpoints=oauth_endpoints(identity.service),
+            audit=audit,
+            suspend=_suspender(identity.registry),
+        )
+    if audit is not None:
+        gateway.services += await open_forwarders(settings, audit, gateway.metrics)
+    if token is not None:
+        admin = admin_app(settings, gateway.pipeline, audit, token, registry)
+        gateway.front.mount(ADMIN_PREFIX, admin)
+    return gateway
+
+
+def _suspender(registry: SqliteRegistry) -> Callable[[str, str], Awaitable[None]]:
+    """What an alert that suspends does: the agent's status in the registry, which every
+    gateway sharing it sees on its next request (its sessions and credentials are dropped)."""
+
+    async def suspend(agent_id: str, reason: str) -> None:
+        agent = await asyncio.to_thread(registry.get, agent_id)
+        if agent.status is AgentStatus.ACTIVE:
+            await asyncio.to_thread(
+                registry.set_status, agent_id, AgentStatus.SUSPENDED, f"alert {reason}"[:500]
+            )
+            log.warning("agent %r suspended by alert: %s", agent_id, reason)
+
+    return suspend

@@ -1,7 +1,8 @@
 """`bastion audit ...`: verify the trail, tail it, search it, export it.
 
-Every command reads `<state_dir>/audit/` of the config given by `--config` (or that directory,
-or its `audit.db`, given directly) and never writes to it; a running gateway can keep writing.
+Every command reads the trail of the config given by `--config` (its `audit.store`: SQLite in
+`<state_dir>/audit/` or PostgreSQL; or that directory, or its `audit.db`, given directly) and
+never writes to it; a running gateway can keep writing.
 Exit status: 0 when all is well, 1 when `verify` finds the trail tampered with, 2 when the
 trail cannot be read (one line on stderr, never a traceback).
 """
@@ -11,28 +12,31 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import json
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, BinaryIO, NoReturn
+from typing import TYPE_CHECKING, Annotated, BinaryIO, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from bastion.audit.chain import Entry, Finding, VerifyReport
-from bastion.audit.chain import verify as verify_chain
+from bastion.audit.chain import Entry, VerifyReport
 from bastion.audit.errors import AuditUnavailable
 from bastion.audit.export import jsonl_line, ocsf_line
-from bastion.audit.keys import DB_FILE, audit_dir, load_public_keys
+from bastion.audit.keys import DB_FILE, audit_dir
 from bastion.audit.record import AuditRecord
 from bastion.audit.store import Query, SqliteAuditStore
+from bastion.audit.trail import open_trail_reader
 from bastion.config import load as load_config
+from bastion.control.audit_read import parse_time, report_json, verify_trail
 from bastion.errors import BastionError, ConfigError
+
+if TYPE_CHECKING:
+    from bastion.audit.postgres import PostgresAuditStore
 
 app = typer.Typer(
     name="audit",
@@ -42,8 +46,6 @@ app = typer.Typer(
 )
 
 EXIT_TAMPERED, EXIT_ERROR = 1, 2
-_RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 class Format(enum.StrEnum):
@@ -53,14 +55,14 @@ class Format(enum.StrEnum):
     OCSF = "ocsf"
 
 
-def _audit_folder(value: Path) -> Path:
-    """`--config FILE.yaml` names the audit directory through the config's state_dir."""
+def _checked(value: Path) -> Path:
+    """`--config FILE.yaml` must parse; the trail is opened from it by `open_trail`."""
     if value.suffix in (".yaml", ".yml"):
         try:
-            return audit_dir(load_config(value).state_dir)
+            load_config(value)
         except ConfigError as exc:
             raise typer.BadParameter("; ".join(exc.problems)) from exc
-    return value.parent if value.suffix == ".db" else value
+    return value
 
 
 ConfigPath = Annotated[
@@ -68,9 +70,9 @@ ConfigPath = Annotated[
     typer.Option(
         "--config",
         "-c",
-        help="The gateway's config file (the trail is <state_dir>/audit/audit.db), or the "
-        "audit directory or its audit.db.",
-        callback=_audit_folder,
+        help="The gateway's config file (its audit.store: <state_dir>/audit/audit.db or "
+        "PostgreSQL), or the audit directory or its audit.db.",
+        callback=_checked,
     ),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON lines instead of text.")]
@@ -86,14 +88,10 @@ DEFAULT_CONFIG = Path("examples/quickstart.yaml")
 @app.command()
 def verify(config: ConfigPath = DEFAULT_CONFIG, as_json: AsJson = False) -> None:
     """Check every hash link and signed checkpoint; exit 1 naming the first bad record."""
-    with _reported(), _store(config) as store:
-        keys = load_public_keys(config)
-        # Checkpoints first: each commits with the entries it names, so reading entries
-        # afterwards never finds a live writer's checkpoint ahead of its records.
-        checkpoints = store.checkpoints()
-        report = verify_chain(store.read(), checkpoints, keys)
+    with _reported(), open_trail(config) as store:
+        report = verify_trail(store, audit_folder(config))
     if as_json:
-        typer.echo(json.dumps(_report_json(report), indent=2))
+        typer.echo(json.dumps(report_json(report), indent=2))
     else:
         _print_report(report)
     if not report.ok:
@@ -111,7 +109,7 @@ def tail(
     interval: Annotated[float, typer.Option(hidden=True)] = 0.5,
 ) -> None:
     """Print the last records, oldest first; with --follow, new ones as they arrive."""
-    with _reported(), _store(config) as store:
+    with _reported(), open_trail(config) as store:
         rows = store.tail(lines)
         position = rows[-1][0] if rows else 0
         for _, entry in rows:
@@ -150,11 +148,11 @@ def query(
             tool=tool,
             decision=decision,
             phase=phase,
-            since=None if since is None else _parse_time(since, now, "--since"),
-            until=None if until is None else _parse_time(until, now, "--until"),
+            since=None if since is None else parse_time(since, now, "--since"),
+            until=None if until is None else parse_time(until, now, "--until"),
             limit=limit,
         )
-        with _store(config) as store:
+        with open_trail(config) as store:
             entries = store.query(filters)
     if as_json:
         for entry in entries:
@@ -195,7 +193,7 @@ def export(
 ) -> None:
     """Write every record, in append order, as JSON lines: Bastion's own or OCSF 6003."""
     line: Callable[[Entry], bytes] = jsonl_line if format_ is Format.JSONL else ocsf_line
-    with _reported(), _store(config) as store, _sink(output) as out:
+    with _reported(), open_trail(config) as store, _sink(output) as out:
         count = 0
         for entry in store.read():
             out.write(line(entry) + b"\n")
@@ -223,7 +221,23 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(EXIT_ERROR)
 
 
-def _store(folder: Path) -> SqliteAuditStore:
+def audit_folder(source: Path) -> Path:
+    """The audit directory (checkpoint keys) of a config file, or of that directory or its db."""
+    if source.suffix in (".yaml", ".yml"):
+        return audit_dir(load_config(source).state_dir)
+    return source.parent if source.suffix == ".db" else source
+
+
+def open_trail(source: Path) -> SqliteAuditStore | PostgresAuditStore:
+    """The trail of a config file (in its `audit.store`), or of an audit directory or its
+    audit.db, opened for reading."""
+    if source.suffix in (".yaml", ".yml"):
+        return open_trail_reader(load_config(source))
+    return open_store(audit_folder(source))
+
+
+def open_store(folder: Path) -> SqliteAuditStore:
+    """The trail in an audit directory, opened for reading."""
     path = folder / DB_FILE
     if not path.is_file():
         raise AuditUnavailable(f"no audit trail at {path} (has the gateway run?)")
@@ -242,22 +256,6 @@ def _sink(output: Path | None) -> Iterator[BinaryIO]:
             yield out
     except OSError as exc:
         raise AuditUnavailable(f"--output {output}: cannot write ({exc.strerror})") from exc
-
-
-def _parse_time(value: str, now: float, option: str) -> float:
-    relative = _RELATIVE.fullmatch(value.strip())
-    if relative:
-        return now - float(relative.group(1)) * _UNITS[relative.group(2)]
-    try:
-        when = dt.datetime.fromisoformat(value.strip())
-    except ValueError:
-        raise AuditUnavailable(
-            f"{option}: expected ISO 8601 (2026-05-01T12:00:00Z) or relative (30m, 1h, 2d), "
-            f"found {value!r}"
-        ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return when.timestamp()
 
 
 def _when(epoch: float) -> str:
@@ -311,34 +309,6 @@ def _print_report(report: VerifyReport) -> None:
         typer.echo(f"  {finding}")
     if report.problem_count > len(report.findings):
         typer.echo(f"  … and {report.problem_count - len(report.findings)} more")
-
-
-def _report_json(report: VerifyReport) -> dict[str, Any]:
-    def finding(f: Finding) -> dict[str, Any]:
-        return {
-            "writer": f.writer_id,
-            "seq": f.seq,
-            "problem": str(f.problem),
-            "message": f.message,
-        }
-
-    return {
-        "ok": report.ok,
-        "first": None if report.first is None else finding(report.first),
-        "problem_count": report.problem_count,
-        "problems": [finding(f) for f in report.findings],
-        "writers": {
-            writer_id: {
-                "entries": s.entries,
-                "first_seq": s.first_seq,
-                "last_seq": s.last_seq,
-                "checkpoints": s.checkpoints,
-                "sealed_seq": s.sealed_seq,
-                "unsealed": s.unsealed,
-            }
-            for writer_id, s in sorted(report.writers.items())
-        },
-    }
 
 
 def _console() -> Console:

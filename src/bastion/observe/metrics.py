@@ -7,7 +7,7 @@ data, so the series count stays small.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -34,6 +34,11 @@ _KNOWN_METHODS = frozenset(
 )
 
 
+def method_label(method: str) -> str:
+    """An MCP method as a label value: itself when known, else "other" (bounded series)."""
+    return method if method in _KNOWN_METHODS else "other"
+
+
 class Metrics:
     """The gateway's metrics; each update is a counter or histogram observation."""
 
@@ -53,11 +58,14 @@ class Metrics:
         )
         self._latency = Histogram(
             "bastion_request_seconds",
-            "Time from request to answer, by route and stage",
+            "Time from request to answer (total), to admission, and in each stage (authn, "
+            "authz, credentials, upstream), by route",
             ["route", "stage"],
             buckets=_BUCKETS,
             registry=self.registry,
         )
+        # (route, stage) -> histogram child: labels() takes a lock and validates on every call.
+        self._stages: dict[tuple[str, str], Histogram] = {}
         self._upstream_errors = Counter(
             "bastion_upstream_errors",
             "Upstream failures, by upstream and error code",
@@ -69,19 +77,52 @@ class Metrics:
             "Audit records queued or being written",
             registry=self.registry,
         )
+        self._alerts = Counter(
+            "bastion_alerts",
+            "Anomaly alerts raised, by rule and severity",
+            ["rule", "severity"],
+            registry=self.registry,
+        )
+        self._sink_lag = Gauge(
+            "bastion_audit_sink_lag",
+            "Audit records committed but not yet delivered, by sink",
+            ["sink"],
+            registry=self.registry,
+        )
+        self._sink_failures = Counter(
+            "bastion_audit_sink_failures",
+            "Failed deliveries to an audit sink (each retried), by sink",
+            ["sink"],
+            registry=self.registry,
+        )
 
     def watch_audit_queue(self, depth: Callable[[], int]) -> None:
         """Read the audit queue depth at every scrape."""
         self._audit_queue.set_function(lambda: float(depth()))
 
     def answered(
-        self, route: str, method: str, outcome: str, admitted: float, total: float
+        self,
+        route: str,
+        method: str,
+        outcome: str,
+        admitted: float,
+        total: float,
+        stages: Mapping[str, float] | None = None,
     ) -> None:
-        """One request answered: `admitted` and `total` seconds since it arrived."""
-        method = method if method in _KNOWN_METHODS else "other"
-        self._requests.labels(route, method, outcome).inc()
-        self._latency.labels(route, "admission").observe(admitted)
-        self._latency.labels(route, "total").observe(total)
+        """One request answered: `admitted` and `total` seconds since it arrived, and the
+        seconds it spent in each stage that ran."""
+        self._requests.labels(route, method_label(method), outcome).inc()
+        self._stage(route, "admission").observe(admitted)
+        self._stage(route, "total").observe(total)
+        if stages:
+            for stage, seconds in stages.items():
+                self._stage(route, stage).observe(seconds)
+
+    def _stage(self, route: str, stage: str) -> Histogram:
+        child = self._stages.get((route, stage))
+        if child is None:
+            child = self._stages[(route, stage)] = self._latency.labels(route, stage)
+        return child
 
     def decided(self, route: str, allowed: bool) -> None:
         """One authorization decision."""
@@ -90,6 +131,18 @@ class Metrics:
     def upstream_failed(self, upstream: str, code: str) -> None:
         """One upstream failure (timeout, unreachable, garbage)."""
         self._upstream_errors.labels(upstream, code).inc()
+
+    def alerted(self, rule: str, severity: str) -> None:
+        """One anomaly alert."""
+        self._alerts.labels(rule, severity).inc()
+
+    def sink_lag(self, sink: str, records: int) -> None:
+        """How far a sink is behind the trail."""
+        self._sink_lag.labels(sink).set(records)
+
+    def sink_failed(self, sink: str) -> None:
+        """One failed delivery to a sink (it is retried)."""
+        self._sink_failures.labels(sink).inc()
 
     def render(self) -> bytes:
         """The exposition text for a scrape."""

@@ -324,10 +324,11 @@ class Authorizer:
             named = {"uri": uri}
         else:
             return None
+        tenants = self._tenants(target.upstream, named)
+        if tenants and tenants != [principal.tenant]:
+            exchange.foreign_tenants = tuple(t for t in tenants if t != principal.tenant)
         if "request" in needs:
-            context["request"] = await self._situation(
-                exchange, principal, action, (target.upstream, named), needs
-            )
+            context["request"] = await self._situation(exchange, principal, action, tenants, needs)
         return CedarRequest(_who(principal), action, resource, context, extra)
 
     async def _situation(
@@ -335,7 +336,7 @@ class Authorizer:
         exchange: Exchange,
         principal: Principal,
         action: str,
-        naming: tuple[str, Mapping[str, Any]],  # (upstream, values that may name a tenant)
+        tenants: list[str],  # named by the tenant-scoped arguments
         needs: frozenset[str],
     ) -> dict[str, Any]:
         now = time.time()
@@ -357,7 +358,7 @@ class Authorizer:
             situation["user"] = {"__entity": {"type": "Bastion::User", "id": principal.user}}
         if "tenants" in needs:
             situation["tenants"] = [
-                {"__entity": {"type": "Bastion::Tenant", "id": t}} for t in self._tenants(*naming)
+                {"__entity": {"type": "Bastion::Tenant", "id": t}} for t in tenants
             ]
         if "history" in needs:
             tools, labels = self.history.get(history_key(exchange, principal))

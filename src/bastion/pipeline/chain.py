@@ -10,6 +10,7 @@ from typing import cast
 from bastion.audit import AuditWriter
 from bastion.config import Settings
 from bastion.errors import BastionError, InvalidParams, SessionNotFound
+from bastion.observe.tracing import stage
 from bastion.pipeline.authn import AgentDirectory, Authenticator, SigningKeys
 from bastion.pipeline.authz import Authorizer
 from bastion.pipeline.credentials import Credentials, CurrentKey
@@ -85,7 +86,8 @@ class Pipeline:
             self._keys_checked = now
             self.keys.refresh()  # a rotation by `bastion keys rotate`, seen within a second
         resource = self.settings.base_url() + route.path
-        await self.authn.authenticate(exchange, headers, method, url, resource)
+        with stage(exchange.trace, "authn"):
+            await self.authn.authenticate(exchange, headers, method, url, resource)
         if exchange.denial is not None:
             return
         assert exchange.principal is not None  # noqa: S101 - authn sets it or denies
@@ -103,6 +105,11 @@ class Pipeline:
         except BastionError as exc:
             exchange.denial = exc
             return
+        with stage(exchange.trace, "authz"):
+            await self._decide(exchange)
+
+    async def _decide(self, exchange: Exchange) -> None:
+        """The authz stage: policy's view of the target's upstream is current, then decide."""
         self.authz.maybe_reload()
         target = exchange.target
         if target is not None:
@@ -118,7 +125,15 @@ class Pipeline:
         assert exchange.principal is not None  # noqa: S101 - authn ran
         if self.agents is not None and self.agents.session_killed(session_hash(session_id)):
             raise SessionNotFound("session not found; send initialize to start a new session")
-        return self.sessions.get(session_id, exchange.principal, route.name)
+        try:
+            return self.sessions.get(session_id, exchange.principal, route.name)
+        except SessionNotFound:
+            owner = self.sessions.owner(session_id)
+            if owner is not None and owner.binding_key() != exchange.principal.binding_key():
+                exchange.foreign_session = True
+                if owner.tenant != exchange.principal.tenant:
+                    exchange.foreign_tenants = (owner.tenant,)
+            raise
 
     async def reconcile(self) -> None:
         """After a registry change: end the sessions and drop the cached credentials of agents

@@ -28,6 +28,8 @@ from bastion.upstream.oauth import exchange_token
 TENANT_HEADER = "X-Bastion-Tenant"
 _REUSE_MARGIN = 10.0  # a cached credential is reused only while it has this long to live
 
+Issued = tuple[dict[str, str], str | None]  # headers, and the id of what was minted
+
 
 class CurrentKey(Protocol):
     """Where the key to sign with comes from."""
@@ -48,7 +50,7 @@ class Credentials:
         self._keys = keys
         self._secrets = dict(secrets or {})
         self._issuer = settings.base_url()
-        self._cache: TtlCache[dict[str, str]] = TtlCache(50_000)
+        self._cache: TtlCache[Issued] = TtlCache(50_000)
         self._plans: dict[str, tuple[Credential, str]] = {}
         for name, upstream in settings.upstreams.items():
             audience = upstream.credentials.audience or (
@@ -62,10 +64,15 @@ class Credentials:
         self, principal: Principal | None, upstream: str, scope: str
     ) -> dict[str, str]:
         """The credential headers for one call of `principal` to `upstream` for `scope`."""
+        return (await self.issue(principal, upstream, scope))[0]
+
+    async def issue(self, principal: Principal | None, upstream: str, scope: str) -> Issued:
+        """The credential headers, and the id (`jti`) of the token Bastion minted for them
+        (for token exchange, of the subject token it signed); None when it minted nothing."""
         if principal is None:
-            return {}
+            return {}, None
         if self._settings.auth.mode == "none":
-            return {TENANT_HEADER: principal.tenant}
+            return {TENANT_HEADER: principal.tenant}, None
         credential, audience = self._plans[upstream]
         if credential.mode == "mint":
             return self._minted(principal, upstream, scope, credential, audience)
@@ -74,12 +81,12 @@ class Credentials:
         if credential.mode == "secret":
             value = self._secrets[upstream]
             prefix = f"{credential.scheme} " if credential.scheme else ""
-            return {credential.header: prefix + value}
-        return {}
+            return {credential.header: prefix + value}, None
+        return {}, None
 
     async def _exchanged(
         self, principal: Principal, upstream: str, credential: Credential, audience: str
-    ) -> dict[str, str]:
+    ) -> Issued:
         """RFC 8693 at the upstream's authorization server: Bastion's statement of who calls
         (a JWT it signs, audience the token endpoint) for a token meant for the upstream;
         cached per principal and audience until shortly before it expires."""
@@ -89,6 +96,7 @@ class Credentials:
         if cached is not None:
             return cached
         assert self._keys is not None and credential.token_endpoint is not None  # noqa: S101
+        jti = uuid.uuid4().hex
         subject = mint(
             self._keys.current(),
             {
@@ -99,7 +107,7 @@ class Credentials:
                 "tenant": principal.tenant,
                 "iat": int(now),
                 "exp": int(now) + 60,
-                "jti": uuid.uuid4().hex,
+                "jti": jti,
             },
             typ="JWT",
         )
@@ -114,13 +122,13 @@ class Credentials:
         token, expires_in = await exchange_token(
             credential.token_endpoint, form, credential.client_id or "", secret, upstream
         )
-        headers = {credential.header: f"{credential.scheme} {token}".strip()}
-        self._cache.put(key, headers, now + max(0.0, expires_in))
-        return headers
+        issued = {credential.header: f"{credential.scheme} {token}".strip()}, jti
+        self._cache.put(key, issued, now + max(0.0, expires_in))
+        return issued
 
     def _minted(
         self, principal: Principal, upstream: str, scope: str, credential: Credential, audience: str
-    ) -> dict[str, str]:
+    ) -> Issued:
         now = time.time()
         key = f"{principal.agent}\0{principal.binding_key()}\0{upstream}\0{scope}"
         cached = self._cache.get(key, now + _REUSE_MARGIN)
@@ -140,9 +148,9 @@ class Credentials:
             "jti": uuid.uuid4().hex,
         }
         token = mint(self._keys.current(), claims, typ="JWT")
-        headers = {credential.header: f"{credential.scheme} {token}".strip()}
-        self._cache.put(key, headers, expires)
-        return headers
+        issued = {credential.header: f"{credential.scheme} {token}".strip()}, str(claims["jti"])
+        self._cache.put(key, issued, expires)
+        return issued
 
     def forget_agent(self, agent: str) -> int:
         """Drop an agent's cached credentials (offboarding); say how many."""

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from bastion.errors import BastionError, InvalidParams, MethodNotFound, UpstreamError
+from bastion.observe.tracing import UpstreamCall, stage
 from bastion.pipeline.credentials import Credentials
 from bastion.pipeline.exchange import Exchange
 from bastion.pipeline.route import Route
@@ -114,8 +115,9 @@ class Dispatcher:
 
     async def _headers(
         self, principal: Principal | None, upstream: str, message: JSON
-    ) -> dict[str, str]:
-        """The credential an upstream gets for this message: scoped to the tool it calls."""
+    ) -> tuple[dict[str, str], str | None]:
+        """The credential an upstream gets for this message, scoped to the tool it calls, and
+        the id of the credential (None when nothing was minted)."""
         method = str(message.get("method", ""))
         params = message.get("params") or {}
         if method == "tools/call":
@@ -124,7 +126,7 @@ class Dispatcher:
             scope = f"prompts/get:{params.get('name', '')}"
         else:
             scope = method
-        return await self.credentials.headers(principal, upstream, scope)
+        return await self.credentials.issue(principal, upstream, scope)
 
     # -- channels ---------------------------------------------------------------------------
 
@@ -158,30 +160,59 @@ class Dispatcher:
         return message
 
     async def call(self, exchange: Exchange, upstream: str, message: JSON) -> Answer:
-        """Send one request to one upstream; map server requests into the session."""
+        """Send one request to one upstream, in the request's trace; map server requests into
+        the session."""
         channel = await self.channel(exchange, upstream)
         shaped = self._shape(exchange, channel, message)
-        headers = await self._headers(exchange.principal, upstream, message)
+        # Timed, not spanned: an SDK span costs ~25 µs, and the CLIENT span follows at once.
+        with stage(exchange.trace, "credentials", span=False):
+            headers, exchange.credential_id = await self._headers(
+                exchange.principal, upstream, message
+            )
         if exchange.forward_headers:
             headers = {**headers, **exchange.forward_headers}
-        answer = await channel.call(shaped, headers)
+        call = exchange.trace.call(upstream, shaped) if exchange.trace is not None else None
+        if call is not None:
+            headers = {**headers, **call.headers}
+            shaped = call.message
+        try:
+            answer = await channel.call(shaped, headers)
+        except BaseException as exc:
+            if call is not None:
+                call.finish(exc=exc)
+            raise
         if answer.rest is None:
+            if call is not None:
+                call.finish(answer.first)
             if "result" in answer.first and channel.era is not exchange.era:
                 answer.first = _translate_result(answer.first, exchange.era, upstream)
             return answer
-        return await answer_from(self._adapt(exchange, channel, upstream, answer), upstream)
+        adapted = self._adapt(exchange, channel, upstream, answer, call)
+        return await answer_from(adapted, upstream)
 
     async def _adapt(
-        self, exchange: Exchange, channel: Channel, upstream: str, answer: Answer
+        self,
+        exchange: Exchange,
+        channel: Channel,
+        upstream: str,
+        answer: Answer,
+        call: UpstreamCall | None,
     ) -> AsyncGenerator[JSON, None]:
         """A streamed answer as the client must see it: server requests under gateway ids,
-        results in the client's era."""
+        results in the client's era. The call ends with the stream."""
         assert answer.rest is not None  # noqa: S101 - only streamed answers come here
+        last = answer.first
         try:
             yield self._adapt_one(exchange, channel, upstream, answer.first)
-            async for reply in answer.rest:
-                yield self._adapt_one(exchange, channel, upstream, reply)
+            async for last in answer.rest:
+                yield self._adapt_one(exchange, channel, upstream, last)
+        except Exception as exc:
+            if call is not None:
+                call.finish(exc=exc)
+            raise
         finally:
+            if call is not None:
+                call.finish(last)  # nothing when it already finished
             await answer.close()
 
     def _adapt_one(self, exchange: Exchange, channel: Channel, upstream: str, reply: JSON) -> JSON:
@@ -384,7 +415,9 @@ class Dispatcher:
 
     async def _open(self, exchange: Exchange, upstream: str) -> JSON:
         channel = await self.channel(exchange, upstream)
-        headers = await self._headers(exchange.principal, upstream, exchange.message)
+        headers, exchange.credential_id = await self._headers(
+            exchange.principal, upstream, exchange.message
+        )
         opened = await channel.open(headers)
         return opened if opened is not None else await self._discover_one(exchange, upstream)
 

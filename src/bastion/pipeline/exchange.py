@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bastion.errors import BastionError
+from bastion.observe.metrics import method_label
 from bastion.types import JSON, Decision, Era, Principal, Target
 
 if TYPE_CHECKING:
+    from bastion.observe.tracing import Attributes, RequestTrace
     from bastion.pipeline.session import ClientSession
 
 
@@ -36,7 +38,13 @@ class Exchange:
     started: float = field(default_factory=time.perf_counter)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     trace_id: str | None = None
+    trace: RequestTrace | None = None  # None for the gateway's own calls (catalog, index)
     request_bytes: int = 0
+    credential_id: str | None = None  # the jti of the credential minted for the upstream
+    # Signs of reaching across a tenant line, for the trail and its detectors: the other
+    # tenants named by tenant-scoped arguments, and a session id presented by someone else.
+    foreign_tenants: tuple[str, ...] = ()
+    foreign_session: bool = False
 
     @property
     def method(self) -> str:
@@ -53,3 +61,31 @@ class Exchange:
     def id(self) -> Any:
         """The JSON-RPC id."""
         return self.message.get("id")
+
+    def span_attributes(self) -> Attributes:
+        """What the request's trace may say about it: names, decision and error code, never
+        tokens or argument values (called when its span ends)."""
+        method = self.method
+        attributes: Attributes = {
+            "mcp.method.name": method_label(method),
+            "mcp.protocol.version": self.protocol_version,
+            "bastion.route": self.route,
+        }
+        target = self.target
+        if target is not None:
+            attributes["bastion.upstream"] = target.upstream
+            name = self.params.get("name")
+            if method == "tools/call" and isinstance(name, str):
+                attributes["gen_ai.tool.name"] = name
+        principal = self.principal
+        if principal is not None:
+            attributes["bastion.tenant"] = principal.tenant
+            attributes["bastion.agent"] = principal.agent
+        denial = self.denial
+        if denial is not None:
+            attributes["bastion.decision"] = "deny"
+            attributes["error.type"] = denial.code
+            attributes["rpc.response.status_code"] = str(denial.rpc_code)
+        elif self.decision is not None:
+            attributes["bastion.decision"] = "allow" if self.decision.allowed else "deny"
+        return attributes

@@ -18,6 +18,8 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from bastion.errors import SessionNotFound
 from bastion.types import JSON, Principal
 from bastion.upstream.base import Channel
@@ -60,6 +62,16 @@ class Stream:
     def since(self, seq: int) -> list[tuple[int, bytes]]:
         """Events after `seq` that are still kept."""
         return [(s, data) for s, data in self._events if s > seq]
+
+    def final(self) -> JSON | None:
+        """The last message of a closed stream (an answer's response); None while open."""
+        if not self.closed or not self._events:
+            return None
+        try:
+            message = orjson.loads(self._events[-1][1])
+        except orjson.JSONDecodeError:
+            return None
+        return message if isinstance(message, dict) else None
 
     @property
     def last(self) -> int:
@@ -199,6 +211,11 @@ class SessionStore:
             raise SessionNotFound("session not found; send initialize to start a new session")
         session.last_seen = time.monotonic()
         return session
+
+    def owner(self, session_id: str) -> Principal | None:
+        """Who opened the session (for the audit trail only: never an answer to a client)."""
+        session = self._sessions.get(session_id)
+        return session.principal if session is not None else None
 
     async def remove(self, session_id: str) -> bool:
         """End a session; False when there was none."""

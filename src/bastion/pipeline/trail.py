@@ -4,16 +4,21 @@ Under `durability: strict` a call goes upstream only after its decision record i
 and when the trail cannot be written the call is refused (fail closed). The outcome record
 (latency, sizes, result digest) follows the answer without delaying it. Refused
 authentications are recorded too.
+
+Every record also goes through the anomaly detectors (`bastion.audit.detect`); an alert is
+written to the trail as an `alert` record, counted, and may suspend the agent.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
 from bastion.audit import AuditRecord, AuditUnavailable, AuditWriter, digest
+from bastion.audit.detect import Alert, Detectors
 from bastion.config import AuditSettings, HttpUpstream, Settings
 from bastion.pipeline.exchange import Exchange
 from bastion.pipeline.route import Route
@@ -35,6 +40,11 @@ class Trail:
             name: (up.url if isinstance(up, HttpUpstream) else " ".join(up.command))
             for name, up in settings.upstreams.items()
         }
+        alerts = settings.audit.alerts
+        self.detectors = Detectors(alerts) if writer is not None and alerts.enabled else None
+        # Set by the gateway: suspend an agent (agent id, reason); count an alert.
+        self.suspend: Callable[[str, str], Awaitable[None]] | None = None
+        self.alerted: Callable[[Alert], None] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -63,6 +73,7 @@ class Trail:
             # refusal that names the cause without it.
             log.error("audit trail unavailable: %s", exc.message)
             raise AuditUnavailable(_REFUSAL) from exc
+        await self._watch(record)
 
     async def outcome(self, exchange: Exchange, route: Route, answer: JSON | None) -> None:
         """Record how the call ended (written behind the answer)."""
@@ -86,6 +97,7 @@ class Trail:
             latency_ms=round((time.perf_counter() - exchange.started) * 1000, 3),
             response_bytes=size,
             result_digest=digest(result) if result is not None else None,
+            credential_id=exchange.credential_id,
         )
         await self._writer.append(record, False)
 
@@ -95,6 +107,43 @@ class Trail:
             return
         record = self._record(exchange, route, "authn")
         await self._writer.append(record, False)
+        await self._watch(record)
+
+    def warm(self, records: Iterable[AuditRecord]) -> int:
+        """Rebuild the detectors' baselines from history (no alerts); how many were read."""
+        count = 0
+        if self.detectors is not None:
+            for record in records:
+                self.detectors.observe(record, replay=True)
+                count += 1
+        return count
+
+    async def _watch(self, record: AuditRecord) -> None:
+        """Run the detectors over a written record and act on what they raise."""
+        if self.detectors is None:
+            return
+        for alert in self.detectors.observe(record):
+            await self._raise(alert)
+
+    async def _raise(self, alert: Alert) -> None:
+        """An alert: logged, written to the trail, counted, and the agent suspended if due."""
+        log.warning("alert %s (%s): %s", alert.rule, alert.severity, alert.message)
+        if self.alerted is not None:
+            self.alerted(alert)
+        suspended = False
+        if alert.suspend and self.suspend is not None:
+            try:
+                await self.suspend(alert.agent, f"{alert.rule}: {alert.message}")
+                suspended = True
+            except Exception:  # a failed suspension is the operator's to see, not the client's
+                log.exception("alert %s: suspending agent %r failed", alert.rule, alert.agent)
+        record = alert.record()
+        record = _replace(record, detail={**record.detail, "suspended": suspended})
+        assert self._writer is not None  # noqa: S101 - detectors run only with a trail
+        try:
+            await self._writer.append(record, False)
+        except AuditUnavailable as exc:
+            log.error("alert %s could not be written to the trail: %s", alert.rule, exc.message)
 
     def _record(self, exchange: Exchange, route: Route, phase: str) -> AuditRecord:
         principal = exchange.principal
@@ -138,9 +187,22 @@ class Trail:
             upstream=self._upstreams.get(target.upstream) if target else None,
             request_bytes=exchange.request_bytes or None,
             outcome="denied" if phase == "authn" else None,
-            detail={"error": (denial.data or {}).get("reason")} if denial and denial.data else {},
+            detail=_detail(exchange),
         )
 
 
 def _replace(record: AuditRecord, **changes: Any) -> AuditRecord:
     return replace(record, **changes)
+
+
+def _detail(exchange: Exchange) -> dict[str, Any]:
+    """What else the trail keeps: the failed check, and any reach across a tenant line."""
+    detail: dict[str, Any] = {}
+    denial = exchange.denial
+    if denial is not None and denial.data:
+        detail["error"] = denial.data.get("reason")
+    if exchange.foreign_session:
+        detail["error"] = "session.foreign"
+    if exchange.foreign_tenants:
+        detail["foreign_tenants"] = list(exchange.foreign_tenants)
+    return detail

@@ -38,6 +38,7 @@ from bastion.errors import (
 )
 from bastion.observe.metrics import CONTENT_TYPE as METRICS_TYPE
 from bastion.observe.metrics import Metrics
+from bastion.observe.tracing import RequestTrace, Tracing
 from bastion.pipeline.chain import Pipeline
 from bastion.pipeline.dispatch import KNOWN_METHODS, negotiate
 from bastion.pipeline.exchange import Exchange
@@ -55,6 +56,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+# How a POST arrived: the client's address, the body's size, and its trace.
+Origin = tuple[str, int, RequestTrace]
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream"),
@@ -73,12 +76,15 @@ class Front:
         routes: list[Route],
         endpoints: Mapping[str, ASGIApp] | None = None,
         metrics: Metrics | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
+        self.tracing = tracing or Tracing()
         self.pipeline = pipeline
         self.routes = {route.path: route for route in routes}
         self.endpoints = dict(endpoints or {})
+        self.mounts: dict[str, ASGIApp] = {}
         self.base = settings.base_url()
         self.metadata = {
             PRM_PATH + route.path: resource_metadata(settings, route) for route in routes
@@ -116,7 +122,7 @@ class Front:
             await send({"type": "http.response.start", "status": 200, "headers": exposition})
             await send({"type": "http.response.body", "body": body})
             return
-        endpoint = self.endpoints.get(path)
+        endpoint = self.endpoints.get(path) or self._mounted(path)
         if endpoint is not None:
             await endpoint(scope, receive, send)
             return
@@ -151,6 +157,16 @@ class Front:
         except BastionError as exc:
             await _error(send, exc, None)
 
+    def mount(self, prefix: str, app: ASGIApp) -> None:
+        """Serve `prefix` and every path under it with `app` (the admin API under /admin)."""
+        self.mounts[prefix.rstrip("/")] = app
+
+    def _mounted(self, path: str) -> ASGIApp | None:
+        for prefix, app in self.mounts.items():
+            if path == prefix or path.startswith(prefix + "/"):
+                return app
+        return None
+
     # -- POST -------------------------------------------------------------------------------
 
     async def _post(
@@ -173,17 +189,27 @@ class Front:
             except ProtocolError as exc:
                 await _error(send, exc, rpc.request_id(message))
                 return
-        client = _client(scope)
-        if version == MODERN_VERSION or (
-            version is None and "mcp-session-id" not in headers and _has_modern_meta(message)
-        ):
-            await self._post_modern(
-                send, receive, route, headers, message, kind, (client, size), version
-            )
-        else:
-            await self._post_legacy(
-                send, receive, route, headers, message, kind, (client, size), version
-            )
+        trace = self.tracing.begin(
+            headers, message, message["method"] if kind is rpc.Kind.REQUEST else None
+        )
+        send = trace.watch(send)
+        origin = (_client(scope), size, trace)
+        try:
+            if version == MODERN_VERSION or (
+                version is None and "mcp-session-id" not in headers and _has_modern_meta(message)
+            ):
+                await self._post_modern(
+                    send, receive, route, headers, message, kind, origin, version
+                )
+            else:
+                await self._post_legacy(
+                    send, receive, route, headers, message, kind, origin, version
+                )
+        except BastionError as exc:
+            trace.failed(exc)
+            raise
+        finally:
+            trace.end()
 
     async def _read_body(self, receive: Receive, headers: dict[str, str]) -> bytes:
         length = headers.get("content-length")
@@ -211,7 +237,7 @@ class Front:
         headers: dict[str, str],
         message: JSON,
         kind: rpc.Kind,
-        origin: tuple[str, int],  # client address, body size
+        origin: Origin,
         version: str | None,
     ) -> None:
         if kind is rpc.Kind.RESPONSE:
@@ -237,10 +263,10 @@ class Front:
             )
             await _error(send, missing, message.get("id"), status=404)
             return
-        client, size = origin
+        client, size, trace = origin
         exchange = Exchange(message, Era.MODERN, MODERN_VERSION, route.name, client)
         exchange.forward_headers = {k: v for k, v in headers.items() if k.startswith("mcp-param-")}
-        _describe(exchange, headers, size)
+        _describe(exchange, size, trace)
         await self.pipeline.admit(exchange, route, headers, "POST", self.base + route.path)
         await self._execute(send, receive, exchange, route, None)
 
@@ -252,7 +278,7 @@ class Front:
         headers: dict[str, str],
         message: JSON,
         kind: rpc.Kind,
-        origin: tuple[str, int],  # client address, body size
+        origin: Origin,
         version: str | None,
     ) -> None:
         session_id = headers.get("mcp-session-id")
@@ -264,9 +290,9 @@ class Front:
                 "Mcp-Session-Id header is required; send initialize first "
                 f"(or use protocol version {MODERN_VERSION} with its request headers)"
             )
-        client, size = origin
+        client, size, trace = origin
         exchange = Exchange(message, Era.LEGACY, version or LEGACY_VERSIONS[0], route.name, client)
-        _describe(exchange, headers, size)
+        _describe(exchange, size, trace)
         url = self.base + route.path
         await self.pipeline.admit(exchange, route, headers, "POST", url, session_id)
         session = exchange.session
@@ -274,6 +300,8 @@ class Front:
             denial = exchange.denial or SessionNotFound("session not found")
             if isinstance(denial, AuthError):
                 await self.pipeline.trail.refused(exchange, route)
+            elif exchange.foreign_session:  # the answer stays "not found"; the trail knows
+                await self.pipeline.trail.decision(exchange, route)
             await _error(send, denial, None, extra=exchange.response_headers)
             return
         if version is not None and version != session.protocol_version:
@@ -301,14 +329,14 @@ class Front:
         send: Send,
         route: Route,
         message: JSON,
-        origin: tuple[str, int],
+        origin: Origin,
         headers: dict[str, str],
     ) -> None:
         params = message.get("params") or {}
         version = negotiate(params.get("protocolVersion"))
-        client, size = origin
+        client, size, trace = origin
         exchange = Exchange(message, Era.LEGACY, version, route.name, client)
-        _describe(exchange, headers, size)
+        _describe(exchange, size, trace)
         await self.pipeline.admit(exchange, route, headers, "POST", self.base + route.path)
         if exchange.denial is not None or exchange.principal is None:
             denial = exchange.denial or InvalidRequest("no principal")
@@ -373,8 +401,9 @@ class Front:
             await _error(send, exc, exchange.id, extra=extra)
             return
         answer = await self.pipeline.run(exchange, route)
-        final = answer.first if answer.rest is None else None
-        await self._answer(send, receive, exchange, answer, session)
+        final = await self._answer(send, receive, exchange, answer, session)
+        if exchange.trace is not None:
+            exchange.trace.answered(final)
         self._count(exchange, route, admitted, final)
         await self.pipeline.trail.outcome(exchange, route, final)
 
@@ -393,7 +422,8 @@ class Front:
             outcome = str((error.get("data") or {}).get("code", "error")) if error else "ok"
             if outcome.startswith("upstream.") and exchange.target is not None:
                 self.metrics.upstream_failed(exchange.target.upstream, outcome)
-        self.metrics.answered(route.path, exchange.method, outcome, admitted, total)
+        stages = exchange.trace.stages if exchange.trace is not None else None
+        self.metrics.answered(route.path, exchange.method, outcome, admitted, total, stages)
 
     async def _record_refusal(self, exchange: Exchange, route: Route) -> None:
         if isinstance(exchange.denial, AuthError):
@@ -408,8 +438,10 @@ class Front:
         exchange: Exchange,
         answer: Answer,
         session: ClientSession | None,
-    ) -> None:
-        """One message answers with a JSON body; more (notifications first) with an SSE stream."""
+    ) -> JSON | None:
+        """One message answers with a JSON body; more (notifications first) with an SSE stream.
+        Returns the response message, or None when the stream ended before it (the client went
+        away while a legacy session's answer goes on)."""
         extra = session_headers(session) if session is not None else []
         first = answer.first
         if answer.rest is None:
@@ -419,7 +451,7 @@ class Front:
             await _json(
                 send, status if exchange.era is Era.MODERN else 200, rpc.dumps(first), extra
             )
-            return
+            return first
         if session is None:
             # 2026-07-28: no resumption; the client closing the stream cancels the request.
             stream = Stream("", keep=4096)
@@ -432,7 +464,7 @@ class Front:
                 pump.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await pump
-            return
+            return stream.final()
         # Legacy: the session owns the pump, so the answer survives a dropped connection and
         # the client can resume it with Last-Event-ID.
         stream = session.new_stream()
@@ -443,6 +475,7 @@ class Front:
             priming = sse.encode_priming(stream.event_id(0))
             await send({"type": "http.response.body", "body": priming, "more_body": True})
         await self._write_stream(send, stream, 0, receive)
+        return stream.final()
 
     async def _write_stream(
         self, send: Send, stream: Stream, after: int, receive: Receive, *, ids: bool = True
@@ -590,12 +623,13 @@ def session_headers(session: ClientSession) -> list[tuple[bytes, bytes]]:
     return [(b"mcp-session-id", session.id.encode())]
 
 
-def _describe(exchange: Exchange, headers: dict[str, str], size: int) -> None:
-    """What the audit record needs from the HTTP request: its size and W3C trace id."""
+def _describe(exchange: Exchange, size: int, trace: RequestTrace) -> None:
+    """What the audit record needs from the HTTP request: its size and trace id (the
+    client's, or one the gateway started); and what the request's span describes."""
     exchange.request_bytes = size
-    parts = headers.get("traceparent", "").split("-")
-    if len(parts) == 4 and len(parts[1]) == 32:
-        exchange.trace_id = parts[1]
+    exchange.trace = trace
+    exchange.trace_id = trace.trace_id
+    trace.bind(exchange)
 
 
 def _has_modern_meta(message: Any) -> bool:

@@ -215,7 +215,14 @@ class Response:
 class Pool:
     """Keep-alive connections to one upstream origin, at most `limit` at once."""
 
-    def __init__(self, url: str, limit: int, connect_timeout: float, read_timeout: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        limit: int,
+        connect_timeout: float,
+        read_timeout: float,
+        ssl_context: ssl.SSLContext | None = None,  # default: the system's trust store
+    ) -> None:
         parts = urlsplit(url)
         self.host = parts.hostname or "127.0.0.1"
         self.tls = parts.scheme == "https"
@@ -224,7 +231,7 @@ class Pool:
         default_port = (self.tls and self.port == 443) or (not self.tls and self.port == 80)
         host = f"[{self.host}]" if ":" in self.host else self.host
         self._host_header = host if default_port else f"{host}:{self.port}"
-        self._ssl = ssl.create_default_context() if self.tls else None
+        self._ssl = (ssl_context or ssl.create_default_context()) if self.tls else None
         self._idle: list[_Connection] = []
         self._slots = asyncio.Semaphore(limit)
         self.connect_timeout = connect_timeout

@@ -1,0 +1,426 @@
+"""The audit store in PostgreSQL, shared by every replica of a gateway: `PostgresAuditStore`.
+
+The tables and columns are those of the SQLite store (store.py), `id` an identity column giving
+the append order. What differs comes from several processes appending to one database:
+
+- **Append order is commit order.** An identity value is taken when a row is inserted, not when
+  it commits, so two replicas committing side by side could make id 101 visible before id 100
+  and a reader paging by id (`read`, `after`, `tail --follow`, `verify`) would skip 100 for
+  good. Each append transaction therefore first takes one transaction-level advisory lock:
+  the batches of all replicas commit one after another (group commit keeps them large under
+  load). Advisory locks need no privilege, so the gateway's role may hold only INSERT and
+  SELECT on the tables once an administrator has created them.
+- **Writer ids are claimed in the database.** `hold(writer_id)` takes a session-level advisory
+  lock on the id over the store's own connection, so a store appends only while it holds its
+  writer's claim. The lock dies with the connection, so a crashed process's id is free again;
+  after a reconnect the store takes it back, and fails closed if another process took it first.
+- **A commit can fail without saying whether it happened** (the server went away after the
+  COMMIT was sent). The next append then skips the records already stored with the same hash,
+  so the writer's retry neither forks nor blocks its chain; any other clash fails loudly.
+
+Errors leave as `AuditUnavailable`, naming the server but never the password. A broken
+connection is replaced on the next call, so a restarted server is survived (the writer retries
+failed batches). Advisory locks need a direct connection or a pooler in session mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.pq import TransactionStatus
+
+from bastion.audit.chain import Checkpoint, Entry
+from bastion.audit.errors import AuditUnavailable
+from bastion.audit.store import Query, _entry, _row
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS entries (
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        writer_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        record TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        time DOUBLE PRECISION NOT NULL,
+        phase TEXT NOT NULL,
+        tenant TEXT,
+        agent TEXT,
+        tool TEXT,
+        decision TEXT
+    )""",
+    # Unique: a second process extending the same chain fails loudly instead of forking it.
+    "CREATE UNIQUE INDEX IF NOT EXISTS entries_chain ON entries (writer_id, seq)",
+    "CREATE INDEX IF NOT EXISTS entries_time ON entries (time)",
+    "CREATE INDEX IF NOT EXISTS entries_tenant ON entries (tenant, time)",
+    "CREATE INDEX IF NOT EXISTS entries_agent ON entries (agent, time)",
+    "CREATE INDEX IF NOT EXISTS entries_tool ON entries (tool, time)",
+    """CREATE TABLE IF NOT EXISTS checkpoints (
+        writer_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        hash TEXT NOT NULL,
+        time DOUBLE PRECISION NOT NULL,
+        kid TEXT NOT NULL,
+        signature TEXT NOT NULL,
+        PRIMARY KEY (writer_id, seq)
+    )""",
+)
+_INSERT_ENTRY = """INSERT INTO entries (writer_id, seq, record, prev_hash, hash, time, phase,
+    tenant, agent, tool, decision) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"""
+_INSERT_CHECKPOINT = """INSERT INTO checkpoints (writer_id, seq, hash, time, kid, signature)
+    VALUES (%s, %s, %s, %s, %s, %s)"""
+_ENTRY_COLUMNS = "id, writer_id, seq, record, prev_hash, hash"
+_CHECKPOINT_COLUMNS = "writer_id, seq, hash, time, kid, signature"
+_CHUNK = 1000
+_FILTERS = {
+    "tenant": "tenant = %s",
+    "agent": "agent = %s",
+    "tool": "tool = %s",
+    "decision": "decision = %s",
+    "phase": "phase = %s",
+    "since": "time >= %s",
+    "until": "time < %s",
+}
+# Advisory lock keys (two int4 each, a space apart from single-bigint locks of other software):
+# "BAST" + 0 orders appends and schema creation; "BASU" + a hash of the id claims a writer id.
+_APPEND_LOCK = (0x42415354, 0)
+_CLAIM_SPACE = 0x42415355
+_Item = TypeVar("_Item", Entry, Checkpoint)
+# Connection settings unless the DSN says otherwise: fail fast, notice a dead peer.
+_DEFAULTS = {
+    "connect_timeout": "5",
+    "application_name": "bastion-audit",
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "15000",
+}
+
+
+class PostgresAuditStore:
+    """The audit store in a PostgreSQL database; thread-safe, one connection per instance."""
+
+    def __init__(self, dsn: str, *, create: bool = True) -> None:
+        try:
+            params = conninfo_to_dict(dsn)
+        except psycopg.Error:
+            # libpq's message may quote the DSN, password and all.
+            raise AuditUnavailable("audit.dsn is not a PostgreSQL DSN") from None
+        self.where = _describe(params)
+        self._password = str(params.get("password") or "")
+        self._conninfo = make_conninfo(
+            "", **{**_DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
+        )
+        self._lock = threading.Lock()
+        self._conn: psycopg.Connection[Any] | None = None
+        self._held: str | None = None  # the writer id this store's connection claims
+        self._uncertain = False  # an append failed without knowing whether it committed
+        self._closed = False
+        with self._lock, self._guard("open"):
+            conn = self._connection()
+            if create:
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", _APPEND_LOCK)
+                    if not _exists(conn):  # CREATE … IF NOT EXISTS needs CREATE even then
+                        for statement in _SCHEMA:
+                            conn.execute(statement)
+            elif not _exists(conn):
+                raise AuditUnavailable(f"no audit trail in {self.where} (has the gateway run?)")
+
+    # --- writing ----------------------------------------------------------------------------
+
+    def append_batch(
+        self, entries: Sequence[Entry], checkpoints: Sequence[Checkpoint] = ()
+    ) -> None:
+        """Store entries and checkpoints in one transaction; durable when this returns."""
+        with self._lock, self._guard("append to"):
+            conn = self._connection()
+            try:
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", _APPEND_LOCK)
+                    if self._uncertain:
+                        entries, checkpoints = _unstored(conn, entries, checkpoints)
+                    with conn.cursor() as cursor:
+                        if entries:
+                            cursor.executemany(_INSERT_ENTRY, [_row(e) for e in entries])
+                        if checkpoints:
+                            cursor.executemany(
+                                _INSERT_CHECKPOINT,
+                                [
+                                    (c.writer_id, c.seq, c.hash, c.time, c.kid, c.signature)
+                                    for c in checkpoints
+                                ],
+                            )
+            except BaseException:
+                if conn.closed:  # the COMMIT may or may not have reached the server
+                    self._uncertain = True
+                raise
+            self._uncertain = False
+
+    def hold(self, writer_id: str) -> _Held | None:
+        """Claim `writer_id` for this store's connection; None when another session holds it.
+
+        For `claim_writer_id(..., hold=store.hold)`. The claim is taken again after a reconnect.
+        """
+        with self._lock, self._guard("claim a writer id in"):
+            if self._held is not None:
+                raise RuntimeError(f"this store claims writer id {self._held} already")
+            if not _try_claim(self._connection(), writer_id):
+                return None
+            self._held = writer_id
+        return _Held(self)
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def last(self, writer_id: str) -> tuple[int, str] | None:
+        """(seq, hash) of the writer's last entry, to continue its chain after a restart."""
+        row = self._one(
+            "SELECT seq, hash FROM entries WHERE writer_id = %s ORDER BY seq DESC LIMIT 1",
+            (writer_id,),
+        )
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    def last_checkpoint(self, writer_id: str) -> Checkpoint | None:
+        """The writer's most recent checkpoint."""
+        row = self._one(
+            f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints WHERE writer_id = %s "  # noqa: S608
+            "ORDER BY seq DESC LIMIT 1",
+            (writer_id,),
+        )
+        return None if row is None else Checkpoint(*row)
+
+    def read(self, writer_id: str | None = None, since_seq: int = 0) -> Iterator[Entry]:
+        """Entries in append order; of one writer, only those after `since_seq`.
+
+        Rows are fetched in chunks, each in its own statement, so a long read holds neither
+        the connection nor a snapshot between chunks.
+        """
+        position = 0
+        while True:
+            if writer_id is None:
+                rows = self._all(
+                    f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id > %s "  # noqa: S608
+                    "ORDER BY id LIMIT %s",
+                    (position, _CHUNK),
+                )
+            else:
+                rows = self._all(
+                    f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id > %s "  # noqa: S608
+                    "AND writer_id = %s AND seq > %s ORDER BY id LIMIT %s",
+                    (position, writer_id, since_seq, _CHUNK),
+                )
+            for row in rows:
+                yield _entry(row)
+            if len(rows) < _CHUNK:
+                return
+            position = int(rows[-1][0])
+
+    def checkpoints(self, writer_id: str | None = None) -> list[Checkpoint]:
+        """Checkpoints, by writer and seq."""
+        sql = f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints"  # noqa: S608
+        if writer_id is None:
+            rows = self._all(f"{sql} ORDER BY writer_id, seq", ())
+        else:
+            rows = self._all(f"{sql} WHERE writer_id = %s ORDER BY seq", (writer_id,))
+        return [Checkpoint(*row) for row in rows]
+
+    def query(self, query: Query) -> list[Entry]:
+        """The newest `query.limit` entries matching the filters, oldest first."""
+        conditions, values = ["TRUE"], []
+        for name, condition in _FILTERS.items():
+            value = getattr(query, name)
+            if value is not None:
+                conditions.append(condition)
+                values.append(value)
+        sql = (
+            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE "  # noqa: S608 - fixed fragments only
+            + " AND ".join(conditions)
+            + " ORDER BY time DESC, id DESC LIMIT %s"
+        )
+        rows = self._all(sql, (*values, max(0, query.limit)))
+        return [_entry(row) for row in reversed(rows)]
+
+    def tail(self, count: int) -> list[tuple[int, Entry]]:
+        """The last `count` entries with their positions, oldest first."""
+        rows = self._all(
+            f"SELECT {_ENTRY_COLUMNS} FROM entries ORDER BY id DESC LIMIT %s",  # noqa: S608
+            (max(0, count),),
+        )
+        return [(int(row[0]), _entry(row)) for row in reversed(rows)]
+
+    def after(self, position: int, limit: int = _CHUNK) -> list[tuple[int, Entry]]:
+        """Entries appended after `position` (see `tail`), with their positions."""
+        rows = self._all(
+            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id > %s "  # noqa: S608
+            "ORDER BY id LIMIT %s",
+            (position, max(0, limit)),
+        )
+        return [(int(row[0]), _entry(row)) for row in rows]
+
+    def close(self) -> None:
+        """Close the connection, which also gives up a claimed writer id."""
+        with self._lock:
+            self._closed = True
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> PostgresAuditStore:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        """The open connection, or a new one (claiming the writer id again); under `_lock`."""
+        if self._closed:
+            raise AuditUnavailable(f"the audit store {self.where} is closed")
+        if self._conn is not None and not self._conn.closed:
+            return self._conn
+        self._conn = None
+        conn = psycopg.connect(self._conninfo, autocommit=True)
+        try:
+            # Durable on return means the commit waits for the WAL flush, whatever the default.
+            if conn.execute("SHOW synchronous_commit").fetchone() == ("off",):
+                conn.execute("SET synchronous_commit = on")
+            # A replica cut off inside its append must not hold the others' appends for long:
+            # the server ends such a transaction, and a wait for the append lock gives up.
+            conn.execute("SET idle_in_transaction_session_timeout = '15s'")
+            conn.execute("SET lock_timeout = '10s'")
+            if self._held is not None and not _try_claim(conn, self._held):
+                raise AuditUnavailable(
+                    f"audit writer id {self._held} was claimed in {self.where} by another "
+                    "process while this one was disconnected; this writer stops"
+                )
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        return conn
+
+    def _release(self) -> None:
+        with self._lock:
+            held, self._held = self._held, None
+            conn = self._conn
+            if held is None or conn is None or conn.closed:
+                return
+            try:
+                conn.execute("SELECT pg_advisory_unlock(%s, %s)", (_CLAIM_SPACE, _key(held)))
+            except psycopg.Error:
+                conn.close()  # the claim goes with the connection
+
+    def _one(self, sql: str, params: tuple[Any, ...]) -> Any:
+        with self._lock, self._guard("read"):
+            return self._connection().execute(sql, params).fetchone()
+
+    def _all(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        with self._lock, self._guard("read"):
+            return self._connection().execute(sql, params).fetchall()
+
+    def _guard(self, verb: str) -> _Translate:
+        return _Translate(self, verb)
+
+
+class _Held:
+    """A writer id claimed by a store's connection (see `PostgresAuditStore.hold`)."""
+
+    def __init__(self, store: PostgresAuditStore) -> None:
+        self._store: PostgresAuditStore | None = store
+
+    def release(self) -> None:
+        """Give the id up (closing the store gives it up too)."""
+        if self._store is not None:
+            self._store._release()
+            self._store = None
+
+
+class _Translate:
+    """Turn psycopg errors into `AuditUnavailable` at the adapter's edge, password removed."""
+
+    def __init__(self, store: PostgresAuditStore, verb: str) -> None:
+        self._store, self._verb = store, verb
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, _: object, exc: BaseException | None, __: object) -> None:
+        store = self._store
+        conn = store._conn
+        if exc is not None and conn is not None and not conn.closed:
+            if conn.info.transaction_status != TransactionStatus.IDLE:
+                conn.close()  # interrupted mid-statement: start over on a fresh connection
+        if isinstance(exc, psycopg.Error):
+            detail = " ".join(str(exc).split())
+            if store._password:
+                detail = detail.replace(store._password, "***")
+            raise AuditUnavailable(
+                f"cannot {self._verb} the audit store {store.where}: {detail}"
+            ) from exc
+
+
+def _describe(params: dict[str, Any]) -> str:
+    """Where a DSN points, as `postgresql://user@host:port/dbname`, without the password."""
+    user = f"{params['user']}@" if params.get("user") else ""
+    host = str(params.get("host") or params.get("hostaddr") or "localhost")
+    port = f":{params['port']}" if params.get("port") else ""
+    return f"postgresql://{user}{host}{port}/{params.get('dbname') or ''}"
+
+
+def _exists(conn: psycopg.Connection[Any]) -> bool:
+    row = conn.execute(
+        "SELECT to_regclass('entries') IS NOT NULL AND to_regclass('checkpoints') IS NOT NULL"
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def _key(writer_id: str) -> int:
+    """The writer id's claim key: 32 bits of its SHA-256 (a collision only skips a slot)."""
+    return int.from_bytes(hashlib.sha256(writer_id.encode()).digest()[:4], "big", signed=True)
+
+
+def _try_claim(conn: psycopg.Connection[Any], writer_id: str) -> bool:
+    row = conn.execute(
+        "SELECT pg_try_advisory_lock(%s, %s)", (_CLAIM_SPACE, _key(writer_id))
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def _unstored(
+    conn: psycopg.Connection[Any], entries: Sequence[Entry], checkpoints: Sequence[Checkpoint]
+) -> tuple[list[Entry], list[Checkpoint]]:
+    """The entries and checkpoints not stored yet.
+
+    After a commit whose outcome is unknown, the retried batch starts with the records it held
+    (the writer re-queues them in front): those already stored with the same hash are skipped.
+    """
+    return _fresh(conn, "entries", entries), _fresh(conn, "checkpoints", checkpoints)
+
+
+def _fresh(conn: psycopg.Connection[Any], table: str, items: Sequence[_Item]) -> list[_Item]:
+    """`items` not in `table`; AuditUnavailable when one's place holds another hash."""
+    if not items:
+        return []
+    rows = conn.execute(
+        f"SELECT writer_id, seq, hash FROM {table} "  # noqa: S608 - a fixed table name
+        "WHERE (writer_id, seq) IN (SELECT * FROM unnest(%s::text[], %s::bigint[]))",
+        ([i.writer_id for i in items], [i.seq for i in items]),
+    ).fetchall()
+    stored = {(str(w), int(s)): str(h) for w, s, h in rows}
+    fresh = []
+    for item in items:
+        found = stored.get((item.writer_id, item.seq))
+        if found is None:
+            fresh.append(item)
+        elif found != item.hash:
+            raise AuditUnavailable(
+                f"the audit store holds another record at writer {item.writer_id} "
+                f"seq {item.seq}; this writer's chain cannot continue"
+            )
+    return fresh

@@ -1,0 +1,319 @@
+"""The admin API: the operators' HTTP interface to the audit trail and the agent registry.
+
+The same operations as `bastion audit` and `bastion agents`, mounted under /admin on the
+gateway's port (Starlette), behind `AdminGuard` (a bearer token, see admin_auth.py):
+
+```
+GET  /admin/audit/records?tenant=&agent=&tool=&decision=&phase=&since=&until=&limit=
+GET  /admin/audit/tail?count=
+GET  /admin/audit/export?format=jsonl|ocsf&<the filters of records>   (application/x-ndjson)
+GET  /admin/audit/verify            200 intact, 409 tampered (naming the first bad record)
+GET  /admin/agents?tenant=&status=
+GET  /admin/agents/{id}
+POST /admin/agents/{id}/suspend|resume|offboard    {"reason": "..."} (suspend, offboard)
+```
+
+Errors are `{"error": code, "message": ...}` with the status the error knows (400 naming the
+parameter, 404 unknown agent, 409 conflict). Store reads and registry writes run in worker
+threads, never on the event loop that serves MCP. A registry change made here takes effect on
+the running gateway at once: its view reloads and the agent's sessions and cached upstream
+credentials are dropped when it may no longer call; the change is written to the audit trail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Mount, Route
+
+from bastion.audit import AuditRecord, AuditStore, AuditUnavailable, AuditWriter, Query
+from bastion.audit.chain import Entry
+from bastion.audit.export import jsonl_line, ocsf_line
+from bastion.audit.keys import audit_dir
+from bastion.audit.trail import open_trail_reader
+from bastion.config import Settings
+from bastion.control import admin_params as ask
+from bastion.control.admin_auth import AdminGuard
+from bastion.control.admin_params import FILTERS, MAX_LIMIT, BadRequest
+from bastion.control.agents import Agent, AgentStatus
+from bastion.control.audit_read import matches, report_json, verify_trail
+from bastion.control.registry import SqliteRegistry
+from bastion.errors import BastionError
+from bastion.pipeline.chain import Pipeline
+from bastion.transport.front import ASGIApp
+
+log = logging.getLogger("bastion.admin")
+T = TypeVar("T")
+
+PREFIX = "/admin"
+EXPORT_BATCH = 500  # lines per chunk (and per worker-thread hop) of an export
+_ACTIONS = {
+    "suspend": AgentStatus.SUSPENDED,
+    "resume": AgentStatus.ACTIVE,
+    "offboard": AgentStatus.OFFBOARDED,
+}
+
+
+class NotAvailable(BastionError):
+    """The gateway runs without what the endpoint serves (no registry, no audit trail)."""
+
+    code = "admin.not_available"
+    http_status = 404
+
+
+def admin_app(
+    settings: Settings,
+    pipeline: Pipeline,
+    writer: AuditWriter | None,
+    token: str,
+    registry: Path | None,
+) -> ASGIApp:
+    """The guarded admin application for the front to mount at `PREFIX`."""
+    return AdminGuard(AdminApi(settings, pipeline, writer, registry).app(), token)
+
+
+class AdminApi:
+    """The admin endpoints over one gateway's pipeline, audit writer and registry file."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        pipeline: Pipeline,
+        writer: AuditWriter | None,
+        registry: Path | None,
+    ) -> None:
+        self._settings = settings
+        self._pipeline = pipeline
+        self._writer = writer
+        self._registry = registry
+        self._folder = audit_dir(settings.state_dir)
+
+    def app(self) -> Starlette:
+        """The Starlette application with every route and JSON error answers."""
+        routes = [
+            Route("/audit/records", self.records),
+            Route("/audit/tail", self.tail),
+            Route("/audit/export", self.export),
+            Route("/audit/verify", self.verify),
+            Route("/agents", self.agents),
+            Route("/agents/{agent_id}", self.agent),
+            Route("/agents/{agent_id}/{action}", self.change, methods=["POST"]),
+        ]
+        return Starlette(
+            routes=[Mount(PREFIX, routes=routes)],
+            exception_handlers={BastionError: _bastion_error, HTTPException: _http_error},
+        )
+
+    # --- the audit trail --------------------------------------------------------------------
+
+    async def records(self, request: Request) -> Response:
+        """Records matching the filters, the newest `limit` (default 100), oldest first."""
+        params = ask.params(request, (*FILTERS, "limit"))
+        query = ask.audit_query(params, ask.count(params, "limit", 100))
+        return await self._read(lambda store: _records_body(store.query(query)))
+
+    async def tail(self, request: Request) -> Response:
+        """The last `count` records (default 20), oldest first."""
+        count = ask.count(ask.params(request, ("count",)), "count", 20)
+        return await self._read(
+            lambda store: _records_body([entry for _, entry in store.tail(count)])
+        )
+
+    async def export(self, request: Request) -> Response:
+        """Every matching record in append order, one JSON object a line, streamed."""
+        params = ask.params(request, (*FILTERS, "format"))
+        kind = params.get("format", "jsonl")
+        if kind not in ("jsonl", "ocsf"):
+            raise BadRequest("format", f"expected jsonl or ocsf, found {kind[:40]!r}")
+        query = ask.audit_query(params, MAX_LIMIT)
+        filtered = any(name in params for name in FILTERS)
+        store = await asyncio.to_thread(self._open)
+        line = jsonl_line if kind == "jsonl" else ocsf_line
+        lines = _export(store, line, query if filtered else None)
+        return StreamingResponse(
+            lines, media_type="application/x-ndjson", headers={"cache-control": "no-store"}
+        )
+
+    async def verify(self, request: Request) -> Response:
+        """`bastion audit verify --json`'s report: 200 when intact, 409 when tampered."""
+        ask.params(request, ())
+        report = await self._read(lambda store: verify_trail(store, self._folder))
+        body = report_json(report)
+        if report.ok:
+            return _json(200, body)
+        log.error("admin verify: the audit trail was tampered with: %s", report.first)
+        return _json(409, {"error": "audit.tampered", "message": str(report.first), **body})
+
+    def _open(self) -> AuditStore:
+        """The configured trail (SQLite or PostgreSQL), opened for reading."""
+        if not self._settings.audit.enabled:
+            raise NotAvailable("the audit trail is off (audit.enabled: false)")
+        return open_trail_reader(self._settings)
+
+    async def _read(self, work: Callable[[AuditStore], T]) -> T:
+        """Open the trail, do `work` and close it, in a worker thread."""
+
+        def run() -> T:
+            store = self._open()
+            try:
+                return work(store)
+            finally:
+                store.close()
+
+        return await asyncio.to_thread(run)
+
+    # --- agents -----------------------------------------------------------------------------
+
+    async def agents(self, request: Request) -> Response:
+        """Registered agents by tenant and id, optionally of one tenant and/or status."""
+        params = ask.params(request, ("tenant", "status"))
+        status = params.get("status")
+        if status is not None and status not in set(AgentStatus):
+            choices = ", ".join(AgentStatus)
+            raise BadRequest("status", f"expected one of {choices}, found {status[:40]!r}")
+        tenant = params.get("tenant")
+        found = await self._registry_call(
+            lambda registry: registry.list(tenant, None if status is None else AgentStatus(status))
+        )
+        return _json(200, {"agents": [agent.to_dict() for agent in found]})
+
+    async def agent(self, request: Request) -> Response:
+        """One agent, keys included; 404 when there is none with this id."""
+        ask.params(request, ())
+        agent_id = request.path_params["agent_id"]
+        found = await self._registry_call(lambda registry: registry.get(agent_id))
+        return _json(200, {"agent": found.to_dict()})
+
+    async def change(self, request: Request) -> Response:
+        """Suspend, resume or offboard an agent, with the CLI's effect on this gateway."""
+        ask.params(request, ())
+        action = request.path_params["action"]
+        status = _ACTIONS.get(action)
+        if status is None:
+            raise HTTPException(404)
+        agent_id = request.path_params["agent_id"]
+        reason = await ask.reason(request)
+        agent = await self._registry_call(
+            lambda registry: registry.set_status(agent_id, status, reason)
+        )
+        directory = self._pipeline.agents
+        if directory is not None:  # the next request would reload too; reconcile now
+            directory.refresh()
+            await self._pipeline.reconcile()
+        audited = await self._audit(agent, action, reason, request)
+        log.info("admin %s agent %r of tenant %r: %s", action, agent.id, agent.tenant, reason)
+        return _json(200, {"agent": agent.to_dict(), "audited": audited})
+
+    async def _registry_call(self, work: Callable[[SqliteRegistry], T]) -> T:
+        path = self._registry
+        if path is None:
+            raise NotAvailable("identity is off (auth.mode: none); there is no agent registry")
+
+        def run() -> T:
+            with SqliteRegistry(path, create=False) as registry:
+                return work(registry)
+
+        return await asyncio.to_thread(run)
+
+    async def _audit(self, agent: Agent, action: str, reason: str | None, request: Request) -> bool:
+        """Record the change in the trail; whether it was committed."""
+        if self._writer is None:
+            return False
+        client = request.client
+        # The agent is named in `detail`, not `agent`: the change is the operator's act, and
+        # the detectors must not count it as a call of the agent's.
+        record = AuditRecord(
+            time=time.time(),
+            request_id=uuid.uuid4().hex,
+            phase="decision",
+            tenant=agent.tenant,
+            client=f"{client.host}:{client.port}" if client else None,
+            route=PREFIX,
+            method=f"admin/agents/{action}",
+            decision="allow",
+            reason=reason,
+            detail={"actor": "admin", "target_agent": agent.id, "status": str(agent.status)},
+        )
+        try:
+            await self._writer.append(record, True)
+        except AuditUnavailable as exc:
+            log.error("admin %s of agent %r not audited: %s", action, agent.id, exc.message)
+            return False
+        return True
+
+
+# --- output -----------------------------------------------------------------------------------
+
+
+def _json(status: int, body: dict[str, Any]) -> Response:
+    return Response(
+        orjson.dumps(body),
+        status,
+        headers={"cache-control": "no-store"},
+        media_type="application/json",
+    )
+
+
+def _records_body(entries: list[Entry]) -> Response:
+    """`{"count", "records"}`, each record as one `bastion audit export` line."""
+    lines = b",".join(jsonl_line(entry) for entry in entries)
+    body = b'{"count":%d,"records":[%b]}' % (len(entries), lines)
+    return Response(body, headers={"cache-control": "no-store"}, media_type="application/json")
+
+
+def _export(
+    store: AuditStore, line: Callable[[Entry], bytes], query: Query | None
+) -> Iterator[bytes]:
+    """Chunks of export lines (Starlette pulls each in a worker thread); closes the store.
+
+    A record that does not parse ends the stream with an error line: the status is sent.
+    """
+    batch: list[bytes] = []
+    try:
+        for entry in store.read():
+            if query is not None and not matches(query, AuditRecord.from_json(entry.record)):
+                continue
+            batch.append(line(entry) + b"\n")
+            if len(batch) >= EXPORT_BATCH:
+                yield b"".join(batch)
+                batch = []
+        yield b"".join(batch)
+    except (ValueError, BastionError) as exc:
+        log.error("admin export stopped: %s", exc)
+        error = {"error": "audit.unreadable", "message": f"{exc}; run bastion audit verify"}
+        yield b"".join(batch) + orjson.dumps(error) + b"\n"
+    finally:
+        store.close()
+
+
+async def _bastion_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, BastionError)  # noqa: S101 - registered for BastionError only
+    body: dict[str, Any] = {"error": exc.code, "message": exc.message}
+    parameter = getattr(exc, "parameter", None)
+    if parameter is not None:
+        body["parameter"] = parameter
+    status = exc.http_status if 400 <= exc.http_status < 600 else 400
+    return _json(status, body)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)  # noqa: S101 - registered for HTTPException only
+    what = f"{request.method} {request.url.path}"
+    if exc.status_code == 405:
+        body = {"error": "admin.method", "message": f"{what}: method not allowed"}
+    else:
+        body = {"error": "admin.not_found", "message": f"no admin endpoint {what}"}
+    response = _json(exc.status_code, body)
+    response.headers.update(exc.headers or {})
+    return response

@@ -1,0 +1,103 @@
+"""Reading the audit trail for operators, shared by `bastion audit` and the admin API.
+
+The time syntax of `--since`/`--until` (ISO 8601 or relative), a record filter that agrees with
+the store's `query`, verification in the order a live writer requires, and the verify report
+as JSON. Pure apart from `verify_trail`, which reads the store and the checkpoint keys.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from pathlib import Path
+from typing import Any
+
+from bastion.audit.chain import Finding, VerifyReport
+from bastion.audit.chain import verify as verify_chain
+from bastion.audit.keys import load_public_keys
+from bastion.audit.record import AuditRecord
+from bastion.audit.store import AuditStore, Query
+from bastion.errors import BastionError
+
+_RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class FilterInvalid(BastionError):
+    """A filter value cannot be used; `parameter` names the option or query parameter."""
+
+    code = "audit.filter"
+    http_status = 400
+
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(f"{parameter}: {message}")
+        self.parameter = parameter
+
+
+def parse_time(value: str, now: float, parameter: str) -> float:
+    """Epoch seconds of ISO 8601 (UTC unless it says) or a time before `now` (30m, 1h, 2d)."""
+    relative = _RELATIVE.fullmatch(value.strip())
+    if relative:
+        return now - float(relative.group(1)) * _UNITS[relative.group(2)]
+    try:
+        when = dt.datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise FilterInvalid(
+            parameter,
+            f"expected ISO 8601 (2026-05-01T12:00:00Z) or relative (30m, 1h, 2d), found {value!r}",
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.timestamp()
+
+
+def matches(query: Query, record: AuditRecord) -> bool:
+    """Whether `record` passes `query`'s filters (not its limit), as the store's `query` does."""
+    return (
+        (query.tenant is None or record.tenant == query.tenant)
+        and (query.agent is None or record.agent == query.agent)
+        and (query.tool is None or record.tool == query.tool)
+        and (query.decision is None or record.decision == query.decision)
+        and (query.phase is None or record.phase == query.phase)
+        and (query.since is None or record.time >= query.since)
+        and (query.until is None or record.time < query.until)
+    )
+
+
+def verify_trail(store: AuditStore, folder: Path) -> VerifyReport:
+    """Check every hash link and signed checkpoint of the trail in `folder`."""
+    keys = load_public_keys(folder)
+    # Checkpoints first: each commits with the entries it names, so reading entries
+    # afterwards never finds a live writer's checkpoint ahead of its records.
+    checkpoints = store.checkpoints()
+    return verify_chain(store.read(), checkpoints, keys)
+
+
+def report_json(report: VerifyReport) -> dict[str, Any]:
+    """The report as `bastion audit verify --json` prints it and the admin API answers it."""
+
+    def finding(f: Finding) -> dict[str, Any]:
+        return {
+            "writer": f.writer_id,
+            "seq": f.seq,
+            "problem": str(f.problem),
+            "message": f.message,
+        }
+
+    return {
+        "ok": report.ok,
+        "first": None if report.first is None else finding(report.first),
+        "problem_count": report.problem_count,
+        "problems": [finding(f) for f in report.findings],
+        "writers": {
+            writer_id: {
+                "entries": s.entries,
+                "first_seq": s.first_seq,
+                "last_seq": s.last_seq,
+                "checkpoints": s.checkpoints,
+                "sealed_seq": s.sealed_seq,
+                "unsealed": s.unsealed,
+            }
+            for writer_id, s in sorted(report.writers.items())
+        },
+    }
