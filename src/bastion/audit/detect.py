@@ -146,7 +146,7 @@ class Detectors:
                 "critical" if suspend else "high",
                 record,
                 f"agent {record.agent!r} of tenant {record.tenant!r} {what} "
-                f"({len(window)} such attempts in {rule.window_seconds:g} s)",
+                f"(attempt {len(window)} within {rule.window_seconds:g} s)",
                 {"tenants": list(crossing), "attempts": len(window)},
                 suspend=suspend,
                 subject="",
