@@ -7,6 +7,7 @@
 
 Usage: .venv/bin/python bench/audit.py [--records N] [--repeats R]
 Each figure is the median of the repeats; the machine is noisy, so compare runs, not digits.
+The event loop is uvloop, as in the gateway.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
+import uvloop
 
 from bastion.audit import AuditRecord
 from bastion.audit.detect import Detectors
@@ -101,14 +104,14 @@ def main() -> None:
     args = parser.parse_args()
     rows: dict[str, list[float]] = {}
     for _ in range(args.repeats):
-        rate, cpu = asyncio.run(writer_throughput(args.records, durable=False))
+        rate, cpu = uvloop.run(writer_throughput(args.records, durable=False))
         rows.setdefault("relaxed: records/s", []).append(rate)
         rows.setdefault("relaxed: loop CPU µs/record", []).append(cpu)
-        rate, cpu = asyncio.run(writer_throughput(args.records, durable=True))
+        rate, cpu = uvloop.run(writer_throughput(args.records, durable=True))
         rows.setdefault("strict, 256 callers: records/s", []).append(rate)
         rows.setdefault("strict, 256 callers: loop CPU µs/record", []).append(cpu)
         rows.setdefault("strict, one at a time: loop CPU µs/record", []).append(
-            asyncio.run(lone_strict(min(args.records, 2000)))
+            uvloop.run(lone_strict(min(args.records, 2000)))
         )
         rows.setdefault("detectors: CPU µs/record", []).append(detector_cost(args.records))
     print(f"audit bench: {args.records} records, median of {args.repeats}")
