@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -36,7 +36,7 @@ from psycopg.pq import TransactionStatus
 
 from bastion.audit.chain import Checkpoint, Entry
 from bastion.audit.errors import AuditUnavailable
-from bastion.audit.store import Query, _entry, _row
+from bastion.audit.store import SqlReads, _row
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS entries (
@@ -73,18 +73,6 @@ _INSERT_ENTRY = """INSERT INTO entries (writer_id, seq, record, prev_hash, hash,
     tenant, agent, tool, decision) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"""
 _INSERT_CHECKPOINT = """INSERT INTO checkpoints (writer_id, seq, hash, time, kid, signature)
     VALUES (%s, %s, %s, %s, %s, %s)"""
-_ENTRY_COLUMNS = "id, writer_id, seq, record, prev_hash, hash"
-_CHECKPOINT_COLUMNS = "writer_id, seq, hash, time, kid, signature"
-_CHUNK = 1000
-_FILTERS = {
-    "tenant": "tenant = %s",
-    "agent": "agent = %s",
-    "tool": "tool = %s",
-    "decision": "decision = %s",
-    "phase": "phase = %s",
-    "since": "time >= %s",
-    "until": "time < %s",
-}
 # Advisory lock keys (two int4 each, a space apart from single-bigint locks of other software):
 # "BAST" + 0 orders appends and schema creation; "BASU" + a hash of the id claims a writer id.
 _APPEND_LOCK = (0x42415354, 0)
@@ -102,7 +90,7 @@ _DEFAULTS = {
 }
 
 
-class PostgresAuditStore:
+class PostgresAuditStore(SqlReads):
     """The audit store in a PostgreSQL database; thread-safe, one connection per instance."""
 
     def __init__(self, dsn: str, *, create: bool = True) -> None:
@@ -175,93 +163,6 @@ class PostgresAuditStore:
             self._held = writer_id
         return _Held(self)
 
-    # --- reading ----------------------------------------------------------------------------
-
-    def last(self, writer_id: str) -> tuple[int, str] | None:
-        """(seq, hash) of the writer's last entry, to continue its chain after a restart."""
-        row = self._one(
-            "SELECT seq, hash FROM entries WHERE writer_id = %s ORDER BY seq DESC LIMIT 1",
-            (writer_id,),
-        )
-        return None if row is None else (int(row[0]), str(row[1]))
-
-    def last_checkpoint(self, writer_id: str) -> Checkpoint | None:
-        """The writer's most recent checkpoint."""
-        row = self._one(
-            f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints WHERE writer_id = %s "  # noqa: S608
-            "ORDER BY seq DESC LIMIT 1",
-            (writer_id,),
-        )
-        return None if row is None else Checkpoint(*row)
-
-    def read(self, writer_id: str | None = None, since_seq: int = 0) -> Iterator[Entry]:
-        """Entries in append order; of one writer, only those after `since_seq`.
-
-        Rows are fetched in chunks, each in its own statement, so a long read holds neither
-        the connection nor a snapshot between chunks.
-        """
-        position = 0
-        while True:
-            if writer_id is None:
-                rows = self._all(
-                    f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id > %s "  # noqa: S608
-                    "ORDER BY id LIMIT %s",
-                    (position, _CHUNK),
-                )
-            else:
-                rows = self._all(
-                    f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id > %s "  # noqa: S608
-                    "AND writer_id = %s AND seq > %s ORDER BY id LIMIT %s",
-                    (position, writer_id, since_seq, _CHUNK),
-                )
-            for row in rows:
-                yield _entry(row)
-            if len(rows) < _CHUNK:
-                return
-            position = int(rows[-1][0])
-
-    def checkpoints(self, writer_id: str | None = None) -> list[Checkpoint]:
-        """Checkpoints, by writer and seq."""
-        sql = f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints"  # noqa: S608
-        if writer_id is None:
-            rows = self._all(f"{sql} ORDER BY writer_id, seq", ())
-        else:
-            rows = self._all(f"{sql} WHERE writer_id = %s ORDER BY seq", (writer_id,))
-        return [Checkpoint(*row) for row in rows]
-
-    def query(self, query: Query) -> list[Entry]:
-        """The newest `query.limit` entries matching the filters, oldest first."""
-        conditions, values = ["TRUE"], []
-        for name, condition in _FILTERS.items():
-            value = getattr(query, name)
-            if value is not None:
-                conditions.append(condition)
-                values.append(value)
-        sql = (
-            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE "  # noqa: S608 - fixed fragments only
-            + " AND ".join(conditions)
-            + " ORDER BY time DESC, id DESC LIMIT %s"
-        )
-        rows = self._all(sql, (*values, max(0, query.limit)))
-        return [_entry(row) for row in reversed(rows)]
-
-    def tail(self, count: int) -> list[tuple[int, Entry]]:
-        """The last `count` entries with their positions, oldest first."""
-        rows = self._all(
-            f"SELECT {_ENTRY_COLUMNS} FROM entries ORDER BY id DESC LIMIT %s",  # noqa: S608
-            (max(0, count),),
-        )
-        return [(int(row[0]), _entry(row)) for row in reversed(rows)]
-
-    def after(self, position: int, limit: int = _CHUNK) -> list[tuple[int, Entry]]:
-        """Entries appended after `position` (see `tail`), with their positions."""
-        rows = self._all(
-            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id > %s "  # noqa: S608
-            "ORDER BY id LIMIT %s",
-            (position, max(0, limit)),
-        )
-        return [(int(row[0]), _entry(row)) for row in rows]
-
     def close(self) -> None:
         """Close the connection, which also gives up a claimed writer id."""
         with self._lock:
@@ -318,11 +219,11 @@ class PostgresAuditStore:
 
     def _one(self, sql: str, params: tuple[Any, ...]) -> Any:
         with self._lock, self._guard("read"):
-            return self._connection().execute(sql, params).fetchone()
+            return self._connection().execute(_placeholders(sql), params).fetchone()
 
     def _all(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
         with self._lock, self._guard("read"):
-            return self._connection().execute(sql, params).fetchall()
+            return self._connection().execute(_placeholders(sql), params).fetchall()
 
     def _guard(self, verb: str) -> _Translate:
         return _Translate(self, verb)
@@ -424,3 +325,8 @@ def _fresh(conn: psycopg.Connection[Any], table: str, items: Sequence[_Item]) ->
                 f"seq {item.seq}; this writer's chain cannot continue"
             )
     return fresh
+
+
+def _placeholders(sql: str) -> str:
+    """SqlReads' `?` placeholders in psycopg's style (the statements hold no other `?` or `%`)."""
+    return sql.replace("?", "%s")

@@ -121,7 +121,103 @@ class AuditStore(Protocol):
         """Release the store."""
 
 
-class SqliteAuditStore:
+class SqlReads:
+    """The read side of both SQL stores, written once: statements use `?` placeholders and the
+    subclass's `_one`/`_all` run them (translating the placeholders where its driver needs)."""
+
+    def _one(self, sql: str, params: tuple[Any, ...]) -> Any:
+        raise NotImplementedError
+
+    def _all(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        raise NotImplementedError
+
+    def last(self, writer_id: str) -> tuple[int, str] | None:
+        """(seq, hash) of the writer's last entry, to continue its chain after a restart."""
+        row = self._one(
+            "SELECT seq, hash FROM entries WHERE writer_id = ? ORDER BY seq DESC LIMIT 1",
+            (writer_id,),
+        )
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    def last_checkpoint(self, writer_id: str) -> Checkpoint | None:
+        """The writer's most recent checkpoint."""
+        row = self._one(
+            f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints WHERE writer_id = ? "  # noqa: S608
+            "ORDER BY seq DESC LIMIT 1",
+            (writer_id,),
+        )
+        return None if row is None else Checkpoint(*row)
+
+    def read(self, writer_id: str | None = None, since_seq: int = 0) -> Iterator[Entry]:
+        """Entries in append order; of one writer, only those after `since_seq`.
+
+        Rows are fetched in chunks, each in its own statement, so a long read holds no lock
+        (nor snapshot) between chunks and a live writer is never blocked by it.
+        """
+        position = 0
+        while True:
+            if writer_id is None:
+                rows = self._all(
+                    f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id > ? "  # noqa: S608
+                    "ORDER BY id LIMIT ?",
+                    (position, _CHUNK),
+                )
+            else:
+                rows = self._all(
+                    f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id > ? "  # noqa: S608
+                    "AND writer_id = ? AND seq > ? ORDER BY id LIMIT ?",
+                    (position, writer_id, since_seq, _CHUNK),
+                )
+            for row in rows:
+                yield _entry(row)
+            if len(rows) < _CHUNK:
+                return
+            position = int(rows[-1][0])
+
+    def checkpoints(self, writer_id: str | None = None) -> list[Checkpoint]:
+        """Checkpoints, by writer and seq."""
+        sql = f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints"  # noqa: S608
+        if writer_id is None:
+            rows = self._all(f"{sql} ORDER BY writer_id, seq", ())
+        else:
+            rows = self._all(f"{sql} WHERE writer_id = ? ORDER BY seq", (writer_id,))
+        return [Checkpoint(*row) for row in rows]
+
+    def query(self, query: Query) -> list[Entry]:
+        """The newest `query.limit` entries matching the filters, oldest first."""
+        conditions, values = ["1 = 1"], []
+        for name, condition in _FILTERS.items():
+            value = getattr(query, name)
+            if value is not None:
+                conditions.append(condition)
+                values.append(value)
+        sql = (
+            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE "  # noqa: S608 - fixed fragments only
+            + " AND ".join(conditions)
+            + " ORDER BY time DESC, id DESC LIMIT ?"
+        )
+        rows = self._all(sql, (*values, max(0, query.limit)))
+        return [_entry(row) for row in reversed(rows)]
+
+    def tail(self, count: int) -> list[tuple[int, Entry]]:
+        """The last `count` entries with their positions, oldest first."""
+        rows = self._all(
+            f"SELECT {_ENTRY_COLUMNS} FROM entries ORDER BY id DESC LIMIT ?",  # noqa: S608
+            (max(0, count),),
+        )
+        return [(int(row[0]), _entry(row)) for row in reversed(rows)]
+
+    def after(self, position: int, limit: int = _CHUNK) -> list[tuple[int, Entry]]:
+        """Entries appended after `position` (see `tail`), with their positions."""
+        rows = self._all(
+            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id > ? "  # noqa: S608
+            "ORDER BY id LIMIT ?",
+            (position, max(0, limit)),
+        )
+        return [(int(row[0]), _entry(row)) for row in rows]
+
+
+class SqliteAuditStore(SqlReads):
     """The audit store in one SQLite file (WAL); thread-safe, one connection per instance."""
 
     def __init__(
@@ -177,93 +273,6 @@ class SqliteAuditStore:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise
-
-    # --- reading ----------------------------------------------------------------------------
-
-    def last(self, writer_id: str) -> tuple[int, str] | None:
-        """(seq, hash) of the writer's last entry, to continue its chain after a restart."""
-        row = self._one(
-            "SELECT seq, hash FROM entries WHERE writer_id = ? ORDER BY seq DESC LIMIT 1",
-            (writer_id,),
-        )
-        return None if row is None else (int(row[0]), str(row[1]))
-
-    def last_checkpoint(self, writer_id: str) -> Checkpoint | None:
-        """The writer's most recent checkpoint."""
-        row = self._one(
-            f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints WHERE writer_id = ? "  # noqa: S608
-            "ORDER BY seq DESC LIMIT 1",
-            (writer_id,),
-        )
-        return None if row is None else Checkpoint(*row)
-
-    def read(self, writer_id: str | None = None, since_seq: int = 0) -> Iterator[Entry]:
-        """Entries in append order; of one writer, only those after `since_seq`.
-
-        Rows are fetched in chunks, each in its own statement, so a long read holds no lock
-        between chunks and a live writer is never blocked by it.
-        """
-        position = 0
-        while True:
-            if writer_id is None:
-                rows = self._all(
-                    f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id > ? "  # noqa: S608
-                    "ORDER BY id LIMIT ?",
-                    (position, _CHUNK),
-                )
-            else:
-                rows = self._all(
-                    f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id > ? "  # noqa: S608
-                    "AND writer_id = ? AND seq > ? ORDER BY id LIMIT ?",
-                    (position, writer_id, since_seq, _CHUNK),
-                )
-            for row in rows:
-                yield _entry(row)
-            if len(rows) < _CHUNK:
-                return
-            position = int(rows[-1][0])
-
-    def checkpoints(self, writer_id: str | None = None) -> list[Checkpoint]:
-        """Checkpoints, by writer and seq."""
-        rows = self._all(
-            f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints "  # noqa: S608
-            "WHERE ?1 IS NULL OR writer_id = ?1 ORDER BY writer_id, seq",
-            (writer_id,),
-        )
-        return [Checkpoint(*row) for row in rows]
-
-    def query(self, query: Query) -> list[Entry]:
-        """The newest `query.limit` entries matching the filters, oldest first."""
-        conditions, values = ["1"], []
-        for name, condition in _FILTERS.items():
-            value = getattr(query, name)
-            if value is not None:
-                conditions.append(condition)
-                values.append(value)
-        sql = (
-            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE "  # noqa: S608 - fixed fragments only
-            + " AND ".join(conditions)
-            + " ORDER BY time DESC, id DESC LIMIT ?"
-        )
-        rows = self._all(sql, (*values, max(0, query.limit)))
-        return [_entry(row) for row in reversed(rows)]
-
-    def tail(self, count: int) -> list[tuple[int, Entry]]:
-        """The last `count` entries with their positions, oldest first."""
-        rows = self._all(
-            f"SELECT {_ENTRY_COLUMNS} FROM entries ORDER BY id DESC LIMIT ?",  # noqa: S608
-            (max(0, count),),
-        )
-        return [(int(row[0]), _entry(row)) for row in reversed(rows)]
-
-    def after(self, position: int, limit: int = _CHUNK) -> list[tuple[int, Entry]]:
-        """Entries appended after `position` (see `tail`), with their positions."""
-        rows = self._all(
-            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id > ? "  # noqa: S608
-            "ORDER BY id LIMIT ?",
-            (position, limit),
-        )
-        return [(int(row[0]), _entry(row)) for row in rows]
 
     def close(self) -> None:
         """Close the connection."""
