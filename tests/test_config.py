@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,39 @@ def test_check_config_cli(tmp_path: Path) -> None:
     assert run.returncode == 1
     assert "listen.port (line 3)" in run.stderr and "colour (line 11)" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        (
+            "auth:\n  agents:\n    - {id: a, tenant: bastion, owner: o, purpose: p}\n",
+            "auth.agents.0.tenant (line 3): tenant 'bastion' is reserved for the gateway itself",
+        ),
+        ("auth: {mode: none, tenant: bastion}\n", "tenant 'bastion' is reserved"),
+    ],
+    ids=["seed agent", "auth none"],
+)
+def test_the_gateways_own_tenant_is_reserved(text: str, needle: str) -> None:
+    # The gateway lists upstreams as tenant 'bastion'; a real tenant of that name would share
+    # its stdio processes and minted identity.
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        config.parse(text)
+
+
+def test_token_exchange_is_refused_under_auth_none() -> None:
+    text = (
+        "auth: {mode: none}\n"
+        "upstreams:\n"
+        "  crm:\n"
+        "    transport: http\n"
+        "    url: http://127.0.0.1:9/mcp\n"
+        "    credentials: {mode: token_exchange, token_endpoint: 'http://127.0.0.1:9/token',"
+        " client_id: bastion}\n"
+    )
+    with pytest.raises(ConfigError, match="upstream 'crm': credentials mode token_exchange needs"):
+        config.parse(text)
+    config.parse(text.replace("mode: none", "mode: oauth"))  # the same upstream is fine there
 
 
 def test_auth_none_refused_off_loopback(tmp_path: Path) -> None:

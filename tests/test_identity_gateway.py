@@ -846,3 +846,40 @@ def test_refused_authentication_is_audited(idgw: GatewayProcess) -> None:
         r.get("detail", {}).get("error") == "expired" and r["decision"] == "deny" for r in refused
     )
     assert cli(idgw, "audit", "verify").returncode == 0
+
+
+async def test_dpop_nonces_are_shared_through_the_state_directory(tmp_path: Path) -> None:
+    # Replicas sharing a state directory, and a gateway after a restart, accept each other's
+    # DPoP nonces: they derive them from one generated key, kept 0600. Another directory has
+    # another key, so its nonces differ.
+    from bastion.config import parse
+    from bastion.control.assembly import NONCE_KEY_FILE, build_gateway
+    from bastion.errors import AuthError
+
+    def settings(state: Path) -> Any:
+        return parse(
+            yaml.safe_dump(
+                {
+                    "listen": {"host": "127.0.0.1", "port": 8080},
+                    "state_dir": str(state),
+                    "auth": {"mode": "oauth", "dpop": {"nonce": True}},
+                    "audit": {"enabled": False},
+                    "admin": {"enabled": False},
+                }
+            )
+        )
+
+    gateways = [
+        await build_gateway(settings(tmp_path / state)) for state in ("one", "one", "other")
+    ]
+    resource = "http://127.0.0.1:8080/mcp"
+    for _ in range(2):  # a nonce window may turn over between two reads: read again
+        window = int(time.time() // 60)
+        nonces = [
+            dict(gw.pipeline.authn.challenge(AuthError("no token"), resource, {}))[b"dpop-nonce"]
+            for gw in gateways
+        ]
+        if window == int(time.time() // 60):
+            break
+    assert nonces[0] == nonces[1] != nonces[2]
+    assert (tmp_path / "one" / NONCE_KEY_FILE).stat().st_mode & 0o777 == 0o600

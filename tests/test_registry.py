@@ -135,6 +135,7 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("id of 64 characters", {"id": "a" * 64}, "id: expected"),
     ("tenant with a capital", {"tenant": "Acme"}, "tenant: expected"),
     ("tenant with a trailing dash", {"tenant": "acme-"}, "tenant: expected"),
+    ("the gateway's own tenant", {"tenant": "bastion"}, "tenant: 'bastion' is reserved"),
     ("empty display name", {"display_name": ""}, "display_name: expected non-empty"),
     ("blank owner", {"owner": "   "}, "owner: expected non-empty"),
     ("control character", {"purpose": "pay\x1b[31m"}, "purpose: control characters"),

@@ -21,6 +21,9 @@ from bastion.errors import ConfigError
 # so the first "__" in an exposed name always ends the prefix.
 NAME_PATTERN = r"^[a-z0-9]+(-[a-z0-9]+)*$"
 TOOL_SEPARATOR = "__"
+# The tenant the gateway itself acts in when it lists upstreams for policy; no agent, seed or
+# `auth: none` caller may be in it, so nothing of a real tenant's is ever shared with it.
+RESERVED_TENANT = "bastion"
 # A secret is named, never written in the file: env:NAME, file:PATH or vault:PATH#KEY.
 SECRET_REFERENCE = r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:.+|vault:[^#]+#.+)$"  # noqa: S105
 
@@ -70,6 +73,12 @@ class Dpop(_Frozen):
     max_age_seconds: float = Field(60.0, gt=0, le=600)
 
 
+def _not_reserved(value: str) -> str:
+    if value == RESERVED_TENANT:
+        raise ValueError(f"tenant {RESERVED_TENANT!r} is reserved for the gateway itself")
+    return value
+
+
 class SeedAgent(_Frozen):
     """An agent registered at start when absent (the quickstart's demo agents)."""
 
@@ -81,6 +90,8 @@ class SeedAgent(_Frozen):
     scopes: tuple[str, ...] = ()
     require_dpop: bool = False
     roles: tuple[str, ...] = ()
+
+    _tenant = field_validator("tenant")(_not_reserved)
 
 
 class Auth(_Frozen):
@@ -103,6 +114,8 @@ class Auth(_Frozen):
     agents: tuple[SeedAgent, ...] = ()
     tenant: str = Field("default", pattern=NAME_PATTERN)  # mode none only
     agent: str = "anonymous"  # mode none only
+
+    _tenant = field_validator("tenant")(_not_reserved)
 
 
 class Credential(_Frozen):
@@ -534,6 +547,13 @@ class Settings(_Frozen):
         ids = [g.id for g in self.policy.grants]
         if len(set(ids)) != len(ids):
             problems.append("grant ids must be unique")
+        if self.auth.mode == "none":
+            problems += [
+                f"upstream {name!r}: credentials mode token_exchange needs auth mode oauth "
+                "(under auth: none there is no principal to exchange for)"
+                for name, upstream in self.upstreams.items()
+                if upstream.credentials.mode == "token_exchange"
+            ]
         if problems:
             raise ValueError("; ".join(problems))
         return self

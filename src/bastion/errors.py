@@ -211,6 +211,14 @@ class UpstreamUnavailable(UpstreamError):
     code = "upstream.unavailable"
 
 
+class Overloaded(BastionError):
+    """A bounded resource is full; refusing is safer than forgetting (503, retry later)."""
+
+    code = "server.busy"
+    http_status = 503
+    rpc_code = -32603
+
+
 class ConfigError(BastionError):
     """The configuration is invalid; carries every problem found, each with path and line."""
 

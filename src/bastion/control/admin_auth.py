@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
-import secrets
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from bastion.config import Settings
-from bastion.control.secrets import resolve
+from bastion.control.secrets import resolve, stored_secret
 from bastion.errors import ConfigError
 from bastion.transport.front import ASGIApp, Receive, Scope, Send
 
@@ -48,29 +46,7 @@ async def admin_token(settings: Settings) -> str:
 
 
 def _stored_token(path: Path) -> str:
-    """Read the generated token, or make one: written aside, then linked into place, so two
-    processes starting together never see a half-written file or overwrite each other."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if not path.exists():
-            spare = path.with_name(f".{TOKEN_FILE}.{os.getpid()}")
-            fd = os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as out:
-                out.write(secrets.token_urlsafe(32) + "\n")
-            try:
-                os.link(spare, path)
-            except FileExistsError:
-                pass  # another process made it first; use theirs
-            finally:
-                spare.unlink()
-            log.info("generated the admin API token into %s", path)
-        if path.stat().st_mode & 0o077:
-            log.warning("%s is readable by other users; chmod 600 it", path)
-        token = path.read_text().strip()
-    except OSError as exc:
-        raise ConfigError(
-            [f"admin token {path}: cannot read or write it ({exc.strerror})"]
-        ) from exc
+    token = stored_secret(path, "admin token")
     if len(token) < MIN_TOKEN_LENGTH:
         problem = (
             f"admin token {path}: expected at least {MIN_TOKEN_LENGTH} characters; "

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Protocol
 
+from bastion.config import RESERVED_TENANT
 from bastion.errors import BastionError, TokenError
 from bastion.identity import keys
 
@@ -147,6 +148,8 @@ def validate_agent(agent: Agent) -> None:
         raise RegistryInvalid(f"id: expected {ID_PATTERN.pattern}, found {agent.id!r}")
     if not isinstance(agent.tenant, str) or not TENANT_PATTERN.fullmatch(agent.tenant):
         raise RegistryInvalid(f"tenant: expected {TENANT_PATTERN.pattern}, found {agent.tenant!r}")
+    if agent.tenant == RESERVED_TENANT:
+        raise RegistryInvalid(f"tenant: {RESERVED_TENANT!r} is reserved for the gateway itself")
     check_text("display_name", agent.display_name, 200)
     check_text("owner", agent.owner, 200)
     check_text("purpose", agent.purpose, 2000)

@@ -22,7 +22,7 @@ from bastion.control.agents import Agent, AgentStatus, RegistryNotFound
 from bastion.control.endpoints import oauth_endpoints
 from bastion.control.forward import open_forwarders
 from bastion.control.registry import RegistryView, SqliteRegistry
-from bastion.control.secrets import upstream_secrets
+from bastion.control.secrets import stored_secret, upstream_secrets
 from bastion.control.token_service import TokenService
 from bastion.errors import ConfigError
 from bastion.identity.keys import KeySet, SigningKey, generate
@@ -30,6 +30,10 @@ from bastion.state.keystore import FileKeyStore
 from bastion.upstream.issuers import IssuerDirectory
 
 log = logging.getLogger("bastion.alerts")
+
+# DPoP nonces (auth.dpop.nonce) are derived from this state-directory secret, so a restarted
+# gateway and replicas sharing the directory accept each other's nonces.
+NONCE_KEY_FILE = "dpop-nonce-key"
 
 
 @dataclass
@@ -140,6 +144,9 @@ async def build_gateway(settings: Settings) -> Gateway:
             audit=audit,
             suspend=_suspender(identity.registry),
         )
+        if settings.auth.dpop.nonce:
+            shared = stored_secret(identity.state_dir / NONCE_KEY_FILE, "DPoP nonce key")
+            gateway.pipeline.authn.share_nonce_key(shared.encode())
     if audit is not None:
         gateway.services += await open_forwarders(settings, audit, gateway.metrics)
     if token is not None:

@@ -1,14 +1,20 @@
 """Secret references: `env:NAME`, `file:PATH`, `vault:PATH#KEY`, resolved when the gateway
 starts. A literal secret never appears in the configuration (the schema refuses one).
 
-`vault:` reads HashiCorp Vault's HTTP API at `VAULT_ADDR` with the token in `VAULT_TOKEN`
-(KV version 2 first, `data.data[KEY]`; then version 1, `data[KEY]`).
+`vault:` reads HashiCorp Vault's HTTP API (or OpenBao's, which the tests run) at `VAULT_ADDR`
+with the token in `VAULT_TOKEN`, trusting the PEM CA file in `VAULT_CACERT` when it is set and
+sending `VAULT_NAMESPACE` as `X-Vault-Namespace`. PATH is the API path, as in Vault Agent
+templates: `secret/data/NAME` for KV version 2 (`data.data[KEY]`), `MOUNT/NAME` for version 1
+(`data[KEY]`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import secrets
+import ssl
 from pathlib import Path
 
 import orjson
@@ -16,6 +22,8 @@ import orjson
 from bastion.config import Settings
 from bastion.errors import ConfigError
 from bastion.upstream.wire import Pool, WireError
+
+log = logging.getLogger("bastion.secrets")
 
 
 async def resolve(reference: str, where: str, base: Path | None = None) -> str:
@@ -43,29 +51,65 @@ async def _vault(reference: str, where: str) -> str:
     token = os.environ.get("VAULT_TOKEN")
     if not addr or not token:
         raise ConfigError([f"{where}: vault: needs VAULT_ADDR and VAULT_TOKEN in the environment"])
+    headers = {"X-Vault-Token": token, "Accept": "application/json"}
+    if namespace := os.environ.get("VAULT_NAMESPACE"):
+        headers["X-Vault-Namespace"] = namespace
+    for name, value in (("VAULT_TOKEN", token), ("VAULT_NAMESPACE", namespace or "")):
+        if not value.isprintable():
+            raise ConfigError([f"{where}: {name} holds a control character (a line break?)"])
     url = f"{addr.rstrip('/')}/v1/{path.lstrip('/')}"
-    pool = Pool(url, 1, 5.0, 5.0)
+    pool = Pool(url, 1, 5.0, 5.0, _trust(where))
     try:
         async with asyncio.timeout(10):
-            response = await pool.request(
-                "GET", {"X-Vault-Token": token, "Accept": "application/json"}
-            )
+            response = await pool.request("GET", headers)
             async with response:
                 body = await response.read()
     except (TimeoutError, OSError, WireError) as exc:
-        raise ConfigError([f"{where}: Vault at {addr} cannot be reached: {exc}"]) from exc
+        untrusted = isinstance(exc, ssl.SSLCertVerificationError)
+        hint = " (VAULT_CACERT names the CA to trust)" if untrusted else ""
+        problem = f"{str(exc) or 'timed out'}{hint}"
+        raise ConfigError([f"{where}: Vault at {addr} cannot be reached: {problem}"]) from exc
     finally:
         pool.close()
     if response.status != 200:
-        raise ConfigError([f"{where}: Vault answered HTTP {response.status} for {path}"])
+        hint = _hint(response.status, path)
+        raise ConfigError([f"{where}: Vault answered HTTP {response.status} for {path}{hint}"])
+    return _value(body, path, key, where)
+
+
+def _hint(status: int, path: str) -> str:
+    """Why Vault most often answers `status` for `path`, for the error message."""
+    if status == 403:
+        return " (the token in VAULT_TOKEN is invalid or may not read it)"
+    if status == 404 and "/data/" not in path:  # KV version 2's API path has it
+        return " (a KV version 2 secret is read at MOUNT/data/NAME)"
+    return ""
+
+
+def _trust(where: str) -> ssl.SSLContext | None:
+    """The CAs VAULT_CACERT names, or None for the system's trust store."""
+    cafile = os.environ.get("VAULT_CACERT")
+    if not cafile:
+        return None
+    try:
+        return ssl.create_default_context(cafile=cafile)
+    except OSError as exc:  # ssl.SSLError included: not PEM
+        raise ConfigError([f"{where}: VAULT_CACERT {cafile} is not a PEM CA file: {exc}"]) from exc
+
+
+def _value(body: bytes, path: str, key: str, where: str) -> str:
+    """KEY of the secret in a Vault read answer: KV version 2 (`data.data`), else version 1."""
     try:
         data = orjson.loads(body).get("data") or {}
     except (orjson.JSONDecodeError, AttributeError) as exc:
         raise ConfigError([f"{where}: Vault did not answer JSON for {path}"]) from exc
     values = data.get("data") if isinstance(data.get("data"), dict) else data
-    value = values.get(key) if isinstance(values, dict) else None
+    if not isinstance(values, dict) or key not in values:
+        raise ConfigError([f"{where}: Vault secret {path} has no key {key!r}"])
+    value = values[key]
     if not isinstance(value, str):
-        raise ConfigError([f"{where}: Vault secret {path} has no string key {key!r}"])
+        kind = type(value).__name__
+        raise ConfigError([f"{where}: Vault secret {path} key {key!r} is {kind}, not a string"])
     return value
 
 
@@ -81,3 +125,28 @@ async def upstream_secrets(settings: Settings) -> dict[str, str]:
             where = f"upstreams.{name}.credentials.client_secret"
             found[f"{name}#client_secret"] = await resolve(credential.client_secret, where)
     return found
+
+
+def stored_secret(path: Path, what: str) -> str:
+    """A random secret kept in the state directory: read it, or make it (mode 0600) on first
+    use. It is written aside and then linked into place, so processes starting together
+    never see a half-written file and all end up with the same secret."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not path.exists():
+            spare = path.with_name(f".{path.name}.{os.getpid()}")
+            fd = os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(32) + "\n")
+            try:
+                os.link(spare, path)
+            except FileExistsError:
+                pass  # another process made it first; use theirs
+            finally:
+                spare.unlink()
+            log.info("generated the %s into %s", what, path)
+        if path.stat().st_mode & 0o077:
+            log.warning("%s is readable by other users; chmod 600 it", path)
+        return path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError([f"{what} {path}: cannot read or write it ({exc.strerror})"]) from exc

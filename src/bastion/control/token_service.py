@@ -22,7 +22,7 @@ from typing import Any
 from bastion.config import Settings, TrustedIssuer
 from bastion.control.agents import Agent
 from bastion.control.registry import RegistryView
-from bastion.errors import BastionError, TokenError
+from bastion.errors import BastionError, Overloaded, TokenError
 from bastion.identity import dpop
 from bastion.identity.jwt import Expect, mint, unverified_claims, verify
 from bastion.identity.keys import KeySet
@@ -179,7 +179,7 @@ class TokenService:
         if exp - issued > limit:
             raise TokenError("expired", f"assertions may live at most {limit} s")
         jti = claims.get("jti")
-        if jti is not None and not self.replay.first_use(f"{who}:{jti}", exp + 60, now):
+        if jti is not None and not self._first_use(f"{who}:{jti}", exp + 60, now):
             raise TokenError("replayed", "this assertion was already used")
 
     def _usable(self, agent: Agent, now: float) -> Agent:
@@ -356,6 +356,13 @@ class TokenService:
             )
         except TokenError as exc:
             raise OAuthError("invalid_dpop_proof", f"DPoP proof refused: {exc.message}") from exc
-        if not self.replay.first_use(f"dpop:{checked.jkt}:{checked.jti}", now + 600, now):
+        until = checked.iat + self.settings.auth.dpop.max_age_seconds + dpop.LEEWAY
+        if not self._first_use(f"dpop:{checked.jkt}:{checked.jti}", until, now):
             raise OAuthError("invalid_dpop_proof", "this DPoP proof was already used")
         return checked.jkt
+
+    def _first_use(self, key: str, until: float, now: float) -> bool:
+        try:
+            return self.replay.first_use(key, until, now)
+        except Overloaded as exc:  # full of live ids: refuse rather than forget one
+            raise OAuthError("temporarily_unavailable", exc.message, 503) from exc

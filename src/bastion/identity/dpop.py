@@ -31,6 +31,7 @@ from bastion.identity.keys import (
 
 DPOP_TYP = "dpop+jwt"
 MAX_JTI_CHARS = 256
+LEEWAY = 5.0  # seconds of clock skew allowed around a proof's iat
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
@@ -158,15 +159,16 @@ def verify_proof(
     access_token: str | None = None,
     nonce: str | None = None,
     max_age: float = 60.0,
-    leeway: float = 5.0,
+    leeway: float = LEEWAY,
 ) -> Proof:
     """Check a DPoP proof against the request it came with (RFC 9449 §4.3) at time `now`.
 
     Checks typ, alg, the embedded public jwk, the signature by that jwk, htm, htu, iat, jti,
     and, when given, ath against `access_token` and the nonce against `nonce`. Replay is NOT
-    checked here: the caller must keep (jkt, jti) for at least `max_age + 2 * leeway` seconds
-    and refuse a proof whose jti it has seen with `TokenError("replayed", ...)`. Binding to the
-    access token's `cnf.jkt` is also the caller's, using the returned `Proof.jkt`.
+    checked here: the caller must keep (jkt, jti) until `iat + max_age + leeway`, when the
+    iat check starts refusing the proof anyway, and refuse a proof whose jti it has seen with
+    `TokenError("replayed", ...)`. Binding to the access token's `cnf.jkt` is also the
+    caller's, using the returned `Proof.jkt`.
     """
     head, body, signature = split(proof)
     alg, public, jkt = _proof_key(head)

@@ -19,7 +19,7 @@ import time
 from typing import Any, Protocol
 
 from bastion.config import Auth, TrustedIssuer
-from bastion.errors import AuthError, InsufficientScope, TokenError
+from bastion.errors import AuthError, InsufficientScope, Overloaded, TokenError
 from bastion.identity import dpop
 from bastion.identity.jwt import Expect, unverified_claims, verify
 from bastion.identity.keys import KeySet
@@ -75,6 +75,7 @@ class Authenticator:
         agents: AgentDirectory | None,
         keys: SigningKeys | None,
         issuers: IssuerDirectory | None = None,
+        replay: ReplayCache | None = None,
     ) -> None:
         self._auth = auth
         self._issuer = issuer
@@ -83,9 +84,14 @@ class Authenticator:
         self._issuers = issuers or IssuerDirectory()
         self._external = {t.issuer: t for t in auth.trusted_issuers if t.agent_claim}
         self._verified: TtlCache[tuple[dict[str, Any], Principal]] = TtlCache(10_000)
-        self._replay = ReplayCache()
+        self._replay = replay if replay is not None else ReplayCache()  # DPoP proofs' jtis
         self._nonce_key = secrets.token_bytes(32)
         self._anonymous = Principal(tenant=auth.tenant, agent=auth.agent)
+
+    def share_nonce_key(self, key: bytes) -> None:
+        """Derive DPoP nonces from `key` instead of this process's random one, so every
+        process holding it (replicas, a restarted gateway) accepts the others' nonces."""
+        self._nonce_key = key
 
     @property
     def enabled(self) -> bool:
@@ -106,6 +112,10 @@ class Authenticator:
         except AuthError as exc:
             exchange.denial = exc
             exchange.response_headers.extend(self.challenge(exc, resource, headers))
+            return
+        except Overloaded as exc:  # the DPoP replay cache is full of live proofs
+            exchange.denial = exc
+            exchange.response_headers.append((b"retry-after", b"1"))
             return
         exchange.principal = principal
 
@@ -229,9 +239,8 @@ class Authenticator:
             raise TokenError(
                 "wrong_key", "the DPoP proof is signed by another key than the token's"
             )
-        if not self._replay.first_use(
-            f"{proof.jkt}:{proof.jti}", now + 2 * self._auth.dpop.max_age_seconds, now
-        ):
+        until = proof.iat + self._auth.dpop.max_age_seconds + dpop.LEEWAY
+        if not self._replay.first_use(f"{proof.jkt}:{proof.jti}", until, now):
             raise TokenError("replayed", "this DPoP proof was already used")
 
     def _nonce(self, now: float) -> str:

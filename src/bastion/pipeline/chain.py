@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import cast
 
 from bastion.audit import AuditWriter
-from bastion.config import Settings
+from bastion.config import RESERVED_TENANT, Settings
 from bastion.errors import BastionError, InvalidParams, SessionNotFound
 from bastion.observe.tracing import stage
 from bastion.pipeline.authn import AgentDirectory, Authenticator, SigningKeys
@@ -28,7 +28,7 @@ from bastion.upstream.pool import Upstreams
 log = logging.getLogger("bastion.pipeline")
 
 # Who the gateway is when it lists upstreams for policy.
-CATALOG_PRINCIPAL = Principal(tenant="bastion", agent="bastion-catalog")
+CATALOG_PRINCIPAL = Principal(tenant=RESERVED_TENANT, agent="bastion-catalog")
 # Forwarded methods whose upstream is found by URI: a URI the route has not seen yet is looked
 # up before the decision, so nothing reaches an upstream undecided.
 _BY_URI = ("resources/read", "resources/subscribe", "resources/unsubscribe", "completion/complete")

@@ -8,7 +8,10 @@ upstream's headers are built here from the principal and the upstream's `credent
 - `token_exchange`: RFC 8693 at the upstream's authorization server, with a JWT Bastion signs
   as the subject token, cached per principal and audience;
 - `secret`: a header value read from a secret reference when the gateway starts;
-- `none`: nothing (under `auth: none` the tenant goes in `X-Bastion-Tenant`, loopback only).
+- `none`: nothing.
+
+Under `auth: none` (loopback only) every call also carries the tenant in `X-Bastion-Tenant`;
+`mint` then sends nothing else (there are no keys to sign with), `secret` still sends its header.
 """
 
 from __future__ import annotations
@@ -71,18 +74,25 @@ class Credentials:
         (for token exchange, of the subject token it signed); None when it minted nothing."""
         if principal is None:
             return {}, None
-        if self._settings.auth.mode == "none":
-            return {TENANT_HEADER: principal.tenant}, None
         credential, audience = self._plans[upstream]
+        if self._settings.auth.mode == "none":
+            # No keys to sign with; a configured secret still goes (token_exchange is refused
+            # at load under auth: none).
+            headers = {TENANT_HEADER: principal.tenant}
+            if credential.mode == "secret":
+                headers.update(self._secret(upstream, credential))
+            return headers, None
         if credential.mode == "mint":
             return self._minted(principal, upstream, scope, credential, audience)
         if credential.mode == "token_exchange":
             return await self._exchanged(principal, upstream, credential, audience)
         if credential.mode == "secret":
-            value = self._secrets[upstream]
-            prefix = f"{credential.scheme} " if credential.scheme else ""
-            return {credential.header: prefix + value}, None
+            return self._secret(upstream, credential), None
         return {}, None
+
+    def _secret(self, upstream: str, credential: Credential) -> dict[str, str]:
+        prefix = f"{credential.scheme} " if credential.scheme else ""
+        return {credential.header: prefix + self._secrets[upstream]}
 
     async def _exchanged(
         self, principal: Principal, upstream: str, credential: Credential, audience: str

@@ -7,39 +7,51 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from bastion.errors import Overloaded
+
 V = TypeVar("V")
 
 
 class ReplayCache:
-    """Remembers ids (assertion and DPoP `jti`s) until they expire; refuses a second use.
+    """Remembers ids (assertion and DPoP `jti`s, approval states) until they expire, and
+    refuses a second use.
 
-    Bounded: when full, the entries closest to expiry go first, and an id is never kept past
-    the moment its token would be refused anyway.
+    Bounded, and failing closed: an id is dropped only once it has expired (after that its
+    token or proof is refused anyway). When the cache is full of live ids, `first_use` raises
+    `Overloaded` instead of forgetting one, because a forgotten id could be replayed. Ids are
+    kept as their 64-bit string hash (keyed per process): about 165 bytes an entry, 165 MB at
+    the default bound of a million. A collision (odds about 3e-8 when full) refuses a fresh
+    id as a replay, never the reverse.
     """
 
-    def __init__(self, max_entries: int = 100_000) -> None:
-        self._seen: OrderedDict[str, float] = OrderedDict()
+    def __init__(self, max_entries: int = 1_000_000) -> None:
+        self._seen: OrderedDict[int, float] = OrderedDict()
         self._max = max_entries
 
     def first_use(self, key: str, expires_at: float, now: float | None = None) -> bool:
-        """True the first time `key` is presented; False for a replay."""
+        """True the first time `key` is presented; False for a replay. Raises `Overloaded`
+        when the cache is full of ids that have not expired."""
         now = time.time() if now is None else now
         self._evict(now)
-        if key in self._seen:
+        digest = hash(key)
+        if digest in self._seen:
             return False
-        self._seen[key] = expires_at
-        if len(self._seen) > self._max:
-            self._seen.popitem(last=False)
+        if len(self._seen) >= self._max:
+            raise Overloaded(
+                f"the replay cache holds {self._max} unexpired ids; retry in a few seconds"
+            )
+        self._seen[digest] = expires_at
         return True
 
     def _evict(self, now: float) -> None:
         # Entries are appended in arrival order and lifetimes are short and similar, so
-        # expired ones collect at the front.
+        # expired ones collect at the front; one with a longer life there only delays the
+        # eviction of those behind it.
         while self._seen:
-            key, expires = next(iter(self._seen.items()))
+            digest, expires = next(iter(self._seen.items()))
             if expires > now:
                 break
-            del self._seen[key]
+            del self._seen[digest]
 
     def __len__(self) -> int:
         return len(self._seen)

@@ -1,0 +1,135 @@
+"""Replay caches fail closed: a live id is never forgotten to make room.
+
+Before, a full cache (100,000 ids) dropped its oldest entry, live or not, so under load (or
+a flood of the attacker's own proofs) a captured DPoP proof or client assertion could be
+replayed within its lifetime. Now a full cache refuses new ids with 503 and keeps every
+live one until the moment its token or proof would be refused anyway.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bastion.config import parse
+from bastion.control.assembly import Identity, open_identity
+from bastion.control.token_service import JWT_BEARER, OAuthError
+from bastion.errors import Overloaded, TokenError
+from bastion.identity.dpop import make_proof
+from bastion.identity.jwt import mint
+from bastion.identity.keys import generate
+from bastion.pipeline.authn import Authenticator
+from bastion.pipeline.exchange import Exchange
+from bastion.state.memory import ReplayCache
+
+RESOURCE = "http://127.0.0.1:8080/servers/echo/mcp"
+AGENT = {"id": "bot", "tenant": "acme", "owner": "tests", "purpose": "replays"}
+
+
+def test_a_live_id_outlives_a_full_cache() -> None:
+    cache = ReplayCache(max_entries=3)
+    for key in ("a", "b", "c"):
+        assert cache.first_use(key, expires_at=200.0, now=100.0)
+    with pytest.raises(Overloaded, match="3 unexpired ids"):
+        cache.first_use("d", expires_at=200.0, now=100.0)
+    assert not cache.first_use("a", expires_at=200.0, now=150.0)  # still known when full
+    assert cache.first_use("d", expires_at=300.0, now=200.0)  # a, b and c have expired
+    assert len(cache) == 1
+
+
+def test_more_ids_than_the_old_bound_are_all_remembered() -> None:
+    cache = ReplayCache()
+    first = "jkt:" + uuid.uuid4().hex
+    assert cache.first_use(first, expires_at=1e10, now=0.0)
+    for n in range(150_000):  # the old cache forgot `first` after 100,000
+        cache.first_use(f"jkt:{n}", expires_at=1e10, now=0.0)
+    assert not cache.first_use(first, expires_at=1e10, now=0.0)
+
+
+@pytest.fixture
+def identity(tmp_path: Path) -> Identity:
+    config = {
+        "listen": {"host": "127.0.0.1", "port": 8080},
+        "state_dir": str(tmp_path / "state"),
+        "auth": {"mode": "oauth", "agents": [AGENT]},
+        "upstreams": {"echo": {"transport": "http", "url": "http://127.0.0.1:9/mcp"}},
+    }
+    return open_identity(parse(yaml.safe_dump(config)))
+
+
+def _form(identity: Identity) -> dict[str, str]:
+    now = int(time.time())
+    claims = {
+        "iss": AGENT["id"],
+        "sub": AGENT["id"],
+        "aud": identity.service.issuer,
+        "iat": now,
+        "exp": now + 60,
+        "jti": uuid.uuid4().hex,
+    }
+    return {
+        "grant_type": "client_credentials",
+        "client_assertion_type": JWT_BEARER,
+        "client_assertion": mint(identity.agent_key(AGENT["id"]), claims, typ="JWT"),
+        "resource": RESOURCE,
+    }
+
+
+async def test_the_token_endpoint_refuses_with_503_when_its_cache_is_full(
+    identity: Identity,
+) -> None:
+    identity.service.replay = ReplayCache(max_entries=1)
+    used = _form(identity)
+    assert "access_token" in await identity.service.token(used, None)
+    with pytest.raises(OAuthError) as busy:
+        await identity.service.token(_form(identity), None)
+    assert (busy.value.status, busy.value.error) == (503, "temporarily_unavailable")
+    with pytest.raises(OAuthError, match="already used"):  # the used one is still known
+        await identity.service.token(used, None)
+
+
+async def test_the_resource_server_refuses_with_503_when_its_cache_is_full(
+    identity: Identity,
+) -> None:
+    holder = generate("ES256")
+    url = RESOURCE
+    token_url = identity.service.token_endpoint
+    answer = await identity.service.token(
+        _form(identity), make_proof(holder, "POST", token_url, time.time())
+    )
+    token = answer["access_token"]
+    settings = identity.service.settings
+    authn = Authenticator(
+        settings.auth,
+        identity.service.issuer,
+        identity.view,
+        identity.keys,
+        replay=ReplayCache(max_entries=1),
+    )
+
+    async def call(proof: str) -> Exchange:
+        exchange = Exchange(
+            message={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+            era="modern",
+            protocol_version="2026-07-28",
+            route="/mcp",
+            client="127.0.0.1:1",
+        )
+        headers = {"authorization": f"DPoP {token}", "dpop": proof}
+        await authn.authenticate(exchange, headers, "POST", url, url)
+        return exchange
+
+    def proof() -> str:
+        return make_proof(holder, "POST", url, time.time(), access_token=token)
+
+    first = proof()
+    assert (await call(first)).principal is not None
+    busy = await call(proof())
+    assert isinstance(busy.denial, Overloaded) and busy.denial.http_status == 503
+    assert (b"retry-after", b"1") in busy.response_headers
+    replayed = await call(first)
+    assert isinstance(replayed.denial, TokenError) and replayed.denial.reason == "replayed"
