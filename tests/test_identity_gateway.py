@@ -881,5 +881,7 @@ async def test_dpop_nonces_are_shared_through_the_state_directory(tmp_path: Path
         ]
         if window == int(time.time() // 60):
             break
+    for gw in gateways:
+        await gw.stop()
     assert nonces[0] == nonces[1] != nonces[2]
     assert (tmp_path / "one" / NONCE_KEY_FILE).stat().st_mode & 0o777 == 0o600

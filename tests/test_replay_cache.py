@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import yaml
@@ -21,7 +22,7 @@ from bastion.control.token_service import JWT_BEARER, OAuthError
 from bastion.errors import Overloaded, TokenError
 from bastion.identity.dpop import make_proof
 from bastion.identity.jwt import mint
-from bastion.identity.keys import generate
+from bastion.identity.keys import SigningKey, generate
 from bastion.pipeline.authn import Authenticator
 from bastion.pipeline.exchange import Exchange
 from bastion.state.memory import ReplayCache
@@ -37,7 +38,9 @@ def test_a_live_id_outlives_a_full_cache() -> None:
     with pytest.raises(Overloaded, match="3 unexpired ids"):
         cache.first_use("d", expires_at=200.0, now=100.0)
     assert not cache.first_use("a", expires_at=200.0, now=150.0)  # still known when full
-    assert cache.first_use("d", expires_at=300.0, now=200.0)  # a, b and c have expired
+    with pytest.raises(Overloaded):  # at their expiry instant they still count
+        cache.first_use("d", expires_at=300.0, now=200.0)
+    assert cache.first_use("d", expires_at=300.0, now=200.5)  # a, b and c have expired
     assert len(cache) == 1
 
 
@@ -133,3 +136,63 @@ async def test_the_resource_server_refuses_with_503_when_its_cache_is_full(
     assert (b"retry-after", b"1") in busy.response_headers
     replayed = await call(first)
     assert isinstance(replayed.denial, TokenError) and replayed.denial.reason == "replayed"
+
+
+def _authenticator(identity: Identity, started: float | None = None) -> Authenticator:
+    settings = identity.service.settings
+    with mock.patch("bastion.pipeline.authn.time.time", return_value=started or time.time()):
+        return Authenticator(settings.auth, identity.service.issuer, identity.view, identity.keys)
+
+
+async def _dpop_token(identity: Identity, holder: SigningKey) -> str:
+    token_url = identity.service.token_endpoint
+    proof = make_proof(holder, "POST", token_url, time.time())
+    answer = await identity.service.token(_form(identity), proof)
+    return str(answer["access_token"])
+
+
+async def _authenticate(authn: Authenticator, token: str, proof: str) -> Exchange:
+    exchange = Exchange(
+        message={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+        era="modern",
+        protocol_version="2026-07-28",
+        route="echo",
+        client="127.0.0.1:1",
+    )
+    headers = {"authorization": f"DPoP {token}", "dpop": proof}
+    await authn.authenticate(exchange, headers, "POST", RESOURCE, RESOURCE)
+    return exchange
+
+
+async def test_a_proof_is_remembered_for_as_long_as_it_is_accepted(identity: Identity) -> None:
+    # max_age 60 s + 5 s leeway: a proof made 62 s ago is still accepted for ~3 s, so it must
+    # still be remembered; kept only until iat + max_age (without the leeway) it would be
+    # forgotten already and this replay would pass.
+    holder = generate("ES256")
+    token = await _dpop_token(identity, holder)
+    authn = _authenticator(identity, started=time.time() - 600)
+    old = make_proof(holder, "POST", RESOURCE, time.time() - 62, access_token=token)
+    assert (await _authenticate(authn, token, old)).principal is not None
+    replayed = await _authenticate(authn, token, old)
+    assert isinstance(replayed.denial, TokenError) and replayed.denial.reason == "replayed"
+
+
+async def test_what_was_made_before_the_process_started_is_refused(identity: Identity) -> None:
+    # The replay caches start empty at a restart, so a proof or an assertion made before it
+    # (beyond the 5 s skew leeway) could have been used already: refused, not remembered.
+    holder = generate("ES256")
+    token = await _dpop_token(identity, holder)
+    authn = _authenticator(identity)
+    before = make_proof(holder, "POST", RESOURCE, time.time() - 20, access_token=token)
+    refused = await _authenticate(authn, token, before)
+    assert isinstance(refused.denial, TokenError) and refused.denial.reason == "iat"
+    assert "before this gateway started" in refused.denial.message
+    fresh = make_proof(holder, "POST", RESOURCE, time.time(), access_token=token)
+    assert (await _authenticate(authn, token, fresh)).principal is not None
+    identity.service.started = time.time() + 20  # as if it had started just now, 20 s later
+    with pytest.raises(OAuthError, match="before this server started"):
+        await identity.service.token(_form(identity), None)
+    identity.service.started = time.time()
+    stale = make_proof(holder, "POST", identity.service.token_endpoint, time.time() - 10)
+    with pytest.raises(OAuthError, match="DPoP proof refused: it was made before"):
+        await identity.service.token(_form(identity), stale)

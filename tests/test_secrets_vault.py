@@ -281,7 +281,7 @@ async def test_a_line_break_in_a_vault_variable_is_refused(
     point_at(monkeypatch, vault)
     monkeypatch.setenv(name, "team1\r\nX-Injected: 1")
     message = await refusal("vault:secret/data/bastion#token")
-    assert message == f"{WHERE}: {name} holds a control character (a line break?)"
+    assert message == f"{WHERE}: {name} holds a control or non-ASCII character (a line break?)"
 
 
 # -- TLS --------------------------------------------------------------------------------------

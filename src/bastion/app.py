@@ -68,11 +68,14 @@ class Gateway:
         endpoints: Mapping[str, ASGIApp] | None = None,
         audit: AuditWriter | None = None,
         suspend: Callable[[str, str], Awaitable[None]] | None = None,
+        nonce_key: bytes | None = None,
     ) -> None:
         self.settings = settings
         self.audit = audit
         self.upstreams = Upstreams(settings)
-        self.pipeline = Pipeline(settings, self.upstreams, agents, keys, secrets, audit)
+        self.pipeline = Pipeline(
+            settings, self.upstreams, agents, keys, secrets, audit, nonce_key=nonce_key
+        )
         self.routes = routes_for(settings)
         self.metrics = Metrics()
         self.tracing = Tracing(settings.telemetry.traces)  # this gateway's own tracer provider

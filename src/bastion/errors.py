@@ -23,6 +23,7 @@ BastionError                     code               HTTP  JSON-RPC
 ├── UpstreamError                upstream.*         200   -32603
 │   ├── UpstreamTimeout          upstream.timeout
 │   └── UpstreamUnavailable      upstream.unavailable
+├── Overloaded                   server.busy        503   -32603
 └── ConfigError                  config.*           (never on the wire)
 ```
 

@@ -36,23 +36,12 @@ async def admin_token(settings: Settings) -> str:
     """The admin token: `admin.token` resolved, else the state directory's (made if absent)."""
     reference = settings.admin.token
     if reference is None:
-        return _stored_token(token_path(settings))
+        return stored_secret(token_path(settings), "admin token", MIN_TOKEN_LENGTH)
     token = (await resolve(reference, "admin.token")).strip()
     if len(token) < MIN_TOKEN_LENGTH:
         raise ConfigError(
             [f"admin.token: expected at least {MIN_TOKEN_LENGTH} characters, found {len(token)}"]
         )
-    return token
-
-
-def _stored_token(path: Path) -> str:
-    token = stored_secret(path, "admin token")
-    if len(token) < MIN_TOKEN_LENGTH:
-        problem = (
-            f"admin token {path}: expected at least {MIN_TOKEN_LENGTH} characters; "
-            "delete the file to have a new one generated"
-        )
-        raise ConfigError([problem])
     return token
 
 

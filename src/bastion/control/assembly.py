@@ -135,6 +135,10 @@ async def build_gateway(settings: Settings) -> Gateway:
     else:
         identity = open_identity(settings)
         registry = identity.registry.path
+        nonce_key = None
+        if settings.auth.dpop.nonce:
+            path = identity.state_dir / NONCE_KEY_FILE
+            nonce_key = stored_secret(path, "DPoP nonce key").encode()
         gateway = Gateway(
             settings,
             agents=identity.view,
@@ -143,10 +147,8 @@ async def build_gateway(settings: Settings) -> Gateway:
             endpoints=oauth_endpoints(identity.service),
             audit=audit,
             suspend=_suspender(identity.registry),
+            nonce_key=nonce_key,
         )
-        if settings.auth.dpop.nonce:
-            shared = stored_secret(identity.state_dir / NONCE_KEY_FILE, "DPoP nonce key")
-            gateway.pipeline.authn.share_nonce_key(shared.encode())
     if audit is not None:
         gateway.services += await open_forwarders(settings, audit, gateway.metrics)
     if token is not None:

@@ -51,11 +51,10 @@ def oauth_endpoints(service: TokenService) -> dict[str, ASGIApp]:
             body = await service.token(form, headers.get("dpop"))
         except OAuthError as exc:
             log.info("token request refused: %s (%s)", exc.error, exc.message)
-            extra = (
-                [(b"www-authenticate", b'Bearer error="invalid_client"')]
-                if exc.status == 401
-                else []
-            )
+            extra = {
+                401: [(b"www-authenticate", b'Bearer error="invalid_client"')],
+                503: [(b"retry-after", b"1")],
+            }.get(exc.status, [])
             await _answer(send, exc.status, exc.body(), _NO_STORE + extra)
             return
         await _answer(send, 200, body, _NO_STORE)

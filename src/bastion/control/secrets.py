@@ -55,8 +55,10 @@ async def _vault(reference: str, where: str) -> str:
     if namespace := os.environ.get("VAULT_NAMESPACE"):
         headers["X-Vault-Namespace"] = namespace
     for name, value in (("VAULT_TOKEN", token), ("VAULT_NAMESPACE", namespace or "")):
-        if not value.isprintable():
-            raise ConfigError([f"{where}: {name} holds a control character (a line break?)"])
+        if not (value.isascii() and value.isprintable()):
+            raise ConfigError(
+                [f"{where}: {name} holds a control or non-ASCII character (a line break?)"]
+            )
     url = f"{addr.rstrip('/')}/v1/{path.lstrip('/')}"
     pool = Pool(url, 1, 5.0, 5.0, _trust(where))
     try:
@@ -127,17 +129,20 @@ async def upstream_secrets(settings: Settings) -> dict[str, str]:
     return found
 
 
-def stored_secret(path: Path, what: str) -> str:
+def stored_secret(path: Path, what: str, min_length: int = 16) -> str:
     """A random secret kept in the state directory: read it, or make it (mode 0600) on first
-    use. It is written aside and then linked into place, so processes starting together
-    never see a half-written file and all end up with the same secret."""
+    use. It is written to a fresh file of its own (never through a planted link), synced, then
+    linked into place, so processes starting together, even with equal PIDs in containers
+    sharing the directory, never see a partial file and all end up with the same secret."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not path.exists():
-            spare = path.with_name(f".{path.name}.{os.getpid()}")
-            fd = os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as out:
+            spare = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+            with os.fdopen(os.open(spare, flags, 0o600), "w") as out:
                 out.write(secrets.token_urlsafe(32) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
             try:
                 os.link(spare, path)
             except FileExistsError:
@@ -147,6 +152,13 @@ def stored_secret(path: Path, what: str) -> str:
             log.info("generated the %s into %s", what, path)
         if path.stat().st_mode & 0o077:
             log.warning("%s is readable by other users; chmod 600 it", path)
-        return path.read_text().strip()
+        value = path.read_text().strip()
     except OSError as exc:
         raise ConfigError([f"{what} {path}: cannot read or write it ({exc.strerror})"]) from exc
+    if len(value) < min_length:
+        problem = (
+            f"{what} {path}: expected at least {min_length} characters; "
+            "delete the file to have a new one generated"
+        )
+        raise ConfigError([problem])
+    return value

@@ -41,6 +41,8 @@ TOKEN_TYPE_ID = "urn:ietf:params:oauth:token-type:id_token"  # noqa: S105
 # a fresh copy when a kid is unknown.
 IssuerKeys = Callable[[TrustedIssuer, bool], Awaitable[KeySet]]
 
+_ASSERTION_LEEWAY = 5.0  # seconds of clock skew allowed on client assertions and SVIDs
+
 
 class OAuthError(BastionError):
     """An RFC 6749 error response from the token endpoint."""
@@ -68,7 +70,13 @@ class TokenService:
     issuer_keys: IssuerKeys
     spiffe: Mapping[str, KeySet]
     resources: frozenset[str]
+    # Client assertions' and DPoP proofs' jtis, apart: their lifetimes differ, and the cache
+    # drops expired ids from its oldest end only.
     replay: ReplayCache = field(default_factory=ReplayCache)
+    proof_replay: ReplayCache = field(default_factory=ReplayCache)
+    # The caches start empty: what was made before this process started (beyond the skew
+    # leeway) may have been used with a previous one, so it is refused.
+    started: float = field(default_factory=time.time)
 
     @property
     def issuer(self) -> str:
@@ -142,7 +150,10 @@ class TokenService:
                 raise TokenError("unknown_kid", "the assertion's issuer is not a registered agent")
             keys = KeySet.from_jwks(agent.jwks)
             expect = Expect(
-                issuer=agent.id, audience=None, leeway=5.0, require=("exp", "iat", "jti", "sub")
+                issuer=agent.id,
+                audience=None,
+                leeway=_ASSERTION_LEEWAY,
+                require=("exp", "iat", "jti", "sub"),
             )
             verified = verify(assertion, keys, expect, now)
             if verified.get("sub") != agent.id:
@@ -160,7 +171,9 @@ class TokenService:
         if keys is None:
             raise TokenError("wrong_issuer", f"SPIFFE trust domain {domain!r} is not trusted")
         # The trust domain's keys vouch for the SVID; its `iss`, if any, is informational.
-        expect = Expect(issuer=None, audience=None, leeway=5.0, require=("exp", "sub"))
+        expect = Expect(
+            issuer=None, audience=None, leeway=_ASSERTION_LEEWAY, require=("exp", "sub")
+        )
         verified = verify(svid, keys, expect, now)
         agent = self.agents.agent_by_spiffe_id(spiffe_id)
         if agent is None:
@@ -178,8 +191,12 @@ class TokenService:
         limit = self.settings.auth.assertion_max_lifetime_seconds
         if exp - issued > limit:
             raise TokenError("expired", f"assertions may live at most {limit} s")
+        if issued < self.started - _ASSERTION_LEEWAY:
+            raise TokenError(
+                "iat", "the assertion was made before this server started; make a new one"
+            )
         jti = claims.get("jti")
-        if jti is not None and not self._first_use(f"{who}:{jti}", exp + 60, now):
+        if jti is not None and not self._first_use(self.replay, f"{who}:{jti}", exp + 60, now):
             raise TokenError("replayed", "this assertion was already used")
 
     def _usable(self, agent: Agent, now: float) -> Agent:
@@ -346,6 +363,7 @@ class TokenService:
                     "invalid_dpop_proof", f"agent {agent.id!r} must present a DPoP proof"
                 )
             return None
+        now = time.time()  # anew: a token exchange may have awaited the subject's issuer
         try:
             checked = dpop.verify_proof(
                 proof,
@@ -354,15 +372,18 @@ class TokenService:
                 now=now,
                 max_age=self.settings.auth.dpop.max_age_seconds,
             )
+            if checked.iat < self.started - dpop.LEEWAY:
+                raise TokenError("iat", "it was made before this server started; make a new one")
         except TokenError as exc:
             raise OAuthError("invalid_dpop_proof", f"DPoP proof refused: {exc.message}") from exc
         until = checked.iat + self.settings.auth.dpop.max_age_seconds + dpop.LEEWAY
-        if not self._first_use(f"dpop:{checked.jkt}:{checked.jti}", until, now):
+        key = f"dpop:{checked.jkt}:{checked.jti}"
+        if not self._first_use(self.proof_replay, key, until, now):
             raise OAuthError("invalid_dpop_proof", "this DPoP proof was already used")
         return checked.jkt
 
-    def _first_use(self, key: str, until: float, now: float) -> bool:
+    def _first_use(self, cache: ReplayCache, key: str, until: float, now: float) -> bool:
         try:
-            return self.replay.first_use(key, until, now)
+            return cache.first_use(key, until, now)
         except Overloaded as exc:  # full of live ids: refuse rather than forget one
             raise OAuthError("temporarily_unavailable", exc.message, 503) from exc

@@ -76,6 +76,7 @@ class Authenticator:
         keys: SigningKeys | None,
         issuers: IssuerDirectory | None = None,
         replay: ReplayCache | None = None,
+        nonce_key: bytes | None = None,
     ) -> None:
         self._auth = auth
         self._issuer = issuer
@@ -85,13 +86,13 @@ class Authenticator:
         self._external = {t.issuer: t for t in auth.trusted_issuers if t.agent_claim}
         self._verified: TtlCache[tuple[dict[str, Any], Principal]] = TtlCache(10_000)
         self._replay = replay if replay is not None else ReplayCache()  # DPoP proofs' jtis
-        self._nonce_key = secrets.token_bytes(32)
+        # DPoP nonces derive from this key: shared (the state directory's) so that replicas
+        # and a restarted gateway accept each other's, else this process's own.
+        self._nonce_key = nonce_key or secrets.token_bytes(32)
         self._anonymous = Principal(tenant=auth.tenant, agent=auth.agent)
-
-    def share_nonce_key(self, key: bytes) -> None:
-        """Derive DPoP nonces from `key` instead of this process's random one, so every
-        process holding it (replicas, a restarted gateway) accepts the others' nonces."""
-        self._nonce_key = key
+        # The replay cache starts empty: proofs made before this process started (beyond the
+        # clock-skew leeway) may have been used with a previous one, so they are refused.
+        self._started = time.time()
 
     @property
     def enabled(self) -> bool:
@@ -223,6 +224,7 @@ class Authenticator:
         proof_header = headers.get("dpop")
         if not proof_header:
             raise TokenError("wrong_key", "a DPoP proof header is required with this token")
+        now = time.time()  # anew: verifying the token may have awaited a JWKS fetch
         nonce = self._nonce(now) if self._auth.dpop.nonce else None
         proof = dpop.verify_proof(
             proof_header,
@@ -235,6 +237,10 @@ class Authenticator:
         )
         if nonce is not None and proof.nonce not in (nonce, self._nonce(now - 60)):
             raise TokenError("nonce", "the DPoP proof must carry the server's current nonce")
+        if proof.iat < self._started - dpop.LEEWAY:
+            raise TokenError(
+                "iat", "the DPoP proof was made before this gateway started; make a new one"
+            )
         if proof.jkt != principal.key_binding:
             raise TokenError(
                 "wrong_key", "the DPoP proof is signed by another key than the token's"

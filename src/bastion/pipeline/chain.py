@@ -46,13 +46,16 @@ class Pipeline:
         secrets: Mapping[str, str] | None = None,
         audit: AuditWriter | None = None,
         rates: RateCounter | None = None,
+        nonce_key: bytes | None = None,
     ) -> None:
         self.settings = settings
         self.trail = Trail(settings, audit)
         self.agents = agents
         self.keys = keys
         self._keys_checked = 0.0
-        self.authn = Authenticator(settings.auth, settings.base_url(), agents, keys)
+        self.authn = Authenticator(
+            settings.auth, settings.base_url(), agents, keys, nonce_key=nonce_key
+        )
         self.sessions = SessionStore(
             settings.limits.max_sessions, settings.limits.session_idle_seconds
         )

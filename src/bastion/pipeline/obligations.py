@@ -26,7 +26,7 @@ from typing import Any
 
 from bastion.audit import digest
 from bastion.config import Settings
-from bastion.errors import PolicyError
+from bastion.errors import Overloaded, PolicyError
 from bastion.pipeline.dispatch import Dispatcher
 from bastion.pipeline.exchange import Exchange
 from bastion.pipeline.route import Route
@@ -206,8 +206,11 @@ class Obligations:
             return "the approval was given for another call or another principal"
         if time.time() > payload.get("e", 0):
             return "the approval expired; call again to be asked anew"
-        if not self._used.first_use(str(payload.get("n")), float(payload.get("e", 0))):
-            return "the approval was already used"
+        try:
+            if not self._used.first_use(str(payload.get("n")), float(payload.get("e", 0))):
+                return "the approval was already used"
+        except Overloaded:  # refused, and recorded as such, rather than forgetting a live one
+            return "the gateway holds too many pending approvals; call again shortly"
         return None
 
     # -- outcomes ----------------------------------------------------------------------------

@@ -49,7 +49,7 @@ class ReplayCache:
         # eviction of those behind it.
         while self._seen:
             digest, expires = next(iter(self._seen.items()))
-            if expires > now:
+            if expires >= now:  # still live at its expiry instant, as the checks are
                 break
             del self._seen[digest]
 
