@@ -99,12 +99,7 @@ async def test_the_resource_server_refuses_with_503_when_its_cache_is_full(
     identity: Identity,
 ) -> None:
     holder = generate("ES256")
-    url = RESOURCE
-    token_url = identity.service.token_endpoint
-    answer = await identity.service.token(
-        _form(identity), make_proof(holder, "POST", token_url, time.time())
-    )
-    token = answer["access_token"]
+    token = await _dpop_token(identity, holder)
     settings = identity.service.settings
     authn = Authenticator(
         settings.auth,
@@ -115,19 +110,10 @@ async def test_the_resource_server_refuses_with_503_when_its_cache_is_full(
     )
 
     async def call(proof: str) -> Exchange:
-        exchange = Exchange(
-            message={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
-            era="modern",
-            protocol_version="2026-07-28",
-            route="/mcp",
-            client="127.0.0.1:1",
-        )
-        headers = {"authorization": f"DPoP {token}", "dpop": proof}
-        await authn.authenticate(exchange, headers, "POST", url, url)
-        return exchange
+        return await _authenticate(authn, token, proof)
 
     def proof() -> str:
-        return make_proof(holder, "POST", url, time.time(), access_token=token)
+        return make_proof(holder, "POST", RESOURCE, time.time(), access_token=token)
 
     first = proof()
     assert (await call(first)).principal is not None
