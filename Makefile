@@ -7,7 +7,7 @@ PORT ?= 8080
 STAMP := $(VENV)/.installed
 NODE_STAMP := tests/node/node_modules/.installed
 
-.PHONY: run test lint check bench install node postgres clean
+.PHONY: run test lint check bench bench-peers install node postgres clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,13 @@ test: install node postgres lint
 
 bench: install
 	$(PY) bench/run.py
+
+# Bastion beside HAProxy (Debian), ContextForge and FastMCP (own venvs in .bench-venvs/, made
+# on first use): ratio tables, JSON in bench/results/peers.json. BENCH_ARGS=--quick for a smoke run.
+bench-peers: install
+	@command -v haproxy >/dev/null || test -x /usr/sbin/haproxy || \
+		{ apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y haproxy; }
+	$(PY) bench/peers.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) tests/node/node_modules .pytest_cache .mypy_cache .ruff_cache

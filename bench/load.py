@@ -22,9 +22,10 @@ each answer is HTTP 200 with an access_token.
 Commands::
 
     {"cmd": "phase", "url": ..., "era": "modern"|"legacy", "calls": N, "concurrency": C,
-     "warmup": W, "timeout": seconds, "pids": {"label": pid, ...},
+     "warmup": W, "timeout": seconds, "pids": {"label": pid or [pid, ...], ...},
      "auth": null | {"scheme": "bearer"|"dpop", "token_url": ..., "issuer": ...,
-                     "resource": ..., "agent": ..., "kid": ..., "pem": path}}
+                     "resource": ..., "agent": ..., "kid": ..., "pem": path},
+     "tool": "echo" (the tool's name at the target), "headers": {...} (sent on every request)}
     {"cmd": "tokens", "token_url": ..., "issuer": ..., "resource": ..., "agent": ...,
      "kid": ..., "pem": path, "requests": N, "concurrency": C, "warmup": W,
      "timeout": seconds, "pids": {...}}
@@ -44,6 +45,7 @@ import os
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
@@ -77,8 +79,15 @@ PROOF_MAX_AGE_S = 40.0
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int | str) -> float | None:
-    """User + system CPU time of a process (all its threads) from /proc/PID/stat."""
+def cpu_seconds(pid: int | str | list[int]) -> float | None:
+    """User + system CPU time of a process (all its threads) from /proc/PID/stat.
+
+    A list of pids (a target made of several processes) gives their sum, or None when any of
+    them is gone: a partial sum would understate the target's cost.
+    """
+    if isinstance(pid, list):
+        parts = [cpu_seconds(one) for one in pid]
+        return None if not parts or None in parts else sum(p for p in parts if p is not None)
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             raw = f.read()
@@ -86,6 +95,61 @@ def cpu_seconds(pid: int | str) -> float | None:
         return None
     fields = raw[raw.rindex(b")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """CPU time of one or more processes at one moment, two ways.
+
+    `ticks`: utime + stime from /proc/PID/stat (s; counts exited threads too; 10 ms steps).
+    `threads`: each live thread's run time from /proc/PID/task/TID/schedstat (ns), or None
+    where the kernel keeps no schedstat.
+    """
+
+    ticks: float | None
+    threads: dict[tuple[int, int], int] | None
+
+
+def _threads_ns(pid: int | str) -> dict[tuple[int, int], int] | None:
+    owner = os.getpid() if pid == "self" else int(pid)
+    found: dict[tuple[int, int], int] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                found[(owner, int(tid))] = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # the thread ended meanwhile: it is missing from this sample
+    return found
+
+
+def cpu_sample(pid: int | str | list[int]) -> CpuSample:
+    """A CpuSample of a process, or of several (summed)."""
+    pids = pid if isinstance(pid, list) else [pid]
+    threads: dict[tuple[int, int], int] | None = {}
+    for one in pids:
+        part = _threads_ns(one)
+        threads = None if part is None or threads is None else threads | part
+    return CpuSample(cpu_seconds(pid), threads)
+
+
+def cpu_ms_between(before: CpuSample, after: CpuSample) -> tuple[float | None, str]:
+    """CPU ms spent between two samples, and how it was measured.
+
+    To the nanosecond (schedstat) when no thread that ran before ended meanwhile (a thread
+    born meanwhile spent all its time inside the interval); otherwise from the clock ticks,
+    which keep the time of ended threads but step by 10 ms.
+    """
+    if before.ticks is None or after.ticks is None:
+        return None, "gone"
+    if before.threads is not None and after.threads is not None:
+        if before.threads.keys() <= after.threads.keys():
+            spent = sum(after.threads.values()) - sum(before.threads.values())
+            return spent / 1e6, "schedstat"
+    return (after.ticks - before.ticks) * 1e3, "ticks"
 
 
 def percentile(ordered: list[float], q: float) -> float:
@@ -200,8 +264,16 @@ class Phase:
         self.concurrency: int = max(1, int(cmd["concurrency"]))
         self.warmup: int = int(cmd.get("warmup", 0))
         self.timeout: float = float(cmd["timeout"])
-        self.pids: dict[str, int] = cmd.get("pids", {})
-        self.headers: dict[str, str] = dict(MODERN_HEADERS)
+        self.pids: dict[str, int | list[int]] = cmd.get("pids", {})
+        # The tool's name at this target (a gateway may rename it, e.g. ContextForge's
+        # "<gateway>-<tool>"), and static headers every request carries (a peer's own token).
+        self.tool: str = cmd.get("tool") or "echo"
+        self.extra_headers: dict[str, str] = dict(cmd.get("headers") or {})
+        self.headers: dict[str, str] = {
+            **MODERN_HEADERS,
+            "Mcp-Name": self.tool,
+            **self.extra_headers,
+        }
         self.auth: dict[str, Any] | None = cmd.get("auth")
         self.auth_headers: dict[str, str] = {}
         self.token_type: str | None = None
@@ -215,7 +287,7 @@ class Phase:
     # -- one call ---------------------------------------------------------------------------
 
     def _body(self, request_id: int, text: str) -> bytes:
-        params: dict[str, Any] = {"name": "echo", "arguments": {"text": text}}
+        params: dict[str, Any] = {"name": self.tool, "arguments": {"text": text}}
         if self.era == "modern":
             params["_meta"] = MODERN_META
         return orjson.dumps(
@@ -299,7 +371,12 @@ class Phase:
                 "clientInfo": {"name": "bastion-bench", "version": "0.1.0"},
             },
         }
-        base = {"Content-Type": "application/json", "Accept": ACCEPT, **self.auth_headers}
+        base = {
+            "Content-Type": "application/json",
+            "Accept": ACCEPT,
+            **self.extra_headers,
+            **self.auth_headers,
+        }
         async with session.post(
             self.url, data=orjson.dumps(hello), headers=self._with_proof(base)
         ) as response:
@@ -353,8 +430,8 @@ class Phase:
             warm_errors, self.errors = self.errors, 0
             warm_samples, self.error_samples = self.error_samples, []
             gc.collect()
-            cpu_before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
-            own_before = cpu_seconds("self")
+            cpu_before = {name: cpu_sample(pid) for name, pid in self.pids.items()}
+            own_before = cpu_sample("self")
             start = time.perf_counter()
             timed_out = False
             try:
@@ -363,28 +440,29 @@ class Phase:
             except TimeoutError:
                 timed_out = True
             wall = time.perf_counter() - start
-            own_after = cpu_seconds("self")
-            cpu_after = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+            own_after = cpu_sample("self")
+            cpu_after = {name: cpu_sample(pid) for name, pid in self.pids.items()}
             if self.era == "legacy":
                 await self.close_legacy(session)
         done = len(self.latencies)
         missing = self.calls - done - self.errors
         errors = self.errors + max(0, missing)
         ordered = sorted(ns / 1e6 for ns in self.latencies)
-        cpu_ms: dict[str, float | None] = {}
-        for name in self.pids:
-            before, after = cpu_before[name], cpu_after[name]
-            cpu_ms[name] = None if before is None or after is None else (after - before) * 1e3
+        measured = {name: cpu_ms_between(cpu_before[name], cpu_after[name]) for name in self.pids}
+        cpu_ms = {name: ms for name, (ms, _) in measured.items()}
         per_call = {
             name: (None if ms is None or not self.calls else ms / self.calls)
             for name, ms in cpu_ms.items()
         }
-        client_ms = (
-            (own_after - own_before) * 1e3
-            if own_after is not None and own_before is not None
-            else None
-        )
+        client_ms, _ = cpu_ms_between(own_before, own_after)
         return {
+            "cpu_source": {name: source for name, (_, source) in measured.items()},
+            "cpu_ms_ticks": {  # the same from clock ticks (10 ms steps), for comparison
+                name: None
+                if cpu_before[name].ticks is None or cpu_after[name].ticks is None
+                else (cpu_after[name].ticks - cpu_before[name].ticks) * 1e3  # type: ignore[operator]
+                for name in self.pids
+            },
             "ok": errors == 0 and not timed_out,
             "calls": self.calls,
             "succeeded": done,
@@ -425,7 +503,7 @@ class TokenPhase:
         self.concurrency: int = max(1, int(cmd["concurrency"]))
         self.warmup: int = int(cmd.get("warmup", 0))
         self.timeout: float = float(cmd["timeout"])
-        self.pids: dict[str, int] = cmd.get("pids", {})
+        self.pids: dict[str, int | list[int]] = cmd.get("pids", {})
         self.latencies: list[int] = []
         self.errors = 0
         self.error_samples: list[str] = []
@@ -484,8 +562,8 @@ class TokenPhase:
             self.prepare(self.requests)
             prepare_s = time.perf_counter() - start_prepare
             gc.collect()
-            cpu_before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
-            own_before = cpu_seconds("self")
+            cpu_before = {name: cpu_sample(pid) for name, pid in self.pids.items()}
+            own_before = cpu_sample("self")
             start = time.perf_counter()
             timed_out = False
             try:
@@ -494,22 +572,13 @@ class TokenPhase:
             except TimeoutError:
                 timed_out = True
             wall = time.perf_counter() - start
-            own_after = cpu_seconds("self")
-            cpu_after = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+            own_after = cpu_sample("self")
+            cpu_after = {name: cpu_sample(pid) for name, pid in self.pids.items()}
         done = len(self.latencies)
         errors = self.errors + max(0, self.requests - done - self.errors)
         ordered = sorted(ns / 1e6 for ns in self.latencies)
-        cpu_ms = {
-            name: None
-            if cpu_before[name] is None or cpu_after[name] is None
-            else (cpu_after[name] - cpu_before[name]) * 1e3  # type: ignore[operator]
-            for name in self.pids
-        }
-        client_ms = (
-            (own_after - own_before) * 1e3
-            if own_after is not None and own_before is not None
-            else None
-        )
+        cpu_ms = {name: cpu_ms_between(cpu_before[name], cpu_after[name])[0] for name in self.pids}
+        client_ms, _ = cpu_ms_between(own_before, own_after)
         return {
             "ok": errors == 0 and not timed_out,
             "requests": self.requests,

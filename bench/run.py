@@ -11,12 +11,13 @@ One run starts, as its own process tree:
 
 For each protocol era (2026-07-28 stateless, and/or 2025-11-25 with a session), each target
 and each mode (sequential calls; N concurrent workers) it measures latency percentiles,
-calls/s, the CPU time the target process and the echo server spent per call (from
-/proc/PID/stat), and reads every process's peak RSS (VmHWM). With identity on it also
-measures the token endpoint: concurrent `client_credentials` requests, tokens/s and CPU per
-token. The whole measurement repeats --repeats times; the report gives medians across
-repeats, as Markdown tables on stdout and as JSON in bench/results/latest.json. Exit status:
-0 when every call succeeded, 1 when any failed, 2 when the setup failed, 130 on interruption.
+calls/s, the CPU time the target process and the echo server spent per call (from /proc:
+per-thread schedstat, or clock ticks), and reads every process's peak RSS (VmHWM). With
+identity on it also measures the token endpoint: concurrent `client_credentials` requests,
+tokens/s and CPU per token. The whole measurement repeats --repeats times; the report gives
+medians across repeats, as Markdown tables on stdout and as JSON in bench/results/latest.json.
+Exit status: 0 when every call succeeded, 1 when any failed, 2 when the setup failed, 130 on
+interruption.
 
     .venv/bin/python bench/run.py [--quick] [--era modern|legacy|both] [--repeats R]
                                   [--auth none|oauth|dpop|all] [--calls N]
@@ -133,13 +134,22 @@ class Fleet:
     workdir: Path
     children: list[Child] = field(default_factory=list)
 
-    def start(self, name: str, argv: list[str], *, pipes: bool = False) -> Child:
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        pipes: bool = False,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Child:
         log = self.workdir / f"{name}.log"
         handle = log.open("wb")
         try:
             proc = subprocess.Popen(
                 argv,
-                cwd=ROOT,
+                cwd=cwd or ROOT,
+                env=env,
                 stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
                 stdout=subprocess.PIPE if pipes else handle,
                 stderr=handle,
@@ -174,6 +184,10 @@ class Fleet:
             except subprocess.TimeoutExpired:
                 _signal_group(child.proc, signal.SIGKILL)
                 child.proc.wait(timeout=5)
+            if group_pids(child.pid):
+                # Helpers its leader forked outlived it. While any of them lives, the group id
+                # stays theirs (the kernel does not reuse it), so this reaches them only.
+                _signal_group(child.proc, signal.SIGKILL)
             for stream in (child.proc.stdout, child.proc.stdin):
                 if stream is not None:
                     try:
@@ -189,6 +203,23 @@ def _signal_group(proc: subprocess.Popen[Any], sig: int) -> None:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:
         pass
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Every live process whose process group is `pgid` (a child of the run leads its own)."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(b")") + 2 :].split()
+        if int(fields[2]) == pgid and fields[0] != b"Z":  # pgrp; a zombie is already gone
+            pids.append(int(entry.name))
+    return sorted(pids)
 
 
 def free_port() -> int:
@@ -647,7 +678,8 @@ def summarize(plan: Plan, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians across repeats per era/target/mode, and per-repeat paired comparisons.
 
     Comparison keys are `<target>_<what>` for target bare, bastion (auth none), oauth and dpop;
-    identity targets also get `<target>_over_none_*` (their cost over auth none).
+    Bastion targets get `<target>_*_x_bare` (ratios to the bare hop: added p50, CPU per call,
+    calls/s) and identity targets `<target>_over_none_*` (their cost over auth none).
     """
     summary: dict[str, Any] = {}
     for era in plan.eras:
@@ -686,6 +718,30 @@ def summarize(plan: Plan, runs: list[dict[str, Any]]) -> dict[str, Any]:
                 }
                 if t == "bare":
                     continue
+                cmp |= {
+                    f"{t}_added_p50_x_bare": paired(
+                        lambda p, t=t: ratio(
+                            p[t]["p50_ms"] - p["direct"]["p50_ms"],
+                            p["bare"]["p50_ms"] - p["direct"]["p50_ms"],
+                        ),
+                        t,
+                        "bare",
+                        "direct",
+                    ),
+                    f"{t}_cpu_x_bare": paired(
+                        lambda p, t=t: ratio(
+                            p[t]["cpu_ms_per_call"]["target"],
+                            p["bare"]["cpu_ms_per_call"]["target"],
+                        ),
+                        t,
+                        "bare",
+                    ),
+                    f"{t}_calls_per_s_x_bare": paired(
+                        lambda p, t=t: ratio(p[t]["calls_per_s"], p["bare"]["calls_per_s"]),
+                        t,
+                        "bare",
+                    ),
+                }
                 for base, suffix in (("bare", "bare"), ("bastion", "none")):
                     if base == "bare" or (t in IDENTITY and "bastion" in plan.auth):
                         cmp[f"{t}_over_{suffix}_p50_ms"] = paired(
@@ -726,7 +782,23 @@ def _paired(
     return _median(values)
 
 
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """numerator ÷ denominator, or None when either is missing or the denominator is not > 0."""
+    if numerator is None or denominator is None:
+        return None
+    if math.isnan(numerator) or math.isnan(denominator) or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
 # -- Markdown ---------------------------------------------------------------------------------
+
+
+def times(value: float | None, na: str = "–") -> str:
+    """A ratio as `1.23×` (two significant decimals below 10, whole numbers above)."""
+    if value is None or math.isnan(value):
+        return na
+    return f"{value:.0f}×" if abs(value) >= 10 else f"{value:.2f}×"
 
 
 def _f(value: float | None, digits: int = 3, suffix: str = "") -> str:
@@ -757,6 +829,32 @@ def _targets_of(target: str) -> tuple[float, float]:
     if target in IDENTITY:
         return TARGET_IDENTITY_ADDED_P50_MS, TARGET_IDENTITY_CPU_MS_PER_CALL
     return TARGET_ADDED_P50_MS, TARGET_CPU_MS_PER_CALL
+
+
+def _ratio_table(plan: Plan, report: dict[str, Any]) -> list[str]:
+    """Each Bastion target against the bare hop, one cell per era (`modern / legacy`)."""
+    eras = " / ".join(ERAS[era].split(",")[0] + " era" for era in plan.eras)
+    out = [
+        "",
+        f"## Ratios to the bare hop ({eras}; paired within each repeat, audit {plan.audit})",
+        "",
+        "| target | added p50 ÷ bare hop's | CPU per call ÷ bare hop's "
+        f"| {plan.concurrency}-concurrent calls/s ÷ bare hop's |",
+        "|---|--:|--:|--:|",
+    ]
+    for target in plan.auth:
+
+        def cell(key: str, mode: str, _t: str = target) -> str:
+            return " / ".join(
+                times(report["summary"][era]["comparisons"][mode].get(f"{_t}_{key}"))
+                for era in plan.eras
+            )
+
+        out.append(
+            f"| {LABELS[target]} | {cell('added_p50_x_bare', 'sequential')} "
+            f"| {cell('cpu_x_bare', 'sequential')} | {cell('calls_per_s_x_bare', 'concurrent')} |"
+        )
+    return out
 
 
 def render(plan: Plan, report: dict[str, Any]) -> str:
@@ -825,6 +923,7 @@ def render(plan: Plan, report: dict[str, Any]) -> str:
                     f"| {_signed(get('over_none_p50_ms'))} "
                     f"| {_signed(get('over_none_cpu_ms_per_call'))} |"
                 )
+    out.extend(_ratio_table(plan, report))
     tokens = report.get("token_endpoint")
     if tokens is not None:
         out.append("")
