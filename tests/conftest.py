@@ -60,6 +60,10 @@ def wait_http(url: str, deadline_s: float, proc: subprocess.Popen[bytes] | None 
     raise TimeoutError(f"{url} did not answer within {deadline_s} s ({last})")
 
 
+# The CLI as the tests run it: this interpreter, this checkout.
+BASTION = [sys.executable, "-m", "bastion.cli"]
+
+
 @dataclass
 class GatewayProcess:
     """A `bastion serve` subprocess and where to reach it."""
@@ -78,6 +82,21 @@ class GatewayProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run `bastion ARGS --config <this gateway's config>`."""
+        return subprocess.run(
+            [*BASTION, *args, "--config", str(self.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def token(self, agent: str, *extra: str) -> str:
+        """An access token for `agent` from `bastion token` (extra: `--resource …`, …)."""
+        run = self.cli("token", "--agent", agent, *extra)
+        assert run.returncode == 0, run.stderr
+        return run.stdout.strip()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -184,10 +203,42 @@ def start_gateway(
 
 @pytest.fixture(scope="session")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    """One gateway for the whole session, with every test upstream behind it."""
+    """One gateway for the whole session, with every test upstream behind it, once its
+    virtual servers list every upstream (a cold start on a busy machine can take a while)."""
     gw = start_gateway(tmp_path_factory.mktemp("gateway"))
+    try:
+        wait_lists_complete(gw, ("/mcp", "/paged"))
+    except BaseException:
+        gw.stop()
+        raise
     yield gw
     gw.stop()
+
+
+def wait_lists_complete(
+    gw: GatewayProcess,
+    paths: tuple[str, ...],
+    headers: dict[str, str] | None = None,
+    deadline_s: float = 90,
+) -> None:
+    """Poll tools/list on each virtual server until it names no upstream as missing (under
+    `_meta["bastion/unavailable"]`): a condition, not a guess at how long starts take."""
+    deadline = time.monotonic() + deadline_s
+    for path in paths:
+        while True:
+            response = httpx.post(
+                gw.url(path),
+                json=modern_body("tools/list"),
+                headers={**modern_headers("tools/list"), **(headers or {})},
+                timeout=30,
+            )
+            result = response.json().get("result") or {}
+            missing = (result.get("_meta") or {}).get("bastion/unavailable")
+            if response.status_code == 200 and result and not missing:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{path} still lacks upstreams: {missing or response.text}")
+            time.sleep(0.1)
 
 
 def modern_headers(method: str, name: str | None = None) -> dict[str, str]:
@@ -218,8 +269,11 @@ def modern_body(method: str, params: dict[str, Any] | None = None, id_: Any = 1)
     }
 
 
-def legacy_session(client: httpx.Client, url: str, version: str = LEGACY) -> dict[str, str]:
-    """Open a legacy session with raw HTTP; return the headers later requests carry."""
+def legacy_session(
+    client: httpx.Client, url: str, version: str = LEGACY, token: str | None = None
+) -> dict[str, str]:
+    """Open a legacy session with raw HTTP (with a bearer `token`, when given); return the
+    headers later requests carry."""
     init = {
         "jsonrpc": "2.0",
         "id": 0,
@@ -231,6 +285,8 @@ def legacy_session(client: httpx.Client, url: str, version: str = LEGACY) -> dic
         },
     }
     headers = {"Content-Type": "application/json", "Accept": ACCEPT_BOTH}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
     response = client.post(url, json=init, headers=headers)
     assert response.status_code == 200, response.text
     session = {

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import subprocess
 import sys
 import time
 import uuid
@@ -19,11 +18,11 @@ import httpx
 import pytest
 import yaml
 from tests.conftest import (
-    ACCEPT_BOTH,
     ALLOW_ALL,
     EXAMPLES,
     GatewayProcess,
     free_port,
+    legacy_session,
     modern_body,
     modern_headers,
     start_gateway,
@@ -130,39 +129,14 @@ def echo(gw: GatewayProcess, token: str, text: str, tool: str = "echo") -> httpx
     return httpx.post(gw.url(ECHO), json=body, headers=headers, timeout=20)
 
 
-def legacy_session(gw: GatewayProcess, token: str) -> dict[str, str]:
-    headers = {
-        "Content-Type": "application/json",
-        "Accept": ACCEPT_BOTH,
-        "Authorization": f"Bearer {token}",
-    }
-    init = {
-        "jsonrpc": "2.0",
-        "id": 0,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": "2025-11-25",
-            "capabilities": {},
-            "clientInfo": {"name": "t", "version": "0"},
-        },
-    }
-    response = httpx.post(gw.url(ECHO), json=init, headers=headers, timeout=20)
-    assert response.status_code == 200, response.text
-    return {**headers, "Mcp-Session-Id": response.headers["mcp-session-id"]}
+def open_session(gw: GatewayProcess, token: str) -> dict[str, str]:
+    with httpx.Client(timeout=20) as client:
+        return legacy_session(client, gw.url(ECHO), "2025-11-25", token)
 
 
 def list_tools(gw: GatewayProcess, session: dict[str, str]) -> httpx.Response:
     body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
     return httpx.post(gw.url(ECHO), json=body, headers=session, timeout=20)
-
-
-def cli(gw: GatewayProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*BASTION, *args, "--config", str(gw.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 # -- the token ----------------------------------------------------------------------------------
@@ -221,7 +195,7 @@ def test_records_filters(gw: GatewayProcess) -> None:
     assert records(gw, until="2000-01-01T00:00:00Z") == []
     assert len(records(gw, limit="1")) == 1
     # The same filters as `bastion audit query`, with the same answers.
-    run = cli(gw, "audit", "query", "--json", "--agent", "acme-reader", "--phase", "decision")
+    run = gw.cli("audit", "query", "--json", "--agent", "acme-reader", "--phase", "decision")
     assert run.returncode == 0, run.stderr
     by_cli = [json.loads(line)["record"] for line in run.stdout.splitlines()]
     assert by_cli == records(gw, agent="acme-reader", phase="decision")
@@ -292,7 +266,7 @@ def test_verify_intact_is_the_clis_report(gw: GatewayProcess) -> None:
     assert response.status_code == 200
     body = response.json()
     assert body["ok"] is True and body["first"] is None and body["problem_count"] == 0
-    run = cli(gw, "audit", "verify", "--json")
+    run = gw.cli("audit", "verify", "--json")
     assert run.returncode == 0, run.stderr
     assert set(json.loads(run.stdout)) == set(body)
 
@@ -307,6 +281,30 @@ def test_agents_list_and_show(gw: GatewayProcess) -> None:
     assert [a["id"] for a in globex] == ["globex-reader"]
     shown = admin(gw, "/agents/globex-reader").json()["agent"]
     assert shown["tenant"] == "globex" and shown["status"] == "active" and shown["jwks"]["keys"]
+
+
+def _last_used(gw: GatewayProcess, agent: str) -> float:
+    return float(admin(gw, f"/agents/{agent}").json()["agent"]["last_used_at"] or 0)
+
+
+def test_last_use_is_recorded_and_shown(gw: GatewayProcess) -> None:
+    # Access reviews read when each agent was last let in: a token issued, then a call.
+    before = time.time()
+    token = agent_token(gw, "globex-reader")
+    issued = eventually(lambda: _last_used(gw, "globex-reader") >= before)
+    assert issued, "the token endpoint's use was never written"
+    called = time.time()
+    assert called > _last_used(gw, "globex-reader")
+    assert echo(gw, token, "seen").status_code == 200
+    assert eventually(lambda: _last_used(gw, "globex-reader") >= called), "the call's use"
+    last = _last_used(gw, "globex-reader")
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last))
+    listed = gw.cli("agents", "list")
+    assert listed.returncode == 0, listed.stderr
+    row = next(line for line in listed.stdout.splitlines() if "globex-reader" in line)
+    assert stamp in row
+    shown = gw.cli("agents", "show", "globex-reader", "--json")
+    assert json.loads(shown.stdout)["last_used_at"] == last
 
 
 def test_unknown_agent_or_endpoint_is_404(gw: GatewayProcess) -> None:
@@ -354,7 +352,7 @@ def test_suspend_and_resume_take_effect_at_once(gw: GatewayProcess) -> None:
 
 def test_offboard_ends_a_live_session(gw: GatewayProcess) -> None:
     token = agent_token(gw, "doomed")
-    session = legacy_session(gw, token)
+    session = open_session(gw, token)
     assert list_tools(gw, session).status_code == 200
     gone = admin(gw, "/agents/doomed/offboard", "POST", json={"reason": "project ended"})
     assert gone.status_code == 200 and gone.json()["agent"]["status"] == "offboarded"

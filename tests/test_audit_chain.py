@@ -18,7 +18,6 @@ from bastion.audit.chain import (
     Problem,
     VerifyReport,
     link,
-    sign_checkpoint,
     verify,
 )
 from bastion.audit.keys import (
@@ -28,6 +27,7 @@ from bastion.audit.keys import (
     load_public_keys,
     rotate_checkpoint_key,
 )
+from bastion.audit.seal import sign_checkpoint
 from bastion.audit.store import SqliteAuditStore
 from bastion.audit.writer import WriterOptions, open_writer
 from bastion.identity.keys import KeySet, SigningKey, generate

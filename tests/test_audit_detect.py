@@ -186,6 +186,56 @@ def test_a_new_agent_address_is_learned_not_alerted() -> None:
     assert feed(detectors, [rec(T0, client="10.0.0.1")]) == []
 
 
+def test_new_connections_from_a_known_host_are_no_new_client() -> None:
+    # Every TCP connection has a new source port: hundreds of them are one client, not
+    # hundreds (each raised an alert when the port was part of the key).
+    detectors = Detectors(only({"new_client": {"min_calls": 5}}))
+    calls = [rec(T0 + i, client=f"10.0.0.1:{40000 + i}") for i in range(300)]
+    calls += [rec(T0 + 300 + i, client=f"[2001:db8::1]:{40000 + i}") for i in range(2)]
+    alerts = feed(detectors, calls)
+    # One new host (the IPv6 one), alerted once; its second connection is known already.
+    assert [(a.rule, a.facts["client"]) for a in alerts] == [("new_client", "2001:db8::1")]
+    assert feed(detectors, [rec(T0 + 400, client="10.0.0.1:65000")]) == []
+    assert rules(feed(detectors, [rec(T0 + 401, client="10.0.0.2:40000")])) == ["new_client"]
+
+
+@pytest.mark.parametrize(
+    ("history", "now"),
+    [
+        ("10.0.0.1:40000", "10.0.0.1"),  # behind a trusted proxy: the forwarded address
+        ("::1:40000", "[::1]:50000"),  # history written before IPv6 peers were bracketed
+        ("2001:db8::7", "[2001:db8::7]:1234"),
+    ],
+)
+def test_the_host_is_the_key_whatever_the_form(history: str, now: str) -> None:
+    detectors = Detectors(only({"new_client": {"min_calls": 0}}))
+    assert feed(detectors, [rec(T0, client=history)], replay=True) == []
+    assert feed(detectors, [rec(T0 + 1, client=now)]) == []
+
+
+def test_repeats_within_the_cooldown_are_counted_into_the_next_alert() -> None:
+    settings = {"cooldown_seconds": 600, "denial_burst": {"count": 3, "window_seconds": 60}}
+    detectors = Detectors(only(settings))
+    denials = [rec(T0 + i, decision="deny") for i in range(10)]
+    first = feed(detectors, denials)
+    # The third denial alerts; the seven bursts after it within the cooldown are held back.
+    assert rules(first) == ["denial_burst"] and "repeats" not in first[0].facts
+    later = feed(detectors, [rec(T0 + 700 + i, decision="deny") for i in range(3)])
+    assert rules(later) == ["denial_burst"]
+    assert later[0].facts["repeats"] == 7 and "7 more" in later[0].message
+    # Counted from the alert on: none held back since this one.
+    again = feed(detectors, [rec(T0 + 1400 + i, decision="deny") for i in range(3)])
+    assert "repeats" not in again[0].facts
+
+
+def test_held_back_alerts_are_bounded_per_agent() -> None:
+    detectors = Detectors(only({"new_client": {"min_calls": 0}}))
+    for i in range(3000):
+        detectors.observe(rec(T0 + i, client=f"10.{i // 250}.{i % 250}.1"))
+    state = next(iter(detectors._agents.values()))
+    assert len(state.quiet) <= 1024
+
+
 # -- the stream as a whole ------------------------------------------------------------------
 
 

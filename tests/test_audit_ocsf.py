@@ -8,6 +8,7 @@ from tests.test_audit_record import sample
 from bastion.audit.chain import Chain
 from bastion.audit.ocsf import event
 from bastion.audit.record import AuditRecord
+from bastion.audit.sinks import level as sink_level
 
 
 @pytest.mark.parametrize(
@@ -62,3 +63,24 @@ def test_chain_fields_and_metadata() -> None:
     assert out["unmapped"]["chain"] == {
         "writer": "w1", "seq": 1, "prev_hash": entry.prev_hash, "hash": entry.hash,
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "outcome, status, severity, level",
+    [
+        ("ok", 1, 1, "info"),
+        ("upstream_error", 2, 2, "error"),
+        ("error", 2, 2, "error"),
+        ("unknown", 0, 2, "error"),
+        ("denied", 2, 3, "deny"),
+    ],
+)
+def test_outcomes_map_to_status_severity_and_level(
+    outcome: str, status: int, severity: int, level: str
+) -> None:
+    """An answer the gateway failed to give, or one a crash took, is never reported as a
+    success to a SIEM."""
+    record = sample(phase="outcome", outcome=outcome)
+    out = event(record)
+    assert (out["status_id"], out["severity_id"]) == (status, severity)
+    assert sink_level(record) == level

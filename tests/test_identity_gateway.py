@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
 import sys
 import time
 import uuid
@@ -20,15 +19,16 @@ import pytest
 import yaml
 from tests import oidc
 from tests.conftest import (
-    ACCEPT_BOTH,
     ALLOW_ALL,
     EXAMPLES,
     FIXTURES,
     GatewayProcess,
     free_port,
+    legacy_session,
     modern_body,
     modern_headers,
     start_gateway,
+    wait_lists_complete,
 )
 
 from bastion.identity.dpop import make_proof
@@ -139,27 +139,19 @@ def idgw(
     env = {"KEYED_UPSTREAM_TOKEN": KEYED_SECRET, "EXCHANGE_CLIENT_SECRET": client_secret}
     gw = start_gateway(tmp, yaml.safe_dump(config), port, env=env)
     gw.exchange_as = exchange_as  # type: ignore[attr-defined]
+    try:  # the lists these tests read need every upstream started (cold on a busy machine)
+        reader = {"Authorization": f"Bearer {gw.token('acme-reader')}"}
+        wait_lists_complete(gw, ("/mcp",), reader)
+    except BaseException:
+        gw.stop()
+        exchange_as.stop()
+        raise
     yield gw
     gw.stop()
     exchange_as.stop()
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def cli(gw: GatewayProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*BASTION, *args, "--config", str(gw.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def cli_token(gw: GatewayProcess, agent: str, *extra: str) -> str:
-    run = cli(gw, "token", "--agent", agent, *extra)
-    assert run.returncode == 0, run.stderr
-    return run.stdout.strip()
 
 
 def signing_key(gw: GatewayProcess) -> SigningKey:
@@ -244,7 +236,7 @@ def test_no_token_is_401_with_the_challenge(idgw: GatewayProcess) -> None:
 
 
 def test_cli_token_reaches_the_tools(idgw: GatewayProcess) -> None:
-    token = cli_token(idgw, "acme-reader")
+    token = idgw.token("acme-reader")
     claims = pyjwt.decode(token, options={"verify_signature": False})
     assert claims["aud"] == idgw.url("/mcp") and claims["tenant"] == "acme"
     assert claims["exp"] - claims["iat"] == 300 and "cnf" not in claims
@@ -365,7 +357,7 @@ def test_the_forging_helper_is_sound(idgw: GatewayProcess) -> None:
 
 
 def test_insufficient_scope_is_403_with_step_up(idgw: GatewayProcess) -> None:
-    token = cli_token(idgw, "narrow")
+    token = idgw.token("narrow")
     assert call(idgw, token).status_code == 200
     response = call(idgw, token, method="resources/list")
     assert response.status_code == 403
@@ -386,7 +378,7 @@ def holder(tmp_path_factory: pytest.TempPathFactory) -> tuple[SigningKey, Path]:
 
 def test_dpop_bound_token(idgw: GatewayProcess, holder: tuple[SigningKey, Path]) -> None:
     key, path = holder
-    token = cli_token(idgw, "acme-bot", "--dpop-key", str(path))
+    token = idgw.token("acme-bot", "--dpop-key", str(path))
     claims = pyjwt.decode(token, options={"verify_signature": False})
     assert claims["cnf"]["jkt"]
     url = idgw.url("/mcp")
@@ -435,7 +427,7 @@ def test_dpop_bound_token(idgw: GatewayProcess, holder: tuple[SigningKey, Path])
 
 
 def test_agent_that_must_use_dpop_gets_no_bearer_token(idgw: GatewayProcess) -> None:
-    run = cli(idgw, "token", "--agent", "acme-bot")
+    run = idgw.cli("token", "--agent", "acme-bot")
     assert run.returncode == 1 and "DPoP" in run.stderr
 
 
@@ -462,7 +454,7 @@ def _assertion(gw: GatewayProcess, agent: str, **extra: Any) -> str:
 
 
 def _kid(gw: GatewayProcess, agent: str) -> str:
-    show = cli(gw, "agents", "show", agent, "--json")
+    show = gw.cli("agents", "show", agent, "--json")
     return str(json.loads(show.stdout)["jwks"]["keys"][0]["kid"])
 
 
@@ -587,7 +579,7 @@ def test_external_issuer_tokens_on_mcp_routes(
     # Its scopes are the issuer's (mcp:read), not Bastion's: tools stay out of reach.
     listed = call(idgw, alice)
     assert listed.status_code == 403 and listed.json()["error"]["data"]["scope"] == "mcp:tools"
-    run = cli(idgw, "audit", "query", "--agent", "bastion-tests", "--json", "--limit", "50")
+    run = idgw.cli("audit", "query", "--agent", "bastion-tests", "--json", "--limit", "50")
     users = {json.loads(line)["record"].get("user") for line in run.stdout.splitlines() if line}
     assert "alice" in users
     bob = oidc_provider.user_token("bob", idgw.url("/mcp"))  # tenant globex, app of acme
@@ -603,28 +595,8 @@ def test_external_issuer_tokens_on_mcp_routes(
 
 
 def _legacy(gw: GatewayProcess, token: str, path: str = "/mcp") -> dict[str, str]:
-    headers = {
-        "Content-Type": "application/json",
-        "Accept": ACCEPT_BOTH,
-        "Authorization": f"Bearer {token}",
-    }
-    init = {
-        "jsonrpc": "2.0",
-        "id": 0,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": "2025-11-25",
-            "capabilities": {},
-            "clientInfo": {"name": "t", "version": "0"},
-        },
-    }
-    response = httpx.post(gw.url(path), json=init, headers=headers, timeout=20)
-    assert response.status_code == 200, response.text
-    return {
-        **headers,
-        "Mcp-Session-Id": response.headers["mcp-session-id"],
-        "MCP-Protocol-Version": "2025-11-25",
-    }
+    with httpx.Client(timeout=20) as client:
+        return legacy_session(client, gw.url(path), "2025-11-25", token)
 
 
 def _list(gw: GatewayProcess, headers: dict[str, str]) -> int:
@@ -633,49 +605,49 @@ def _list(gw: GatewayProcess, headers: dict[str, str]) -> int:
 
 
 def test_session_belongs_to_its_principal(idgw: GatewayProcess) -> None:
-    session = _legacy(idgw, cli_token(idgw, "acme-reader"))
+    session = _legacy(idgw, idgw.token("acme-reader"))
     assert _list(idgw, session) == 200
-    hijack = {**session, "Authorization": f"Bearer {cli_token(idgw, 'globex-reader')}"}
+    hijack = {**session, "Authorization": f"Bearer {idgw.token('globex-reader')}"}
     assert _list(idgw, hijack) == 404  # exactly as for an unknown session
     assert _list(idgw, session) == 200  # the owner keeps it
     assert "presented by another principal" in idgw.log()
 
 
 def test_suspend_and_resume(idgw: GatewayProcess) -> None:
-    token = cli_token(idgw, "pausable")
+    token = idgw.token("pausable")
     assert call(idgw, token).status_code == 200
-    assert cli(idgw, "agents", "suspend", "pausable", "--reason", "incident 42").returncode == 0
+    assert idgw.cli("agents", "suspend", "pausable", "--reason", "incident 42").returncode == 0
     refused = call(idgw, token)
     assert refused.status_code == 401 and refused.json()["error"]["data"]["reason"] == "suspended"
-    assert cli(idgw, "token", "--agent", "pausable").returncode == 1
-    assert cli(idgw, "agents", "resume", "pausable").returncode == 0
+    assert idgw.cli("token", "--agent", "pausable").returncode == 1
+    assert idgw.cli("agents", "resume", "pausable").returncode == 0
     assert call(idgw, token).status_code == 200
 
 
 def test_revoke_a_token(idgw: GatewayProcess) -> None:
-    token = cli_token(idgw, "acme-reader")
+    token = idgw.token("acme-reader")
     assert call(idgw, token).status_code == 200
     jti = pyjwt.decode(token, options={"verify_signature": False})["jti"]
-    assert cli(idgw, "tokens", "revoke", jti, "--reason", "leaked").returncode == 0
+    assert idgw.cli("tokens", "revoke", jti, "--reason", "leaked").returncode == 0
     refused = call(idgw, token)
     assert refused.status_code == 401 and refused.json()["error"]["data"]["reason"] == "revoked"
 
 
 def test_kill_a_session(idgw: GatewayProcess) -> None:
-    session = _legacy(idgw, cli_token(idgw, "acme-reader"))
+    session = _legacy(idgw, idgw.token("acme-reader"))
     assert _list(idgw, session) == 200
-    assert cli(idgw, "sessions", "kill", session["Mcp-Session-Id"]).returncode == 0
+    assert idgw.cli("sessions", "kill", session["Mcp-Session-Id"]).returncode == 0
     assert _list(idgw, session) == 404
 
 
 def test_offboarding_ends_everything(idgw: GatewayProcess) -> None:
-    token = cli_token(idgw, "doomed")
+    token = idgw.token("doomed")
     session = _legacy(idgw, token)
     assert _list(idgw, session) == 200
-    assert cli(idgw, "agents", "offboard", "doomed", "--reason", "project ended").returncode == 0
+    assert idgw.cli("agents", "offboard", "doomed", "--reason", "project ended").returncode == 0
     assert _list(idgw, session) in (401, 404)
     assert call(idgw, token).status_code == 401
-    fresh = cli(idgw, "token", "--agent", "doomed")
+    fresh = idgw.cli("token", "--agent", "doomed")
     assert fresh.returncode == 1 and "offboarded" in fresh.stderr
 
 
@@ -683,7 +655,7 @@ def test_offboarding_ends_everything(idgw: GatewayProcess) -> None:
 
 
 def test_upstream_gets_a_minted_credential_never_the_clients(idgw: GatewayProcess) -> None:
-    token = cli_token(idgw, "acme-reader", "--resource", idgw.url("/servers/recorder/mcp"))
+    token = idgw.token("acme-reader", "--resource", idgw.url("/servers/recorder/mcp"))
     headers = {
         **modern_headers("tools/call", "headers"),
         "Authorization": f"Bearer {token}",
@@ -718,7 +690,7 @@ def test_demo_takes_the_tenant_from_the_minted_credential(idgw: GatewayProcess) 
     ):
         response = call(
             idgw,
-            cli_token(idgw, agent),
+            idgw.token(agent),
             method="tools/call",
             params={"name": "workspace__list_projects", "arguments": {}},
             name="workspace__list_projects",
@@ -728,7 +700,7 @@ def test_demo_takes_the_tenant_from_the_minted_credential(idgw: GatewayProcess) 
 
 
 def test_secret_credential_from_a_reference(idgw: GatewayProcess) -> None:
-    token = cli_token(idgw, "acme-reader", "--resource", idgw.url("/servers/keyed/mcp"))
+    token = idgw.token("acme-reader", "--resource", idgw.url("/servers/keyed/mcp"))
     response = call(
         idgw,
         token,
@@ -744,11 +716,11 @@ def test_secret_credential_from_a_reference(idgw: GatewayProcess) -> None:
 
 
 def test_key_rotation(idgw: GatewayProcess) -> None:
-    before = cli_token(idgw, "acme-reader")
+    before = idgw.token("acme-reader")
     old_kid = pyjwt.get_unverified_header(before)["kid"]
-    rotated = cli(idgw, "keys", "rotate")
+    rotated = idgw.cli("keys", "rotate")
     assert rotated.returncode == 0, rotated.stderr
-    after = cli_token(idgw, "acme-reader")
+    after = idgw.token("acme-reader")
     new_kid = pyjwt.get_unverified_header(after)["kid"]
     assert new_kid != old_kid
     kids = [k["kid"] for k in httpx.get(idgw.url("/.well-known/jwks.json")).json()["keys"]]
@@ -759,8 +731,7 @@ def test_key_rotation(idgw: GatewayProcess) -> None:
 
 def test_jwt_svid_as_the_agent_assertion(idgw: GatewayProcess) -> None:
     spiffe_id = "spiffe://example.org/ns/agents/sa/indexer"
-    added = cli(
-        idgw,
+    added = idgw.cli(
         "agents",
         "add",
         "svid-agent",
@@ -816,7 +787,7 @@ def test_token_exchange_credential(idgw: GatewayProcess) -> None:
     """The upstream's own authorization server exchanges Bastion's statement of the caller
     for a token meant for that upstream; the client's token never leaves the gateway."""
     exchange_as: oidc.Provider = idgw.exchange_as  # type: ignore[attr-defined]
-    token = cli_token(idgw, "acme-reader", "--resource", idgw.url("/servers/exchanged/mcp"))
+    token = idgw.token("acme-reader", "--resource", idgw.url("/servers/exchanged/mcp"))
     for _ in range(2):  # the second call reuses the cached exchanged token
         response = call(
             idgw,
@@ -839,13 +810,13 @@ def test_token_exchange_credential(idgw: GatewayProcess) -> None:
 
 def test_refused_authentication_is_audited(idgw: GatewayProcess) -> None:
     assert call(idgw, forge(idgw, exp=int(time.time()) - 120)).status_code == 401
-    run = cli(idgw, "audit", "query", "--phase", "authn", "--json", "--limit", "1000")
+    run = idgw.cli("audit", "query", "--phase", "authn", "--json", "--limit", "1000")
     assert run.returncode == 0, run.stderr
     refused = [json.loads(line)["record"] for line in run.stdout.splitlines() if line.strip()]
     assert any(
         r.get("detail", {}).get("error") == "expired" and r["decision"] == "deny" for r in refused
     )
-    assert cli(idgw, "audit", "verify").returncode == 0
+    assert idgw.cli("audit", "verify").returncode == 0
 
 
 async def test_dpop_nonces_are_shared_through_the_state_directory(tmp_path: Path) -> None:

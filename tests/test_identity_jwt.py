@@ -354,6 +354,63 @@ def test_hostile_tokens_are_refused_for_the_right_reason(
     assert err.value.rpc_error()["data"]["reason"] == reason
 
 
+# What a person reads when a token is refused: when it expired, which issuer was expected and
+# which was found (cut short: the found one is the sender's), never the whole input.
+MESSAGES: list[Any] = [
+    pytest.param(
+        {"exp": NOW - 90}, EXPECT, "token expired at 2027-01-15T07:58:30Z (90 s ago)", id="expired"
+    ),
+    pytest.param(
+        {"exp": -1.7e308},
+        EXPECT,
+        "token expired at -1.7e+308 (epoch seconds) (1.7e+308 s ago)",
+        id="expired-absurdly",
+    ),
+    pytest.param(
+        {"iat": NOW - 400},
+        MAX_AGE,
+        "token too old: issued at 2027-01-15T07:53:20Z (400 s ago; at most 300 s)",
+        id="max-age",
+    ),
+    pytest.param(
+        {"nbf": NOW + 60}, EXPECT, "token not valid before 2027-01-15T08:01:00Z (in 60 s)", id="nbf"
+    ),
+    pytest.param(
+        {"iss": "https://evil.example"},
+        EXPECT,
+        "expected iss 'https://bastion.example', found 'https://evil.example'",
+        id="iss",
+    ),
+    pytest.param(
+        {"iss": "h" * 5000},
+        EXPECT,
+        f"expected iss 'https://bastion.example', found '{'h' * 63}...' (5000 characters)",
+        id="iss-huge",
+    ),
+    pytest.param(
+        {"iss": [ISS]},
+        EXPECT,
+        "expected iss 'https://bastion.example', found ['https://bastion.example']",
+        id="iss-list",
+    ),
+    pytest.param(
+        {"aud": ["a" * 5000]},
+        EXPECT,
+        f"expected aud containing {AUD!r}, found ['{'a' * 17}...{'a' * 18}']",
+        id="aud-huge",
+    ),
+]
+
+
+@pytest.mark.parametrize(("over", "expect", "message"), MESSAGES)
+def test_refusals_say_what_was_expected_and_found(
+    over: dict[str, Any], expect: Expect, message: str
+) -> None:
+    with pytest.raises(TokenError) as err:
+        jwt.verify(token(CTX.es, **over), CTX.keyset, expect, NOW)
+    assert err.value.message == message
+
+
 GOOD: list[Any] = [
     pytest.param(lambda c: token(c.es), EXPECT, id="es256"),
     pytest.param(lambda c: token(c.ed), EXPECT, id="eddsa"),

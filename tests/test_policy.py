@@ -454,3 +454,24 @@ def test_an_upstream_down_at_start_delays_its_policies_not_the_start(
     asyncio.run(authz.relist("workspace", "get_task"))
     assert "grant:acme-admin-write" in authz.engine.docs and "acme-task-ids" in authz.engine.docs
     assert call(authz, "acme-reader", "workspace__get_task", task_id="acme-t1").denial is None
+
+
+@pytest.mark.parametrize(
+    "task_id",
+    ["globex-t1", "GLOBEX-t1", "Globex-T1", "ｇｌｏｂｅｘ-t1", "%67lobex-t1", "globex%2Dt1"],
+)
+def test_tenant_binding_sees_through_spellings(authz: Authorizer, task_id: str) -> None:
+    """The client picks the spelling of an id; an upstream that folds case, NFKC or
+    percent-decodes would serve globex's task. The binding must name globex either way."""
+    ex = call(authz, "acme-reader", "workspace__get_task", task_id=task_id)
+    assert ex.decision is not None and not ex.decision.allowed
+    assert "tenant-binding" in ex.decision.policies
+    assert ex.foreign_tenants == ("globex",)
+
+
+@pytest.mark.parametrize(
+    "uri", ["workspace://GLOBEX/t1", "workspace://%67lobex/t1", "workspace://ｇｌｏｂｅｘ/t1"]
+)
+def test_tenant_named_by_a_uri_whatever_its_spelling(authz: Authorizer, uri: str) -> None:
+    assert authz._tenants("workspace", {"uri": uri}) == ["globex"]
+    assert authz._tenants("workspace", {"uri": "workspace://ACME/t1"}) == ["acme"]

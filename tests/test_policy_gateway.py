@@ -3,7 +3,7 @@ embedded authorization server, the demo workspace server behind it, real MCP cli
 
 - an agent of acme reaching into globex's workspace is denied, with a reason;
 - a read-only agent deleting a project is denied; the admin may;
-- the egress tool (`send_report`) needs a human's approval, asked through elicitation in both
+- the egress tool (`send_report`) needs an approval, asked of the client through elicitation in both
   eras, and refused when the client cannot elicit; the approval is in the audit trail;
 - lists show each agent only what it may use;
 - a broken policy edit keeps the last good policy; a broken policy at start refuses the start.
@@ -35,6 +35,7 @@ from tests.conftest import (
     modern_body,
     modern_headers,
     start_gateway,
+    wait_lists_complete,
 )
 
 BASTION = [sys.executable, "-m", "bastion.cli"]
@@ -70,23 +71,17 @@ def qs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     tmp = tmp_path_factory.mktemp("quickstart")
     port = free_port()
     gw = start_gateway(tmp, quickstart(tmp, port), port)
+    try:  # the lists these tests compare need every upstream started (cold on a busy machine)
+        wait_lists_complete(gw, ("/mcp",), {"Authorization": f"Bearer {gw.token('acme-admin')}"})
+    except BaseException:
+        gw.stop()
+        raise
     yield gw
     gw.stop()
 
 
-def token(gw: GatewayProcess, agent: str) -> str:
-    run = subprocess.run(
-        [*BASTION, "token", "--agent", agent, "--config", str(gw.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert run.returncode == 0, run.stderr
-    return run.stdout.strip()
-
-
 def modern_call(gw: GatewayProcess, agent: str, tool: str, **arguments: Any) -> dict[str, Any]:
-    headers = {**modern_headers("tools/call", tool), "Authorization": f"Bearer {token(gw, agent)}"}
+    headers = {**modern_headers("tools/call", tool), "Authorization": f"Bearer {gw.token(agent)}"}
     body = modern_body("tools/call", {"name": tool, "arguments": arguments})
     response = httpx.post(gw.url("/mcp"), headers=headers, json=body, timeout=STEP)
     assert response.status_code == 200, response.text
@@ -110,7 +105,7 @@ class Approver:
 async def connect(
     gw: GatewayProcess, agent: str, mode: str, approver: Approver | None = None
 ) -> AsyncIterator[Client]:
-    headers = {"Authorization": f"Bearer {token(gw, agent)}"}
+    headers = {"Authorization": f"Bearer {gw.token(agent)}"}
     async with httpx2.AsyncClient(timeout=httpx2.Timeout(STEP), headers=headers) as http:
         transport = streamable_http_client(gw.url("/mcp"), http_client=http)
         kwargs: dict[str, Any] = {"mode": mode, "read_timeout_seconds": STEP}
@@ -140,7 +135,7 @@ def test_acme_agent_reaching_into_globex_is_denied_with_a_reason(qs: GatewayProc
 def test_reading_another_tenants_resource_is_denied(qs: GatewayProcess) -> None:
     headers = {
         **modern_headers("resources/read", "workspace://globex/projects/globex-p1"),
-        "Authorization": f"Bearer {token(qs, 'acme-reader')}",
+        "Authorization": f"Bearer {qs.token('acme-reader')}",
     }
     body = modern_body("resources/read", {"uri": "workspace://globex/projects/globex-p1"})
     error = httpx.post(qs.url("/mcp"), headers=headers, json=body, timeout=STEP).json()["error"]
@@ -217,7 +212,7 @@ async def test_send_report_needs_approval(qs: GatewayProcess, mode: str) -> None
 
 
 def test_approval_state_cannot_be_forged_or_replayed(qs: GatewayProcess) -> None:
-    bearer = token(qs, "acme-admin")
+    bearer = qs.token("acme-admin")
     headers = {
         **modern_headers("tools/call", "workspace__send_report"),
         "Authorization": f"Bearer {bearer}",
@@ -352,7 +347,7 @@ def test_completion_on_another_tenants_resource_is_decided_too(qs: GatewayProces
     # tenant it names is bound like any argument.
     headers = {
         **modern_headers("completion/complete"),
-        "Authorization": f"Bearer {token(qs, 'acme-reader')}",
+        "Authorization": f"Bearer {qs.token('acme-reader')}",
     }
     params = {
         "ref": {"type": "ref/resource", "uri": "workspace://globex/projects/{project_id}"},

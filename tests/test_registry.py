@@ -329,7 +329,7 @@ def test_rotate_key_refuses_a_bad_set_and_keeps_the_old_one(registry: SqliteRegi
 
 
 def test_touch_is_buffered_and_keeps_the_latest_time(path: Path) -> None:
-    with SqliteRegistry(path, touch_interval=3600) as gateway, SqliteRegistry(path) as cli:
+    with SqliteRegistry(path) as gateway, SqliteRegistry(path) as cli:
         gateway.add(make_agent())
         gateway.touch("billing-bot", NOW + 5)
         gateway.touch("billing-bot", NOW + 2)  # an older, late-arriving request
@@ -338,40 +338,56 @@ def test_touch_is_buffered_and_keeps_the_latest_time(path: Path) -> None:
         assert cli.get("billing-bot").last_used_at == NOW + 5
 
 
-def test_touch_writes_after_its_interval_without_moving_the_version(path: Path) -> None:
-    with SqliteRegistry(path, touch_interval=0) as gateway, SqliteRegistry(path) as cli:
+def test_touch_only_notes_and_flush_writes_without_moving_the_version(path: Path) -> None:
+    with SqliteRegistry(path) as gateway, SqliteRegistry(path) as cli:
         gateway.add(make_agent())
         before = cli.version()
         gateway.touch("billing-bot", NOW + 7)
         gateway.touch("ghost", NOW + 7)  # unknown ids are ignored
+        assert cli.get("billing-bot").last_used_at is None  # touch never writes
+        assert gateway.flush_touches() == 2
         assert cli.get("billing-bot").last_used_at == NOW + 7
         assert cli.version() == before
+        assert gateway.flush_touches() == 0  # nothing left
 
 
-def test_touch_never_waits_for_another_writer(path: Path) -> None:
-    with SqliteRegistry(path, touch_interval=0, busy_timeout=10) as gateway:
+def test_flush_never_waits_for_another_writer(path: Path) -> None:
+    with SqliteRegistry(path, busy_timeout=10) as gateway:
         gateway.add(make_agent())
         other = sqlite3.connect(path, isolation_level=None)
         other.execute("BEGIN IMMEDIATE")  # a CLI in the middle of a write
         try:
             started = time.monotonic()
             gateway.touch("billing-bot", NOW + 3)
+            assert gateway.flush_touches() == 0  # busy: kept for the next round
             assert time.monotonic() - started < 5  # did not wait out the 10 s busy timeout
         finally:
             other.execute("ROLLBACK")
             other.close()
-        gateway.touch("billing-bot", NOW + 1)  # the next flush writes the kept time
+        gateway.touch("billing-bot", NOW + 1)  # older than the kept time
+        assert gateway.flush_touches() == 1
         with SqliteRegistry(path) as cli:
             assert cli.get("billing-bot").last_used_at == NOW + 3
 
 
 def test_close_writes_pending_touches(path: Path) -> None:
-    gateway = SqliteRegistry(path, touch_interval=3600)
+    gateway = SqliteRegistry(path)
     gateway.add(make_agent())
     gateway.touch("billing-bot", NOW + 9)
     gateway.close()
     with SqliteRegistry(path) as cli:
         assert cli.get("billing-bot").last_used_at == NOW + 9
+
+
+def test_the_view_notes_uses_in_memory_until_taken(path: Path) -> None:
+    with SqliteRegistry(path) as registry:
+        registry.add(make_agent())
+        view = RegistryView(registry)
+        view.note_use("billing-bot", NOW + 4)
+        view.note_use("billing-bot", NOW + 1)
+        assert registry.get("billing-bot").last_used_at is None
+        assert view.take_uses() == {"billing-bot": NOW + 4}
+        assert view.take_uses() == {}
 
 
 # --- revocations and sessions ---
@@ -499,7 +515,7 @@ def test_the_view_ignores_last_use_updates(pair: Any) -> None:
     cli.add(make_agent())
     view = RegistryView(gateway)
     gateway.touch("billing-bot", NOW)
-    gateway.get("billing-bot")  # flushes the touch
+    assert gateway.flush_touches() == 1
     assert view.refresh() is False
 
 

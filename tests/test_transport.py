@@ -461,6 +461,7 @@ def test_merged_lists_page_through_every_upstream(
             headers=modern_headers("tools/list"),
         )
         page = response.json()["result"]
+        assert "_meta" not in page, f"the list lacks upstreams: {page['_meta']}"
         names += [t["name"] for t in page["tools"]]
         cursor = page.get("nextCursor")
         if cursor is None:

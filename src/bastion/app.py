@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from bastion.audit import AuditRecord, AuditWriter, Query
+from bastion.audit.recover import recover
 from bastion.config import Settings
 from bastion.observe.metrics import Metrics
 from bastion.observe.tracing import Tracing
@@ -95,6 +96,7 @@ class Gateway:
         if self.audit is not None:
             await self._warm(self.audit)
             await self.audit.start()
+            await recover(self.audit)  # decisions a killed process left without an outcome
         for service in self.services:
             await service.start()
         await self.upstreams.start()

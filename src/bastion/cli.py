@@ -18,6 +18,7 @@ from bastion.control.admin_auth import TOKEN_FILE
 from bastion.control.agents_cli import app as agents_app
 from bastion.control.assembly import Identity, build_gateway, open_identity
 from bastion.control.audit_cli import app as audit_app
+from bastion.control.discovery import announce, running_url, withdraw
 from bastion.control.policy_cli import app as policy_app
 from bastion.control.token_service import JWT_BEARER
 from bastion.errors import BastionError, ConfigError
@@ -81,7 +82,6 @@ def serve(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     settings = _load(config_file)
-    configured = settings.base_url()
     listen = settings.listen.model_copy(
         update={k: v for k, v in (("host", host), ("port", port)) if v is not None}
     )
@@ -103,12 +103,19 @@ def serve(
     def ready(port: int) -> None:
         listen = settings.listen.model_copy(update={"port": port})
         running = settings.model_copy(update={"listen": listen})
-        typer.echo(_banner(running, config_file, configured))
+        try:  # for `bastion token` on this machine; the gateway runs without it
+            announce(running, [route.path for route in routes_for(running)])
+        except OSError as exc:
+            log.warning("cannot write %s/gateway.json: %s", running.state_dir, exc)
+        typer.echo(_banner(running, config_file))
 
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             gateway = runner.run(build_gateway(settings))
-            runner.run(serve_gateway(gateway, ready))
+            try:
+                runner.run(serve_gateway(gateway, ready))
+            finally:
+                withdraw(settings.state_dir)
     except OSError as exc:
         typer.echo(
             f"cannot serve on {settings.listen.host}:{settings.listen.port}: {exc}", err=True
@@ -195,13 +202,21 @@ def token(
         ..., "--agent", help="A registered agent whose key is in the state dir."
     ),
     config_file: Path = CONFIG_OPTION,
-    resource: str | None = typer.Option(None, help="The MCP endpoint (default: the first route)."),
+    resource: str | None = typer.Option(
+        None,
+        help="The MCP endpoint the token is for: a full URL or a route path such as "
+        "/servers/echo/mcp (default: the first route).",
+    ),
     scope: str | None = typer.Option(None, help="Space-separated scopes (default: all granted)."),
     dpop_key: Path | None = typer.Option(None, help="PEM private key to bind the token to (DPoP)."),
-    url: str | None = typer.Option(None, help="The gateway's base URL, if not the config's."),
+    url: str | None = typer.Option(
+        None,
+        help="The gateway's base URL (default: the running gateway's, from "
+        "<state_dir>/gateway.json, else the config's).",
+    ),
 ) -> None:
     """Print a fresh access token for an agent, alone on stdout."""
-    identity = _identity(config_file, url)
+    identity = _identity(config_file, _gateway_url(_load(config_file), url, resource))
     settings = identity.service.settings
     now = time.time()
     try:
@@ -223,7 +238,7 @@ def token(
             "client_assertion": assertion,
             "client_assertion_type": JWT_BEARER,
         }
-        form["resource"] = resource or settings.base_url() + routes_for(settings)[0].path
+        form["resource"] = _resource(settings, resource)
         if scope:
             form["scope"] = scope
         proof = None
@@ -235,6 +250,29 @@ def token(
         typer.echo(f"cannot issue a token for {agent!r}: {getattr(exc, 'message', exc)}", err=True)
         raise typer.Exit(1) from exc
     typer.echo(body["access_token"])
+
+
+def _gateway_url(settings: config.Settings, url: str | None, resource: str | None) -> str | None:
+    """The base URL `bastion token` mints for: --url, else the one a full --resource URL names,
+    else the running gateway's (`gateway.json`); None: the config's."""
+    if url is not None:
+        return url
+    if resource is not None and "://" in resource:
+        target = resource.rstrip("/")
+        paths = sorted((route.path for route in routes_for(settings)), key=len, reverse=True)
+        for path in paths:
+            if target.endswith(path) and len(target) > len(path):
+                return target[: -len(path)]
+    return running_url(settings.state_dir)
+
+
+def _resource(settings: config.Settings, resource: str | None) -> str:
+    """The token's audience: a full URL as given, a path on this gateway, or the first route."""
+    if resource is None:
+        return settings.base_url() + routes_for(settings)[0].path
+    if resource.startswith("/"):
+        return settings.base_url() + resource
+    return resource
 
 
 def _alg_of(path: Path) -> str:
@@ -251,7 +289,7 @@ def _alg_of(path: Path) -> str:
     raise BastionError(f"{path}: expected an EC P-256, Ed25519 or RSA private key")
 
 
-def _banner(settings: config.Settings, config_file: Path, configured: str) -> str:
+def _banner(settings: config.Settings, config_file: Path) -> str:
     base = f"http://{settings.listen.host}:{settings.listen.port}"
     lines = [
         "",
@@ -265,11 +303,12 @@ def _banner(settings: config.Settings, config_file: Path, configured: str) -> st
     if settings.auth.mode == "oauth":
         agents = ", ".join(a.id for a in settings.auth.agents) or "none yet (bastion agents add)"
         example = settings.auth.agents[0].id if settings.auth.agents else "AGENT"
-        url_option = "" if base == configured else f" --url {base}"
+        lifetime = settings.auth.token_lifetime_seconds
         lines += [
             f"Every request needs an access token. Demo agents: {agents}. Get a token with:",
-            f"  .venv/bin/bastion token --config {config_file} --agent {example}{url_option}",
-            f'and send it as "Authorization: Bearer <token>" to {base}{first}.',
+            f"  .venv/bin/bastion token --config {config_file} --agent {example}",
+            f'and send it as "Authorization: Bearer <token>" to {base}{first} (it lasts '
+            f"{lifetime} s; --resource /servers/<name>/mcp for another route).",
             f"Clients that do OAuth discover everything from the 401 ({base}/.well-known/"
             "oauth-protected-resource): client_credentials with private_key_jwt.",
             "",

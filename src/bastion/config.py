@@ -159,7 +159,12 @@ class Limits(_Frozen):
     """Bounds on what one request may cost."""
 
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # Legacy-era sessions: in all, per agent (all its users) and per tenant. At a bound, only
+    # the asker's own sessions idle for `session_reclaim_seconds` make room; never another's.
     max_sessions: int = Field(10_000, ge=1)
+    max_sessions_per_agent: int = Field(100, ge=1)
+    max_sessions_per_tenant: int = Field(1000, ge=1)
+    session_reclaim_seconds: float = Field(60.0, gt=0)
     session_idle_seconds: float = Field(3600.0, gt=0)
     sse_replay_events: int = Field(256, ge=0)
     sse_keepalive_seconds: float = Field(15.0, gt=0)
@@ -168,10 +173,30 @@ class Limits(_Frozen):
 
 
 class Security(_Frozen):
-    """DNS-rebinding protection: which Origin and Host values are accepted."""
+    """DNS-rebinding protection (which Origin and Host values are accepted), and which peers
+    are proxies whose forwarded header names the client (audit records, alerts)."""
 
     allowed_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()  # addresses or CIDR ranges, e.g. 10.0.0.0/8
+    forwarded_header: str = Field("x-forwarded-for", pattern=r"^[A-Za-z0-9-]+$")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"expected an IP address or CIDR range, found {entry[:64]!r}"
+                ) from None
+        return value
+
+    @field_validator("forwarded_header")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.lower()  # header names arrive lower-cased
 
 
 class Restart(_Frozen):
@@ -275,6 +300,8 @@ class Grant(_Frozen):
     read_only: bool = False  # only tools a trusted server marks read-only
     arguments: dict[str, ArgumentRule] = Field(default_factory=dict)
     approval: bool = False
+    # Arguments the approver is shown first, marked: recipients, egress targets, amounts.
+    sensitive: tuple[str, ...] = ()
     rate: str | None = Field(None, pattern=RATE_PATTERN)
     reason: str | None = None
 
@@ -329,7 +356,9 @@ class Sink(_Frozen):
     name: str = Field(pattern=NAME_PATTERN)
     type: Literal["jsonl", "syslog", "webhook", "otel_logs"]
     format: Literal["json", "ocsf"] = "json"
-    phases: tuple[Literal["decision", "outcome", "authn", "alert"], ...] = ()  # empty: all
+    # empty: every record phase; "checkpoint" (named, never implied) adds the signed checkpoints
+    # and heartbeats that audit.anchor receives, as JSON lines of their own
+    phases: tuple[Literal["decision", "outcome", "authn", "alert", "checkpoint"], ...] = ()
     path: str | None = None
     address: str | None = None
     transport: Literal["udp", "tcp"] = "udp"
@@ -408,14 +437,74 @@ class Alerts(_Frozen):
     counted in /metrics and sent to the sinks that take `alert` records."""
 
     enabled: bool = True
-    cooldown_seconds: float = Field(600.0, ge=0)  # one alert per rule, agent and subject
+    # One alert per rule, agent and subject; the repeats in between are counted into the next.
+    cooldown_seconds: float = Field(600.0, ge=0)
     baseline_days: float = Field(14.0, ge=0)  # history replayed at start to rebuild baselines
     rate_spike: RateSpike = RateSpike()
     denial_burst: DenialBurst = DenialBurst()
     cross_tenant: CrossTenant = CrossTenant()
-    first_use: Habit = Habit(min_calls=0)
+    # A new agent's first servers and tools are its habits being learned, not an anomaly.
+    first_use: Habit = Habit(min_calls=20)
     unusual_hours: Habit = Habit(min_calls=200)
+    # A host (not host:port) the agent never called from; behind a trusted proxy, the host the
+    # proxy forwarded (`security.trusted_proxies`).
     new_client: Habit = Habit(min_calls=20)
+
+
+class AuditSigner(_Frozen):
+    """Who signs the audit checkpoints and anchor entries, instead of the key in the state
+    directory: an Ed25519 PEM key `file` outside it (created 0600 when missing; refused when
+    other users may read it), or a Vault/OpenBao transit key (`vault_transit`: an ed25519 key
+    `key` under the `mount`, at VAULT_ADDR with VAULT_TOKEN, VAULT_CACERT, VAULT_NAMESPACE)."""
+
+    type: Literal["file", "vault_transit"]
+    path: str | None = None
+    key: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,128}$")
+    mount: str = Field("transit", pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+
+    @model_validator(mode="after")
+    def _shape(self) -> AuditSigner:
+        if self.type == "file" and self.path is None:
+            raise ValueError("signer type file needs `path`")
+        if self.type == "vault_transit" and self.key is None:
+            raise ValueError("signer type vault_transit needs `key` (the transit key's name)")
+        return self
+
+
+class AuditAnchor(_Frozen):
+    """An append-only JSON-lines file outside the state directory that receives every signed
+    checkpoint, and a signed heartbeat naming this writer's head every `heartbeat_seconds`."""
+
+    path: str
+    heartbeat_seconds: float = Field(60.0, gt=0)
+
+
+def audit_path_problems(settings: Settings) -> dict[str, str]:
+    """Key path -> problem, for an audit signer key file or anchor inside the state directory,
+    which protects nothing: whoever can rewrite the store there can reach them too."""
+    state = Path(settings.state_dir).resolve()
+    signer, anchor = settings.audit.signer, settings.audit.anchor
+    named = {
+        "audit.signer.path": signer.path if signer is not None else None,
+        "audit.anchor.path": anchor.path if anchor is not None else None,
+    }
+    return {
+        key: f"{value} lies inside state_dir {state}; keep it outside, where whoever can "
+        "write the audit store cannot reach it"
+        for key, value in named.items()
+        if value is not None and Path(value).resolve().is_relative_to(state)
+    }
+
+
+def _audit_paths(settings: Settings, base: Path) -> dict[str, Any]:
+    """The audit signer key file and anchor, resolved against the config file's folder."""
+    update: dict[str, Any] = {}
+    signer, anchor = settings.audit.signer, settings.audit.anchor
+    if signer is not None and signer.path is not None:
+        update["signer"] = signer.model_copy(update={"path": str((base / signer.path).resolve())})
+    if anchor is not None:
+        update["anchor"] = anchor.model_copy(update={"path": str((base / anchor.path).resolve())})
+    return update
 
 
 class AuditSettings(_Frozen):
@@ -438,6 +527,9 @@ class AuditSettings(_Frozen):
     # certificates); a DSN with a password written into the config is refused.
     store: Literal["sqlite", "postgres"] = "sqlite"
     dsn: str | None = None
+    # None: checkpoints are signed with <state_dir>/audit/checkpoint-key.pem, beside the data.
+    signer: AuditSigner | None = None
+    anchor: AuditAnchor | None = None
 
     @field_validator("dsn")
     @classmethod
@@ -605,7 +697,16 @@ def parse(text: str, *, source: str = "<config>", base: Path | None = None) -> S
         settings = Settings.model_validate(data)
     except ValidationError as exc:
         raise ConfigError([_describe(error, lines) for error in exc.errors()]) from exc
-    return _resolve_paths(settings, base) if base is not None else settings
+    settings = _resolve_paths(settings, base) if base is not None else settings
+    problems = audit_path_problems(settings)
+    if problems:
+        raise ConfigError(
+            [
+                f"{key} (line {lines.get(tuple(key.split('.')), 1)}): {problem}"
+                for key, problem in problems.items()
+            ]
+        )
+    return settings
 
 
 def _describe(error: Any, lines: dict[tuple[str, ...], int]) -> str:
@@ -667,7 +768,7 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
         )
         for sink in settings.audit.sinks
     )
-    audit = settings.audit.model_copy(update={"sinks": sinks})
+    audit = settings.audit.model_copy(update={"sinks": sinks, **_audit_paths(settings, base)})
     return settings.model_copy(
         update={
             "upstreams": upstreams,

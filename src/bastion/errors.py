@@ -23,18 +23,46 @@ BastionError                     code               HTTP  JSON-RPC
 ├── UpstreamError                upstream.*         200   -32603
 │   ├── UpstreamTimeout          upstream.timeout
 │   └── UpstreamUnavailable      upstream.unavailable
+├── SessionQuotaExceeded         session.quota      429   -32600  (.quota: agent, tenant, gateway)
 ├── Overloaded                   server.busy        503   -32603
 └── ConfigError                  config.*           (never on the wire)
 ```
 
 JSON-RPC errors about one request travel with HTTP 200 in the legacy era, so that clients show
 the message; transport-level problems use the HTTP status. Messages say what was expected and
-what was found, and never contain a token or a secret.
+what was found, and never contain a token or a secret; what the client sent appears through
+`shown()`, so no more than a short prefix of it comes back.
 """
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any, ClassVar
+
+SHOWN_LIMIT = 64  # characters of a client-supplied value an error message may repeat
+# Containers are rendered through reprlib, which stops after a few items and levels: the cost
+# stays small however large the value is.
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxtuple, _BRIEF.maxdict = 2, 6, 6, 4
+_BRIEF.maxstring = _BRIEF.maxother = 40
+
+
+def shown(value: object, limit: int = SHOWN_LIMIT) -> str:
+    """A client-supplied value as an error message may quote it: its ASCII repr, cut to `limit`
+    characters with the full length noted, so a 100 kB name never comes back whole (and the
+    message stays fit for a header such as WWW-Authenticate)."""
+    if isinstance(value, str):
+        text = ascii(value[: limit + 1])  # never the repr of the whole: it may be megabytes
+        if len(value) <= limit and len(text) <= limit + 2:
+            return text
+        return f"{text[:limit]}...{text[0]} ({len(value)} characters)"
+    if value is None or isinstance(value, bool | int | float):
+        text = repr(value)
+        return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} digits)"
+    if isinstance(value, list | tuple | dict):
+        text = _BRIEF.repr(value).encode("ascii", "backslashreplace").decode()
+        return text if len(text) <= limit else f"{text[:limit]}... (a {type(value).__name__})"
+    return f"a {type(value).__name__}"
 
 
 class BastionError(Exception):
@@ -210,6 +238,21 @@ class UpstreamUnavailable(UpstreamError):
     """An upstream is down, refused the connection or its process exited."""
 
     code = "upstream.unavailable"
+
+
+class SessionQuotaExceeded(BastionError):
+    """An initialize would pass a session quota: `quota` says which (`agent`, `tenant`, or
+    `gateway` for `limits.max_sessions`) and `limit` its value. One principal's sessions never
+    make room for another's, so the asker is refused instead (429, retry later)."""
+
+    code = "session.quota"
+    http_status = 429
+    rpc_code = -32600
+
+    def __init__(self, quota: str, limit: int, message: str) -> None:
+        super().__init__(message, data={"reason": f"{quota}_quota", "quota": quota, "limit": limit})
+        self.quota = quota
+        self.limit = limit
 
 
 class Overloaded(BastionError):

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from bastion.errors import BastionError, InvalidRequest, ParseError
+from bastion.errors import BastionError, InvalidRequest, ParseError, shown
 from bastion.types import JSON
 
 MAX_DEPTH = 64
@@ -79,7 +79,7 @@ def classify(message: Any) -> Kind:
     if "method" in message:
         extra = message.keys() - _REQUEST_KEYS
         if extra:
-            raise InvalidRequest(f"unexpected member {sorted(extra)[0]!r} in a JSON-RPC request")
+            raise InvalidRequest(f"unexpected member {shown(min(extra))} in a JSON-RPC request")
         method = message["method"]
         if not isinstance(method, str) or not method:
             raise InvalidRequest("method must be a non-empty string")
@@ -92,7 +92,7 @@ def classify(message: Any) -> Kind:
         return Kind.REQUEST
     extra = message.keys() - _RESPONSE_KEYS
     if extra:
-        raise InvalidRequest(f"unexpected member {sorted(extra)[0]!r} in a JSON-RPC response")
+        raise InvalidRequest(f"unexpected member {shown(min(extra))} in a JSON-RPC response")
     if ("result" in message) == ("error" in message):
         raise InvalidRequest("a JSON-RPC response has exactly one of result and error")
     if "id" not in message:

@@ -1,15 +1,18 @@
 """The audit stage: a tamper-evident, durable trail of every request Bastion handles.
 
-`record` (what is written), `chain` (hash links and signed checkpoints; pure), `store` (the
-port and its SQLite adapter), `postgres` (the PostgreSQL adapter, imported only when
-configured), `writer` (batching, durability, back-pressure), `keys` (files in the state
-directory), `trail` (the store the configuration names, for writing or reading), `ocsf` and
-`export` (for other tools).
+`record` (what is written), `chain` (hash links and `verify`; pure), `seal` (signed
+checkpoints and heartbeats; pure), `store` (the port and its SQLite adapter), `postgres` (the
+PostgreSQL adapter, imported only when configured), `writer` (batching, durability,
+back-pressure, sealing), `keys` (files in the state directory), `signer` (who signs: the state
+directory's key, a key file outside it, or Vault transit), `anchor` (checkpoints and heartbeats
+kept outside the store), `trail` (the store the configuration names, for writing or reading),
+`ocsf` and `export` (for other tools).
 """
 
-from bastion.audit.chain import Checkpoint, Entry, Finding, Problem, VerifyReport, verify
+from bastion.audit.chain import Entry, Finding, Problem, VerifyReport, verify
 from bastion.audit.errors import AuditUnavailable
 from bastion.audit.record import SCHEMA_VERSION, AuditRecord, digest
+from bastion.audit.seal import Checkpoint
 from bastion.audit.store import AuditStore, Query, SqliteAuditStore
 from bastion.audit.writer import AuditWriter, WriterOptions, open_writer
 

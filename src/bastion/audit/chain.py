@@ -13,16 +13,16 @@ hash(seq) = SHA-256( prev_hash      32 bytes: the hash of entry seq-1, or 32 zer
 
 and stored as lowercase hex. Changing, removing, inserting or reordering an entry breaks the
 links after it. Anyone can recompute a chain, so every `checkpoint_every` records or
-`checkpoint_seconds` the writer signs its head with an Ed25519 key (`EdDSA`) that only it holds:
+`checkpoint_seconds` the writer signs its head (seal.py): a rewritten chain then disagrees with
+a signed checkpoint, and a cut tail leaves a checkpoint that names records the store no longer
+has. What no checkpoint covers yet (at most one interval of records at the end of a chain,
+reported as `unsealed`) is protected by the links alone.
 
-```
-message = b"bastion.audit.checkpoint.v1\\x00" ‖ len(w) 1 byte ‖ w ‖ seq 8 bytes big-endian
-          ‖ hash 32 bytes ‖ time (IEEE 754 double, big-endian) ‖ len(kid) 1 byte ‖ kid
-```
-
-A rewritten chain then disagrees with a signed checkpoint, and a cut tail leaves a checkpoint
-that names records the store no longer has. What no checkpoint covers yet (at most one interval
-of records at the end of a chain, reported as `unsealed`) is protected by the links alone.
+All of that is only as good as the store's own copy of the checkpoints: whoever can write the
+store can delete a checkpoint with the records under it, or, holding the key, rewrite and
+re-sign. So `verify(..., anchored=...)` also holds the store to the signed heads an anchor kept
+elsewhere saw (anchor.py): a head the store no longer reaches (a truncated tail), a writer it no
+longer has, a hash it now has differently (rewritten, whatever signs it now).
 """
 
 from __future__ import annotations
@@ -38,14 +38,13 @@ from dataclasses import dataclass, field
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from bastion.audit.seal import Anchored, Checkpoint, checkpoint_message
 from bastion.errors import TokenError
-from bastion.identity.keys import KeySet, SigningKey
+from bastion.identity.keys import KeySet
 
 GENESIS = "0" * 64
 WRITER_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_CHECKPOINT_TAG = b"bastion.audit.checkpoint.v1\x00"
 _SEQ = struct.Struct(">Q")
-_TIME = struct.Struct(">d")
 MAX_PROBLEMS = 1000  # past this, a report counts problems instead of listing them
 
 
@@ -69,46 +68,6 @@ class Entry:
     record: str
     prev_hash: str
     hash: str
-
-
-@dataclass(frozen=True, slots=True)
-class Checkpoint:
-    """A writer's signature over the head of its chain at `seq`, made at `time`."""
-
-    writer_id: str
-    seq: int
-    hash: str
-    time: float
-    kid: str
-    signature: str  # base64url, no padding
-
-
-def checkpoint_message(writer_id: str, seq: int, hash_: str, time: float, kid: str) -> bytes:
-    """The exact bytes a checkpoint signature covers (see the module docstring)."""
-    wid, kid_bytes = writer_id.encode("ascii"), kid.encode("utf-8")
-    return b"".join(
-        (
-            _CHECKPOINT_TAG,
-            len(wid).to_bytes(1, "big"),
-            wid,
-            _SEQ.pack(seq),
-            bytes.fromhex(hash_),
-            _TIME.pack(time),
-            len(kid_bytes).to_bytes(1, "big"),
-            kid_bytes,
-        )
-    )
-
-
-def sign_checkpoint(
-    key: SigningKey, writer_id: str, seq: int, hash_: str, time: float
-) -> Checkpoint:
-    """Sign the head (`seq`, `hash_`) of `writer_id`'s chain with an Ed25519 `key`."""
-    if not isinstance(key.private, ed25519.Ed25519PrivateKey):
-        raise ValueError(f"expected an Ed25519 checkpoint key, found {key.alg}")
-    signature = key.private.sign(checkpoint_message(writer_id, seq, hash_, time, key.kid))
-    encoded = base64.urlsafe_b64encode(signature).rstrip(b"=").decode("ascii")
-    return Checkpoint(writer_id, seq, hash_, time, key.kid, encoded)
 
 
 @dataclass(slots=True)
@@ -154,6 +113,9 @@ class Problem(enum.StrEnum):
     CHECKPOINT_MISMATCH = "checkpoint_mismatch"  # the chain was rewritten under a checkpoint
     BAD_SIGNATURE = "bad_signature"  # a checkpoint's signature does not verify (forged)
     UNKNOWN_KEY = "unknown_key"  # a checkpoint names a key the key file does not list
+    MISSING_WRITER = "missing_writer"  # the anchor names a writer the store has no record of
+    REWRITTEN = "rewritten"  # the store's hash differs from the anchored one: re-signed history
+    ANCHOR_INVALID = "anchor_invalid"  # an anchor line is unreadable, forged or of an unknown key
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +140,7 @@ class WriterSummary:
     last_seq: int = 0
     checkpoints: int = 0
     sealed_seq: int = 0  # seq of the last valid checkpoint that matches the store
+    anchored_seq: int = 0  # seq of the last anchored head that matches the store
 
     @property
     def unsealed(self) -> int:
@@ -192,6 +155,8 @@ class VerifyReport:
     findings: list[Finding] = field(default_factory=list)
     writers: dict[str, WriterSummary] = field(default_factory=dict)
     problem_count: int = 0
+    anchored: int | None = None  # anchor entries checked; None: no anchor was given
+    notes: list[str] = field(default_factory=list)  # what the result does not prove
 
     @property
     def ok(self) -> bool:
@@ -220,12 +185,16 @@ class _Walk:
 
 
 def verify(
-    entries: Iterable[Entry], checkpoints: Iterable[Checkpoint], public_keys: KeySet
+    entries: Iterable[Entry],
+    checkpoints: Iterable[Checkpoint],
+    public_keys: KeySet,
+    anchored: Iterable[Anchored] | None = None,
 ) -> VerifyReport:
-    """Check every link and checkpoint; entries come in stored (append) order.
+    """Check every link and checkpoint, and the store against the `anchored` heads when given;
+    entries come in stored (append) order.
 
-    Entries stream through (one writer's state at a time in memory, plus the checkpoints), so
-    a large trail needs no more memory than a small one.
+    Entries stream through (one writer's state at a time in memory, plus the checkpoints and
+    anchored heads), so a large trail needs no more memory than a small one.
     """
     report = VerifyReport()
     found: list[Finding] = []
@@ -238,6 +207,7 @@ def verify(
             found.append(problem)
         else:
             by_seq.setdefault((cp.writer_id, cp.seq), []).append(cp)
+    pinned = _pinned(anchored, public_keys, report, found)
     walks: dict[str, _Walk] = {}
     for entry in entries:
         walk = walks.get(entry.writer_id)
@@ -258,14 +228,85 @@ def verify(
                 )
             else:
                 walk.summary.sealed_seq = max(walk.summary.sealed_seq, cp.seq)
+        _hold_to_anchor(walk, entry, pinned.get((entry.writer_id, entry.seq), ()), found)
     for writer_id, summary in report.writers.items():
         walk = walks.get(writer_id) or _Walk(summary)
         found.extend(_gap_findings(writer_id, walk))
         found.extend(_tail_findings(writer_id, summary, by_seq))
+    found.extend(_anchor_tail_findings(pinned, walks))
     found.sort(key=lambda f: (f.writer_id, f.seq, list(Problem).index(f.problem)))
     report.problem_count = len(found)
     report.findings = found[:MAX_PROBLEMS]
     return report
+
+
+def _pinned(
+    anchored: Iterable[Anchored] | None,
+    public_keys: KeySet,
+    report: VerifyReport,
+    found: list[Finding],
+) -> dict[tuple[str, int], list[Anchored]]:
+    """The anchored heads whose signature verifies, by (writer, seq); the others are findings."""
+    pinned: dict[tuple[str, int], list[Anchored]] = {}
+    if anchored is None:
+        return pinned
+    report.anchored = 0
+    for item in anchored:
+        report.anchored += 1
+        problem = _signature_problem(item.point, public_keys, item)
+        if problem is not None:
+            found.append(problem)
+        else:
+            pinned.setdefault((item.point.writer_id, item.point.seq), []).append(item)
+    return pinned
+
+
+def _hold_to_anchor(
+    walk: _Walk, entry: Entry, pinned: Iterable[Anchored], found: list[Finding]
+) -> None:
+    """An anchored head at this entry's seq must name this entry's hash."""
+    for item in pinned:
+        if item.point.hash == entry.hash:
+            walk.summary.anchored_seq = max(walk.summary.anchored_seq, entry.seq)
+            continue
+        found.append(
+            Finding(
+                entry.writer_id,
+                entry.seq,
+                Problem.REWRITTEN,
+                f"re-signed or rewritten history: {item.what} names hash "
+                f"{item.point.hash[:16]}…, the store has {entry.hash[:16]}…",
+            )
+        )
+
+
+def _anchor_tail_findings(
+    pinned: dict[tuple[str, int], list[Anchored]], walks: dict[str, _Walk]
+) -> list[Finding]:
+    """A writer the anchor saw reach a seq the store does not: a missing writer or a cut tail."""
+    furthest: dict[str, Anchored] = {}
+    for (writer_id, seq), items in pinned.items():
+        best = furthest.get(writer_id)
+        if seq > 0 and (best is None or seq > best.point.seq):
+            furthest[writer_id] = items[0]
+    findings = []
+    for writer_id, item in sorted(furthest.items()):
+        walk = walks.get(writer_id)
+        seq = item.point.seq
+        if walk is None:
+            message = (
+                f"missing writer: {item.what} names its chain up to seq {seq}, the store has "
+                "no record of it: the whole chain was deleted"
+            )
+            findings.append(Finding(writer_id, 1, Problem.MISSING_WRITER, message))
+        elif walk.summary.last_seq < seq:
+            last = walk.summary.last_seq
+            message = (
+                f"truncated tail: the store ends at seq {last} but {item.what} names seq "
+                f"{seq}: seqs {last + 1}–{seq} were cut off"
+            )
+            findings.append(Finding(writer_id, last + 1, Problem.TRUNCATED, message))
+    return findings
 
 
 def _step(walk: _Walk, entry: Entry, found: list[Finding]) -> None:
@@ -346,26 +387,31 @@ def _tail_findings(
     ]
 
 
-def _signature_problem(cp: Checkpoint, public_keys: KeySet) -> Finding | None:
+def _signature_problem(
+    cp: Checkpoint, public_keys: KeySet, anchored: Anchored | None = None
+) -> Finding | None:
+    """Why the signature of a checkpoint (or an anchored head) does not hold; None when it does."""
+    if anchored is None:
+        names, signature_of = "the checkpoint names", "the checkpoint's signature"
+        unknown, bad = Problem.UNKNOWN_KEY, Problem.BAD_SIGNATURE
+    else:
+        names, signature_of = f"{anchored.what} names", f"the signature of {anchored.what}"
+        unknown = bad = Problem.ANCHOR_INVALID
     try:
         public, _ = public_keys.get(cp.kid)
     except TokenError:
-        return Finding(
-            cp.writer_id,
-            cp.seq,
-            Problem.UNKNOWN_KEY,
-            f"the checkpoint names key {cp.kid!r}, which the checkpoint key file does not list",
-        )
+        message = f"{names} key {cp.kid[:64]!r}, which the trusted checkpoint keys do not list"
+        return Finding(cp.writer_id, cp.seq, unknown, message)
+    heartbeat = anchored is not None and anchored.heartbeat
     try:
         signature = base64.urlsafe_b64decode(cp.signature + "=" * (-len(cp.signature) % 4))
         if not isinstance(public, ed25519.Ed25519PublicKey):
             raise InvalidSignature
-        public.verify(signature, checkpoint_message(cp.writer_id, cp.seq, cp.hash, cp.time, cp.kid))
-    except (InvalidSignature, ValueError):
-        return Finding(
-            cp.writer_id,
-            cp.seq,
-            Problem.BAD_SIGNATURE,
-            "the checkpoint's signature does not verify: it was forged or altered",
+        signed = checkpoint_message(
+            cp.writer_id, cp.seq, cp.hash, cp.time, cp.kid, heartbeat=heartbeat
         )
+        public.verify(signature, signed)
+    except (InvalidSignature, ValueError, OverflowError, UnicodeError):
+        message = f"{signature_of} does not verify: it was forged or altered"
+        return Finding(cp.writer_id, cp.seq, bad, message)
     return None

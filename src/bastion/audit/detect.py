@@ -11,7 +11,13 @@ raises; nothing here does I/O, and each record costs a few dictionary operations
 - `first_use`: the first call of an agent to a server, and to a tool;
 - `unusual_hours`: a call in an hour of the day (UTC) the agent was never active in, once it
   has `min_calls` calls;
-- `new_client`: a call from an address the agent never used, once it has `min_calls` calls.
+- `new_client`: a call from a host the agent never used, once it has `min_calls` calls. The
+  host only: every new connection has a new port. Behind a trusted proxy the record's
+  `client` is the forwarded address already (`security.trusted_proxies`).
+
+One alert per rule, agent and subject within `cooldown_seconds`: the repeats in between are
+counted, and the next alert after the cooldown carries their number (`repeats`). Rules that
+alert on every attempt (`cross_tenant`) and alerts that suspend are never held back.
 
 State is per (tenant, agent), bounded (`max_agents`, least recently seen dropped first), and
 rebuilt at start by replaying recent history through `observe(…, replay=True)`.
@@ -19,9 +25,10 @@ rebuilt at start by replaying recent history through `observe(…, replay=True)`
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from bastion.audit.record import AuditRecord
@@ -33,6 +40,7 @@ _MINUTE = 60.0
 _ALPHA = 0.1  # weight of the newest minute in an agent's moving average
 _GAP_CAP = 24 * 60  # minutes of silence after which the average is as good as zero
 _MAX_ADDRESSES = 256  # addresses remembered per agent
+_MAX_QUIET = 1024  # (rule, subject) cooldowns remembered per agent
 _SEVERITY_IDS = {"low": 2, "medium": 3, "high": 4, "critical": 5}
 
 
@@ -89,7 +97,8 @@ class _Agent:
     tools: set[str] = field(default_factory=set)
     hours: list[int] = field(default_factory=lambda: [0] * 24)
     addresses: OrderedDict[str, None] = field(default_factory=OrderedDict)
-    quiet_until: dict[tuple[str, str], float] = field(default_factory=dict)
+    # (rule, subject) → until when its alerts are held back, and how many were since.
+    quiet: dict[tuple[str, str], tuple[float, int]] = field(default_factory=dict)
 
 
 class Detectors:
@@ -121,9 +130,8 @@ class Detectors:
             state.calls += 1
         if replay:
             return []
-        return [
-            alert for alert, subject, repeat in raised if self._due(state, alert, subject, repeat)
-        ]
+        due = (self._due(state, alert, subject, repeat) for alert, subject, repeat in raised)
+        return [alert for alert in due if alert is not None]
 
     # --- the rules ---------------------------------------------------------------------------
 
@@ -256,7 +264,7 @@ class Detectors:
                 )
             )
         state.hours[hour] += 1
-        client = record.client
+        client = _host(record.client) if record.client else None
         if client is not None:
             known = client in state.addresses
             new = settings.new_client
@@ -320,16 +328,48 @@ class Detectors:
         )
         return alert, subject, repeat
 
-    def _due(self, state: _Agent, alert: Alert, subject: str, repeat: bool) -> bool:
-        """Whether to raise `alert` now: once per rule and subject within the cooldown, except
+    def _due(self, state: _Agent, alert: Alert, subject: str, repeat: bool) -> Alert | None:
+        """`alert` if it is to be raised now, else None: once per rule and subject within the
+        cooldown (the repeats held back are counted, and the next alert says how many), except
         for rules that alert on every attempt and for any alert that suspends."""
         if repeat or alert.suspend:
-            return True
+            return alert
         key = (alert.rule, subject)
-        if alert.time < state.quiet_until.get(key, -math.inf):
-            return False
-        state.quiet_until[key] = alert.time + self._settings.cooldown_seconds
-        return True
+        until, held = state.quiet.get(key, (-math.inf, 0))
+        if alert.time < until:
+            state.quiet[key] = (until, held + 1)
+            return None
+        if len(state.quiet) >= _MAX_QUIET and key not in state.quiet:
+            _forget_quiet(state.quiet, alert.time)
+        state.quiet[key] = (alert.time + self._settings.cooldown_seconds, 0)
+        if held == 0:
+            return alert
+        message = f"{alert.message} ({held} more since the last such alert)"
+        return replace(alert, message=message, facts={**alert.facts, "repeats": held})
+
+
+def _forget_quiet(quiet: dict[tuple[str, str], tuple[float, int]], now: float) -> None:
+    """Drop the cooldowns that ended (their held-back counts were never followed by another
+    alert), or the oldest half when none has: the map stays bounded."""
+    ended = [key for key, (until, _) in quiet.items() if until <= now]
+    for key in ended or list(quiet)[: len(quiet) // 2]:
+        del quiet[key]
+
+
+def _host(client: str) -> str:
+    """The host of a record's client address: `host:port`, `[v6]:port`, or a bare address
+    (history written before addresses were bracketed has `v6:port`)."""
+    if client.startswith("["):
+        end = client.find("]")
+        return client[1:end] if end > 0 else client
+    if client.count(":") == 1:
+        return client.partition(":")[0]
+    if client.count(":") > 1:
+        try:
+            ipaddress.ip_address(client)
+        except ValueError:
+            return client.rpartition(":")[0]
+    return client
 
 
 def _window(times: deque[float], now: float, seconds: float) -> deque[float]:

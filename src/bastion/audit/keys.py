@@ -8,6 +8,10 @@
     writer-id              this process's writer id; `writer-id.1`, `.2`, … for more processes
 ```
 
+The checkpoint key here sits beside the data it seals, so whoever can write the state directory
+can also re-sign; `audit.signer` (signer.py) moves the key outside it (a file, or Vault
+transit), and then neither key file here is made or trusted.
+
 A process claims a writer id by holding an exclusive `flock` on its file for as long as it
 writes, so two processes that share a state directory never extend the same chain; a
 restarted process finds its old id free again and continues its own chain. The lock dies with

@@ -10,11 +10,11 @@ One record becomes one event. The mapping:
 | type_uid                            | class_uid × 100 + activity_id                            |
 | time                                | time, in milliseconds                                    |
 | duration                            | latency_ms (rounded)                                     |
-| severity_id / severity              | 1 Informational; 2 Low for upstream errors; 3 Medium for |
-|                                     | denials and blocks; alerts: detail.severity_id or 4 High |
+| severity_id / severity              | 1 Informational; 2 Low for failed or unknown outcomes; 3 |
+|                                     | Medium for denials and blocks; alerts: severity_id or 4  |
 | status_id / status / status_detail  | 1 Success (outcome ok, or decision allow), 2 Failure     |
-|                                     | (deny, denied, blocked, upstream_error), 0 Unknown; the  |
-|                                     | reason                                                   |
+|                                     | (deny, denied, blocked, upstream_error, error), 0 Unknown |
+|                                     | (outcome unknown: lost to a crash); the reason           |
 | disposition_id / disposition        | 1 Allowed / 2 Blocked from decision (security control)   |
 | message                             | reason, else "<method> <tool>"                           |
 | actor.user                          | uid = user (type User), else the agent (type Other,      |
@@ -51,7 +51,7 @@ API_ACTIVITY = 6003
 APPLICATION_ACTIVITY = 6
 _READ, _OTHER = 2, 99
 _SEVERITY = {1: "Informational", 2: "Low", 3: "Medium", 4: "High", 5: "Critical", 6: "Fatal"}
-_FAILURES = frozenset({"upstream_error", "blocked", "denied"})
+_FAILURES = frozenset({"upstream_error", "error", "blocked", "denied"})
 
 
 def event(
@@ -117,7 +117,7 @@ def _severity(record: AuditRecord) -> int:
         return given if isinstance(given, int) and given in _SEVERITY else 4
     if record.decision == "deny" or record.outcome in ("blocked", "denied"):
         return 3
-    if record.outcome == "upstream_error":
+    if record.outcome in ("upstream_error", "error", "unknown"):
         return 2
     return 1
 
@@ -127,6 +127,8 @@ def _status(record: AuditRecord) -> int:
         return 1
     if record.outcome in _FAILURES or record.decision == "deny":
         return 2
+    if record.outcome == "unknown":  # a crash took the answer: nobody knows
+        return 0
     if record.decision == "allow":
         return 1
     return 0

@@ -34,8 +34,9 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
 
-from bastion.audit.chain import Checkpoint, Entry
+from bastion.audit.chain import Entry
 from bastion.audit.errors import AuditUnavailable
+from bastion.audit.seal import Checkpoint
 from bastion.audit.store import SqlReads, _row
 
 _SCHEMA = (

@@ -19,7 +19,10 @@ SCHEMA_VERSION = 1
 
 Phase = Literal["decision", "outcome", "authn", "alert"]
 Verdict = Literal["allow", "deny"]
-Outcome = Literal["ok", "upstream_error", "blocked", "denied"]
+# How an allowed call ended: answered (`ok`), with an upstream failure, with another JSON-RPC
+# error (`error`), blocked or denied on the way back; `unknown` when the gateway stopped before
+# it recorded the end (written at the next start, see `bastion.audit.recover`).
+Outcome = Literal["ok", "upstream_error", "error", "blocked", "denied", "unknown"]
 
 PHASES: frozenset[str] = frozenset(get_args(Phase))
 VERDICTS: frozenset[str] = frozenset(get_args(Verdict))

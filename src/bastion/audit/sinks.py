@@ -3,7 +3,9 @@
 Pure encoders; the I/O (files, sockets, HTTPS) is in `bastion.control.forward`. Each entry is
 rendered once per sink in the sink's `format`: `json` is the line `bastion audit export`
 writes (the record as hashed, with its place in the chain, so a copy can be checked against
-the trail), `ocsf` an OCSF API Activity event.
+the trail), `ocsf` an OCSF API Activity event. Sinks that list the `checkpoint` phase also
+get the anchor's lines (anchor.py: signed checkpoints and heartbeats) as they are, whatever
+their format: syslog MSGID `checkpoint` or `heartbeat`, OTLP event `bastion.audit.checkpoint`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import orjson
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeLogs
@@ -40,12 +43,12 @@ def render(entry: Entry, fmt: Format) -> bytes:
 
 
 def level(record: AuditRecord) -> str:
-    """How loud a record is: alert, error (an upstream failure), deny, or info."""
+    """How loud a record is: alert, error (a failed or unknown outcome), deny, or info."""
     if record.phase == "alert":
         return "alert"
     if record.decision == "deny" or record.outcome in ("denied", "blocked"):
         return "deny"
-    if record.outcome == "upstream_error":
+    if record.outcome in ("upstream_error", "error", "unknown"):
         return "error"
     return "info"
 
@@ -61,10 +64,28 @@ def syslog_message(
 
     MSGID is the record's phase; the structured-data part is empty (the record is the MSG).
     """
-    priority = facility * 8 + _SYSLOG_SEVERITY[level(record)]
-    stamp = datetime.fromtimestamp(record.time, UTC).isoformat(timespec="microseconds")
+    severity = _SYSLOG_SEVERITY[level(record)]
+    return _syslog(line, record.time, record.phase, facility * 8 + severity, hostname, app)
+
+
+def anchor_kind(line: bytes) -> tuple[str, float, dict[str, Any]]:
+    """(kind, time, the entry) of an anchor line: kind `checkpoint` or `heartbeat`."""
+    entry: dict[str, Any] = orjson.loads(line)
+    return str(entry["kind"]), float(entry["time"]), entry
+
+
+def syslog_anchor(line: bytes, facility: int, hostname: str | None = None) -> bytes:
+    """An RFC 5424 message (severity info) carrying an anchor line; MSGID is its kind."""
+    kind, when, _ = anchor_kind(line)
+    return _syslog(line, when, kind, facility * 8 + _SYSLOG_SEVERITY["info"], hostname, "bastion")
+
+
+def _syslog(
+    line: bytes, when: float, msgid: str, priority: int, hostname: str | None, app: str
+) -> bytes:
+    stamp = datetime.fromtimestamp(when, UTC).isoformat(timespec="microseconds")
     host = _token(hostname or socket.gethostname())
-    head = f"<{priority}>1 {stamp.replace('+00:00', 'Z')} {host} {_token(app)} - {record.phase} - "
+    head = f"<{priority}>1 {stamp.replace('+00:00', 'Z')} {host} {_token(app)} - {msgid} - "
     return head.encode("ascii") + line
 
 
@@ -117,6 +138,33 @@ def otlp_logs(items: Sequence[tuple[bytes, AuditRecord]], service: str = "bastio
             except ValueError:
                 pass
         logs.append(log)
+    return _export(logs, service)
+
+
+def otlp_anchor(lines: Sequence[bytes], service: str = "bastion") -> bytes:
+    """An OTLP `ExportLogsServiceRequest`: one log record per anchor line, its body the line."""
+    logs = []
+    for line in lines:
+        kind, when, entry = anchor_kind(line)
+        attributes = {
+            "event.name": f"bastion.audit.{kind}",
+            "bastion.writer": entry["writer"],
+            "bastion.seq": entry["seq"],
+        }
+        logs.append(
+            LogRecord(
+                time_unix_nano=int(when * 1_000_000_000),
+                observed_time_unix_nano=time.time_ns(),
+                severity_number=_OTEL_INFO[0],  # type: ignore[arg-type]
+                severity_text=_OTEL_INFO[1],
+                body=AnyValue(string_value=line.decode()),
+                attributes=[_attribute(k, v) for k, v in attributes.items()],
+            )
+        )
+    return _export(logs, service)
+
+
+def _export(logs: list[LogRecord], service: str) -> bytes:
     request = ExportLogsServiceRequest(
         resource_logs=[
             ResourceLogs(

@@ -19,8 +19,9 @@ from typing import Any, Literal, Protocol
 
 import orjson
 
-from bastion.audit.chain import Checkpoint, Entry
+from bastion.audit.chain import Entry
 from bastion.audit.errors import AuditUnavailable
+from bastion.audit.seal import Checkpoint
 
 Synchronous = Literal["FULL", "NORMAL"]
 

@@ -6,16 +6,23 @@ the writer-id files stay in `<state_dir>/audit/`. `audit.dsn` is read here, when
 opens: `env:NAME` (an environment variable), `file:PATH` (a file's content, trimmed;
 relative to the working directory, like the upstreams' secret references, so better absolute),
 or a literal DSN without a password.
+
+The checkpoints are signed by `audit.signer` (signer.py; the key in the state directory when
+none is configured, which startup warns about) and sent to `audit.anchor` and to sinks that
+take the `checkpoint` phase (anchor.py).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bastion.audit.anchor import Anchor
 from bastion.audit.errors import AuditUnavailable
-from bastion.audit.keys import DB_FILE, audit_dir, claim_writer_id, load_checkpoint_key
+from bastion.audit.keys import DB_FILE, KEY_FILE, audit_dir, claim_writer_id
+from bastion.audit.signer import open_signer
 from bastion.audit.store import SqliteAuditStore
 from bastion.audit.writer import AuditWriter, WriterOptions, open_writer
 from bastion.config import AuditSettings, Settings
@@ -23,6 +30,9 @@ from bastion.errors import ConfigError
 
 if TYPE_CHECKING:
     from bastion.audit.postgres import PostgresAuditStore
+
+log = logging.getLogger("bastion.audit")
+HEARTBEAT_SECONDS = 60.0  # for sinks taking checkpoints when there is no anchor file
 
 
 def open_trail_writer(settings: Settings) -> AuditWriter:
@@ -32,26 +42,55 @@ def open_trail_writer(settings: Settings) -> AuditWriter:
         checkpoint_every=audit.checkpoint_every, checkpoint_seconds=audit.checkpoint_seconds
     )
     Path(settings.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    directory = audit_dir(settings.state_dir)
+    signer = open_signer(audit.signer, directory)
+    anchor = open_anchor(settings)
+    _warn_weak(settings, directory)
     if audit.store == "sqlite":
         return open_writer(
-            settings.state_dir, options, synchronous=audit.synchronous, max_bytes=audit.max_bytes
+            settings.state_dir,
+            options,
+            synchronous=audit.synchronous,
+            max_bytes=audit.max_bytes,
+            signer=signer,
+            anchor=anchor,
         )
     from bastion.audit.postgres import PostgresAuditStore
 
-    directory = audit_dir(settings.state_dir)
     store = PostgresAuditStore(resolve_dsn(audit))
     try:
         claim = claim_writer_id(directory, hold=store.hold)
     except BaseException:
         store.close()
         raise
-    try:
-        key = load_checkpoint_key(directory)
-    except BaseException:
-        store.close()
-        claim.release()
-        raise
-    return AuditWriter(store, claim.writer_id, key, options, claim=claim)
+    return AuditWriter(store, claim.writer_id, signer, options, claim=claim, anchor=anchor)
+
+
+def open_anchor(settings: Settings) -> Anchor | None:
+    """Where checkpoints and heartbeats go besides the store: the anchor file and the sinks
+    that list the `checkpoint` phase; None when nothing takes them."""
+    anchor = settings.audit.anchor
+    if anchor is not None:
+        return Anchor(anchor.path, anchor.heartbeat_seconds)
+    if any("checkpoint" in sink.phases for sink in settings.audit.sinks):
+        return Anchor(None, HEARTBEAT_SECONDS)
+    return None
+
+
+def _warn_weak(settings: Settings, directory: Path) -> None:
+    """Say at startup what the trail's defaults leave open (README: the audit threat model)."""
+    if settings.audit.signer is None:
+        log.warning(
+            "audit checkpoints are signed with %s, beside the data: whoever can write the state "
+            "directory can rewrite the trail and re-sign it unnoticed; set audit.signer (a key "
+            "file outside it, or Vault transit)",
+            directory / KEY_FILE,
+        )
+    if settings.audit.anchor is None:
+        log.warning(
+            "audit checkpoints are anchored nowhere outside the store: a cut tail or a deleted "
+            "writer's chain goes unnoticed by `bastion audit verify`; set audit.anchor"
+        )
 
 
 def open_trail_reader(settings: Settings) -> SqliteAuditStore | PostgresAuditStore:

@@ -14,6 +14,11 @@ backoff; the writer is unhealthy until a write succeeds. Meanwhile strict append
 relaxed appends queue until the queue is full and then wait at most `put_timeout`. A write
 that hangs (a stalled disk) fails every strict caller after `commit_timeout`, found by a
 watchdog timer on the loop. No record is dropped: `stop` reports any it could not write.
+
+The thread also signs the checkpoints (with a key in this process or through Vault transit,
+signer.py) and, with an `Anchor`, sends each committed checkpoint there and a heartbeat every
+`heartbeat_seconds`. Sealing is not what a caller waits for: a signer or anchor that fails is
+logged and retried with backoff while records go on being committed, linked but unsealed.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-from bastion.audit.chain import Chain, Checkpoint, sign_checkpoint
+from bastion.audit.anchor import Anchor
+from bastion.audit.chain import Chain
 from bastion.audit.errors import AuditUnavailable
 from bastion.audit.keys import (
     DB_FILE,
@@ -38,11 +44,13 @@ from bastion.audit.keys import (
     load_checkpoint_key,
 )
 from bastion.audit.record import AuditRecord
+from bastion.audit.seal import Checkpoint, Signer, sign_checkpoint
 from bastion.audit.store import AuditStore, SqliteAuditStore, Synchronous
 from bastion.identity.keys import SigningKey
 
 log = logging.getLogger("bastion.audit")
 
+SEAL_BACKOFF_MAX = 30.0  # seconds between attempts to sign, at most, while the signer fails
 _Waiter: TypeAlias = "asyncio.Future[None] | None"
 _Item: TypeAlias = tuple[bytes, _Waiter]
 
@@ -73,14 +81,21 @@ class AuditWriter:
         self,
         store: AuditStore,
         writer_id: str,
-        key: SigningKey,
+        key: SigningKey | Signer,
         options: WriterOptions | None = None,
         *,
         claim: WriterClaim | None = None,
         clock: Callable[[], float] = time.time,
+        anchor: Anchor | None = None,
     ) -> None:
         self._store = store
         self._key = key
+        self._anchor = anchor
+        self._next_beat = 0.0  # when the next heartbeat is due: at once, naming the writer live
+        self._seal_retry_at = 0.0  # after a signer failure, no new attempt before this
+        self._seal_backoff = 0.0
+        self._seal_broken = False  # the signer failed while stopping: stop without a seal
+        self._anchor_retry_at = 0.0  # when to try again lines the anchor file refused
         self._options = options or WriterOptions()
         self._claim = claim
         self._clock = clock
@@ -114,6 +129,11 @@ class AuditWriter:
     def writer_id(self) -> str:
         """The id of this writer's chain."""
         return self._chain.writer_id
+
+    @property
+    def anchor(self) -> Anchor | None:
+        """Where this writer's checkpoints and heartbeats go besides the store (for sinks)."""
+        return self._anchor
 
     @property
     def healthy(self) -> bool:
@@ -294,8 +314,10 @@ class AuditWriter:
             while True:
                 batch = self._take()
                 if batch is None:
+                    self._last_anchoring()
                     return
                 error = self._write(batch)
+                self._tend_anchor()
                 waiters = [done for _, done in batch if done is not None]
                 if waiters or self._room_waiters:
                     self._call(self._settle, waiters, error)
@@ -324,8 +346,9 @@ class AuditWriter:
         with self._cond:
             while not self._pending:
                 if self._stopping:
-                    return [] if self._chain.seq > self._sealed_seq else None
-                due = self._seal_due_in()
+                    unsealed = self._chain.seq > self._sealed_seq and not self._seal_broken
+                    return [] if unsealed else None
+                due = self._due_in()
                 if due == 0:
                     return []
                 self._idle = True
@@ -351,11 +374,17 @@ class AuditWriter:
             self._write_started = time.monotonic()
             return batch
 
-    def _seal_due_in(self) -> float | None:
-        """Seconds until the unsealed tail must get a checkpoint; None when all is sealed."""
-        if self._chain.seq <= self._sealed_seq:
-            return None
-        return max(0.0, self._sealed_at + self._options.checkpoint_seconds - self._clock())
+    def _due_in(self) -> float | None:
+        """Seconds until a checkpoint, heartbeat or anchor retry is due; None when none is."""
+        now, options, anchor = self._clock(), self._options, self._anchor
+        times = []
+        if self._chain.seq > self._sealed_seq:
+            times.append(max(self._sealed_at + options.checkpoint_seconds, self._seal_retry_at))
+        if anchor is not None:
+            times.append(max(self._next_beat, self._seal_retry_at))
+            if anchor.pending:
+                times.append(self._anchor_retry_at)
+        return max(0.0, min(times) - now) if times else None
 
     def _write(self, batch: list[_Item]) -> str | None:
         """Link and store one batch, with a checkpoint when one is due; the error, if any."""
@@ -364,8 +393,9 @@ class AuditWriter:
             entries = self._chain.extend(data for data, _ in batch)
             seq, head = (entries[-1].seq, entries[-1].hash) if entries else self.head
             mark = self._checkpoint(seq, head, now)
-            if entries or mark is not None:
-                self._store.append_batch(entries, [mark] if mark is not None else [])
+            if not entries and mark is None:
+                return None  # a heartbeat's turn: the store was not touched, nothing to report
+            self._store.append_batch(entries, [mark] if mark is not None else [])
         except Exception as exc:  # any failure of the store, expected or not, fails closed
             message = (
                 exc.message
@@ -381,6 +411,8 @@ class AuditWriter:
             self._chain.advance(entries[-1])
         if mark is not None:
             self._sealed_seq, self._sealed_at = mark.seq, mark.time
+            if self._anchor is not None:
+                self._anchored(self._anchor.publish(mark, heartbeat=False))
         with self._cond:
             self._inflight, self._write_started = [], None
         if not self._healthy:
@@ -390,13 +422,66 @@ class AuditWriter:
 
     def _checkpoint(self, seq: int, head: str, now: float) -> Checkpoint | None:
         options = self._options
-        if seq > self._sealed_seq and (
+        due = (
             seq - self._sealed_seq >= options.checkpoint_every
             or now - self._sealed_at >= options.checkpoint_seconds
             or self._stopping
-        ):
-            return sign_checkpoint(self._key, self.writer_id, seq, head, now)
+        )
+        # After a signer failure, wait out the backoff; at stop, one last try at once.
+        retry = now >= self._seal_retry_at or self._stopping
+        if seq > self._sealed_seq and due and retry:
+            return self._sign(seq, head, now, heartbeat=False)
         return None
+
+    def _sign(self, seq: int, head: str, now: float, heartbeat: bool) -> Checkpoint | None:
+        """A signed head; None (logged, retried after a backoff) when the signer fails."""
+        try:
+            mark = sign_checkpoint(self._key, self.writer_id, seq, head, now, heartbeat=heartbeat)
+        except Exception as exc:  # whatever the signer's trouble, the records go on
+            if not self._seal_backoff:
+                problem = exc.message if isinstance(exc, AuditUnavailable) else repr(exc)
+                log.error("audit writer %s: cannot sign: %s", self.writer_id, problem)
+            # A signer that hangs (a blackholed Vault) holds up the batch it seals: rarely.
+            initial = self._options.retry_initial
+            self._seal_backoff = min(max(self._seal_backoff * 2, initial), SEAL_BACKOFF_MAX)
+            self._seal_retry_at = self._clock() + self._seal_backoff
+            self._seal_broken = self._stopping
+            return None
+        if self._seal_backoff:
+            log.warning("audit writer %s: signing works again", self.writer_id)
+        self._seal_backoff = 0.0
+        return mark
+
+    def _tend_anchor(self) -> None:
+        """In the thread: a heartbeat when one is due, and a retry of what the anchor refused."""
+        anchor = self._anchor
+        if anchor is None:
+            return
+        now = self._clock()
+        if now >= self._next_beat and now >= self._seal_retry_at and not self._stopping:
+            seq, head = self.head
+            beat = self._sign(seq, head, now, heartbeat=True)
+            if beat is not None:
+                self._anchored(anchor.publish(beat, heartbeat=True))
+                self._next_beat = now + anchor.heartbeat_seconds
+        elif anchor.pending and now >= self._anchor_retry_at:
+            self._anchored(anchor.flush())
+
+    def _anchored(self, written: bool) -> None:
+        """After the anchor file took (or refused) lines: when to try again."""
+        if not written:
+            self._anchor_retry_at = self._clock() + self._options.retry_max
+
+    def _last_anchoring(self) -> None:
+        """In the thread, at stop: one more try for anchor entries the file refused."""
+        anchor = self._anchor
+        if anchor is not None and anchor.pending and not anchor.flush():
+            log.error(
+                "audit writer %s: %d anchor entries could not be written to %s",
+                self.writer_id,
+                anchor.pending,
+                anchor.path,
+            )
 
     def _mark_unhealthy(self, message: str) -> None:
         if self._healthy:
@@ -410,17 +495,20 @@ def open_writer(
     *,
     synchronous: Synchronous = "FULL",
     max_bytes: int | None = None,
+    signer: Signer | None = None,
+    anchor: Anchor | None = None,
 ) -> AuditWriter:
-    """A writer for `<state_dir>/audit/`: claims a writer id, loads the checkpoint key.
+    """A writer for `<state_dir>/audit/`: claims a writer id, loads the checkpoint key (unless
+    a `signer` is given) and anchors its checkpoints in `anchor`, when given.
 
     `max_bytes` caps the store's size; past it, writes fail and the writer turns unhealthy.
     """
     directory = audit_dir(state_dir)
     claim = claim_writer_id(directory)
     try:
-        key = load_checkpoint_key(directory)
+        key = signer if signer is not None else load_checkpoint_key(directory)
         store = SqliteAuditStore(directory / DB_FILE, synchronous=synchronous, max_bytes=max_bytes)
     except BaseException:
         claim.release()
         raise
-    return AuditWriter(store, claim.writer_id, key, options, claim=claim)
+    return AuditWriter(store, claim.writer_id, key, options, claim=claim, anchor=anchor)

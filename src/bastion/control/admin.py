@@ -49,7 +49,7 @@ from bastion.control.admin_params import FILTERS, MAX_LIMIT, BadRequest
 from bastion.control.agents import Agent, AgentStatus
 from bastion.control.audit_read import matches, report_json, verify_trail
 from bastion.control.registry import SqliteRegistry
-from bastion.errors import BastionError
+from bastion.errors import BastionError, shown
 from bastion.pipeline.chain import Pipeline
 from bastion.transport.front import ASGIApp
 
@@ -135,7 +135,7 @@ class AdminApi:
         params = ask.params(request, (*FILTERS, "format"))
         kind = params.get("format", "jsonl")
         if kind not in ("jsonl", "ocsf"):
-            raise BadRequest("format", f"expected jsonl or ocsf, found {kind[:40]!r}")
+            raise BadRequest("format", f"expected jsonl or ocsf, found {shown(kind)}")
         query = ask.audit_query(params, MAX_LIMIT)
         filtered = any(name in params for name in FILTERS)
         store = await asyncio.to_thread(self._open)
@@ -148,7 +148,7 @@ class AdminApi:
     async def verify(self, request: Request) -> Response:
         """`bastion audit verify --json`'s report: 200 when intact, 409 when tampered."""
         ask.params(request, ())
-        report = await self._read(lambda store: verify_trail(store, self._folder))
+        report = await self._read(lambda store: verify_trail(store, self._folder, self._settings))
         body = report_json(report)
         if report.ok:
             return _json(200, body)
@@ -181,7 +181,7 @@ class AdminApi:
         status = params.get("status")
         if status is not None and status not in set(AgentStatus):
             choices = ", ".join(AgentStatus)
-            raise BadRequest("status", f"expected one of {choices}, found {status[:40]!r}")
+            raise BadRequest("status", f"expected one of {choices}, found {shown(status)}")
         tenant = params.get("tenant")
         found = await self._registry_call(
             lambda registry: registry.list(tenant, None if status is None else AgentStatus(status))

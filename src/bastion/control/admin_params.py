@@ -15,7 +15,7 @@ from starlette.requests import Request
 from bastion.audit import Query
 from bastion.audit.record import PHASES, VERDICTS
 from bastion.control.audit_read import parse_time
-from bastion.errors import BastionError
+from bastion.errors import BastionError, shown
 
 MAX_LIMIT = 10_000
 MAX_BODY_BYTES = 64 * 1024
@@ -54,7 +54,7 @@ def audit_query(given: dict[str, str], limit: int) -> Query:
         value = given.get(name)
         if value is not None and value not in known:
             expected = ", ".join(sorted(known))
-            raise BadRequest(name, f"expected one of {expected}, found {value[:40]!r}")
+            raise BadRequest(name, f"expected one of {expected}, found {shown(value)}")
     now = time.time()
     since, until = given.get("since"), given.get("until")
     return Query(
@@ -75,7 +75,7 @@ def count(given: dict[str, str], name: str, default: int) -> int:
     if raw is None:
         return default
     if not _COUNT.fullmatch(raw) or not 1 <= int(raw) <= MAX_LIMIT:
-        raise BadRequest(name, f"expected an integer from 1 to {MAX_LIMIT}, found {raw[:40]!r}")
+        raise BadRequest(name, f"expected an integer from 1 to {MAX_LIMIT}, found {shown(raw)}")
     return int(raw)
 
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Protocol
 
 from bastion.config import RESERVED_TENANT
-from bastion.errors import BastionError, TokenError
+from bastion.errors import BastionError, TokenError, shown
 from bastion.identity import keys
 
 ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -131,6 +131,7 @@ class Registry(Protocol):
     def set_status(self, agent_id: str, status: AgentStatus, reason: str | None) -> Agent: ...
     def rotate_key(self, agent_id: str, jwks: dict[str, Any]) -> Agent: ...
     def touch(self, agent_id: str, when: float) -> None: ...
+    def flush_touches(self, *, wait: bool = False) -> int: ...
     def revoke_token(self, jti: str, expires_at: float, reason: str) -> None: ...
     def is_token_revoked(self, jti: str) -> bool: ...
     def kill_session(self, session_id_hash: str) -> None: ...
@@ -145,9 +146,11 @@ class Registry(Protocol):
 def validate_agent(agent: Agent) -> None:
     """Raise `RegistryInvalid` naming the first field of `agent` that is not acceptable."""
     if not isinstance(agent.id, str) or not ID_PATTERN.fullmatch(agent.id):
-        raise RegistryInvalid(f"id: expected {ID_PATTERN.pattern}, found {agent.id!r}")
+        raise RegistryInvalid(f"id: expected {ID_PATTERN.pattern}, found {shown(agent.id)}")
     if not isinstance(agent.tenant, str) or not TENANT_PATTERN.fullmatch(agent.tenant):
-        raise RegistryInvalid(f"tenant: expected {TENANT_PATTERN.pattern}, found {agent.tenant!r}")
+        raise RegistryInvalid(
+            f"tenant: expected {TENANT_PATTERN.pattern}, found {shown(agent.tenant)}"
+        )
     if agent.tenant == RESERVED_TENANT:
         raise RegistryInvalid(f"tenant: {RESERVED_TENANT!r} is reserved for the gateway itself")
     check_text("display_name", agent.display_name, 200)
@@ -155,7 +158,8 @@ def validate_agent(agent: Agent) -> None:
     check_text("purpose", agent.purpose, 2000)
     if agent.environment not in ENVIRONMENTS:
         raise RegistryInvalid(
-            f"environment: expected one of {', '.join(ENVIRONMENTS)}, found {agent.environment!r}"
+            f"environment: expected one of {', '.join(ENVIRONMENTS)}, "
+            f"found {shown(agent.environment)}"
         )
     if agent.spiffe_id is not None:
         validate_spiffe_id(agent.spiffe_id)
@@ -163,14 +167,14 @@ def validate_agent(agent: Agent) -> None:
     _tokens("audiences", agent.audiences, PRINTABLE_ASCII, "printable ASCII without spaces")
     _tokens("scopes", agent.scopes, _SCOPE_TOKEN, "RFC 6749 scope tokens")
     if not isinstance(agent.require_dpop, bool):
-        raise RegistryInvalid(f"require_dpop: expected a bool, found {agent.require_dpop!r}")
+        raise RegistryInvalid(f"require_dpop: expected a bool, found {shown(agent.require_dpop)}")
     check_time("created_at", agent.created_at)
     if agent.expires_at is not None:
         check_time("expires_at", agent.expires_at)
     if agent.last_used_at is not None:
         check_time("last_used_at", agent.last_used_at)
     if not isinstance(agent.status, AgentStatus):
-        raise RegistryInvalid(f"status: expected an AgentStatus, found {agent.status!r}")
+        raise RegistryInvalid(f"status: expected an AgentStatus, found {shown(agent.status)}")
     if agent.status is not AgentStatus.ACTIVE or agent.status_reason is not None:
         check_text("status_reason", agent.status_reason, 500)
 
@@ -184,7 +188,7 @@ def validate_spiffe_id(value: object) -> None:
         or any(seg in (".", "..") for seg in value.split("/")[3:])
     ):
         raise RegistryInvalid(
-            f"spiffe_id: expected spiffe://<trust-domain>/<path>, found {value!r}"
+            f"spiffe_id: expected spiffe://<trust-domain>/<path>, found {shown(value)}"
         )
 
 
@@ -204,9 +208,9 @@ def validate_jwks(jwks: object, *, allow_empty: bool) -> None:
             raise RegistryInvalid(f"{where}: expected a JWK object, found {type(key).__name__}")
         kid = key.get("kid")
         if not isinstance(kid, str) or not PRINTABLE_ASCII.fullmatch(kid):
-            raise RegistryInvalid(f"{where}.kid: expected a non-empty string, found {kid!r}")
+            raise RegistryInvalid(f"{where}.kid: expected a non-empty string, found {shown(kid)}")
         if kid in kids:
-            raise RegistryInvalid(f"{where}.kid: {kid!r} appears twice")
+            raise RegistryInvalid(f"{where}.kid: {shown(kid)} appears twice")
         kids.add(kid)
         _public_key(where, key)
 
@@ -219,10 +223,10 @@ def _public_key(where: str, key: dict[str, Any]) -> None:
     except TokenError as exc:
         raise RegistryInvalid(f"{where}: {exc.message}") from exc
     if key.get("use", "sig") != "sig":
-        raise RegistryInvalid(f"{where}.use: expected 'sig', found {key.get('use')!r}")
+        raise RegistryInvalid(f"{where}.use: expected 'sig', found {shown(key.get('use'))}")
     ops = key.get("key_ops")
     if ops is not None and (not isinstance(ops, builtins.list) or "verify" not in ops):
-        raise RegistryInvalid(f"{where}.key_ops: expected a list with 'verify', found {ops!r}")
+        raise RegistryInvalid(f"{where}.key_ops: expected a list with 'verify', found {shown(ops)}")
     alg = key.get("alg")
     if alg is not None and (not isinstance(alg, str) or not keys.fits(alg, public)):
         raise RegistryInvalid(f"{where}.alg: {alg!r} does not fit a {key.get('kty')} key")
@@ -231,7 +235,7 @@ def _public_key(where: str, key: dict[str, Any]) -> None:
 def check_text(field: str, value: object, limit: int) -> None:
     """A printable string of at most `limit` characters, or RegistryInvalid naming `field`."""
     if not isinstance(value, str) or not value.strip():
-        raise RegistryInvalid(f"{field}: expected non-empty text, found {value!r}")
+        raise RegistryInvalid(f"{field}: expected non-empty text, found {shown(value)}")
     if len(value) > limit:
         raise RegistryInvalid(f"{field}: expected at most {limit} characters, found {len(value)}")
     if _CONTROL_CHARS.search(value):
@@ -240,20 +244,20 @@ def check_text(field: str, value: object, limit: int) -> None:
 
 def _tokens(field: str, values: object, pattern: re.Pattern[str], expected: str) -> None:
     if not isinstance(values, tuple):
-        raise RegistryInvalid(f"{field}: expected a tuple of strings, found {values!r}")
+        raise RegistryInvalid(f"{field}: expected a tuple of strings, found {shown(values)}")
     for value in values:
         if not isinstance(value, str) or len(value) > 2048 or not pattern.fullmatch(value):
-            raise RegistryInvalid(f"{field}: expected {expected}, found {value!r}")
+            raise RegistryInvalid(f"{field}: expected {expected}, found {shown(value)}")
     if len(set(values)) != len(values):
-        raise RegistryInvalid(f"{field}: duplicate entries in {list(values)!r}")
+        raise RegistryInvalid(f"{field}: duplicate entries in {shown(str(list(values)))}")
 
 
 def check_time(field: str, value: object) -> None:
     """A finite epoch time, or RegistryInvalid naming `field`."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise RegistryInvalid(f"{field}: expected epoch seconds, found {value!r}")
+        raise RegistryInvalid(f"{field}: expected epoch seconds, found {shown(value)}")
     if value < 0:
-        raise RegistryInvalid(f"{field}: expected epoch seconds ≥ 0, found {value!r}")
+        raise RegistryInvalid(f"{field}: expected epoch seconds ≥ 0, found {shown(value)}")
 
 
 # --- SQLite -----------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from bastion.control.forward import open_forwarders
 from bastion.control.registry import RegistryView, SqliteRegistry
 from bastion.control.secrets import stored_secret, upstream_secrets
 from bastion.control.token_service import TokenService
+from bastion.control.usage import UsageRecorder
 from bastion.errors import ConfigError
 from bastion.identity.keys import KeySet, SigningKey, generate
 from bastion.state.keystore import FileKeyStore
@@ -149,6 +150,7 @@ async def build_gateway(settings: Settings) -> Gateway:
             suspend=_suspender(identity.registry),
             nonce_key=nonce_key,
         )
+        gateway.services.append(UsageRecorder(identity.view, identity.registry))
     if audit is not None:
         gateway.services += await open_forwarders(settings, audit, gateway.metrics)
     if token is not None:

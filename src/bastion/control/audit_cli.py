@@ -1,4 +1,4 @@
-"""`bastion audit ...`: verify the trail, tail it, search it, export it.
+"""`bastion audit ...`: verify the trail, tail it, search it, export it, print its keys.
 
 Every command reads the trail of the config given by `--config` (its `audit.store`: SQLite in
 `<state_dir>/audit/` or PostgreSQL; or that directory, or its `audit.db`, given directly) and
@@ -29,8 +29,10 @@ from bastion.audit.errors import AuditUnavailable
 from bastion.audit.export import jsonl_line, ocsf_line
 from bastion.audit.keys import DB_FILE, audit_dir
 from bastion.audit.record import AuditRecord
+from bastion.audit.signer import public_jwks
 from bastion.audit.store import Query, SqliteAuditStore
 from bastion.audit.trail import open_trail_reader
+from bastion.config import Settings
 from bastion.config import load as load_config
 from bastion.control.audit_read import parse_time, report_json, verify_trail
 from bastion.errors import BastionError, ConfigError
@@ -85,17 +87,51 @@ Until = Annotated[str | None, typer.Option(help="Before this time; same forms as
 DEFAULT_CONFIG = Path("examples/quickstart.yaml")
 
 
+AnchorFiles = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--anchor",
+        help="An anchor file (audit.anchor) to hold the store to; repeat for several. Default: "
+        "the config's audit.anchor.",
+    ),
+]
+KeyFiles = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--keys",
+        help="A JWK Set of checkpoint public keys to trust instead of the configured signer's "
+        "(`bastion audit keys` prints them); repeat for several.",
+    ),
+]
+
+
 @app.command()
-def verify(config: ConfigPath = DEFAULT_CONFIG, as_json: AsJson = False) -> None:
-    """Check every hash link and signed checkpoint; exit 1 naming the first bad record."""
+def verify(
+    config: ConfigPath = DEFAULT_CONFIG,
+    as_json: AsJson = False,
+    anchor: AnchorFiles = None,
+    keys: KeyFiles = None,
+) -> None:
+    """Check every hash link and signed checkpoint, and the store against the anchor: exit 1
+    naming the first bad record, a truncated tail, a missing writer or re-signed history."""
     with _reported(), open_trail(config) as store:
-        report = verify_trail(store, audit_folder(config))
+        report = verify_trail(
+            store, audit_folder(config), _settings(config), keys=keys or (), anchors=anchor or ()
+        )
     if as_json:
         typer.echo(json.dumps(report_json(report), indent=2))
     else:
         _print_report(report)
     if not report.ok:
         raise typer.Exit(EXIT_TAMPERED)
+
+
+@app.command()
+def keys(config: ConfigPath = DEFAULT_CONFIG) -> None:
+    """Print the checkpoint public keys (a JWK Set) of the configured signer, for --keys."""
+    with _reported():
+        document = public_jwks(_settings(config), audit_folder(config))
+    typer.echo(json.dumps(document, indent=2))
 
 
 @app.command()
@@ -221,6 +257,11 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(EXIT_ERROR)
 
 
+def _settings(source: Path) -> Settings | None:
+    """The settings of a config file; None for an audit directory or its db."""
+    return load_config(source) if source.suffix in (".yaml", ".yml") else None
+
+
 def audit_folder(source: Path) -> Path:
     """The audit directory (checkpoint keys) of a config file, or of that directory or its db."""
     if source.suffix in (".yaml", ".yml"):
@@ -287,9 +328,11 @@ def _print_entry(entry: Entry, as_json: bool) -> None:
 def _print_report(report: VerifyReport) -> None:
     chains = len(report.writers)
     checkpoints = sum(s.checkpoints for s in report.writers.values())
+    anchored = "" if report.anchored is None else f", {report.anchored} anchor entries"
     if report.ok:
         typer.echo(
-            f"intact: {report.entries} records in {chains} chain(s), {checkpoints} checkpoint(s)"
+            f"intact: {report.entries} records in {chains} chain(s), {checkpoints} "
+            f"checkpoint(s){anchored}"
         )
         for writer_id, summary in sorted(report.writers.items()):
             if summary.unsealed:
@@ -297,18 +340,26 @@ def _print_report(report: VerifyReport) -> None:
                     f"  writer {writer_id}: the last {summary.unsealed} records (after seq "
                     f"{summary.sealed_seq}) await a checkpoint; hash links protect them"
                 )
+        _print_notes(report)
         return
     first = report.first
     assert first is not None  # noqa: S101 - not ok means a finding
     typer.echo(f"TAMPERED: {first}")
     typer.echo(
         f"{report.problem_count} problem(s) in {report.entries} records, "
-        f"{chains} chain(s), {checkpoints} checkpoint(s):"
+        f"{chains} chain(s), {checkpoints} checkpoint(s){anchored}:"
     )
     for finding in report.findings:
         typer.echo(f"  {finding}")
     if report.problem_count > len(report.findings):
         typer.echo(f"  … and {report.problem_count - len(report.findings)} more")
+    _print_notes(report)
+
+
+def _print_notes(report: VerifyReport) -> None:
+    """What the result does not prove (keys beside the data, no anchor)."""
+    for note in report.notes:
+        typer.echo(f"note: {note}")
 
 
 def _console() -> Console:

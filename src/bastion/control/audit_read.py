@@ -2,21 +2,25 @@
 
 The time syntax of `--since`/`--until` (ISO 8601 or relative), a record filter that agrees with
 the store's `query`, verification in the order a live writer requires, and the verify report
-as JSON. Pure apart from `verify_trail`, which reads the store and the checkpoint keys.
+as JSON. Pure apart from `verify_trail`, which reads the store, the checkpoint keys it trusts
+and the anchor files.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bastion.audit.chain import Finding, VerifyReport
+from bastion.audit.anchor import read_anchor
+from bastion.audit.chain import MAX_PROBLEMS, Finding, VerifyReport
 from bastion.audit.chain import verify as verify_chain
-from bastion.audit.keys import load_public_keys
 from bastion.audit.record import AuditRecord
+from bastion.audit.signer import trusted_keys
 from bastion.audit.store import AuditStore, Query
+from bastion.config import Settings
 from bastion.errors import BastionError
 
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
@@ -64,13 +68,39 @@ def matches(query: Query, record: AuditRecord) -> bool:
     )
 
 
-def verify_trail(store: AuditStore, folder: Path) -> VerifyReport:
-    """Check every hash link and signed checkpoint of the trail in `folder`."""
-    keys = load_public_keys(folder)
-    # Checkpoints first: each commits with the entries it names, so reading entries
-    # afterwards never finds a live writer's checkpoint ahead of its records.
+def verify_trail(
+    store: AuditStore,
+    folder: Path,
+    settings: Settings | None = None,
+    *,
+    keys: Sequence[Path] = (),
+    anchors: Sequence[Path] = (),
+) -> VerifyReport:
+    """Check every hash link and signed checkpoint of the trail whose audit directory is
+    `folder`, and hold it to the `anchors` (else the anchor `settings` configure).
+
+    Signatures are checked against the `keys` JWK Sets when given, else the configured
+    signer's public keys, else the state directory's (and the report notes what that is worth).
+    """
+    trusted, note = trusted_keys(settings, folder, keys)
+    configured = settings.audit.anchor if settings is not None else None
+    if not anchors and configured is not None:
+        anchors = [Path(configured.path)]
+    anchored, unreadable, notes = read_anchor(anchors)
+    # The anchor first, then the store's checkpoints, then its entries: each is written
+    # after what it names committed, so a live writer is never found ahead of its records.
     checkpoints = store.checkpoints()
-    return verify_chain(store.read(), checkpoints, keys)
+    report = verify_chain(store.read(), checkpoints, trusted, anchored if anchors else None)
+    if unreadable:
+        report.findings = (unreadable + report.findings)[:MAX_PROBLEMS]
+        report.problem_count += len(unreadable)
+    report.notes = [*([note] if note else []), *notes]
+    if not anchors:
+        report.notes.append(
+            "no anchor was checked: a cut tail or a deleted writer's chain would go unnoticed "
+            "(--anchor FILE, or audit.anchor)"
+        )
+    return report
 
 
 def report_json(report: VerifyReport) -> dict[str, Any]:
@@ -89,6 +119,8 @@ def report_json(report: VerifyReport) -> dict[str, Any]:
         "first": None if report.first is None else finding(report.first),
         "problem_count": report.problem_count,
         "problems": [finding(f) for f in report.findings],
+        "anchor_entries": report.anchored,
+        "notes": report.notes,
         "writers": {
             writer_id: {
                 "entries": s.entries,
@@ -96,6 +128,7 @@ def report_json(report: VerifyReport) -> dict[str, Any]:
                 "last_seq": s.last_seq,
                 "checkpoints": s.checkpoints,
                 "sealed_seq": s.sealed_seq,
+                "anchored_seq": s.anchored_seq,
                 "unsealed": s.unsealed,
             }
             for writer_id, s in sorted(report.writers.items())

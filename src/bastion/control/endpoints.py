@@ -1,7 +1,8 @@
 """HTTP endpoints of the embedded authorization server (plain ASGI).
 
 `/.well-known/oauth-authorization-server` (RFC 8414), `/.well-known/jwks.json` and the token
-endpoint `/oauth/token` (form-encoded POST, RFC 6749 errors, `Cache-Control: no-store`).
+endpoint `/oauth/token` (form-encoded POST, RFC 6749 errors, `Cache-Control: no-store`; a body
+over `MAX_FORM_BYTES`, or over `limits.max_body_bytes` when smaller, is refused with 413).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from urllib.parse import parse_qsl
 import orjson
 
 from bastion.control.token_service import OAuthError, TokenService
+from bastion.errors import shown
 
 log = logging.getLogger("bastion.oauth")
 
@@ -22,12 +24,14 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-MAX_FORM_BYTES = 64 * 1024
+MAX_FORM_BYTES = 64 * 1024  # a token request is a few kB: two JWTs and a few names
 _NO_STORE = [(b"cache-control", b"no-store"), (b"pragma", b"no-cache")]
 
 
 def oauth_endpoints(service: TokenService) -> dict[str, ASGIApp]:
     """The path → handler map the front mounts next to the MCP routes."""
+
+    limit = min(MAX_FORM_BYTES, service.settings.limits.max_body_bytes)
 
     async def metadata(scope: Scope, receive: Receive, send: Send) -> None:
         await _answer(send, 200, service.metadata(), [(b"access-control-allow-origin", b"*")])
@@ -47,7 +51,7 @@ def oauth_endpoints(service: TokenService) -> dict[str, ASGIApp]:
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         try:
-            form = await _form(receive, headers)
+            form = await _form(receive, headers, limit)
             body = await service.token(form, headers.get("dpop"))
         except OAuthError as exc:
             log.info("token request refused: %s (%s)", exc.error, exc.message)
@@ -75,32 +79,48 @@ def oauth_endpoints(service: TokenService) -> dict[str, ASGIApp]:
     }
 
 
-async def _form(receive: Receive, headers: dict[str, str]) -> dict[str, str]:
+async def _form(receive: Receive, headers: dict[str, str], limit: int) -> dict[str, str]:
     ctype = headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/x-www-form-urlencoded":
         raise OAuthError(
             "invalid_request", "the token endpoint takes application/x-www-form-urlencoded"
         )
-    body = b""
+    length = headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise _too_large(limit, f"{int(length)} bytes")
+    chunks: list[bytes] = []
+    size = 0
     while True:
         event = await receive()
         if event["type"] == "http.disconnect":
             raise OAuthError("invalid_request", "the client went away")
-        body += event.get("body", b"")
-        if len(body) > MAX_FORM_BYTES:
-            raise OAuthError("invalid_request", f"the request exceeds {MAX_FORM_BYTES} bytes")
+        chunk = event.get("body", b"")
+        size += len(chunk)
+        # Chunked bodies have no length up front; the server cuts an oversized one just past
+        # its own limit, so the count still passes ours and the form is never parsed cut.
+        if size > limit:
+            raise _too_large(limit, "more")
+        chunks.append(chunk)
         if not event.get("more_body"):
             break
     try:
-        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+        pairs = parse_qsl(
+            b"".join(chunks).decode("utf-8"), keep_blank_values=True, strict_parsing=False
+        )
     except UnicodeDecodeError as exc:
         raise OAuthError("invalid_request", "the form is not UTF-8") from exc
     form: dict[str, str] = {}
     for key, value in pairs:
         if key in form:
-            raise OAuthError("invalid_request", f"parameter {key!r} appears more than once")
+            raise OAuthError("invalid_request", f"parameter {shown(key)} appears more than once")
         form[key] = value
     return form
+
+
+def _too_large(limit: int, found: str) -> OAuthError:
+    return OAuthError(
+        "invalid_request", f"expected a token request of at most {limit} bytes, found {found}", 413
+    )
 
 
 async def _answer(

@@ -6,6 +6,11 @@ after the cursor, sends it, and moves the cursor only once the sink accepted it.
 therefore at least once and in order, survives restarts, and never touches the request path:
 a sink that is down is retried with exponential backoff (up to `retry_max_seconds`) while the
 gateway goes on, and the records wait in the trail, not in memory.
+
+A sink that lists the `checkpoint` phase also gets the writer's anchor lines (signed checkpoints
+and heartbeats, `bastion.audit.anchor`) from its in-memory feed: a copy of the anchor out of
+reach of whoever can write the store, best effort (what a restart or a long outage drops, the
+anchor file keeps).
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ from bastion.audit.record import AuditRecord
 from bastion.audit.sinks import (
     UDP_MAX,
     octet_counted,
+    otlp_anchor,
     otlp_logs,
     render,
+    syslog_anchor,
     syslog_message,
     webhook_body,
     webhook_signature,
@@ -54,6 +61,8 @@ class Delivery(Protocol):
 
     async def send(self, items: Sequence[tuple[Entry, AuditRecord]]) -> None: ...
 
+    async def send_anchor(self, lines: Sequence[bytes]) -> None: ...
+
     async def close(self) -> None: ...
 
 
@@ -67,7 +76,13 @@ class JsonlDelivery:
 
     async def send(self, items: Sequence[tuple[Entry, AuditRecord]]) -> None:
         """Append the batch."""
-        data = b"".join(render(entry, self._sink.format) + b"\n" for entry, _ in items)
+        await self._write(b"".join(render(entry, self._sink.format) + b"\n" for entry, _ in items))
+
+    async def send_anchor(self, lines: Sequence[bytes]) -> None:
+        """Append anchor lines as they are."""
+        await self._write(b"".join(line + b"\n" for line in lines))
+
+    async def _write(self, data: bytes) -> None:
         try:
             await asyncio.to_thread(self._append, data)
         except OSError as exc:
@@ -104,6 +119,14 @@ class SyslogDelivery:
             syslog_message(render(entry, sink.format), record, sink.facility)
             for entry, record in items
         ]
+        await self._deliver(messages)
+
+    async def send_anchor(self, lines: Sequence[bytes]) -> None:
+        """Send each anchor line as one syslog message."""
+        await self._deliver([syslog_anchor(line, self._sink.facility) for line in lines])
+
+    async def _deliver(self, messages: list[bytes]) -> None:
+        sink = self._sink
         try:
             async with asyncio.timeout(sink.timeout_seconds):
                 if sink.transport == "tcp":
@@ -169,10 +192,24 @@ class HttpDelivery:
         else:
             body = webhook_body([render(entry, sink.format) for entry, _ in items])
             headers["Content-Type"] = "application/json"
-            if self._secret is not None:
-                stamp = int(time.time())
-                headers["X-Bastion-Timestamp"] = str(stamp)
-                headers["X-Bastion-Signature"] = webhook_signature(self._secret, stamp, body)
+        await self._post(body, headers)
+
+    async def send_anchor(self, lines: Sequence[bytes]) -> None:
+        """POST anchor lines: OTLP logs, or a JSON array of them."""
+        if self._sink.type == "otel_logs":
+            body = otlp_anchor(lines)
+            headers = {**self._headers, "Content-Type": "application/x-protobuf"}
+        else:
+            body = webhook_body(lines)
+            headers = {**self._headers, "Content-Type": "application/json"}
+        await self._post(body, headers)
+
+    async def _post(self, body: bytes, headers: dict[str, str]) -> None:
+        sink = self._sink
+        if sink.type == "webhook" and self._secret is not None:
+            stamp = int(time.time())
+            headers["X-Bastion-Timestamp"] = str(stamp)
+            headers["X-Bastion-Signature"] = webhook_signature(self._secret, stamp, body)
         try:
             async with asyncio.timeout(sink.timeout_seconds):
                 response = await self._pool.request("POST", headers, body)
@@ -210,6 +247,8 @@ class Forwarder:
         self._metrics = metrics
         self._phases = frozenset(sink.phases)
         self.delivered = 0  # the seq of the last entry the sink accepted
+        self.anchored = 0  # the count of the last anchor line the sink accepted
+        self._anchor_failing = False
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -246,11 +285,13 @@ class Forwarder:
         retry = _RETRY_INITIAL
         failures = 0
         while True:
+            await self._forward_anchor()
             head = self._writer.head[0]
             if self._metrics is not None:
                 self._metrics.sink_lag(self.sink.name, max(0, head - self.delivered))
             if head <= self.delivered:
                 if self._stopping.is_set():
+                    await self._forward_anchor()
                     return
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(_POLL):
@@ -287,6 +328,26 @@ class Forwarder:
             failures, retry = 0, _RETRY_INITIAL
             self.delivered = entries[-1].seq
             await asyncio.to_thread(self._save, self.delivered)
+
+    async def _forward_anchor(self) -> None:
+        """Send the anchor lines published since the last ones sent, for `checkpoint` sinks; a
+        failure is logged and retried with the next lines (the anchor file keeps them all)."""
+        anchor = self._writer.anchor
+        if anchor is None or "checkpoint" not in self._phases:
+            return
+        count, lines = anchor.since(self.anchored)
+        if not lines:
+            return
+        try:
+            await self._delivery.send_anchor(lines)
+        except SinkError as exc:
+            if not self._anchor_failing:
+                name = self.sink.name
+                log.warning("sink %s: anchor lines not delivered (retrying): %s", name, exc)
+            self._anchor_failing = True
+            return
+        self._anchor_failing = False
+        self.anchored = count
 
     def _read(self) -> list[Entry]:
         entries = self._store.read(self._writer.writer_id, self.delivered)

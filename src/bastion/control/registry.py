@@ -39,6 +39,7 @@ from bastion.control.agents import (
     validate_agent,
     validate_jwks,
 )
+from bastion.errors import shown
 
 # Each entry moves the schema one version up; never edit a released entry, append a new one.
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -76,8 +77,8 @@ _SELECT_AGENT = """SELECT id, display_name, owner, tenant, purpose, environment,
 class SqliteRegistry:
     """The registry in one SQLite file (WAL), shared by the gateway and the CLI processes.
 
-    One connection per instance, guarded by a lock. `touch()` is buffered in memory and
-    written at most once per `touch_interval` seconds, never waiting for a busy database.
+    One connection per instance, guarded by a lock. `touch()` only notes a time in memory;
+    `flush_touches()` writes the notes in one transaction, never waiting for a busy database.
     """
 
     def __init__(
@@ -86,16 +87,13 @@ class SqliteRegistry:
         *,
         create: bool = True,
         busy_timeout: float = 5.0,
-        touch_interval: float = 1.0,
     ) -> None:
         self.path = Path(path)
         if not create and not self.path.is_file():
             raise RegistryUnavailable(f"no registry at {self.path}")
         self._lock = threading.Lock()
         self._busy_ms = int(busy_timeout * 1000)
-        self._touch_interval = touch_interval
         self._pending: dict[str, float] = {}
-        self._flushed_at = time.monotonic()
         try:
             # Autocommit mode: every transaction below is an explicit BEGIN ... COMMIT.
             self._db = sqlite3.connect(
@@ -175,7 +173,7 @@ class SqliteRegistry:
     def _get(self, agent_id: str) -> Agent:
         row = self._db.execute(_SELECT_AGENT, (agent_id,)).fetchone()
         if row is None:
-            raise RegistryNotFound(f"no agent {agent_id!r}")
+            raise RegistryNotFound(f"no agent {shown(agent_id)}")
         return _from_row(row)
 
     def list(
@@ -220,20 +218,28 @@ class SqliteRegistry:
         return agent
 
     def touch(self, agent_id: str, when: float) -> None:
-        """Record that the agent was used at `when`; buffered, so cheap on the hot path."""
-        with self._lock, self._guard():
+        """Note that the agent was used at `when`, in memory; `flush_touches()` writes it."""
+        with self._lock:
             if when > self._pending.get(agent_id, 0.0):
                 self._pending[agent_id] = when
-            if time.monotonic() - self._flushed_at >= self._touch_interval:
-                self._flush(wait=False)
+
+    def flush_touches(self, *, wait: bool = False) -> int:
+        """Write the noted last-use times in one transaction (times only move forward, unknown
+        ids are ignored, the version does not move); how many were written. Without `wait`, a
+        database another process is writing is not waited for: the times stay noted for the
+        next call, which returns 0."""
+        with self._lock, self._guard():
+            count = len(self._pending)
+            self._flush(wait=wait)
+            return count - len(self._pending)
 
     def _flush(self, *, wait: bool) -> None:
         if not self._pending:
             return
-        self._flushed_at = time.monotonic()
         if not wait:
-            # The gateway calls this from its event loop: never wait for a CLI's write lock,
-            # keep the times and try again at the next interval.
+            # The gateway's recorder calls this every few seconds: never wait for a CLI's
+            # write lock (the view's per-request reads share this connection's lock); keep the
+            # times and try again at the next round.
             self._db.execute("PRAGMA busy_timeout = 0")
         try:
             with self._write():
@@ -255,7 +261,7 @@ class SqliteRegistry:
     def revoke_token(self, jti: str, expires_at: float, reason: str) -> None:
         """Refuse the token with this `jti` until it expires; prunes long-expired rows."""
         if not isinstance(jti, str) or not 0 < len(jti) <= 256:
-            raise RegistryInvalid(f"jti: expected 1 to 256 characters, found {jti!r}")
+            raise RegistryInvalid(f"jti: expected 1 to 256 characters, found {shown(jti)}")
         check_time("expires_at", expires_at)
         check_text("reason", reason, 500)
         now = time.time()
@@ -281,7 +287,7 @@ class SqliteRegistry:
         """End a session for good: the gateway refuses every later request on it."""
         if not isinstance(session_id_hash, str) or not PRINTABLE_ASCII.fullmatch(session_id_hash):
             raise RegistryInvalid(
-                f"session_id_hash: expected printable ASCII, found {session_id_hash!r}"
+                f"session_id_hash: expected printable ASCII, found {shown(session_id_hash)}"
             )
         with self._lock, self._guard(), self._write():
             self._db.execute(
@@ -409,6 +415,7 @@ class RegistryView:
         self._revoked: frozenset[str] = frozenset()
         self._killed: frozenset[str] = frozenset()
         self._by_spiffe_id: dict[str, Agent] = {}
+        self._uses: dict[str, float] = {}
         self.refresh()
 
     @property
@@ -447,3 +454,14 @@ class RegistryView:
     def session_killed(self, session_id_hash: str) -> bool:
         """Whether the session with this id hash was killed."""
         return session_id_hash in self._killed
+
+    def note_use(self, agent_id: str, when: float) -> None:
+        """Remember that an agent was let in at `when`: a dict write on the request path; the
+        gateway's `UsageRecorder` takes the notes and writes them to the registry."""
+        if when > self._uses.get(agent_id, 0.0):
+            self._uses[agent_id] = when
+
+    def take_uses(self) -> dict[str, float]:
+        """The last-use notes since the previous call (agent id → time), and forget them."""
+        uses, self._uses = self._uses, {}
+        return uses

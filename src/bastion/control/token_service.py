@@ -18,11 +18,12 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from bastion.config import Settings, TrustedIssuer
 from bastion.control.agents import Agent
 from bastion.control.registry import RegistryView
-from bastion.errors import BastionError, Overloaded, TokenError
+from bastion.errors import BastionError, Overloaded, TokenError, shown
 from bastion.identity import dpop
 from bastion.identity.jwt import Expect, mint, unverified_claims, verify
 from bastion.identity.keys import KeySet
@@ -119,7 +120,7 @@ class TokenService:
             return self._issue(agent, None, form, dpop_proof, now)
         if grant == TOKEN_EXCHANGE:
             return await self._exchange(form, dpop_proof, now)
-        raise OAuthError("unsupported_grant_type", f"grant_type {grant!r} is not supported")
+        raise OAuthError("unsupported_grant_type", f"grant_type {shown(grant)} is not supported")
 
     # -- who is the agent -------------------------------------------------------------------
 
@@ -145,9 +146,13 @@ class TokenService:
             subject = str(claims.get("sub", ""))
             if subject.startswith("spiffe://"):
                 return self._svid_agent(assertion, subject, now)
-            agent = self.agents.agent(str(claims.get("iss", "")))
+            issuer = claims.get("iss")
+            agent = self.agents.agent(issuer) if isinstance(issuer, str) else None
             if agent is None:
-                raise TokenError("unknown_kid", "the assertion's issuer is not a registered agent")
+                raise TokenError(
+                    "unknown_kid",
+                    f"expected iss naming a registered agent, found {shown(issuer)}",
+                )
             keys = KeySet.from_jwks(agent.jwks)
             expect = Expect(
                 issuer=agent.id,
@@ -169,7 +174,7 @@ class TokenService:
         domain = spiffe_id.removeprefix("spiffe://").split("/", 1)[0]
         keys = self.spiffe.get(domain)
         if keys is None:
-            raise TokenError("wrong_issuer", f"SPIFFE trust domain {domain!r} is not trusted")
+            raise TokenError("wrong_issuer", f"SPIFFE trust domain {shown(domain)} is not trusted")
         # The trust domain's keys vouch for the SVID; its `iss`, if any, is informational.
         expect = Expect(
             issuer=None, audience=None, leeway=_ASSERTION_LEEWAY, require=("exp", "sub")
@@ -182,10 +187,12 @@ class TokenService:
         return agent
 
     def _check_assertion(self, claims: dict[str, Any], now: float, who: str) -> None:
-        audiences = claims.get("aud")
-        audiences = audiences if isinstance(audiences, list) else [audiences]
-        if not {self.issuer, self.token_endpoint} & {str(a) for a in audiences}:
-            raise TokenError("wrong_audience", f"the assertion's aud must be {self.issuer!r}")
+        if not self.assertion_audience_ok(claims.get("aud")):
+            raise TokenError(
+                "wrong_audience",
+                f"expected aud {self.issuer!r} (or the token endpoint "
+                f"{self.token_endpoint!r}), found {shown(claims.get('aud'))}",
+            )
         exp = float(claims["exp"])
         issued = float(claims.get("iat", now))
         limit = self.settings.auth.assertion_max_lifetime_seconds
@@ -198,6 +205,19 @@ class TokenService:
         jti = claims.get("jti")
         if jti is not None and not self._first_use(self.replay, f"{who}:{jti}", exp + 60, now):
             raise TokenError("replayed", "this assertion was already used")
+
+    def assertion_audience_ok(self, aud: Any) -> bool:
+        """Whether a client assertion's `aud` names this server (RFC 7523 §3): its issuer
+        identifier or its token endpoint URL, compared as normalized URLs (scheme and host
+        case, default port) with a trailing slash allowed after the issuer — the Python MCP
+        SDK 1.x sends the issuer with one. Nothing else: no other path, host, port or scheme."""
+        issuer = _normal_url(self.issuer)
+        endpoint = _normal_url(self.token_endpoint)
+        for value in aud if isinstance(aud, list) else [aud]:
+            found = _normal_url(value) if isinstance(value, str) else None
+            if found is not None and found in (issuer, endpoint, f"{issuer}/"):
+                return True
+        return False
 
     def _usable(self, agent: Agent, now: float) -> Agent:
         ok, reason = agent.usable(now)
@@ -234,20 +254,18 @@ class TokenService:
             raise OAuthError(
                 "invalid_grant",
                 f"agent {agent.id!r} is registered for tenant {agent.tenant!r}, "
-                f"not for the user's tenant {tenant!r}",
+                f"not for the user's tenant {shown(tenant)}",
             )
         return self._issue(agent, user, form, dpop_proof, now)
 
     async def _subject(self, token: str, now: float) -> dict[str, Any]:
         try:
-            issuer_url = str(unverified_claims(token).get("iss", ""))
+            found = unverified_claims(token).get("iss")
         except TokenError as exc:
             raise OAuthError("invalid_grant", f"subject_token refused: {exc.message}") from exc
-        trusted = next(
-            (t for t in self.settings.auth.trusted_issuers if t.issuer == issuer_url), None
-        )
+        trusted = next((t for t in self.settings.auth.trusted_issuers if t.issuer == found), None)
         if trusted is None:
-            raise OAuthError("invalid_grant", f"subject_token issuer {issuer_url!r} is not trusted")
+            raise OAuthError("invalid_grant", f"subject_token issuer {shown(found)} is not trusted")
         try:
             claims = await self._verify_external(token, trusted, now)
         except TokenError as exc:
@@ -327,6 +345,7 @@ class TokenService:
         }
         if user is not None:
             body["issued_token_type"] = TOKEN_TYPE_ACCESS
+        self.agents.note_use(agent.id, now)  # written by the gateway's UsageRecorder
         return body
 
     def _resource(self, agent: Agent, requested: str | None) -> str:
@@ -336,9 +355,9 @@ class TokenService:
                 return allowed.pop()
             raise OAuthError("invalid_target", "name the MCP endpoint in `resource` (RFC 8707)")
         if requested not in self.resources:
-            raise OAuthError("invalid_target", f"resource {requested!r} is not served here")
+            raise OAuthError("invalid_target", f"resource {shown(requested)} is not served here")
         if requested not in allowed:
-            raise OAuthError("invalid_target", f"agent {agent.id!r} may not use {requested!r}")
+            raise OAuthError("invalid_target", f"agent {agent.id!r} may not use {shown(requested)}")
         return requested
 
     def _scope(self, agent: Agent, requested: str | None, user: dict[str, Any] | None) -> str:
@@ -352,7 +371,9 @@ class TokenService:
             # which); refuse only when it holds none of it.
             narrowed = set(requested.split()) & granted
             if not narrowed:
-                raise OAuthError("invalid_scope", f"none of the scopes {requested!r} is granted")
+                raise OAuthError(
+                    "invalid_scope", f"none of the scopes {shown(requested)} is granted"
+                )
             granted = narrowed
         return " ".join(sorted(granted))
 
@@ -387,3 +408,24 @@ class TokenService:
             return cache.first_use(key, until, now)
         except Overloaded as exc:  # full of live ids: refuse rather than forget one
             raise OAuthError("temporarily_unavailable", exc.message, 503) from exc
+
+
+def _normal_url(url: str) -> str | None:
+    """An http(s) URL with its scheme and host lowercased and a default port dropped (RFC 3986
+    §6.2.3), for comparing audiences; None when it is not such a URL."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    host = parts.hostname
+    if scheme not in ("http", "https") or not host or parts.username or parts.password:
+        return None
+    if parts.fragment:
+        return None
+    host = f"[{host}]" if ":" in host else host
+    if port is not None and port != (443 if scheme == "https" else 80):
+        host = f"{host}:{port}"
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{scheme}://{host}{parts.path}{query}"

@@ -8,6 +8,7 @@ members that point at keys (`jwk`, `jku`, `x5u`, `x5c`) are never used to find a
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import re
@@ -24,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 
 from bastion.errors import TokenError
+from bastion.errors import shown as _shown
 from bastion.identity.keys import KeySet, SigningKey, b64url, b64url_decode, fits
 
 ALLOWED_ALGS = (
@@ -72,14 +74,6 @@ class Jws:
     claims: dict[str, Any]
     signing_input: bytes
     signature: bytes
-
-
-def _shown(value: Any) -> str:
-    """A short rendering of an untrusted claim value for an error message."""
-    if not isinstance(value, str | int | float | None):
-        return f"a JSON {type(value).__name__}"
-    text = repr(value)
-    return text if len(text) <= 64 else text[:61] + "..."
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -245,6 +239,18 @@ def _time(claims: Mapping[str, Any], name: str) -> int | float | None:
     return value
 
 
+def _iso(epoch: float) -> str:
+    """A NumericDate as ISO 8601 UTC for a message; the number itself when out of range."""
+    try:
+        return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return f"{epoch:g} (epoch seconds)"
+
+
+def _secs(seconds: float) -> str:
+    return f"{seconds:.0f}" if abs(seconds) < 1e9 else f"{seconds:.3g}"  # a forged date
+
+
 def _media(typ: str) -> str:
     return typ.lower().removeprefix("application/")
 
@@ -265,16 +271,24 @@ def check_claims(claims: Mapping[str, Any], expect: Expect, now: float) -> None:
             )
     exp, nbf, iat = _time(claims, "exp"), _time(claims, "nbf"), _time(claims, "iat")
     if exp is not None and exp <= now - expect.leeway:
-        raise TokenError("expired", f"expected exp after {now - expect.leeway:.0f}, found {exp}")
+        raise TokenError("expired", f"token expired at {_iso(exp)} ({_secs(now - exp)} s ago)")
     if nbf is not None and nbf > now + expect.leeway:
-        raise TokenError("not_yet_valid", f"expected nbf by {now + expect.leeway:.0f}, found {nbf}")
+        raise TokenError(
+            "not_yet_valid", f"token not valid before {_iso(nbf)} (in {_secs(nbf - now)} s)"
+        )
     if iat is not None and iat > now + expect.leeway:
         raise TokenError(
-            "issued_in_future", f"expected iat by {now + expect.leeway:.0f}, found {iat}"
+            "issued_in_future",
+            f"token issued in the future, at {_iso(iat)} ({_secs(iat - now)} s from now; "
+            f"clocks may differ by {expect.leeway:g} s)",
         )
     oldest = None if expect.max_age is None else now - expect.max_age - expect.leeway
     if oldest is not None and iat is not None and iat < oldest:
-        raise TokenError("expired", f"expected iat at or after {oldest:.0f}, found {iat}")
+        raise TokenError(
+            "expired",
+            f"token too old: issued at {_iso(iat)} ({_secs(now - iat)} s ago; "
+            f"at most {expect.max_age:g} s)",
+        )
     required = (*expect.require, "iat") if expect.max_age is not None else expect.require
     missing = [name for name in required if name not in claims]
     if missing:

@@ -19,7 +19,7 @@ import time
 from typing import Any, Protocol
 
 from bastion.config import Auth, TrustedIssuer
-from bastion.errors import AuthError, InsufficientScope, Overloaded, TokenError
+from bastion.errors import AuthError, InsufficientScope, Overloaded, TokenError, shown
 from bastion.identity import dpop
 from bastion.identity.jwt import Expect, unverified_claims, verify
 from bastion.identity.keys import KeySet
@@ -56,6 +56,7 @@ class AgentDirectory(Protocol):
     def agent(self, agent_id: str) -> AgentRecord | None: ...
     def revoked(self, jti: str) -> bool: ...
     def session_killed(self, session_hash: str) -> bool: ...
+    def note_use(self, agent_id: str, when: float) -> None: ...
 
 
 class SigningKeys(Protocol):
@@ -137,17 +138,20 @@ class Authenticator:
             raise TokenError("revoked", "the token was revoked")
         agent = self._agents.agent(principal.agent)
         if agent is None:
-            raise TokenError("unknown_kid", f"agent {principal.agent!r} is not registered")
+            raise TokenError("unknown_kid", f"agent {shown(principal.agent)} is not registered")
         ok, reason = agent.usable(now)
         if not ok:
-            raise TokenError("suspended", f"agent {principal.agent!r} is {reason}")
+            raise TokenError("suspended", f"agent {shown(principal.agent)} is {reason}")
         if agent.tenant != principal.tenant:
             raise TokenError("wrong_audience", "the token's tenant is not the agent's tenant")
         self._check_binding(scheme, token, principal, agent, headers, method, url, now)
+        # An in-memory note; the gateway's background work writes it to the registry.
+        self._agents.note_use(agent.id, now)
         return principal
 
     async def _verify(self, token: str, resource: str, now: float) -> dict[str, Any]:
-        issuer = str(unverified_claims(token).get("iss", ""))
+        found = unverified_claims(token).get("iss")
+        issuer = found if isinstance(found, str) else ""
         leeway = self._auth.leeway_seconds
         if issuer == self._issuer:
             assert self._keys is not None  # noqa: S101 - present when auth is oauth
@@ -166,7 +170,10 @@ class Authenticator:
                 return verify(token, self._keys.keyset(), expect, now)
         trusted = self._external.get(issuer)
         if trusted is None:
-            raise TokenError("wrong_issuer", "the token's issuer is not trusted here")
+            trusted_here = ", ".join(repr(i) for i in (self._issuer, *self._external))
+            raise TokenError(
+                "wrong_issuer", f"expected iss one of {trusted_here}, found {shown(found)}"
+            )
         expect = Expect(issuer=issuer, audience=resource, leeway=leeway)
         try:
             claims = verify(token, await self._issuers.keys(trusted), expect, now)
@@ -259,7 +266,7 @@ class Authenticator:
         needed = _SCOPE_OF.get(family)
         if needed is not None and needed not in principal.scopes:
             raise InsufficientScope(
-                f"{exchange.method} needs the scope {needed!r}", data={"scope": needed}
+                f"{shown(exchange.method)} needs the scope {needed!r}", data={"scope": needed}
             )
 
     def challenge(

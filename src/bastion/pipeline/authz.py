@@ -16,24 +16,29 @@ import asyncio
 import json
 import logging
 import re
+import secrets
 import time
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from bastion.config import Settings
-from bastion.errors import BastionError, PolicyError, UpstreamTimeout
+from bastion.errors import BastionError, Overloaded, PolicyError, UpstreamTimeout
 from bastion.pipeline.exchange import Exchange
-from bastion.pipeline.obligations import STATE_PREFIX as APPROVAL_STATE_PREFIX
 from bastion.pipeline.obligations import redact
+from bastion.pipeline.route import requested_name
+from bastion.policy.approval import ApprovalState, ApprovalStates, call_digest
 from bastion.policy.build import build_engine, fingerprint
 from bastion.policy.catalog import Catalog, action_id
 from bastion.policy.engine import CedarRequest, PolicyEngine, Verdict, Who
 from bastion.policy.schema import LIST_ACTIONS, METHOD_ACTIONS, ArgumentMismatch
 from bastion.policy.source import PolicyLoadError, parse_rate, parse_redaction
+from bastion.state.memory import ReplayCache
 from bastion.state.rates import RateCounter
-from bastion.types import JSON, Decision, Principal
+from bastion.types import JSON, Decision, Era, Principal
 
 log = logging.getLogger("bastion.policy")
 
@@ -77,11 +82,21 @@ class History:
 class Authorizer:
     """Holds the running policy and decides on each exchange."""
 
-    def __init__(self, settings: Settings, lister: Lister, rates: RateCounter) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        lister: Lister,
+        rates: RateCounter,
+        approvals: ApprovalStates | None = None,
+    ) -> None:
         self.settings = settings
         self.policy = settings.policy
         self._lister = lister
         self.rates = rates
+        self.approvals = approvals or ApprovalStates(
+            secrets.token_bytes(32), settings.policy.approval_timeout_seconds
+        )
+        self._used_states = ReplayCache()
         self.history = History()
         self.engine: PolicyEngine | None = None
         self.problem: str | None = None  # why the last reload failed, while it stands
@@ -262,6 +277,8 @@ class Authorizer:
                 exchange.decision = Decision(True, _NOTHING_TO_DECIDE)
             return
         verdict = engine.decide(request)
+        if verdict.allowed and "approval" in verdict.obligations:
+            exchange.approval_state = self._approval_state(exchange, principal)
         if verdict.allowed and "rate" in verdict.obligations:
             verdict = await self._limit(exchange, principal, request.action, verdict)
         exchange.decision = Decision(
@@ -329,7 +346,8 @@ class Authorizer:
             exchange.foreign_tenants = tuple(t for t in tenants if t != principal.tenant)
         if "request" in needs:
             context["request"] = await self._situation(exchange, principal, action, tenants, needs)
-        return CedarRequest(_who(principal), action, resource, context, extra)
+        shown_as = requested_name(exchange)  # the route's name for it, for the messages
+        return CedarRequest(_who(principal), action, resource, context, extra, named=shown_as)
 
     async def _situation(
         self,
@@ -381,20 +399,41 @@ class Authorizer:
             value = values.get(arg)
             for item in value if isinstance(value, list) else [value]:
                 if isinstance(item, str):
-                    match = pattern.fullmatch(item)
-                    if match is not None:
-                        named.add(match.group("tenant"))
+                    for spelling in _spellings(item):
+                        match = pattern.fullmatch(spelling)
+                        if match is not None:
+                            named.add(match.group("tenant"))
                 elif item is not None:
                     named.add(_NO_TENANT)
         return sorted(named)
 
+    def _approval_state(
+        self, exchange: Exchange, principal: Principal
+    ) -> ApprovalState | str | None:
+        """The approval a 2026-07-28 retry brings, verified here and used up: integrity,
+        principal, exact call, expiry, first use. A string says why it is refused; None means
+        the call brings no state of ours (it will be asked for). Legacy sessions approve on
+        the call's own stream, so a state there counts for nothing."""
+        if exchange.era is not Era.MODERN:
+            return None
+        call = call_digest(principal.binding_key(), exchange.method, exchange.params)
+        found = self.approvals.verify(exchange.params.get("requestState"), call, time.time())
+        if not isinstance(found, ApprovalState):
+            return found
+        try:
+            if not self._used_states.first_use(found.nonce, found.expires_at):
+                return "the approval was already used"
+        except Overloaded:  # refused, and recorded as such, rather than forgetting a live one
+            return "the gateway holds too many pending approvals; call again shortly"
+        return found
+
     async def _limit(
         self, exchange: Exchange, principal: Principal, action: str, verdict: Verdict
     ) -> Verdict:
-        """Apply `@rate` obligations: per principal and tool, over the shared counter. The
-        retry that brings an approval is the same call, not another one."""
-        state = exchange.params.get("requestState")
-        if isinstance(state, str) and state.startswith(APPROVAL_STATE_PREFIX):
+        """Apply `@rate` obligations: per principal and tool, over the shared counter. Only
+        a retry bringing a verified approval state is the same call, counted when it was
+        first made; a state that merely looks like one counts as a new call."""
+        if isinstance(exchange.approval_state, ApprovalState):
             return verdict
         for rule in verdict.obligations["rate"]:
             limit, window = parse_rate(rule["limit"])
@@ -525,6 +564,14 @@ def history_key(exchange: Exchange, principal: Principal) -> str:
 def _ip(client: str) -> str:
     host = client.rpartition(":")[0].strip("[]")
     return host if re.fullmatch(r"[0-9a-fA-F:.]+", host or "") else "0.0.0.0"  # noqa: S104
+
+
+def _spellings(value: str) -> set[str]:
+    """The ways an upstream might read an id the client spelled: as sent, percent-decoded,
+    and each folded for case and compatibility forms (NFKC: fullwidth letters, ligatures).
+    The client chooses the spelling; it must not choose which tenant the check sees."""
+    forms = {value, unquote(value)}
+    return forms | {unicodedata.normalize("NFKC", form).casefold() for form in forms}
 
 
 def _tenant_regex(glob: str) -> re.Pattern[str]:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from secrets import token_bytes
 from typing import cast
 
 from bastion.audit import AuditWriter
 from bastion.config import RESERVED_TENANT, Settings
-from bastion.errors import BastionError, InvalidParams, SessionNotFound
+from bastion.errors import BastionError, InvalidParams, SessionNotFound, shown
 from bastion.observe.tracing import stage
 from bastion.pipeline.authn import AgentDirectory, Authenticator, SigningKeys
 from bastion.pipeline.authz import Authorizer
@@ -20,6 +21,7 @@ from bastion.pipeline.obligations import Obligations
 from bastion.pipeline.route import Route
 from bastion.pipeline.session import ClientSession, SessionStore, session_hash
 from bastion.pipeline.trail import Trail
+from bastion.policy.approval import ApprovalStates
 from bastion.state.rates import MemoryRateCounter, RateCounter
 from bastion.types import JSON, Principal
 from bastion.upstream.base import Answer
@@ -56,14 +58,19 @@ class Pipeline:
         self.authn = Authenticator(
             settings.auth, settings.base_url(), agents, keys, nonce_key=nonce_key
         )
+        # Ending a session ends its upstream sessions, each DELETE with a fresh credential.
         self.sessions = SessionStore(
-            settings.limits.max_sessions, settings.limits.session_idle_seconds
+            settings.limits,
+            lambda principal, upstream: self.credentials.headers(principal, upstream, "close"),
         )
         self.credentials = Credentials(settings, cast("CurrentKey | None", keys), secrets)
         self.dispatcher = Dispatcher(upstreams, self.credentials)
-        self.authz = Authorizer(settings, self._listing, rates or MemoryRateCounter())
+        # One key per process signs approval states: a restart voids pending approvals.
+        approvals = ApprovalStates(token_bytes(32), settings.policy.approval_timeout_seconds)
+        self.authz = Authorizer(settings, self._listing, rates or MemoryRateCounter(), approvals)
         self.dispatcher.visible = self.authz.visible
-        self.obligations = Obligations(settings, self.dispatcher)
+        self.dispatcher.catalogued = self.authz.relist
+        self.obligations = Obligations(settings, self.dispatcher, approvals)
 
     async def start(self) -> None:
         """Load the policy (listing every upstream first); raises PolicyLoadError if invalid."""
@@ -104,7 +111,7 @@ class Pipeline:
                 if exchange.target is None:
                     ref = exchange.params.get("ref") or {}
                     uri = exchange.params.get("uri", ref.get("uri"))
-                    raise InvalidParams(f"resource not found: {uri!r}")
+                    raise InvalidParams(f"resource not found: {shown(uri)}")
         except BastionError as exc:
             exchange.denial = exc
             return

@@ -10,12 +10,12 @@ import asyncio
 import base64
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import orjson
 
-from bastion.errors import BastionError, InvalidParams, MethodNotFound, UpstreamError
+from bastion.errors import BastionError, InvalidParams, MethodNotFound, UpstreamError, shown
 from bastion.observe.tracing import UpstreamCall, stage
 from bastion.pipeline.credentials import Credentials
 from bastion.pipeline.exchange import Exchange
@@ -36,7 +36,7 @@ from bastion.types import (
     Era,
     Principal,
 )
-from bastion.upstream.base import Answer, Channel, answer_from
+from bastion.upstream.base import Answer, Channel, answer_from, refusal
 from bastion.upstream.pool import Upstreams
 
 log = logging.getLogger("bastion.dispatch")
@@ -70,6 +70,8 @@ KNOWN_METHODS = frozenset(
     }
 )
 _MAX_INDEX_PAGES = 20
+# The `_meta` member of a merged list naming the upstreams whose items it lacks, and why.
+META_UNAVAILABLE = "bastion/unavailable"
 
 
 class Dispatcher:
@@ -80,6 +82,10 @@ class Dispatcher:
         self.credentials = credentials
         # Policy's view of a list page: (exchange, upstream, method, items) → visible items.
         self.visible: Callable[[Exchange, str, str, list[JSON]], list[JSON]] | None = None
+        # Makes sure policy's catalog holds an upstream (listing it again when it was down at
+        # start); raises the listing's error when it still cannot. Without it in the catalog,
+        # `visible` shows none of the upstream's items.
+        self.catalogued: Callable[[str], Awaitable[None]] | None = None
 
     async def listing(self, upstream: str, principal: Principal) -> JSON:
         """Every tool and prompt of an upstream, asked as the gateway itself (for policy)."""
@@ -103,10 +109,8 @@ class Dispatcher:
                 if not isinstance(body, dict):
                     if key == "prompts":  # a server without prompts may refuse the method
                         break
-                    raise UpstreamError(
-                        f"upstream {upstream!r} refused {method}: {reply.get('error')}"
-                    )
-                items.extend(i for i in body.get(key, []) if isinstance(i, dict))
+                    raise UpstreamError(f"upstream {upstream!r} refused {method}: {refusal(reply)}")
+                items.extend(_items(body, key))
                 cursor = body.get("nextCursor")
                 if cursor is None:
                     break
@@ -263,7 +267,7 @@ class Dispatcher:
                 return Answer(await self._set_level(exchange, route))
             if method == "subscriptions/listen":
                 return await self._listen(exchange, route)
-            raise MethodNotFound(f"method {method!r} is not served by this gateway")
+            raise MethodNotFound(f"method {shown(method)} is not served by this gateway")
         except BastionError as exc:
             return Answer(error(exchange.id, exc))
 
@@ -273,7 +277,7 @@ class Dispatcher:
             await self.refresh_index(exchange, route)
             target = route.target(exchange)
             if target is None:
-                raise InvalidParams(f"resource not found: {exchange.params.get('uri')!r}")
+                raise InvalidParams(f"resource not found: {shown(exchange.params.get('uri'))}")
         message = exchange.message
         if route.multiplex and exchange.method in ("tools/call", "prompts/get"):
             message = {**message, "params": {**exchange.params, "name": target.name}}
@@ -286,58 +290,113 @@ class Dispatcher:
 
     async def _list(self, exchange: Exchange, route: Route) -> JSON:
         """A list request. On a virtual server every upstream's page is fetched at once and
-        merged; the cursor carries each upstream's own cursor for those with more pages."""
+        merged; the cursor carries each upstream's own cursor for those with more pages. An
+        upstream that cannot be listed is named under `_meta` (never a silent partial list)."""
         key, _ = _LISTS[exchange.method]
         if not route.multiplex:
-            reply = await self.call_once(exchange, route.upstreams[0], exchange.message)
-            if isinstance(reply.get("result"), dict):
-                items = reply["result"].get(key, [])
-                self._learn(route, exchange.method, route.upstreams[0], items)
-                if self.visible is not None and isinstance(items, list):
-                    shown = self.visible(exchange, route.upstreams[0], exchange.method, items)
-                    reply = {**reply, "result": {**reply["result"], key: shown}}
-            return reply
+            return await self._list_one(exchange, route)
         cursors = _decode_cursor(exchange.params.get("cursor"), route.upstreams)
         pages = await asyncio.gather(
             *(self._page(exchange, route, upstream, cursor) for upstream, cursor in cursors.items())
         )
         merged: JSON = {key: []}
         following: dict[str, Any] = {}
-        for upstream, page in zip(cursors, pages, strict=True):
+        missing: list[JSON] = []
+        for upstream, (page, why) in zip(cursors, pages, strict=True):
             if page is None:
+                missing.append({"upstream": upstream, "reason": why})
                 continue
-            merged[key].extend(page.get(key, []))
+            merged[key].extend(page[key])
             if page.get("nextCursor") is not None:
                 following[upstream] = page["nextCursor"]
         if following:
             merged["nextCursor"] = _encode_cursor(following)
+        if missing:
+            merged["_meta"] = {META_UNAVAILABLE: missing}
         if exchange.era is Era.MODERN:
             merged.update(resultType="complete", ttlMs=0, cacheScope="private")
         return result(exchange.id, merged)
 
+    async def _list_one(self, exchange: Exchange, route: Route) -> JSON:
+        """A list request on one upstream's own route: its page, as policy lets the caller
+        see it."""
+        key, _ = _LISTS[exchange.method]
+        upstream = route.upstreams[0]
+        reply = await self.call_once(exchange, upstream, exchange.message)
+        if "result" not in reply:
+            return reply  # the upstream's error, relayed
+        body = reply["result"]
+        if not isinstance(body, dict):
+            raise UpstreamError(
+                f"upstream {upstream!r} answered {exchange.method} with a result that is not "
+                "an object"
+            )
+        items = _items(body, key)
+        self._learn(route, exchange.method, upstream, items)
+        page: JSON = {**body, key: items}
+        if self.visible is not None:
+            why = await self._uncatalogued(upstream)
+            if why is None:
+                page[key] = self.visible(exchange, upstream, exchange.method, items)
+            else:
+                page[key] = []
+                page["_meta"] = {
+                    **_object(body.get("_meta")),
+                    META_UNAVAILABLE: [{"upstream": upstream, "reason": why}],
+                }
+        return {**reply, "result": page}
+
     async def _page(
         self, exchange: Exchange, route: Route, upstream: str, cursor: Any
-    ) -> JSON | None:
+    ) -> tuple[JSON | None, str]:
+        """One upstream's page of a merged list, or None and why it is missing."""
         key, _ = _LISTS[exchange.method]
         params = {k: v for k, v in exchange.params.items() if k != "cursor"}
         if cursor is not None:
             params["cursor"] = cursor
         try:
             reply = await self.call_once(exchange, upstream, {**exchange.message, "params": params})
-        except UpstreamError as exc:
+        except BastionError as exc:
             log.warning("listing %s of %r failed: %s", key, upstream, exc.message)
-            return None
-        if not isinstance(reply.get("result"), dict):
-            log.warning("upstream %r refused %s: %s", upstream, exchange.method, reply.get("error"))
-            return None
-        page: JSON = reply["result"]
-        items = [i for i in page.get(key, []) if isinstance(i, dict)]
+            return None, exc.message
+        body = reply.get("result")
+        if not isinstance(body, dict):
+            if _code(reply) == MethodNotFound.rpc_code:
+                return {key: []}, ""  # the upstream offers no such list: it has none
+            why = f"upstream {upstream!r} refused {exchange.method}: {refusal(reply)}"
+            log.warning("%s", why)
+            return None, why
+        if not isinstance(body.get(key), list):
+            why = f"upstream {upstream!r} answered {exchange.method} without a {key} array"
+            log.warning("%s", why)
+            return None, why
+        items = _items(body, key)
         self._learn(route, exchange.method, upstream, items)
         if self.visible is not None:
+            hidden = await self._uncatalogued(upstream)
+            if hidden is not None:
+                return None, hidden
             items = self.visible(exchange, upstream, exchange.method, items)
         if key in ("tools", "prompts"):
-            items = [{**i, "name": route.expose(upstream, str(i.get("name")))} for i in items]
-        return {key: items, "nextCursor": page.get("nextCursor")}
+            items = [
+                {**i, "name": route.expose(upstream, i["name"])}
+                for i in items
+                if isinstance(i.get("name"), str)
+            ]
+        return {key: items, "nextCursor": body.get("nextCursor")}, ""
+
+    async def _uncatalogued(self, upstream: str) -> str | None:
+        """Why policy cannot show this upstream's items yet (its catalog lacks the upstream
+        and listing it again failed), or None when it can."""
+        if self.catalogued is None:
+            return None
+        try:
+            await self.catalogued(upstream)
+        except BastionError as exc:
+            why = f"upstream {upstream!r} is not in the policy catalog yet: {exc.message}"
+            log.warning("%s", why)
+            return why
+        return None
 
     def _learn(self, route: Route, method: str, upstream: str, items: list[JSON]) -> None:
         if method == "resources/list":
@@ -369,8 +428,10 @@ class Dispatcher:
                         reply = await self.call_once(exchange, upstream, message)
                     except UpstreamError:
                         break
-                    body = reply.get("result") or {}
-                    self._learn(route, method, upstream, body.get(key, []))
+                    body = reply.get("result")
+                    if not isinstance(body, dict):
+                        break
+                    self._learn(route, method, upstream, _items(body, key))
                     cursor = body.get("nextCursor")
                     if cursor is None:
                         break
@@ -429,9 +490,9 @@ class Dispatcher:
             "params": {"_meta": PROBE_META},
         }
         reply = await self.call_once(exchange, upstream, message)
-        if "result" not in reply:
+        body = reply.get("result")
+        if not isinstance(body, dict):
             raise UpstreamError(f"upstream {upstream!r} refused server/discover")
-        body: JSON = reply["result"]
         return body
 
     async def discover(self, exchange: Exchange, route: Route) -> JSON:
@@ -450,11 +511,12 @@ class Dispatcher:
             "cacheScope": "private",
         }
         if not route.multiplex and found:
-            upstream_meta = found[0].get("_meta") or {}
+            upstream_meta = _object(found[0].get("_meta"))
             if META_SERVER_INFO in upstream_meta:
                 body["_meta"] = {META_SERVER_INFO: upstream_meta[META_SERVER_INFO]}
-            if found[0].get("instructions"):
-                body["instructions"] = found[0]["instructions"]
+            instructions = found[0].get("instructions")
+            if isinstance(instructions, str) and instructions:
+                body["instructions"] = instructions
         elif route.instructions:
             body["instructions"] = route.instructions
         return body
@@ -525,12 +587,14 @@ class Dispatcher:
     async def _relay_notification(
         self, exchange: Exchange, reply: JSON, queue: asyncio.Queue[JSON]
     ) -> None:
-        method = reply.get("method", "")
-        if method.startswith("notifications/") and method != (
-            "notifications/subscriptions/acknowledged"
+        method = reply.get("method")
+        if (
+            isinstance(method, str)
+            and method.startswith("notifications/")
+            and method != "notifications/subscriptions/acknowledged"
         ):
-            params = dict(reply.get("params") or {})
-            params["_meta"] = {**(params.get("_meta") or {}), META_SUBSCRIPTION: exchange.id}
+            params = _object(reply.get("params"))
+            params["_meta"] = {**_object(params.get("_meta")), META_SUBSCRIPTION: exchange.id}
             await queue.put({**reply, "params": params})
 
     def start_listening(self, session: ClientSession, route: Route) -> None:
@@ -565,7 +629,7 @@ class Dispatcher:
             return
         mapped = session.server_requests.pop(str(message.get("id")), None)
         if mapped is None:
-            raise InvalidParams(f"no server request with id {message.get('id')!r} is pending")
+            raise InvalidParams(f"no server request with id {shown(message.get('id'))} is pending")
         upstream, upstream_id = mapped
         channel = session.channels[upstream]
         headers = await self.credentials.headers(session.principal, upstream, "respond")
@@ -632,6 +696,8 @@ def merge_capabilities(all_caps: list[JSON]) -> JSON:
     """Union of the upstreams' server capabilities; list changes always relayed."""
     merged: JSON = {}
     for caps in all_caps:
+        if not isinstance(caps, dict):
+            continue  # an upstream's odd capabilities add nothing
         for key, value in caps.items():
             if key in ("tools", "prompts", "resources", "logging", "completions") and isinstance(
                 value, dict
@@ -643,6 +709,23 @@ def merge_capabilities(all_caps: list[JSON]) -> JSON:
         if key in merged:
             merged[key]["listChanged"] = True
     return merged
+
+
+def _items(body: JSON, key: str) -> list[JSON]:
+    """The objects of a list result's array (whatever else an upstream put there is left out)."""
+    items = body.get(key)
+    return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
+
+
+def _object(value: Any) -> JSON:
+    """A copy of `value` when it is a JSON object, else an empty one."""
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def _code(reply: JSON) -> Any:
+    """The JSON-RPC error code of a reply, or None."""
+    error = reply.get("error")
+    return error.get("code") if isinstance(error, dict) else None
 
 
 def _encode_cursor(cursors: dict[str, Any]) -> str:

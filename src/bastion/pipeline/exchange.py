@@ -14,6 +14,7 @@ from bastion.types import JSON, Decision, Era, Principal, Target
 if TYPE_CHECKING:
     from bastion.observe.tracing import Attributes, RequestTrace
     from bastion.pipeline.session import ClientSession
+    from bastion.policy.approval import ApprovalState
 
 
 @dataclass(slots=True)
@@ -45,6 +46,9 @@ class Exchange:
     # tenants named by tenant-scoped arguments, and a session id presented by someone else.
     foreign_tenants: tuple[str, ...] = ()
     foreign_session: bool = False
+    # The approval a retry brings, as the decision stage verified it (and used it up), or
+    # why it was refused; None when the call brings none (set only under `@approval`).
+    approval_state: ApprovalState | str | None = None
 
     @property
     def method(self) -> str:

@@ -1,11 +1,16 @@
-"""Obligations of an allowing decision: a human's approval, and redaction of results.
+"""Obligations of an allowing decision: an approval, and redaction of results.
 
-`@approval`: before the call goes upstream, the client is asked to let a human approve it with
-an MCP elicitation — in a legacy session as an `elicitation/create` request on the call's own
-stream; in 2026-07-28 as an `input_required` result whose retry carries the answer and an
-integrity-protected `requestState` bound to the principal, the call and a short expiry, usable
-once. A client that cannot elicit is refused. Whether it was approved, when, and by whom is
-written into the decision's obligations, which the audit outcome record carries.
+`@approval`: before the call goes upstream, the client is asked to confirm it with an MCP
+elicitation — in a legacy session as an `elicitation/create` request on the call's own
+stream; in 2026-07-28 as an `input_required` result whose retry carries the answer and a
+signed `requestState` (see `bastion.policy.approval`), which the decision stage verified and
+used up before this stage runs. A client that cannot elicit is refused.
+
+The answer comes from the client, and the client is often the agent itself: it is recorded as
+*client-confirmed*, never as a person's approval. The prompt shows the tool, the server and
+every argument value (long ones shortened in the middle, never dropped), those the policy
+marks `@sensitive` first; the audit record carries how each value was shown and a digest of
+the text (the text itself when `audit.record_arguments` is on).
 
 `@redact("$.result…")`: the matching parts of the response are replaced before the client sees
 them. (Argument redaction happens in the authz stage, before the decision is recorded.)
@@ -14,33 +19,35 @@ them. (Argument redaction happens in the authz stage, before the decision is rec
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
-import hmac
-import json
 import logging
-import secrets
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
-from bastion.audit import digest
 from bastion.config import Settings
-from bastion.errors import Overloaded, PolicyError
+from bastion.errors import PolicyError
 from bastion.pipeline.dispatch import Dispatcher
 from bastion.pipeline.exchange import Exchange
 from bastion.pipeline.route import Route
+from bastion.policy.approval import (
+    ApprovalState,
+    ApprovalStates,
+    Asker,
+    Prompt,
+    call_digest,
+    prompt,
+)
 from bastion.policy.source import parse_redaction
 from bastion.rpc import error, result
-from bastion.state.memory import ReplayCache, TtlCache
 from bastion.types import JSON, META_CAPABILITIES, Era
 from bastion.upstream.base import Answer
 
 log = logging.getLogger("bastion.policy")
 
 APPROVAL_KEY = "bastion.approval"
-STATE_PREFIX = "bastion1."
 REDACTED = "[redacted by policy]"
+CLIENT_CONFIRMED = "client-confirmed"
 _SCHEMA = {
     "type": "object",
     "properties": {
@@ -57,12 +64,11 @@ _SCHEMA = {
 class Obligations:
     """Carries out approval and result redaction around the dispatcher."""
 
-    def __init__(self, settings: Settings, dispatcher: Dispatcher) -> None:
+    def __init__(self, settings: Settings, dispatcher: Dispatcher, states: ApprovalStates) -> None:
         self.dispatcher = dispatcher
         self.timeout = settings.policy.approval_timeout_seconds
-        self._key = secrets.token_bytes(32)  # per process: a restart voids pending approvals
-        self._used = ReplayCache()
-        self._granted: TtlCache[bool] = TtlCache()  # approved calls in an upstream's own MRTR
+        self.record_text = settings.audit.record_arguments
+        self.states = states
 
     async def run(self, exchange: Exchange, route: Route) -> Answer:
         """Run the exchange under its decision's obligations."""
@@ -76,6 +82,29 @@ class Obligations:
             return await self._ask_by_retry(exchange, route, approval, paths)
         return _redacted(await self.dispatcher.run(exchange, route), exchange, paths)
 
+    def _prompt(self, exchange: Exchange, approval: dict[str, Any]) -> Prompt | str:
+        """The prompt for this call; what was shown goes into the approval's record."""
+        principal = exchange.principal
+        target = exchange.target
+        assert principal is not None and target is not None  # noqa: S101 - decided calls
+        asker = Asker(principal.agent, principal.tenant, principal.user)
+        name = str(exchange.params.get("name"))
+        shown = prompt(
+            asker,
+            target.upstream,
+            str(target.name),
+            name,
+            exchange.params.get("arguments"),
+            approval.get("sensitive") or (),
+        )
+        if isinstance(shown, Prompt):
+            approval["shown"] = {
+                "digest": hashlib.sha256(shown.text.encode()).hexdigest(),
+                "values": list(shown.values),
+                **({"text": shown.text} if self.record_text else {}),
+            }
+        return shown
+
     # -- legacy: elicitation/create on the call's stream ------------------------------------
 
     async def _ask_in_session(
@@ -87,8 +116,11 @@ class Obligations:
             return self._refuse(
                 exchange, approval, "this client cannot answer elicitation requests"
             )
+        shown = self._prompt(exchange, approval)
+        if isinstance(shown, str):
+            return self._refuse(exchange, approval, shown)
         gateway_id, answer = session.ask()
-        params: JSON = {"message": _prompt(exchange), "requestedSchema": _SCHEMA}
+        params: JSON = {"message": shown.text, "requestedSchema": _SCHEMA}
         if session.protocol_version >= "2025-11-25":
             params["mode"] = "form"
         ask = {"jsonrpc": "2.0", "id": gateway_id, "method": "elicitation/create", "params": params}
@@ -123,13 +155,18 @@ class Obligations:
         self, exchange: Exchange, route: Route, approval: dict[str, Any], paths: list[Any]
     ) -> Answer:
         params = exchange.params
-        meta = params.get("_meta") or {}
-        state = params.get("requestState")
-        call = self._call_digest(exchange)
-        if isinstance(state, str) and state.startswith(STATE_PREFIX):
-            problem = self._check_state(state, exchange, call)
-            if problem is not None:
-                return self._refuse(exchange, approval, problem)
+        state = exchange.approval_state  # verified and used up by the decision stage
+        if isinstance(state, str):
+            return self._refuse(exchange, approval, state)
+        if isinstance(state, ApprovalState) and state.kind == "continue":
+            # The upstream asked for more input after the approval; this retry continues it.
+            approval.update(granted=True, continued=True, kind=CLIENT_CONFIRMED)
+            restored = {k: v for k, v in params.items() if k != "requestState"}
+            if state.upstream_state is not None:
+                restored["requestState"] = state.upstream_state
+            exchange.message = {**exchange.message, "params": restored}
+            return await self._forward(exchange, route, paths)
+        if isinstance(state, ApprovalState):
             responses = params.get("inputResponses") or {}
             body = responses.get(APPROVAL_KEY) if isinstance(responses, dict) else None
             granted, why = _judge(body if isinstance(body, dict) else {})
@@ -137,16 +174,15 @@ class Obligations:
                 return self._refuse(exchange, approval, why)
             self._grant(exchange, approval, body if isinstance(body, dict) else {})
             exchange.message = {**exchange.message, "params": _without_ours(params)}
-            return await self._forward(exchange, route, call, paths)
-        if self._granted.get(call, time.time()):
-            # The upstream asked for more input after the approval; its retry continues it.
-            approval["granted"] = True
-            approval["continued"] = True
-            return await self._forward(exchange, route, call, paths)
+            return await self._forward(exchange, route, paths)
+        meta = params.get("_meta") or {}
         if "elicitation" not in (meta.get(META_CAPABILITIES) or {}):
             return self._refuse(
                 exchange, approval, "this client cannot answer elicitation requests"
             )
+        shown = self._prompt(exchange, approval)
+        if isinstance(shown, str):
+            return self._refuse(exchange, approval, shown)
         approval["asked_at"] = time.time()
         approval["granted"] = None
         body = {
@@ -154,77 +190,55 @@ class Obligations:
             "inputRequests": {
                 APPROVAL_KEY: {
                     "method": "elicitation/create",
-                    "params": {
-                        "mode": "form",
-                        "message": _prompt(exchange),
-                        "requestedSchema": _SCHEMA,
-                    },
+                    "params": {"mode": "form", "message": shown.text, "requestedSchema": _SCHEMA},
                 }
             },
-            "requestState": self._state(exchange, call),
+            "requestState": self.states.issue(self._call(exchange), time.time()),
         }
         return Answer(result(exchange.id, body))
 
-    async def _forward(
-        self, exchange: Exchange, route: Route, call: str, paths: list[Any]
-    ) -> Answer:
-        answer = _redacted(await self.dispatcher.run(exchange, route), exchange, paths)
-        final = answer.first if answer.rest is None else None
-        body = final.get("result") if final is not None else None
-        if isinstance(body, dict) and body.get("resultType") == "input_required":
-            self._granted.put(call, True, time.time() + self.timeout)
-        return answer
+    async def _forward(self, exchange: Exchange, route: Route, paths: list[Any]) -> Answer:
+        """Send the approved call; if the upstream itself answers `input_required`, its
+        requestState is wrapped in one of ours, so only that call's retry continues it."""
+        call = self._call(exchange)
 
-    def _call_digest(self, exchange: Exchange) -> str:
-        params = {
-            k: v
-            for k, v in exchange.params.items()
-            if k not in ("_meta", "requestState", "inputResponses")
-        }
+        def wrap(body: JSON) -> JSON:
+            if body.get("resultType") != "input_required":
+                return body
+            inner = body.get("requestState")
+            state = self.states.issue(
+                call, time.time(), "continue", inner if isinstance(inner, str) else None
+            )
+            return {**body, "requestState": state}
+
+        answer = _redacted(await self.dispatcher.run(exchange, route), exchange, paths)
+        return _map_result(answer, exchange, wrap)
+
+    @staticmethod
+    def _call(exchange: Exchange) -> str:
         principal = exchange.principal
         owner = principal.binding_key() if principal is not None else ()
-        return digest({"who": list(owner), "method": exchange.method, "params": params})
-
-    def _state(self, exchange: Exchange, call: str) -> str:
-        payload = {"c": call, "e": int(time.time() + self.timeout), "n": secrets.token_urlsafe(12)}
-        raw = base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
-        mac = hmac.new(self._key, raw.encode(), hashlib.sha256).hexdigest()
-        return f"{STATE_PREFIX}{raw}.{mac}"
-
-    def _check_state(self, state: str, exchange: Exchange, call: str) -> str | None:
-        """Why a requestState is refused, or None: integrity, expiry, same principal and call,
-        first use."""
-        raw, _, mac = state[len(STATE_PREFIX) :].rpartition(".")
-        expected = hmac.new(self._key, raw.encode(), hashlib.sha256).hexdigest()
-        if not raw or not hmac.compare_digest(mac, expected):
-            return "the approval state was altered or comes from another gateway process"
-        try:
-            payload = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
-        except ValueError:
-            return "the approval state cannot be read"
-        if payload.get("c") != call:
-            return "the approval was given for another call or another principal"
-        if time.time() > payload.get("e", 0):
-            return "the approval expired; call again to be asked anew"
-        try:
-            if not self._used.first_use(str(payload.get("n")), float(payload.get("e", 0))):
-                return "the approval was already used"
-        except Overloaded:  # refused, and recorded as such, rather than forgetting a live one
-            return "the gateway holds too many pending approvals; call again shortly"
-        return None
+        return call_digest(owner, exchange.method, exchange.params)
 
     # -- outcomes ----------------------------------------------------------------------------
 
     def _grant(self, exchange: Exchange, approval: dict[str, Any], body: JSON) -> None:
         principal = exchange.principal
+        who = (
+            f"the client of agent {principal.agent}"
+            + (f" acting for user {principal.user}" if principal.user else "")
+            if principal is not None
+            else "the client"
+        )
         approval.update(
             granted=True,
+            kind=CLIENT_CONFIRMED,
+            channel="elicitation",
             answered_at=time.time(),
-            by=(principal.user if principal and principal.user else "the user of the client")
-            + (f" via agent {principal.agent}" if principal else ""),
+            by=f"{who} (an MCP elicitation answer: not verified as a person)",
             answer=body.get("content"),
         )
-        log.info("approval granted for %s by %s", exchange.params.get("name"), approval["by"])
+        log.info("approval client-confirmed for %s by %s", exchange.params.get("name"), who)
 
     def _refuse(self, exchange: Exchange, approval: dict[str, Any], why: str) -> Answer:
         approval.update(granted=False, answered_at=time.time(), refusal=why)
@@ -247,17 +261,6 @@ def _judge(body: JSON) -> tuple[bool, str]:
     if action in ("decline", "cancel"):
         return False, f"the user chose {action}"
     return False, "the answer to the approval request was not understood"
-
-
-def _prompt(exchange: Exchange) -> str:
-    name = exchange.params.get("name")
-    arguments = exchange.params.get("arguments") or {}
-    shown = json.dumps(arguments, ensure_ascii=False, sort_keys=True)
-    if len(shown) > 800:
-        shown = shown[:800] + "…"
-    principal = exchange.principal
-    who = f"agent {principal.agent} of tenant {principal.tenant}" if principal else "an agent"
-    return f"Bastion: {who} wants to call {name} with {shown}. Approve this call?"
 
 
 def _without_ours(params: JSON) -> JSON:
@@ -301,23 +304,33 @@ def _redacted(answer: Answer, exchange: Exchange, paths: list[tuple[Any, ...]]) 
     if not paths:
         return answer
 
-    def fix(message: JSON) -> JSON:
-        if message.get("id") == exchange.id and isinstance(message.get("result"), dict):
-            body = message["result"]
-            for steps in paths:
-                body = redact(body, steps)
-            return {**message, "result": body}
+    def fix(body: JSON) -> JSON:
+        for steps in paths:
+            body = redact(body, steps)
+        return body
+
+    return _map_result(answer, exchange, fix)
+
+
+def _map_result(answer: Answer, exchange: Exchange, fix: Callable[[JSON], JSON]) -> Answer:
+    """The answer with `fix` applied to the result of the exchange's own response (whether
+    it comes alone or at the end of a stream)."""
+
+    def one(message: JSON) -> JSON:
+        body = message.get("result")
+        if message.get("id") == exchange.id and isinstance(body, dict):
+            return {**message, "result": fix(body)}
         return message
 
     if answer.rest is None:
-        return Answer(fix(answer.first))
+        return Answer(one(answer.first))
     rest = answer.rest
 
     async def fixed() -> AsyncGenerator[JSON, None]:
         try:
             async for message in rest:
-                yield fix(message)
+                yield one(message)
         finally:
             await rest.aclose()
 
-    return Answer(fix(answer.first), fixed())
+    return Answer(one(answer.first), fixed())

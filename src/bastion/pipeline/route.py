@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 from bastion.config import TOOL_SEPARATOR
-from bastion.errors import InvalidParams
+from bastion.errors import InvalidParams, shown
 from bastion.pipeline.exchange import Exchange
 from bastion.types import JSON, Target
 
@@ -44,7 +44,7 @@ class Route:
         upstream, sep, name = exposed.partition(TOOL_SEPARATOR)
         if not sep or not name or upstream not in self.upstreams:
             raise InvalidParams(
-                f"unknown {kind} {exposed!r}: names on this route are "
+                f"unknown {kind} {shown(exposed)}: names on this route are "
                 f"'<server>{TOOL_SEPARATOR}<{kind}>' with <server> one of {list(self.upstreams)}"
             )
         return Target(upstream, name)
@@ -103,6 +103,23 @@ class Route:
                 return self.resolve_uri(ref["uri"])
             raise InvalidParams("completion/complete ref must be ref/prompt or ref/resource")
         return None
+
+
+def requested_name(exchange: Exchange) -> str | None:
+    """The tool, prompt or resource as the caller named it on its route — `echo` on
+    /servers/echo/mcp where policy says `echo__echo` — for messages about the request; what
+    `Route.expose` gives for the resolved target. None when the request names none."""
+    params = exchange.params
+    ref = params.get("ref")
+    for value in (
+        params.get("name"),
+        params.get("uri"),
+        ref.get("name") if isinstance(ref, dict) else None,
+        ref.get("uri") if isinstance(ref, dict) else None,
+    ):
+        if isinstance(value, str):
+            return value
+    return None
 
 
 def _template_regex(template: str) -> str:

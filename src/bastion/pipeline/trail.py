@@ -19,6 +19,7 @@ from typing import Any
 
 from bastion.audit import AuditRecord, AuditUnavailable, AuditWriter, digest
 from bastion.audit.detect import Alert, Detectors
+from bastion.audit.record import Outcome
 from bastion.config import AuditSettings, HttpUpstream, Settings
 from bastion.pipeline.exchange import Exchange
 from bastion.pipeline.route import Route
@@ -75,29 +76,27 @@ class Trail:
             raise AuditUnavailable(_REFUSAL) from exc
         await self._watch(record)
 
-    async def outcome(self, exchange: Exchange, route: Route, answer: JSON | None) -> None:
-        """Record how the call ended (written behind the answer)."""
+    async def outcome(
+        self, exchange: Exchange, route: Route, answer: JSON | None, failure: str | None = None
+    ) -> None:
+        """Record how the call ended (written behind the answer, whatever the answer holds).
+
+        `failure` says why the gateway could not answer as it meant to (the answer then is
+        the error it sent instead, or None when it could send nothing)."""
         if self._writer is None:
             return
         record = self._record(exchange, route, "outcome")
-        size = len(dumps(answer)) if answer is not None else None
         result = answer.get("result") if answer is not None else None
-        error = answer.get("error") if answer is not None else None
-        if exchange.denial is not None:
-            outcome = "denied"
-        elif isinstance(error, dict) and str((error.get("data") or {}).get("code", "")).startswith(
-            "upstream."
-        ):
-            outcome = "upstream_error"
-        else:
-            outcome = "ok"
+        detail = record.detail if failure is None else {**record.detail, "failure": failure}
+        size, result_digest = _measure(answer, result)
         record = _replace(
             record,
-            outcome=outcome,
+            outcome=outcome_of(exchange.denial is not None, answer, failure),
             latency_ms=round((time.perf_counter() - exchange.started) * 1000, 3),
             response_bytes=size,
-            result_digest=digest(result) if result is not None else None,
+            result_digest=result_digest,
             credential_id=exchange.credential_id,
+            detail=detail,
         )
         await self._writer.append(record, False)
 
@@ -189,6 +188,40 @@ class Trail:
             outcome="denied" if phase == "authn" else None,
             detail=_detail(exchange),
         )
+
+
+def error_code(answer: JSON | None) -> str | None:
+    """The machine-readable code of an error answer: the gateway's `error.data.code` when it
+    is a string, else "error"; None when the answer is not an error. Upstreams put anything in
+    `data` (the MCP SDK a plain string), so nothing about its shape is assumed."""
+    error = answer.get("error") if answer is not None else None
+    if error is None:
+        return None
+    data = error.get("data") if isinstance(error, dict) else None
+    code = data.get("code") if isinstance(data, dict) else None
+    return code if isinstance(code, str) else "error"
+
+
+def outcome_of(denied: bool, answer: JSON | None, failure: str | None = None) -> Outcome:
+    """The `outcome` of a call's record from its final answer."""
+    if denied:
+        return "denied"
+    code = error_code(answer)
+    if code is not None and code.startswith("upstream."):
+        return "upstream_error"
+    if code is not None or failure is not None:
+        return "error"
+    return "ok"
+
+
+def _measure(answer: JSON | None, result: Any) -> tuple[int | None, str | None]:
+    """The answer's size and its result's digest; None for what cannot be encoded (JSON
+    nested past the encoder's depth), which the record then leaves out rather than fail."""
+    try:
+        size = len(dumps(answer)) if answer is not None else None
+        return size, digest(result) if result is not None else None
+    except TypeError:
+        return None, None
 
 
 def _replace(record: AuditRecord, **changes: Any) -> AuditRecord:

@@ -18,6 +18,7 @@ import cedarpy
 import orjson
 from cedarpy import _internal as cedar_native
 
+from bastion.errors import shown
 from bastion.policy.catalog import Catalog
 from bastion.policy.schema import GROUPS, NAMESPACE, PolicySchema
 from bastion.policy.source import PolicyDoc
@@ -50,6 +51,9 @@ class CedarRequest:
     resource: tuple[str, str]  # (entity type without namespace, id)
     context: Mapping[str, Any]
     extra_entities: tuple[Mapping[str, Any], ...] = ()  # e.g. a Resource not in the catalog
+    # The tool, prompt or URI as the caller named it on its route (`echo`, not `echo__echo`,
+    # on /servers/echo/mcp), for messages; None: the resource id.
+    named: str | None = None
 
 
 @dataclass
@@ -213,9 +217,8 @@ class PolicyEngine:
     def decide(self, request: CedarRequest) -> Verdict:
         """Allow or deny, with the deciding policies, their reasons and obligations."""
         if request.action not in self.schema.actions:
-            return Verdict(
-                False, (), (f"{request.action!r} is not a known action (tool not in the catalog)",)
-            )
+            what = shown(request.named or request.action)
+            return Verdict(False, (), (f"{what} is not a known action (tool not in the catalog)",))
         who = request.who
         native = {
             "principal": _uid("Agent", who.agent),
@@ -234,8 +237,10 @@ class PolicyEngine:
     def _verdict(
         self, request: CedarRequest, decision: Any, diagnostics: Mapping[str, Any]
     ) -> Verdict:
-        ids = tuple(diagnostics.get("reason") or ())
-        errors = tuple(diagnostics.get("errors") or ())
+        # Cedar reports the deciding policies in no fixed order; sorted, the reasons built from
+        # them (and so the error message) read the same on every call.
+        ids = tuple(sorted(diagnostics.get("reason") or ()))
+        errors = tuple(sorted(diagnostics.get("errors") or (), key=str))
         if decision == "Allow" and not errors:
             docs = [self.docs[i] for i in ids if i in self.docs]
             return Verdict(
@@ -253,13 +258,14 @@ class PolicyEngine:
         forbids = [self.docs[i] for i in ids if i in self.docs and self.docs[i].effect == "forbid"]
         if forbids:
             return Verdict(False, tuple(d.id for d in forbids), tuple(d.reason for d in forbids))
-        resource = request.resource[1]
+        resource = shown(request.named or request.resource[1])
+        who = request.who
         return Verdict(
             False,
             (),
             (
-                f"no policy permits agent {request.who.agent!r} of tenant "
-                f"{request.who.tenant!r} to {_verb(request.action)} {resource!r} (default deny)",
+                f"no policy permits agent {shown(who.agent)} of tenant {shown(who.tenant)} "
+                f"to {_verb(request.action)} {resource} (default deny)",
             ),
         )
 
@@ -290,16 +296,25 @@ class PolicyEngine:
 def obligations_of(docs: Sequence[PolicyDoc]) -> dict[str, Any]:
     """What the permits that allowed a call ask for: approval, rate limits, redactions."""
     out: dict[str, Any] = {}
+    sensitive: set[str] = set()
     for doc in docs:
         notes = doc.annotations
         if "approval" in notes and notes["approval"].lower() not in ("false", "no", "off"):
             out["approval"] = {"required": True, "policy": doc.id}
+        sensitive.update(sensitive_names(notes.get("sensitive", "")))
         if notes.get("rate"):
             out.setdefault("rate", []).append({"policy": doc.id, "limit": notes["rate"]})
         if notes.get("redact"):
             paths = [p.strip() for p in notes["redact"].split(",") if p.strip()]
             out.setdefault("redact", []).extend(paths)
+    if sensitive and "approval" in out:  # what the approver is shown first
+        out["approval"]["sensitive"] = sorted(sensitive)
     return out
+
+
+def sensitive_names(text: str) -> list[str]:
+    """The argument names or paths of a `@sensitive("to, cc, message.to")` annotation."""
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def referenced(ests: Iterable[Mapping[str, Any]]) -> frozenset[str]:

@@ -24,6 +24,7 @@ from typing import Any
 import cedar_mcp_schema_generator as generator
 import cedarpy
 
+from bastion.errors import shown
 from bastion.policy.catalog import Catalog, ToolInfo
 
 log = logging.getLogger("bastion.policy")
@@ -295,7 +296,11 @@ class _Resolver:
             for key, item in value.items():
                 entry = fields.get(key)
                 if entry is None:
-                    raise ArgumentMismatch(f"{path}.{key} is not an argument of the tool")
+                    # The caller's name: a short identifier as it is, anything else cut.
+                    known = key.isidentifier() and len(key) <= 64
+                    raise ArgumentMismatch(
+                        f"{path}.{key if known else shown(key)} is not an argument of the tool"
+                    )
                 out[key] = entry[0](item, f"{path}.{key}")
             return out
 
@@ -393,7 +398,7 @@ def _entity(type_name: str, definition: Mapping[str, Any]) -> Converter:
 
     def convert(value: Any, path: str) -> Any:
         if not isinstance(value, str) or value not in allowed:
-            raise ArgumentMismatch(f"{path} must be one of {sorted(allowed)}, found {value!r}")
+            raise ArgumentMismatch(f"{path} must be one of {sorted(allowed)}, found {shown(value)}")
         return {"__entity": {"type": type_name, "id": value}}
 
     return convert

@@ -202,7 +202,17 @@ def _check_annotations(origin: str, annotations: Mapping[str, str]) -> list[str]
             parse_redaction(annotations["redact"])
         except ValueError as exc:
             problems.append(f"{origin}: @redact: {exc}")
+    if "sensitive" in annotations:
+        names = [n.strip() for n in annotations["sensitive"].split(",")]
+        if not names or not all(_SENSITIVE.fullmatch(n) for n in names):
+            problems.append(
+                f"{origin}: @sensitive: expected argument names or paths separated by commas "
+                f'(e.g. "to, cc, message.to"), found {annotations["sensitive"][:60]!r}'
+            )
     return problems
+
+
+_SENSITIVE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*(?:\.[A-Za-z_][A-Za-z0-9_-]*|\[\d+\])*")
 
 
 def _index(policy_id: str) -> int:
@@ -248,6 +258,8 @@ def _grant(grant: Grant) -> list[tuple[str, str]]:
         head.append('@approval("required")')
     if grant.rate:
         head.append(f"@rate({_str(grant.rate)})")
+    if grant.sensitive:
+        head.append(f"@sensitive({_str(', '.join(grant.sensitive))})")
     out: list[tuple[str, str]] = []
 
     def emit(suffix: str, action: str, resource: str, conditions: list[str]) -> None:

@@ -13,12 +13,14 @@ import re
 from urllib.parse import urlsplit
 
 from bastion.errors import (
+    SHOWN_LIMIT,
     HeaderMismatch,
     InvalidEnvelope,
     NotAcceptable,
     OriginRejected,
     UnsupportedMediaType,
     UnsupportedVersion,
+    shown,
 )
 from bastion.types import JSON, META_CAPABILITIES, META_VERSION, SUPPORTED_VERSIONS
 
@@ -42,7 +44,7 @@ class HostPolicy:
             name = _host_name(host or "")
             allowed = self._hosts or _LOOPBACK_HOSTS
             if (host or "").lower() not in allowed and name not in allowed:
-                raise OriginRejected(f"Host {host!r} is not allowed on this gateway")
+                raise OriginRejected(f"Host {shown(host)} is not allowed on this gateway")
         if origin is None:
             return
         value = origin.lower().rstrip("/")
@@ -52,7 +54,7 @@ class HostPolicy:
             parts = urlsplit(value)
             if parts.scheme in ("http", "https") and _host_name(parts.netloc) in _LOOPBACK_HOSTS:
                 return
-        raise OriginRejected(f"Origin {origin!r} is not allowed on this gateway")
+        raise OriginRejected(f"Origin {shown(origin)} is not allowed on this gateway")
 
 
 def _host_name(hostport: str) -> str:
@@ -66,7 +68,7 @@ def check_post_media(content_type: str | None, accept: str | None) -> None:
     """A POST carries JSON and accepts both JSON and SSE back."""
     if content_type is None or content_type.split(";")[0].strip().lower() != "application/json":
         raise UnsupportedMediaType(
-            f"Content-Type must be application/json, found {content_type or 'none'!r}"
+            f"Content-Type must be application/json, found {shown(content_type or 'none')}"
         )
     kinds = _accepted(accept)
     if not (
@@ -75,7 +77,7 @@ def check_post_media(content_type: str | None, accept: str | None) -> None:
     ):
         raise NotAcceptable(
             "Accept must list both application/json and text/event-stream, "
-            f"found {accept or 'none'!r}"
+            f"found {shown(accept or 'none')}"
         )
 
 
@@ -83,7 +85,7 @@ def check_get_accept(accept: str | None) -> None:
     """A GET stream is only for clients that accept SSE."""
     kinds = _accepted(accept)
     if "text/event-stream" not in kinds and "*/*" not in kinds:
-        raise NotAcceptable(f"Accept must list text/event-stream, found {accept or 'none'!r}")
+        raise NotAcceptable(f"Accept must list text/event-stream, found {shown(accept or 'none')}")
 
 
 def _accepted(accept: str | None) -> set[str]:
@@ -94,15 +96,17 @@ def check_version(value: str) -> None:
     """The MCP-Protocol-Version header names a revision Bastion speaks."""
     if value not in SUPPORTED_VERSIONS:
         raise UnsupportedVersion(
-            f"protocol version {value!r} is not supported",
-            data={"supported": list(SUPPORTED_VERSIONS), "requested": value},
+            f"protocol version {shown(value)} is not supported",
+            data={"supported": list(SUPPORTED_VERSIONS), "requested": value[:SHOWN_LIMIT]},
         )
 
 
 def decode_header(name: str, value: str) -> str:
     """A header value as the body would hold it: plain, or decoded from the base64 sentinel."""
     if not _VISIBLE.match(value):
-        raise HeaderMismatch(f"{name} header contains characters not allowed in a header value")
+        raise HeaderMismatch(
+            f"{shown(name)} header contains characters not allowed in a header value"
+        )
     value = value.strip(" \t")  # optional whitespace around a field value is not part of it
     match = _SENTINEL.match(value)
     if match is None:
@@ -110,7 +114,7 @@ def decode_header(name: str, value: str) -> str:
     try:
         return base64.b64decode(match.group(1), validate=True).decode("utf-8")
     except (binascii.Error, UnicodeDecodeError) as exc:
-        raise HeaderMismatch(f"{name} header has an invalid base64 value") from exc
+        raise HeaderMismatch(f"{shown(name)} header has an invalid base64 value") from exc
 
 
 def check_modern_headers(message: JSON, version: str, headers: dict[str, str]) -> None:
@@ -132,12 +136,12 @@ def check_modern_headers(message: JSON, version: str, headers: dict[str, str]) -
         raise HeaderMismatch("Mcp-Method header is required")
     if decode_header("Mcp-Method", mcp_method) != method:
         raise HeaderMismatch(
-            f"Mcp-Method header {mcp_method!r} does not match body method {method!r}"
+            f"Mcp-Method header {shown(mcp_method)} does not match body method {shown(method)}"
         )
     if meta[META_VERSION] != version:
         raise HeaderMismatch(
-            f"MCP-Protocol-Version header {version!r} does not match "
-            f"params._meta[{META_VERSION!r}] {meta[META_VERSION]!r}"
+            f"MCP-Protocol-Version header {shown(version)} does not match "
+            f"params._meta[{META_VERSION!r}] {shown(meta[META_VERSION])}"
         )
     for name, value in headers.items():
         if name.startswith("mcp-param-"):
@@ -151,5 +155,6 @@ def check_modern_headers(message: JSON, version: str, headers: dict[str, str]) -
     decoded = decode_header("Mcp-Name", mcp_name)
     if decoded != params.get(field):
         raise HeaderMismatch(
-            f"Mcp-Name header {decoded!r} does not match body params.{field} {params.get(field)!r}"
+            f"Mcp-Name header {shown(decoded)} does not match body params.{field} "
+            f"{shown(params.get(field))}"
         )

@@ -19,6 +19,7 @@ from collections.abc import (
     Mapping,
     MutableMapping,
 )
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -35,6 +36,8 @@ from bastion.errors import (
     ProtocolError,
     SessionNotFound,
     SessionRequired,
+    UpstreamError,
+    shown,
 )
 from bastion.observe.metrics import CONTENT_TYPE as METRICS_TYPE
 from bastion.observe.metrics import Metrics
@@ -44,7 +47,9 @@ from bastion.pipeline.dispatch import KNOWN_METHODS, negotiate
 from bastion.pipeline.exchange import Exchange
 from bastion.pipeline.route import Route
 from bastion.pipeline.session import ClientSession, Stream
+from bastion.pipeline.trail import error_code
 from bastion.transport import checks
+from bastion.transport.client_ip import client_address
 from bastion.types import JSON, LEGACY_VERSIONS, MODERN_VERSION, UPSTREAM_STATUS, Era
 from bastion.upstream.base import Answer
 
@@ -193,7 +198,7 @@ class Front:
             headers, message, message["method"] if kind is rpc.Kind.REQUEST else None
         )
         send = trace.watch(send)
-        origin = (_client(scope), size, trace)
+        origin = (client_address(scope, self.settings.security), size, trace)
         try:
             if version == MODERN_VERSION or (
                 version is None and "mcp-session-id" not in headers and _has_modern_meta(message)
@@ -259,7 +264,7 @@ class Front:
             "resources/unsubscribe",
         ):
             missing = MethodNotFound(
-                f"method {message['method']!r} does not exist in {MODERN_VERSION}"
+                f"method {shown(message['method'])} does not exist in {MODERN_VERSION}"
             )
             await _error(send, missing, message.get("id"), status=404)
             return
@@ -306,7 +311,7 @@ class Front:
             return
         if version is not None and version != session.protocol_version:
             exc = InvalidRequest(
-                f"MCP-Protocol-Version {version!r} differs from the session's "
+                f"MCP-Protocol-Version {shown(version)} differs from the session's "
                 f"{session.protocol_version!r}"
             )
             await _error(send, exc, rpc.request_id(message))
@@ -338,41 +343,57 @@ class Front:
         exchange = Exchange(message, Era.LEGACY, version, route.name, client)
         _describe(exchange, size, trace)
         await self.pipeline.admit(exchange, route, headers, "POST", self.base + route.path)
-        if exchange.denial is not None or exchange.principal is None:
-            denial = exchange.denial or InvalidRequest("no principal")
-            await self._record_refusal(exchange, route)
-            await _error(send, denial, exchange.id, extra=exchange.response_headers)
-            return
-        try:
-            await self.pipeline.trail.decision(exchange, route)
-        except AuditUnavailable as exc:
-            await _error(send, exc, exchange.id)
-            return
         hello = {
             "protocolVersion": version,
             "capabilities": params.get("capabilities") or {},
             "clientInfo": params.get("clientInfo") or {"name": "unknown", "version": "0"},
         }
         store = self.pipeline.sessions
-        session = ClientSession(
-            id=store.new_id(),
-            principal=exchange.principal,
-            route=route.name,
-            protocol_version=version,
-            hello=hello,
-            keep_events=self.settings.limits.sse_replay_events,
-        )
-        exchange.session = session
+        session: ClientSession | None = None
+        if exchange.denial is None and exchange.principal is not None:
+            session = ClientSession(
+                id=store.new_id(),
+                principal=exchange.principal,
+                route=route.name,
+                protocol_version=version,
+                hello=hello,
+                keep_events=self.settings.limits.sse_replay_events,
+            )
+            # Kept now, before any upstream is asked; over a quota it is a recorded refusal.
+            exchange.denial = await store.open(session)
+        if exchange.denial is not None or session is None:
+            denial = exchange.denial or InvalidRequest("no principal")
+            await self._record_refusal(exchange, route)
+            self._count(exchange, route, time.perf_counter() - exchange.started, None)
+            await _error(send, denial, exchange.id, extra=exchange.response_headers)
+            return
         try:
-            body = await self.pipeline.dispatcher.initialize(exchange, route)
-        except BastionError as exc:
-            await session.close()
+            await self.pipeline.trail.decision(exchange, route)
+        except AuditUnavailable as exc:
+            await store.discard(session)
             await _error(send, exc, exchange.id)
             return
-        await store.add(session)
-        reply = rpc.result(exchange.id, body)
-        await _json(send, 200, rpc.dumps(reply), session_headers(session))
-        await self.pipeline.trail.outcome(exchange, route, reply)
+        exchange.session = session
+        ended = _Ended()
+        watched = _Watched(send)
+        try:
+            try:
+                body = await self.pipeline.dispatcher.initialize(exchange, route)
+            except BaseException:
+                await store.discard(session)
+                raise
+            ended.reply = rpc.result(exchange.id, body)
+            await _json(watched, 200, _encode(ended.reply), session_headers(session))
+        except OSError:
+            ended.failure = _GONE
+            raise  # the server drops the connection
+        except Exception as exc:
+            await self._failed(exc, watched, exchange, [], ended)
+        except BaseException:
+            ended.failure = _CANCELLED
+            raise
+        finally:
+            await self._record_outcome(exchange, route, ended)
 
     # -- answering: JSON or SSE -------------------------------------------------------------
 
@@ -400,14 +421,73 @@ class Front:
         except AuditUnavailable as exc:  # fail closed: nothing goes upstream unrecorded
             await _error(send, exc, exchange.id, extra=extra)
             return
-        answer = await self.pipeline.run(exchange, route)
-        final = await self._answer(send, receive, exchange, answer, session)
-        if exchange.trace is not None:
-            exchange.trace.answered(final)
-        self._count(exchange, route, admitted, final)
-        await self.pipeline.trail.outcome(exchange, route, final)
+        # From here on the outcome record is written whatever happens: an answer the gateway
+        # cannot relay, a failure while answering, the client going away, a cancellation.
+        ended = _Ended()
+        watched = _Watched(send)
+        try:
+            answer = await self.pipeline.run(exchange, route)
+            await self._answer(watched, receive, exchange, answer, session, ended)
+        except OSError:
+            ended.failure = _GONE
+            raise  # the server drops the connection
+        except Exception as exc:
+            await self._failed(exc, watched, exchange, extra, ended)
+        except BaseException:
+            ended.failure = _CANCELLED
+            raise
+        finally:
+            try:
+                if exchange.trace is not None:
+                    exchange.trace.answered(ended.reply)
+                self._count(exchange, route, admitted, ended.reply, ended.failure is not None)
+            except Exception:  # metrics and traces must never cost the outcome record
+                log.exception("metrics of request %s failed", exchange.request_id)
+            await self._record_outcome(exchange, route, ended)
 
-    def _count(self, exchange: Exchange, route: Route, admitted: float, final: JSON | None) -> None:
+    async def _failed(
+        self,
+        exc: Exception,
+        send: _Watched,
+        exchange: Exchange,
+        extra: list[tuple[bytes, bytes]],
+        ended: _Ended,
+    ) -> None:
+        """A call that broke instead of answering: answered with a JSON-RPC error while the
+        response has not started (the connection then serves its next request), else its
+        body is ended. Either way the outcome record says what happened."""
+        if isinstance(exc, BastionError):
+            error, status = exc, exc.http_status
+        else:
+            log.exception("answering request %s failed", exchange.request_id)
+            # A JSON-RPC error about one call travels with HTTP 200, as upstream errors do.
+            error, status = BastionError(_ANSWER_FAILED), 200
+        ended.failure = error.message
+        if send.started:
+            if not send.ended:
+                with contextlib.suppress(OSError):
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        ended.reply = rpc.error(exchange.id, error)
+        await _json(send, status, rpc.dumps(ended.reply), extra)
+
+    async def _record_outcome(self, exchange: Exchange, route: Route, ended: _Ended) -> None:
+        """Write the outcome record; a trail that cannot take it is logged, never raised."""
+        try:
+            await self.pipeline.trail.outcome(exchange, route, ended.reply, ended.failure)
+        except BastionError as exc:
+            log.error("outcome record of request %s not written: %s", exchange.request_id, exc)
+        except Exception:
+            log.exception("outcome record of request %s not written", exchange.request_id)
+
+    def _count(
+        self,
+        exchange: Exchange,
+        route: Route,
+        admitted: float,
+        final: JSON | None,
+        failed: bool = False,
+    ) -> None:
         """Metrics of one answered request: its outcome, decision and latency."""
         total = time.perf_counter() - exchange.started
         denial = exchange.denial
@@ -417,9 +497,9 @@ class Front:
                 self.metrics.decided(route.path, False)
         else:
             self.metrics.decided(route.path, True)
-            # A streamed answer (final is None) ended normally when it reached this point.
-            error = final.get("error") if final is not None else None
-            outcome = str((error.get("data") or {}).get("code", "error")) if error else "ok"
+            # A streamed answer (final is None) ended normally unless `failed`.
+            code = error_code(final)
+            outcome = _label(code) if code is not None else "error" if failed else "ok"
             if outcome.startswith("upstream.") and exchange.target is not None:
                 self.metrics.upstream_failed(exchange.target.upstream, outcome)
         stages = exchange.trace.stages if exchange.trace is not None else None
@@ -438,25 +518,26 @@ class Front:
         exchange: Exchange,
         answer: Answer,
         session: ClientSession | None,
-    ) -> JSON | None:
+        ended: _Ended,
+    ) -> None:
         """One message answers with a JSON body; more (notifications first) with an SSE stream.
-        Returns the response message, or None when the stream ended before it (the client went
-        away while a legacy session's answer goes on)."""
+        `ended.reply` is the response message, or None when the stream ended before it (the
+        client went away while a legacy session's answer goes on)."""
         extra = session_headers(session) if session is not None else []
         first = answer.first
         if answer.rest is None:
-            status = first.pop(UPSTREAM_STATUS, 200)
-            if exchange.era is Era.MODERN and first.get("error", {}).get("code") == -32601:
+            status = _status(first.pop(UPSTREAM_STATUS, 200))
+            error = first.get("error")
+            if isinstance(error, dict) and error.get("code") == MethodNotFound.rpc_code:
                 status = 404
-            await _json(
-                send, status if exchange.era is Era.MODERN else 200, rpc.dumps(first), extra
-            )
-            return first
+            ended.reply = first
+            await _json(send, status if exchange.era is Era.MODERN else 200, _encode(first), extra)
+            return
         if session is None:
             # 2026-07-28: no resumption; the client closing the stream cancels the request.
             stream = Stream("", keep=4096)
-            stream.append(rpc.dumps(first))
-            pump = asyncio.create_task(_pump(answer.rest, stream))
+            stream.append(_encode(first))
+            pump = asyncio.create_task(_pump(answer.rest, stream, exchange.id))
             try:
                 await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
                 await self._write_stream(send, stream, 0, receive, ids=False)
@@ -464,18 +545,19 @@ class Front:
                 pump.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await pump
-            return stream.final()
+            ended.reply = stream.final()
+            return
         # Legacy: the session owns the pump, so the answer survives a dropped connection and
         # the client can resume it with Last-Event-ID.
         stream = session.new_stream()
-        stream.append(rpc.dumps(first))
-        session.spawn(_pump(answer.rest, stream))
+        stream.append(_encode(first))
+        session.spawn(_pump(answer.rest, stream, exchange.id))
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + extra})
         if session.protocol_version >= "2025-11-25":
             priming = sse.encode_priming(stream.event_id(0))
             await send({"type": "http.response.body", "body": priming, "more_body": True})
         await self._write_stream(send, stream, 0, receive)
-        return stream.final()
+        ended.reply = stream.final()
 
     async def _write_stream(
         self, send: Send, stream: Stream, after: int, receive: Receive, *, ids: bool = True
@@ -539,7 +621,7 @@ class Front:
             stream_id, _, seq = last.rpartition("-")
             found = session.streams.get(stream_id)
             if found is None or not seq.isdigit():
-                raise InvalidRequest(f"Last-Event-ID {last!r} names no stream of this session")
+                raise InvalidRequest(f"Last-Event-ID {shown(last)} names no stream of this session")
             stream, after = found, int(seq)
         elif stream.attached:
             await _plain(send, 409, b'{"error":"this session already has an open GET stream"}')
@@ -573,6 +655,39 @@ class _MethodNotAllowed(Exception):
     pass
 
 
+_GONE = "the client went away before the answer was sent"
+_CANCELLED = "the request was cancelled before it was answered"
+_ANSWER_FAILED = "the gateway failed while answering; its log has the details"
+_RELAY_FAILED = "the gateway failed while relaying this answer; its log has the details"
+
+
+@dataclass(slots=True)
+class _Ended:
+    """How a recorded call ended: the response sent (or meant to be), and why the gateway
+    could not answer as it meant to."""
+
+    reply: JSON | None = None
+    failure: str | None = None
+
+
+class _Watched:
+    """A send that remembers whether the response started and whether its body ended."""
+
+    __slots__ = ("_send", "ended", "started")
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+        self.ended = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        elif not message.get("more_body", False):
+            self.ended = True
+        await self._send(message)
+
+
 class _Refused(Exception):
     """An exchange the stages refused outside a POST (GET or DELETE)."""
 
@@ -598,15 +713,51 @@ def resource_metadata(settings: Settings, route: Route) -> JSON:
     }
 
 
-async def _pump(replies: AsyncGenerator[JSON, None], stream: Stream) -> None:
-    """Move an upstream answer into a kept stream, whether or not a client is reading."""
+async def _pump(replies: AsyncGenerator[JSON, None], stream: Stream, id_: Any) -> None:
+    """Move an upstream answer into a kept stream, whether or not a client is reading; a
+    failure on the way ends the stream with an error response rather than none."""
     try:
         async for message in replies:
             message.pop(UPSTREAM_STATUS, None)
-            stream.append(rpc.dumps(message))
+            stream.append(_encode(message))
+    except BastionError as exc:
+        stream.append(rpc.dumps(rpc.error(id_, exc)))
+    except Exception:
+        log.exception("relaying a streamed answer failed")
+        stream.append(rpc.dumps(rpc.error(id_, BastionError(_RELAY_FAILED))))
     finally:
         await replies.aclose()
         stream.close()
+
+
+def _encode(message: JSON) -> bytes:
+    """A message from upstream as the client gets it; one that cannot be encoded again (JSON
+    nested deeper than the encoder goes) is the upstream's failure, not the gateway's."""
+    try:
+        return rpc.dumps(message)
+    except TypeError:
+        raise UpstreamError(
+            "the upstream's answer cannot be relayed: it is JSON nested too deeply to encode"
+        ) from None
+
+
+def _status(value: Any) -> int:
+    """The HTTP status an upstream's error came with, when it is one a response may carry."""
+    return value if isinstance(value, int) and 200 <= value <= 599 else 200
+
+
+def _label(code: str) -> str:
+    """A metrics label for an error code: the gateway's own codes, else "error" (an upstream
+    may put any string there, and labels must stay a small set)."""
+    return code if code in _gateway_codes() else "error"
+
+
+def _gateway_codes(kind: type[BastionError] = BastionError) -> set[str]:
+    """The codes of every error class the gateway defines."""
+    codes = {kind.code}
+    for sub in kind.__subclasses__():
+        codes |= _gateway_codes(sub)
+    return codes
 
 
 async def _watch_disconnect(receive: Receive, gone: asyncio.Event, stream: Stream) -> None:
@@ -641,11 +792,6 @@ def _has_modern_meta(message: Any) -> bool:
 def _headers(scope: Scope) -> dict[str, str]:
     # ASGI servers lower-case header names already.
     return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-
-
-def _client(scope: Scope) -> str:
-    client = scope.get("client")
-    return f"{client[0]}:{client[1]}" if client else ""
 
 
 async def _plain(

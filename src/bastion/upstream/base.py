@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import orjson
 
 from bastion.errors import UpstreamError
-from bastion.types import JSON, Era
+from bastion.types import JSON, MODERN_VERSION, UPSTREAM_STATUS, Era
 
 _HEADER_SAFE = re.compile(r"^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$")
 
@@ -72,8 +72,9 @@ class Channel(Protocol):
         """Yield messages the upstream starts on its own (legacy GET stream)."""
         ...
 
-    async def close(self) -> None:
-        """End the conversation and release what it holds."""
+    async def close(self, headers: Mapping[str, str] | None = None) -> None:
+        """End the conversation and release what it holds; `headers` carry the credential an
+        upstream expects on the request that ends it (a legacy session's DELETE)."""
         ...
 
 
@@ -98,15 +99,104 @@ def restore_id(response: JSON, original: Any) -> JSON:
     return out
 
 
+def response_for(message: JSON, original: Any, upstream: str) -> JSON:
+    """The upstream's response to a request, under the caller's id, when it is a well-formed
+    JSON-RPC response; otherwise an `upstream.error` response saying what was wrong with it.
+
+    Only the response members travel on: whatever else the upstream added stays behind, so
+    the client and the audit trail see exactly one of `result` and `error`.
+    """
+    problem = _response_problem(message)
+    if problem is not None:
+        exc = UpstreamError(f"upstream {upstream!r} sent an invalid response: {problem}")
+        return {"jsonrpc": "2.0", "id": original, "error": exc.rpc_error()}
+    out: JSON = {"jsonrpc": "2.0", "id": original}
+    for key in ("result", "error", UPSTREAM_STATUS):
+        if key in message:
+            out[key] = message[key]
+    return out
+
+
+def _response_problem(message: JSON) -> str | None:
+    if ("result" in message) == ("error" in message):
+        both = "result" in message
+        return "it has both result and error" if both else "it has neither result nor error"
+    if "result" in message:
+        return None
+    error = message["error"]
+    if not isinstance(error, dict):
+        return f"error is a JSON {_kind(error)}, not an object"
+    code = error.get("code")
+    if isinstance(code, bool) or not isinstance(code, int):
+        return f"error.code is a JSON {_kind(code)}, not an integer"
+    if not isinstance(error.get("message"), str):
+        return f"error.message is a JSON {_kind(error.get('message'))}, not a string"
+    return None
+
+
+def _kind(value: Any) -> str:
+    """The JSON type of a decoded value, for messages that must not quote the value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
+
+
+def usable_id(value: Any) -> bool:
+    """Whether a message id can name a pending request: a string or an integer (JSON-RPC);
+    anything else (an array, an object) cannot even be looked up."""
+    return isinstance(value, str | int) and not isinstance(value, bool)
+
+
+def message_problem(message: Any) -> str | None:
+    """Why a decoded message from an upstream is not usable JSON-RPC 2.0, or None."""
+    if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
+        return "something that is not JSON-RPC 2.0"
+    if "method" not in message:
+        return None  # a response: checked by response_for once it is known to be one
+    if not isinstance(message["method"], str):
+        return f"a message whose method is a JSON {_kind(message['method'])}"
+    params = message.get("params")
+    if params is not None and not isinstance(params, dict):
+        return f"a message whose params are a JSON {_kind(params)}, not an object"
+    if "id" in message and not usable_id(message["id"]):
+        return f"a request whose id is a JSON {_kind(message['id'])}"
+    return None
+
+
 def decode_message(data: bytes | str, upstream: str) -> JSON:
     """Parse one message from an upstream, refusing anything that is not a JSON-RPC object."""
     try:
         message = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise UpstreamError(f"upstream {upstream!r} sent invalid JSON") from exc
-    if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
-        raise UpstreamError(f"upstream {upstream!r} sent something that is not JSON-RPC 2.0")
-    return message
+    problem = message_problem(message)
+    if problem is not None:
+        raise UpstreamError(f"upstream {upstream!r} sent {problem}")
+    # Only the gateway sets this member; an upstream's own must not pick the client's status.
+    message.pop(UPSTREAM_STATUS, None)
+    return message  # type: ignore[no-any-return]
+
+
+def speaks_modern(reply: JSON) -> bool:
+    """Whether a server/discover reply lists the 2026-07-28 protocol among its versions."""
+    result = reply.get("result")
+    versions = result.get("supportedVersions") if isinstance(result, dict) else None
+    return isinstance(versions, list) and MODERN_VERSION in versions
+
+
+def refusal(reply: JSON) -> str:
+    """What an upstream's error reply says, cut short (its message when it is a string)."""
+    error = reply.get("error")
+    message = error.get("message") if isinstance(error, dict) else None
+    if not isinstance(message, str):
+        return "no result"
+    return message if len(message) <= 200 else message[:200] + "..."
 
 
 def header_value(value: str) -> str:

@@ -29,7 +29,9 @@ from bastion.upstream.base import (
     decode_message,
     header_value,
     mcp_name,
-    restore_id,
+    refusal,
+    response_for,
+    speaks_modern,
 )
 from bastion.upstream.wire import Pool, Response, WireError
 
@@ -90,8 +92,7 @@ class HttpClient:
             await answer.close()
         except UpstreamError:
             return False
-        versions = (answer.first.get("result") or {}).get("supportedVersions") or []
-        return MODERN_VERSION in versions
+        return speaks_modern(answer.first)
 
     async def post(
         self, body: bytes, headers: Mapping[str, str], long_lived: bool = False
@@ -145,7 +146,7 @@ class HttpClient:
                 response.release()
                 if done is not None:
                     done()
-            return Answer(restore_id(error, original))
+            return Answer(response_for(error, original, self.name))
         if ctype.startswith("application/json"):
             try:
                 message = decode_message(await self.read_body(response), self.name)
@@ -153,7 +154,7 @@ class HttpClient:
                 response.release()
                 if done is not None:
                     done()
-            return Answer(restore_id(message, original))
+            return Answer(response_for(message, original, self.name))
         stream = self._stream(response, upstream_id, original, resume, done)
         return await answer_from(stream, self.name)
 
@@ -169,21 +170,32 @@ class HttpClient:
         try:
             async with response:
                 async for message in self.read_events(response, decoder):
-                    if "method" not in message and message.get("id") == upstream_id:
-                        yield restore_id(message, original)
+                    if "method" in message:
+                        yield message
+                    elif message.get("id") == upstream_id:
+                        yield response_for(message, original, self.name)
                         return
-                    yield message
+                    else:
+                        self._stray()
             if resume is not None and decoder.last_id is not None:
                 # The upstream closed the stream early (SSE polling): resume it.
                 async for message in resume(decoder):
-                    if "method" not in message and message.get("id") == upstream_id:
-                        yield restore_id(message, original)
+                    if "method" in message:
+                        yield message
+                    elif message.get("id") == upstream_id:
+                        yield response_for(message, original, self.name)
                         return
-                    yield message
+                    else:
+                        self._stray()
             raise UpstreamError(f"upstream {self.name!r} closed its stream before answering")
         finally:
             if done is not None:
                 done()
+
+    def _stray(self) -> None:
+        # A response to some other request on this request's stream: passed on, the client
+        # would take it for its own answer.
+        log.warning("upstream %r answered another request on a call's stream; dropped", self.name)
 
     async def read_events(
         self, response: Response, decoder: Decoder | None = None
@@ -215,9 +227,21 @@ class HttpClient:
                     yield decode_message(event.data, self.name)
 
     async def read_body(self, response: Response) -> bytes:
-        """The whole body of a response, with failures named for the upstream."""
+        """The whole body of a response (at most 16 MiB), with failures named for the upstream.
+
+        A bigger body is refused before it is all in memory; the connection is then dropped,
+        since the rest of the answer was never read.
+        """
+        parts: list[bytes] = []
+        size = 0
         try:
-            return await response.read()
+            async for chunk in response.iter_chunks():
+                size += len(chunk)
+                if size > MAX_EVENT_BYTES:
+                    raise UpstreamError(
+                        f"upstream {self.name!r} sent an answer over {MAX_EVENT_BYTES >> 20} MiB"
+                    )
+                parts.append(chunk)
         except TimeoutError as exc:
             raise UpstreamTimeout(
                 f"upstream {self.name!r} did not finish its answer within "
@@ -225,6 +249,7 @@ class HttpClient:
             ) from exc
         except (OSError, WireError) as exc:
             raise UpstreamUnavailable(f"upstream {self.name!r} broke its answer: {exc}") from exc
+        return b"".join(parts)
 
     async def _error_answer(self, response: Response, upstream_id: Any) -> JSON:
         body = await self.read_body(response)
@@ -283,10 +308,11 @@ class LegacyHttpChannel:
         while "method" in reply and answer.rest is not None:
             reply = await anext(answer.rest)
         await answer.close()
-        if "result" not in reply:
-            detail = (reply.get("error") or {}).get("message", "no result")
-            raise UpstreamError(f"upstream {self._client.name!r} refused initialize: {detail}")
-        result = reply["result"]
+        result = reply.get("result")
+        if not isinstance(result, dict):
+            raise UpstreamError(
+                f"upstream {self._client.name!r} refused initialize: {refusal(reply)}"
+            )
         self._version = str(result.get("protocolVersion", self._version))
         self._session_id = session_id
         self.initialized = result
@@ -370,11 +396,12 @@ class LegacyHttpChannel:
             async for message in self._client.read_events(response):
                 yield message
 
-    async def close(self) -> None:
-        """DELETE the upstream session (best effort: the upstream may already be gone)."""
+    async def close(self, headers: Mapping[str, str] | None = None) -> None:
+        """DELETE the upstream session (best effort: the upstream may already be gone), with
+        the credential in `headers`: an upstream that checks every request refuses it without."""
         if self._session_id is None:
             return
-        headers = self._headers({})
+        headers = self._headers(headers or {})
         self._session_id = None
         with contextlib.suppress(UpstreamError, TimeoutError):
             async with asyncio.timeout(2):
@@ -423,5 +450,5 @@ class ModernHttpChannel:
         return
         yield  # pragma: no cover - makes this an async generator
 
-    async def close(self) -> None:
+    async def close(self, headers: Mapping[str, str] | None = None) -> None:
         """Nothing is held per conversation."""

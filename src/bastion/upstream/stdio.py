@@ -20,12 +20,23 @@ import orjson
 
 from bastion.config import StdioUpstream
 from bastion.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from bastion.types import JSON, LEGACY_VERSIONS, MODERN_VERSION, PROBE_META, Era
-from bastion.upstream.base import Answer, answer_from, restore_id
+from bastion.types import JSON, LEGACY_VERSIONS, PROBE_META, Era
+from bastion.upstream.base import (
+    Answer,
+    answer_from,
+    message_problem,
+    response_for,
+    speaks_modern,
+    usable_id,
+)
 
 log = logging.getLogger("bastion.upstream.stdio")
 
 MAX_LINE_BYTES = 16 * 1024 * 1024
+# How long a starting server may take to answer initialize, at least: a cold start on a busy
+# machine (a Python server importing its SDK) can outlast a request's deadline, and a start
+# given up would be spawned again just as cold.
+START_SECONDS = 30.0
 _GATEWAY_CAPABILITIES: JSON = {"sampling": {}, "elicitation": {}, "roots": {"listChanged": True}}
 
 
@@ -44,7 +55,10 @@ class StdioProcess:
         self._proc: asyncio.subprocess.Process | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._write_lock = asyncio.Lock()
-        self._start_lock = asyncio.Lock()
+        # The start under way (spawn and handshake), owned here rather than by the request
+        # that began it: a request that stops waiting must not leave a half-started process.
+        self._starting: asyncio.Task[None] | None = None
+        self._ready: asyncio.subprocess.Process | None = None  # the process whose handshake ran
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Queue[JSON | BaseException]] = {}
         self._tokens: dict[str, tuple[Any, asyncio.Queue[JSON | BaseException]]] = {}
@@ -62,22 +76,55 @@ class StdioProcess:
         """Whether the process is up."""
         return self._proc is not None and self._proc.returncode is None
 
+    @property
+    def ready(self) -> bool:
+        """Whether the process is up and its handshake done."""
+        return self.running and self._ready is self._proc
+
     async def ensure(self) -> None:
-        """Start the process (and its handshake) unless it is running; honour the backoff."""
-        if self.running and (self.modern is not None or self.initialized is not None):
+        """Start the process (and its handshake) unless it is ready; honour the backoff.
+
+        A request waits for a start at most the upstream's `timeout_seconds`; the start itself
+        goes on, so a server slow to come up (a cold start on a busy machine) serves the next
+        request instead of being started again.
+        """
+        if self.ready:
             return
-        async with self._start_lock:
-            if self.running:
-                return
-            wait = self._not_before - time.monotonic()
-            if wait > self.settings.timeout_seconds:
-                raise UpstreamUnavailable(
-                    f"upstream {self.name!r} exited; next restart in {wait:.1f} s"
-                )
-            if wait > 0:
-                await asyncio.sleep(wait)
-            await self._spawn()
+        start = self._starting
+        if start is None or start.done():
+            start = self._starting = asyncio.create_task(
+                self._start(), name=f"stdio-{self.name}-start"
+            )
+            start.add_done_callback(_observed)
+        limit = self.settings.timeout_seconds
+        try:
+            async with asyncio.timeout(limit):
+                await asyncio.shield(start)
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"upstream {self.name!r} did not finish starting within {limit:g} s"
+            ) from None
+
+    async def _start(self) -> None:
+        """Spawn the process and run its handshake; a failed handshake ends the process."""
+        wait = self._not_before - time.monotonic()
+        if wait > self.settings.timeout_seconds:
+            raise UpstreamUnavailable(
+                f"upstream {self.name!r} exited; next restart in {wait:.1f} s"
+            )
+        if wait > 0:
+            await asyncio.sleep(wait)
+        await self._spawn()
+        proc = self._proc
+        try:
             await self._handshake()
+        except BaseException:
+            # Never leave a process running that was not initialized: it would be taken for
+            # a ready one.
+            if proc is not None and proc.returncode is None:
+                proc.kill()
+            raise
+        self._ready = proc
 
     async def _spawn(self) -> None:
         env = {k: os.environ[k] for k in self.settings.env_passthrough if k in os.environ}
@@ -115,11 +162,13 @@ class StdioProcess:
             "clientInfo": {"name": "bastion", "version": "0.1.0"},
         }
         reply = await self._call(
-            {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": params}
+            {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": params},
+            limit=max(self.settings.timeout_seconds, START_SECONDS),
         )
-        if "result" not in reply:
+        result = reply.get("result")
+        if not isinstance(result, dict):
             raise UpstreamError(f"upstream {self.name!r} refused initialize")
-        self.initialized = reply["result"]
+        self.initialized = result
         await self.write({"jsonrpc": "2.0", "method": "notifications/initialized"})
 
     async def _probe_modern(self) -> bool:
@@ -133,8 +182,7 @@ class StdioProcess:
             reply = await self._call(probe, limit=min(5.0, self.settings.timeout_seconds))
         except UpstreamError:
             return False
-        versions = (reply.get("result") or {}).get("supportedVersions") or []
-        return MODERN_VERSION in versions
+        return speaks_modern(reply)
 
     async def _call(self, message: JSON, limit: float | None = None) -> JSON:
         async for reply in self.request(message, direct=True, limit=limit):
@@ -181,7 +229,7 @@ class StdioProcess:
                 if isinstance(item, BaseException):
                     raise item
                 if "method" not in item and item.get("id") == upstream_id:
-                    yield restore_id(item, message["id"])
+                    yield response_for(item, message["id"], self.name)
                     self._backoff = self.settings.restart.initial_seconds
                     return
                 yield item
@@ -239,8 +287,14 @@ class StdioProcess:
             code = await proc.wait()
             self.exits += 1
             log.warning("upstream %r (tenant %r) exited with code %s", self.name, self.tenant, code)
-            self._fail_all(UpstreamUnavailable(f"upstream {self.name!r} exited with code {code}"))
-            self._schedule_restart()
+            # Unless a later start has replaced this process already (its requests are not
+            # this one's to fail): fail what waits on it, and restart it unless it was closed.
+            if self._proc is proc or self._proc is None:
+                self._fail_all(
+                    UpstreamUnavailable(f"upstream {self.name!r} exited with code {code}")
+                )
+            if self._proc is proc:
+                self._schedule_restart()
 
     async def _read_stderr(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stderr is not None  # noqa: S101 - created with PIPE
@@ -249,8 +303,13 @@ class StdioProcess:
                 log.info("[%s] %s", self.name, line.decode(errors="replace").rstrip())
 
     def _route(self, message: JSON) -> None:
+        problem = message_problem(message)
+        if problem is not None:
+            log.warning("upstream %r sent %s; dropped", self.name, problem)
+            return
         if "method" not in message:
-            queue = self._pending.get(message.get("id"))  # type: ignore[arg-type]
+            id_ = message.get("id")
+            queue = self._pending.get(id_) if usable_id(id_) else None  # type: ignore[arg-type]
             if queue is not None:
                 queue.put_nowait(message)
             return
@@ -283,7 +342,12 @@ class StdioProcess:
         self.initialized = None
 
     async def close(self) -> None:
-        """Terminate the process and its reader tasks."""
+        """Terminate the process, a start under way, and its reader tasks."""
+        start, self._starting = self._starting, None
+        if start is not None and not start.done():
+            start.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await start
         proc, self._proc = self._proc, None
         if proc is not None and proc.returncode is None:
             if proc.stdin is not None:
@@ -301,6 +365,12 @@ class StdioProcess:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+
+
+def _observed(task: asyncio.Task[None]) -> None:
+    """Take a start's failure, which every waiter has seen (or none was left to see)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _progress_token(message: JSON) -> Any:
@@ -348,5 +418,5 @@ class StdioChannel:
         finally:
             self._process.unlisten(queue)
 
-    async def close(self) -> None:
+    async def close(self, headers: Mapping[str, str] | None = None) -> None:
         """The process outlives one conversation; nothing to release here."""
