@@ -30,7 +30,7 @@ from tests.conftest import (
 
 from bastion import config
 from bastion.app import Gateway
-from bastion.control.admin_auth import admin_token
+from bastion.control.admin.auth import admin_token
 from bastion.control.assembly import build_gateway
 from bastion.errors import ConfigError
 from bastion.identity.jwt import mint
@@ -321,6 +321,9 @@ def test_unknown_agent_or_endpoint_is_404(gw: GatewayProcess) -> None:
         assert response.status_code == 404 and response.json()["error"] == "admin.not_found"
     wrong = admin(gw, "/agents/acme-reader/suspend")
     assert wrong.status_code == 405 and wrong.json()["error"] == "admin.method"
+    # An unknown path is quoted, never echoed whole (a 6 KB path came back in full).
+    long = admin(gw, "/nothing/" + "p" * 6000)
+    assert long.status_code == 404 and len(long.content) < 400
 
 
 def test_suspend_and_resume_take_effect_at_once(gw: GatewayProcess) -> None:

@@ -14,9 +14,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner
 
-from bastion.control.agents import AgentStatus
-from bastion.control.agents_cli import app
-from bastion.control.registry import RegistryView, SqliteRegistry
+from bastion.control.cli.agents import app
+from bastion.control.registry.agents import AgentStatus
+from bastion.control.registry.store import SqliteRegistry
+from bastion.control.registry.view import RegistryView
 from bastion.identity import keys
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -360,7 +361,7 @@ def test_rotate_key_errors(populated: Path, tmp_path: Path) -> None:
 
 
 def cli_process(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    code = "from bastion.control.agents_cli import app; app()"
+    code = "from bastion.control.cli.agents import app; app()"
     return subprocess.run(
         [sys.executable, "-c", code, *[str(a) for a in args]],
         capture_output=True,

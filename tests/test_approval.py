@@ -30,9 +30,9 @@ from tests.test_policy import _authorizer, _exchange
 
 from bastion import config
 from bastion.errors import PolicyError
+from bastion.pipeline.approval import APPROVAL_KEY, CLIENT_CONFIRMED, Approval
 from bastion.pipeline.authz import Authorizer
 from bastion.pipeline.exchange import Exchange
-from bastion.pipeline.obligations import APPROVAL_KEY, CLIENT_CONFIRMED, Obligations
 from bastion.pipeline.session import SessionStore
 from bastion.policy.approval import (
     MAX_VALUES,
@@ -133,7 +133,8 @@ def test_only_a_verified_unused_state_for_this_call_counts_once(authz: Authorize
     first = _call(authz, "workspace__send_report", REPORT)
     assert _allowed(first) and first.approval_state is None  # counted: 1 of 5
     assert first.principal is not None
-    mine = call_digest(first.principal.binding_key(), "tools/call", first.params)
+    mine = first.approval_call
+    assert mine is not None
     state = authz.approvals.issue(mine, time.time())
     retry = _call(authz, "workspace__send_report", REPORT, requestState=state, inputResponses=YES)
     assert isinstance(retry.approval_state, ApprovalState)  # not counted
@@ -143,12 +144,49 @@ def test_only_a_verified_unused_state_for_this_call_counts_once(authz: Authorize
     fresh = authz.approvals.issue(mine, time.time())
     other = _call(authz, "workspace__send_report", elsewhere, requestState=fresh)
     assert "another call or another principal" in str(other.approval_state)  # counted: 3
-    theirs = call_digest(("acme", "someone-else", None, None), "tools/call", first.params)
+    place = ("default", "workspace", "send_report")
+    theirs = call_digest(("acme", "someone-else", None, None), "tools/call", first.params, place)
     stolen_state = authz.approvals.issue(theirs, time.time())
     stolen = _call(authz, "workspace__send_report", REPORT, requestState=stolen_state)
     assert "another call or another principal" in str(stolen.approval_state)  # counted: 4
     rest = [_call(authz, "workspace__send_report", REPORT) for _ in range(2)]
     assert [_allowed(r) for r in rest] == [True, False]
+
+
+def test_an_approval_given_on_one_route_is_refused_on_another(authz: Authorizer) -> None:
+    """The same tool name on another route is another server's tool: its own approval and
+    rate apply. Before, `echo` on /servers/a/mcp and on /servers/b/mcp shared a digest."""
+    _call(authz, "workspace__search_tasks", {"query": "x"})
+    first = _call(authz, "workspace__send_report", REPORT)
+    assert first.approval_call is not None
+    state = authz.approvals.issue(first.approval_call, time.time())
+    # The same params, the same principal: only the route differs (as `echo` on
+    # /servers/a/mcp and on /servers/b/mcp does).
+    body = {**first.params, "requestState": state, "inputResponses": YES}
+    other = _exchange("acme-admin", "tools/call", body, first.target)  # type: ignore[arg-type]
+    other.route = "another-virtual-server"
+    asyncio.run(authz.authorize(other))
+    assert "another call or another principal" in str(other.approval_state)
+
+
+def test_an_approval_survives_argument_redaction(tmp_path: Path, listings: dict[str, Any]) -> None:
+    """`@redact("$.arguments.body")` rewrites what the upstream gets; the approval is bound
+    to what the client sent, so an honest retry is accepted (before: never approvable)."""
+    settings = _settings(tmp_path)
+    cedar = (tmp_path / "policies" / "workspace.cedar").read_text() + (
+        '\n@id("quiet-report")\n@redact("$.arguments.body")\n'
+        'permit (principal == Bastion::Agent::"acme-admin", '
+        'action == Bastion::Action::"workspace__send_report", resource);\n'
+    )
+    (tmp_path / "policies" / "workspace.cedar").write_text(cedar)
+    authz = _authorizer(settings, listings)
+    _call(authz, "workspace__search_tasks", {"query": "x"})
+    first = _call(authz, "workspace__send_report", REPORT)
+    assert first.params["arguments"]["body"] == "[redacted by policy]"
+    assert first.approval_call is not None
+    state = authz.approvals.issue(first.approval_call, time.time())
+    retry = _call(authz, "workspace__send_report", REPORT, requestState=state, inputResponses=YES)
+    assert isinstance(retry.approval_state, ApprovalState), retry.approval_state
 
 
 @pytest.mark.parametrize(
@@ -193,13 +231,30 @@ class RecordingUpstream:
         return Answer({"jsonrpc": "2.0", "id": exchange.id, "result": body})
 
 
-def _stage(authz: Authorizer, upstream: RecordingUpstream) -> Obligations:
-    return Obligations(authz.settings, upstream, authz.approvals)  # type: ignore[arg-type]
+class Stage:
+    """The approval stage around a recording upstream, composed as the pipeline does: the
+    gate, then (when it lets the call through) the upstream, then the stage's `after`."""
+
+    def __init__(self, authz: Authorizer, upstream: RecordingUpstream) -> None:
+        self.approval = Approval(authz.settings, authz.approvals)
+        self.upstream = upstream
+
+    def run(self, ex: Exchange) -> Answer:
+        assert _allowed(ex), ex.decision
+        gate = self.approval.gate(ex)
+        if gate is not None:
+            assert isinstance(gate, dict)  # 2026-07-28: answered at once
+            return Answer(gate)
+        answer = asyncio.run(self.upstream.run(ex, None))
+        return self.approval.after(ex, answer)
 
 
-def _run(stage: Obligations, ex: Exchange) -> JSON:
-    assert _allowed(ex), ex.decision
-    return asyncio.run(stage.run(ex, None))  # type: ignore[arg-type]
+def _stage(authz: Authorizer, upstream: RecordingUpstream) -> Stage:
+    return Stage(authz, upstream)
+
+
+def _run(stage: Stage, ex: Exchange) -> Answer:
+    return stage.run(ex)
 
 
 def _result(answer: Answer) -> JSON:
@@ -346,3 +401,24 @@ def test_session_ids_never_look_like_options() -> None:
     """`bastion sessions kill ID` took an id starting with `-` for an option (1 in 64)."""
     store = SessionStore(10, 60.0)
     assert not any(store.new_id().startswith("-") for _ in range(3_000))
+
+
+def test_a_sensitive_value_is_never_cut() -> None:
+    """Padding a recipient list put `mallory@evil.example` into the cut middle."""
+    padded = ", ".join(["a@example.org"] * 60 + ["mallory@evil.example"] + ["b@example.org"] * 60)
+    refused = prompt(ASKER, "mail", "send", "send", {"to": padded, "body": "x"}, ["to"])
+    assert isinstance(refused, str) and "marked sensitive" in refused
+    short = ", ".join(["a@example.org"] * 5 + ["mallory@evil.example"])
+    shown = prompt(ASKER, "mail", "send", "send", {"to": short}, ["to"])
+    assert isinstance(shown, Prompt) and "mallory@evil.example" in shown.text
+
+
+def test_look_alikes_in_sensitive_values_and_names_are_escaped() -> None:
+    """`ceo@acmе.com` with a Cyrillic `е` reads as `ceo@acme.com`; a Hangul filler or a
+    Braille blank reads as nothing; a Cyrillic `о` makes `tо` look like `to`."""
+    arguments = {"to": "ceo@acm\u0435.com", "note": "hi\u3164\u2800there", "t\u043e": "x"}
+    shown = prompt(ASKER, "mail", "send", "send", arguments, ["to"])
+    assert isinstance(shown, Prompt)
+    assert '[SENSITIVE] to = "ceo@acm\\u0435.com"' in shown.text
+    assert "\\u3164" in shown.text and "\\u2800" in shown.text
+    assert '["t\\u043e"] = "x"' in shown.text

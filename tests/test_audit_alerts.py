@@ -17,7 +17,7 @@ import httpx
 import pytest
 import yaml
 from tests.conftest import GatewayProcess, free_port, legacy_session, modern_body, start_gateway
-from tests.test_policy_gateway import STEP, modern_call, quickstart, token
+from tests.test_policy_gateway import STEP, modern_call, quickstart
 
 from bastion.audit import digest
 
@@ -81,7 +81,7 @@ def until(check: Any, what: str, seconds: float = 15.0) -> Any:
 def test_cross_tenant_attempts_alert_and_the_third_suspends_the_agent(
     guarded: GatewayProcess,
 ) -> None:
-    bearer = token(guarded, "acme-reader")  # taken before the suspension
+    bearer = guarded.token("acme-reader")  # taken before the suspension
     assert "result" in modern_call(guarded, "acme-reader", "workspace__list_projects")
     for _ in range(3):
         error = modern_call(guarded, "acme-reader", "workspace__get_task", task_id="globex-t1")
@@ -135,10 +135,10 @@ def test_a_session_presented_by_another_tenant_is_recorded_and_alerted(
 ) -> None:
     url = guarded.url("/mcp")
     with httpx.Client(timeout=STEP) as client:
-        owner = {"Authorization": f"Bearer {token(guarded, 'acme-admin')}"}
+        owner = {"Authorization": f"Bearer {guarded.token('acme-admin')}"}
         client.headers.update(owner)
         session = legacy_session(client, url)
-        thief = {**session, "Authorization": f"Bearer {token(guarded, 'globex-reader')}"}
+        thief = {**session, "Authorization": f"Bearer {guarded.token('globex-reader')}"}
         call = {"jsonrpc": "2.0", "id": 5, "method": "tools/list", "params": {}}
         stolen = client.post(url, json=call, headers=thief)
     assert stolen.status_code == 404  # the same answer as an unknown session

@@ -29,16 +29,15 @@ from typer.testing import CliRunner
 
 from bastion.audit.anchor import Anchor, anchor_line
 from bastion.audit.chain import link
-from bastion.audit.errors import AuditUnavailable
 from bastion.audit.keys import DB_FILE, audit_dir, load_checkpoint_key
 from bastion.audit.seal import sign_checkpoint
 from bastion.audit.store import SqliteAuditStore
 from bastion.audit.trail import open_trail_writer
 from bastion.audit.writer import AuditWriter, WriterOptions, open_writer
 from bastion.config import load
-from bastion.control.audit_cli import app
-from bastion.control.forward import open_forwarders
-from bastion.errors import ConfigError
+from bastion.control.audit.forward import open_forwarders
+from bastion.control.cli.audit import app
+from bastion.errors import AuditUnavailable, ConfigError
 from bastion.identity.keys import b64url, generate, thumbprint
 
 TRANSIT_KEY = "bastion-audit"

@@ -21,7 +21,7 @@ from bastion.audit.chain import link
 from bastion.audit.keys import DB_FILE, audit_dir
 from bastion.audit.record import AuditRecord
 from bastion.audit.writer import WriterOptions, open_writer
-from bastion.control.audit_cli import app
+from bastion.control.cli.audit import app
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = time.time()
@@ -176,7 +176,7 @@ def test_tail_prints_the_last_records_oldest_first(config: Path) -> None:
 
 def test_tail_follow_prints_new_records(config: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from bastion.control.audit_cli import app; app()",
+        [sys.executable, "-c", "from bastion.control.cli.audit import app; app()",
          "tail", "--config", str(config), "-n", "1", "--json", "--follow", "--interval", "0.05"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip

@@ -26,15 +26,14 @@ from tests.test_audit_writer import until
 from typer.testing import CliRunner
 
 from bastion.audit.chain import Chain, VerifyReport, verify
-from bastion.audit.errors import AuditUnavailable
 from bastion.audit.keys import audit_dir, load_public_keys
 from bastion.audit.postgres import PostgresAuditStore
 from bastion.audit.trail import open_trail_reader, open_trail_writer
 from bastion.audit.writer import AuditWriter
 from bastion.config import Settings, parse
 from bastion.control.assembly import open_audit
-from bastion.control.audit_cli import app
-from bastion.errors import ConfigError
+from bastion.control.cli.audit import app
+from bastion.errors import AuditUnavailable, ConfigError
 
 postgres = pg.postgres  # the session's server (a fixture)
 

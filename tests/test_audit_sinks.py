@@ -33,7 +33,7 @@ from bastion.audit.record import AuditRecord
 from bastion.audit.store import SqliteAuditStore
 from bastion.audit.writer import AuditWriter, WriterOptions, open_writer
 from bastion.config import Sink, parse
-from bastion.control.forward import Forwarder, HttpDelivery, JsonlDelivery, SyslogDelivery
+from bastion.control.audit.forward import Forwarder, HttpDelivery, JsonlDelivery, SyslogDelivery
 
 DEADLINE = 15.0
 

@@ -10,11 +10,11 @@ import pytest
 from tests.test_audit_record import sample
 
 from bastion.audit.chain import Chain, Entry
-from bastion.audit.errors import AuditUnavailable
 from bastion.audit.keys import claim_writer_id
 from bastion.audit.record import AuditRecord
 from bastion.audit.seal import Checkpoint, sign_checkpoint
 from bastion.audit.store import Query, SqliteAuditStore
+from bastion.errors import AuditUnavailable
 from bastion.identity.keys import generate
 
 

@@ -21,11 +21,11 @@ from tests.test_audit_chain import check, found
 from tests.test_audit_record import sample
 
 from bastion.audit.chain import Entry
-from bastion.audit.errors import AuditUnavailable
 from bastion.audit.keys import DB_FILE, audit_dir, claim_writer_id, load_checkpoint_key
 from bastion.audit.seal import Checkpoint
 from bastion.audit.store import SqliteAuditStore
 from bastion.audit.writer import AuditWriter, WriterOptions, open_writer
+from bastion.errors import AuditUnavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 

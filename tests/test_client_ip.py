@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tests.conftest import GatewayProcess, free_port, modern_body, modern_headers, start_gateway
 from tests.test_audit_alerts import trail, until
-from tests.test_policy_gateway import STEP, quickstart, token
+from tests.test_policy_gateway import STEP, quickstart
 
 from bastion.config import Security
 from bastion.transport.client_ip import client_address
@@ -158,7 +158,7 @@ def test_quickstart_traffic_raises_no_alert_and_a_proxied_new_host_one(
     proxied: GatewayProcess,
 ) -> None:
     tools = list(ARGUMENTS)
-    bearers = {agent: token(proxied, agent) for agent in ("acme-reader", "globex-reader")}
+    bearers = {agent: proxied.token(agent) for agent in ("acme-reader", "globex-reader")}
     for n in range(30):  # past new_client's and first_use's 20 calls of history
         for bearer in bearers.values():
             # A client on this host may write any X-Forwarded-For: it is not the proxy.

@@ -196,3 +196,24 @@ def test_credentials_are_references_never_literals(credentials: str, needle: str
     text = str(caught.value)
     assert "upstreams.api.credentials" in text and needle in text
     assert "hunter2" not in text and "plaintext" not in text
+
+
+@pytest.mark.parametrize(
+    "limits, named",
+    [
+        ({"max_sessions": 50}, "max_sessions_per_tenant (1000) exceeds max_sessions (50)"),
+        (
+            {"max_sessions_per_agent": 200, "max_sessions_per_tenant": 150},
+            "max_sessions_per_agent (200) exceeds max_sessions_per_tenant (150)",
+        ),
+    ],
+)
+def test_session_quotas_must_nest(limits: dict[str, int], named: str) -> None:
+    """A total below the per-tenant quota let one tenant hold every session there is."""
+    from bastion.config import Limits
+
+    with pytest.raises(ValueError, match=re.escape(named)):
+        Limits.model_validate(limits)
+    Limits.model_validate(
+        {"max_sessions": 50, "max_sessions_per_tenant": 50, "max_sessions_per_agent": 5}
+    )

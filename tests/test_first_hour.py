@@ -38,7 +38,7 @@ from tests.conftest import (
 
 from bastion.config import parse
 from bastion.control.assembly import open_identity
-from bastion.control.endpoints import oauth_endpoints
+from bastion.control.tokens.endpoints import oauth_endpoints
 from bastion.identity.jwt import mint
 from bastion.identity.keys import SigningKey
 from bastion.state.keystore import FileKeyStore

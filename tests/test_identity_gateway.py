@@ -9,9 +9,9 @@ import json
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import jwt as pyjwt
@@ -199,6 +199,20 @@ def call(
     if proof is not None:
         headers["DPoP"] = proof
     return httpx.post(gw.url(path), json=modern_body(method, params), headers=headers, timeout=20)
+
+
+T = TypeVar("T")
+
+
+def eventually(probe: Callable[[], T], done: Callable[[T], bool]) -> T:
+    """Call until `done` holds of the answer, for at most 5 s: a registry change made by
+    another process (the CLI) is in force once the gateway's watcher read it (0.2 s)."""
+    deadline = time.monotonic() + 5.0
+    while True:
+        answer = probe()
+        if done(answer) or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.05)
 
 
 def b64(data: bytes) -> str:
@@ -617,11 +631,11 @@ def test_suspend_and_resume(idgw: GatewayProcess) -> None:
     token = idgw.token("pausable")
     assert call(idgw, token).status_code == 200
     assert idgw.cli("agents", "suspend", "pausable", "--reason", "incident 42").returncode == 0
-    refused = call(idgw, token)
+    refused = eventually(lambda: call(idgw, token), lambda r: r.status_code != 200)
     assert refused.status_code == 401 and refused.json()["error"]["data"]["reason"] == "suspended"
     assert idgw.cli("token", "--agent", "pausable").returncode == 1
     assert idgw.cli("agents", "resume", "pausable").returncode == 0
-    assert call(idgw, token).status_code == 200
+    assert eventually(lambda: call(idgw, token), lambda r: r.status_code == 200).status_code == 200
 
 
 def test_revoke_a_token(idgw: GatewayProcess) -> None:
@@ -629,7 +643,7 @@ def test_revoke_a_token(idgw: GatewayProcess) -> None:
     assert call(idgw, token).status_code == 200
     jti = pyjwt.decode(token, options={"verify_signature": False})["jti"]
     assert idgw.cli("tokens", "revoke", jti, "--reason", "leaked").returncode == 0
-    refused = call(idgw, token)
+    refused = eventually(lambda: call(idgw, token), lambda r: r.status_code != 200)
     assert refused.status_code == 401 and refused.json()["error"]["data"]["reason"] == "revoked"
 
 
@@ -637,7 +651,7 @@ def test_kill_a_session(idgw: GatewayProcess) -> None:
     session = _legacy(idgw, idgw.token("acme-reader"))
     assert _list(idgw, session) == 200
     assert idgw.cli("sessions", "kill", session["Mcp-Session-Id"]).returncode == 0
-    assert _list(idgw, session) == 404
+    assert eventually(lambda: _list(idgw, session), lambda status: status != 200) == 404
 
 
 def test_offboarding_ends_everything(idgw: GatewayProcess) -> None:
@@ -645,7 +659,7 @@ def test_offboarding_ends_everything(idgw: GatewayProcess) -> None:
     session = _legacy(idgw, token)
     assert _list(idgw, session) == 200
     assert idgw.cli("agents", "offboard", "doomed", "--reason", "project ended").returncode == 0
-    assert _list(idgw, session) in (401, 404)
+    assert eventually(lambda: _list(idgw, session), lambda status: status != 200) in (401, 404)
     assert call(idgw, token).status_code == 401
     fresh = idgw.cli("token", "--agent", "doomed")
     assert fresh.returncode == 1 and "offboarded" in fresh.stderr

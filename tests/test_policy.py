@@ -8,7 +8,9 @@ deny cases are not passing because everything is denied.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +18,10 @@ import pytest
 from tests.conftest import EXAMPLES, demo_listings
 
 from bastion import config
-from bastion.errors import PolicyError
+from bastion.background import Background
+from bastion.errors import PolicyError, PolicyLoadError
 from bastion.pipeline.authz import Authorizer
 from bastion.pipeline.exchange import Exchange
-from bastion.policy.source import PolicyLoadError
 from bastion.state.rates import MemoryRateCounter
 from bastion.types import Era, Principal, Target
 
@@ -400,7 +402,8 @@ def test_hot_reload_keeps_the_last_good_policy(tmp_path: Path, listings: dict[st
 
 
 def test_redaction_of_arguments_and_results(tmp_path: Path, listings: dict[str, Any]) -> None:
-    from bastion.pipeline.obligations import REDACTED, _redacted, _redactions, redact
+    from bastion.pipeline.inspection import Inspection
+    from bastion.policy.redaction import REDACTED, paths, redact
     from bastion.upstream.base import Answer
 
     cedar = (EXAMPLES / "policies" / "workspace.cedar").read_text() + (
@@ -418,9 +421,10 @@ def test_redaction_of_arguments_and_results(tmp_path: Path, listings: dict[str, 
         "id": 1,
         "result": {"structuredContent": {"tasks": [{"id": "acme-t1", "title": "secret"}]}},
     }
-    paths = [steps for root, steps in _redactions(ex.decision.obligations) if root == "result"]
-    assert paths == [("structuredContent", "tasks", None, "title")]
-    shown = _redacted(Answer(reply), ex, paths).first
+    assert paths(ex.decision.obligations, "result") == [
+        ("structuredContent", "tasks", None, "title")
+    ]
+    shown = Inspection().inspect(ex, Answer(reply)).first
     assert shown["result"]["structuredContent"]["tasks"] == [{"id": "acme-t1", "title": REDACTED}]
     assert reply["result"]["structuredContent"]["tasks"][0]["title"] == "secret"  # a copy
     # Paths that do not reach anything leave the value as it is.
@@ -429,36 +433,77 @@ def test_redaction_of_arguments_and_results(tmp_path: Path, listings: dict[str, 
     assert redact({"a": [1, 2]}, ("a", -1)) == {"a": [1, REDACTED]}
 
 
+@contextlib.asynccontextmanager
+async def running(authz: Authorizer) -> AsyncIterator[None]:
+    """The stage's background work, run as the gateway runs it."""
+    background = Background()
+    for name, run in authz.background():
+        background.add(name, run)
+    await background.start()
+    try:
+        yield
+    finally:
+        await background.stop()
+
+
 def test_an_upstream_down_at_start_delays_its_policies_not_the_start(
     tmp_path: Path, listings: dict[str, Any]
 ) -> None:
     from bastion.errors import UpstreamUnavailable
 
     down = {"workspace": True}
+    listed: list[str] = []
+    ticks = [1000.0]
 
     async def lister(upstream: str) -> dict[str, Any]:
+        listed.append(upstream)
         if down.get(upstream):
             raise UpstreamUnavailable(f"upstream {upstream!r} is unreachable")
         return listings[upstream]
 
-    authz = Authorizer(_settings(tmp_path), lister, MemoryRateCounter())
-    asyncio.run(authz.start(save=False))  # the quickstart names workspace tools everywhere
+    authz = Authorizer(_settings(tmp_path), lister, MemoryRateCounter(), ticks=lambda: ticks[0])
+
+    async def scenario() -> None:
+        await authz.start(save=False)  # the quickstart names workspace tools everywhere
+        assert authz.engine is not None
+        assert "grant:acme-admin-write" not in authz.engine.docs  # waits for the workspace tools
+        assert "acme-task-ids" not in authz.engine.docs
+        assert "grant:acme-echo" in authz.engine.docs
+        down["workspace"] = False
+        ticks[0] += 10.0
+        # Without the gateway's background work nothing lists: the request path only asks.
+        listed.clear()
+        with pytest.raises(UpstreamUnavailable):
+            await authz.relist("workspace", "get_task")
+        assert listed == []
+        async with running(authz):
+            ticks[0] -= 8.0  # too soon after the last listing: the last failure stands
+            with pytest.raises(UpstreamUnavailable):
+                await authz.relist("workspace", "get_task")
+            assert listed == []
+            ticks[0] += 8.0
+            await authz.relist("workspace", "get_task")  # listed again, in the background
+            assert listed == ["workspace"]
+
+    asyncio.run(scenario())
     assert authz.engine is not None
-    assert "grant:acme-admin-write" not in authz.engine.docs  # waits for the workspace tools
-    assert "acme-task-ids" not in authz.engine.docs
-    assert "grant:acme-echo" in authz.engine.docs
-    with pytest.raises(UpstreamUnavailable):
-        asyncio.run(authz.relist("workspace", "get_task"))  # too soon: the last failure stands
-    down["workspace"] = False
-    authz._listed_at.clear()  # as if 5 s had passed
-    asyncio.run(authz.relist("workspace", "get_task"))
     assert "grant:acme-admin-write" in authz.engine.docs and "acme-task-ids" in authz.engine.docs
     assert call(authz, "acme-reader", "workspace__get_task", task_id="acme-t1").denial is None
 
 
 @pytest.mark.parametrize(
     "task_id",
-    ["globex-t1", "GLOBEX-t1", "Globex-T1", "ｇｌｏｂｅｘ-t1", "%67lobex-t1", "globex%2Dt1"],
+    [
+        "globex-t1",
+        "GLOBEX-t1",
+        "Globex-T1",
+        "ｇｌｏｂｅｘ-t1",
+        "%67lobex-t1",
+        "globex%2Dt1",
+        "%2567lobex-t1",  # encoded twice
+        " globex-t1",
+        "\u200bglobex-t1",  # a zero-width space in front
+    ],
 )
 def test_tenant_binding_sees_through_spellings(authz: Authorizer, task_id: str) -> None:
     """The client picks the spelling of an id; an upstream that folds case, NFKC or
@@ -470,8 +515,58 @@ def test_tenant_binding_sees_through_spellings(authz: Authorizer, task_id: str) 
 
 
 @pytest.mark.parametrize(
-    "uri", ["workspace://GLOBEX/t1", "workspace://%67lobex/t1", "workspace://ｇｌｏｂｅｘ/t1"]
+    "uri",
+    [
+        "workspace://GLOBEX/t1",
+        "workspace://%67lobex/t1",
+        "workspace://ｇｌｏｂｅｘ/t1",
+        "workspace:///globex/t1",
+        "workspace://user@globex/t1",
+        "workspace://acme/../globex/t1",
+    ],
 )
 def test_tenant_named_by_a_uri_whatever_its_spelling(authz: Authorizer, uri: str) -> None:
-    assert authz._tenants("workspace", {"uri": uri}) == ["globex"]
+    assert "globex" in authz._tenants("workspace", {"uri": uri})
     assert authz._tenants("workspace", {"uri": "workspace://ACME/t1"}) == ["acme"]
+
+
+@pytest.mark.parametrize(
+    "client, address",
+    [
+        ("203.0.113.7", "203.0.113.7"),  # forwarded by a trusted proxy: a bare address
+        ("203.0.113.7:51000", "203.0.113.7"),
+        ("[2001:db8::1]:443", "2001:db8::1"),
+        ("2001:db8::1", "2001:db8::1"),
+        ("", "0.0.0.0"),
+        ("not-an-address:1", "0.0.0.0"),
+    ],
+)
+def test_the_client_address_policy_sees(client: str, address: str) -> None:
+    """A deny-list on 203.0.113.0/24 was passed by a proxied client: the bare forwarded
+    address became 0.0.0.0."""
+    from bastion.pipeline.authz import _ip
+
+    assert _ip(client) == address
+
+
+def test_the_decision_takes_its_time_from_the_clock_it_is_given(
+    tmp_path: Path, listings: dict[str, Any]
+) -> None:
+    cedar = (EXAMPLES / "policies" / "workspace.cedar").read_text() + (
+        '\n@id("night") @reason("no calls at night")\n'
+        "forbid (principal, action, resource) when { context.request.time.hour < 6 };\n"
+    )
+    now = [1_900_000_000.0 - 1_900_000_000.0 % 86400 + 3 * 3600]  # 03:00 UTC
+
+    async def lister(upstream: str) -> dict[str, Any]:
+        return listings[upstream]
+
+    authz = Authorizer(
+        _settings(tmp_path, cedar), lister, MemoryRateCounter(), clock=lambda: now[0]
+    )
+    asyncio.run(authz.start(save=False))
+    night = call(authz, "acme-reader", "workspace__get_task", task_id="acme-t1")
+    assert night.decision is not None and night.decision.policies == ("night",)
+    now[0] += 6 * 3600  # 09:00 UTC
+    day = call(authz, "acme-reader", "workspace__get_task", task_id="acme-t1")
+    assert day.denial is None

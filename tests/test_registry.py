@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import math
@@ -13,16 +14,11 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from bastion.control.agents import (
-    Agent,
-    AgentStatus,
-    RegistryConflict,
-    RegistryInvalid,
-    RegistryNotFound,
-    RegistrySnapshot,
-    RegistryUnavailable,
-)
-from bastion.control.registry import RegistryView, SqliteRegistry
+from bastion.background import Background
+from bastion.control.registry.agents import Agent, AgentStatus, RegistrySnapshot
+from bastion.control.registry.store import SqliteRegistry
+from bastion.control.registry.view import RegistryView
+from bastion.errors import RegistryConflict, RegistryInvalid, RegistryNotFound, RegistryUnavailable
 from bastion.identity import keys
 
 NOW = 1_900_000_000.0
@@ -583,3 +579,90 @@ def test_a_file_that_is_not_a_database_is_unavailable(tmp_path: Path) -> None:
     bogus.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(RegistryUnavailable, match="cannot open the registry"):
         SqliteRegistry(bogus)
+
+
+# --- the view's watcher ---
+
+
+async def _until(check: Any, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def test_the_watcher_sees_another_process_change_and_runs_the_hooks(pair: Any) -> None:
+    cli, gateway = pair
+    cli.add(make_agent())
+    view = RegistryView(gateway, poll=0.05)
+    ended: list[int] = []
+
+    async def reconcile() -> None:
+        ended.append(view.version)
+
+    view.watch.after_change(reconcile)
+    background = Background()
+    background.add(view.watch.name, view.watch.run)
+    await background.start()
+    try:
+        cli.set_status("billing-bot", AgentStatus.SUSPENDED, "anomalous calls")  # as the CLI
+        await _until(lambda: ended)
+        agent = view.agent("billing-bot")
+        assert agent is not None and agent.status is AgentStatus.SUSPENDED
+        # A change another reader took in first (the token endpoint's refresh) still counts
+        # as a change for the hooks: the sessions of a revoked agent must end either way.
+        cli.revoke_token("jti-1", time.time() + 300, "leaked")
+        assert view.refresh() is True
+        await view.reread()
+        assert ended[-1] == view.version and len(ended) == 2
+        # Nothing changed: an ask runs no hook.
+        await view.reread()
+        assert len(ended) == 2
+    finally:
+        await background.stop()
+
+
+class BrokenRegistry:
+    """A registry whose file became unreadable after the view's first load."""
+
+    def __init__(self, inner: SqliteRegistry) -> None:
+        self.inner = inner
+        self.broken = False
+
+    def version(self) -> int:
+        if self.broken:
+            raise RegistryUnavailable("registry: disk I/O error")
+        return self.inner.version()
+
+    def snapshot(self) -> RegistrySnapshot:
+        return self.inner.snapshot()
+
+
+def test_a_view_the_watcher_cannot_refresh_fails_closed(pair: Any) -> None:
+    cli, gateway = pair
+    cli.add(make_agent())
+    now = [100.0]
+    broken = BrokenRegistry(gateway)
+    view = RegistryView(broken, stale_after=5.0, clock=lambda: now[0])  # type: ignore[arg-type]
+    view.require_current()
+    now[0] += 4.0
+    view.require_current()  # young enough
+    now[0] += 2.0
+    view.refresh()  # the watcher's round: read again, so current again
+    view.require_current()
+    # The file breaks, and meanwhile the agent is suspended: serving from the old copy would
+    # let a suspended agent in. The view refuses instead, once it is older than allowed.
+    broken.broken = True
+    cli.set_status("billing-bot", AgentStatus.SUSPENDED, "compromised")
+    with pytest.raises(RegistryUnavailable):
+        view.refresh()
+    now[0] += 5.5
+    with pytest.raises(RegistryUnavailable) as raised:
+        view.require_current()
+    assert raised.value.http_status == 503
+    assert "last read 6 s ago" in raised.value.message
+    broken.broken = False
+    assert view.refresh() is True  # the registry is back: current again, and suspended
+    view.require_current()
+    agent = view.agent("billing-bot")
+    assert agent is not None and agent.status is AgentStatus.SUSPENDED

@@ -18,8 +18,8 @@ import yaml
 
 from bastion.config import parse
 from bastion.control.assembly import Identity, open_identity
-from bastion.control.token_service import JWT_BEARER, OAuthError
-from bastion.errors import Overloaded, TokenError
+from bastion.control.tokens.service import JWT_BEARER
+from bastion.errors import OAuthError, Overloaded, TokenError
 from bastion.identity.dpop import make_proof
 from bastion.identity.jwt import mint
 from bastion.identity.keys import SigningKey, generate

@@ -118,3 +118,12 @@ def test_duplicate_detection_agrees_with_a_reference_parser(raw: str) -> None:
             rpc.loads(raw.encode())
     else:
         assert rpc.loads(raw.encode()) == json.loads(raw)
+
+
+def test_a_long_id_is_refused_not_echoed() -> None:
+    """Every answer echoes the id: a 6 KB id came back whole in each refusal."""
+    message = {"jsonrpc": "2.0", "id": "x" * 6000, "method": "ping"}
+    with pytest.raises(InvalidRequest, match="at most 256 characters, found 6000"):
+        rpc.classify(message)
+    assert rpc.request_id(message) is None
+    assert rpc.request_id({"id": "y" * 256}) == "y" * 256

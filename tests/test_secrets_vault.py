@@ -33,8 +33,8 @@ from tests.conftest import (
 )
 
 from bastion.config import parse
-from bastion.control.secrets import resolve, upstream_secrets
 from bastion.errors import ConfigError
+from bastion.state.secrets import resolve, upstream_secrets
 
 WHERE = "upstreams.keyed.credentials.secret"
 KV2_TOKEN = "kv2-" + secrets.token_hex(12)  # the seeded secrets, made per run

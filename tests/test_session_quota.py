@@ -31,7 +31,6 @@ from tests.conftest import (
     start_gateway,
 )
 from tests.test_audit_alerts import trail, until
-from tests.test_policy_gateway import token
 
 from bastion.config import Limits
 from bastion.errors import SessionQuotaExceeded
@@ -60,7 +59,17 @@ async def credential(principal: Principal, upstream: str) -> Mapping[str, str]:
 
 
 def store(**limits: Any) -> SessionStore:
-    settings = {"max_sessions_per_agent": 100, "session_reclaim_seconds": 60, **limits}
+    """A store with these limits; the quotas not given fit under the ones given (the
+    settings refuse an agent's quota above its tenant's, or a tenant's above the total)."""
+    total = limits.get("max_sessions", 10_000)
+    tenant = limits.get("max_sessions_per_tenant", min(1000, total))
+    agent = limits.get("max_sessions_per_agent", min(100, tenant))
+    settings = {
+        "session_reclaim_seconds": 60,
+        **limits,
+        "max_sessions_per_tenant": tenant,
+        "max_sessions_per_agent": agent,
+    }
     return SessionStore(Limits.model_validate(settings), credential)
 
 
@@ -147,7 +156,7 @@ async def test_a_session_with_an_open_stream_is_never_reclaimed() -> None:
 async def test_a_full_gateway_never_ends_another_tenants_session() -> None:
     # The attack of the issue in miniature: globex's session is the least recently used one,
     # which the store used to end for acme's next session.
-    s = store(max_sessions=3, max_sessions_per_agent=100, max_sessions_per_tenant=100)
+    s = store(max_sessions=3, max_sessions_per_agent=3, max_sessions_per_tenant=3)
     victim = session(s, "globex", "g1", idle=3000)
     assert await s.open(victim) is None
     for _ in range(2):
@@ -160,7 +169,7 @@ async def test_a_full_gateway_never_ends_another_tenants_session() -> None:
 
 
 async def test_a_full_gateway_makes_room_from_the_askers_own_idle_session() -> None:
-    s = store(max_sessions=3, max_sessions_per_agent=100, max_sessions_per_tenant=100)
+    s = store(max_sessions=3, max_sessions_per_agent=3, max_sessions_per_tenant=3)
     victim = session(s, "globex", "g1", idle=3000)
     mine = session(s, "acme", "a1", idle=600)
     for opened in (victim, mine, session(s, "acme", "a1")):
@@ -246,7 +255,7 @@ class Quota:
     def __init__(self, gw: GatewayProcess, upstream: int) -> None:
         self.gw = gw
         self.upstream = upstream
-        self.tokens = {a: token(gw, a) for a in ("acme-reader", "acme-admin", "globex-reader")}
+        self.tokens = {a: gw.token(a) for a in ("acme-reader", "acme-admin", "globex-reader")}
 
     def live(self) -> int:
         """Sessions the upstream holds open."""
@@ -309,7 +318,7 @@ def crowded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Quota]:
     limits = {
         "max_sessions": 3,
         "max_sessions_per_agent": 2,
-        "max_sessions_per_tenant": 100,
+        "max_sessions_per_tenant": 3,
         "session_reclaim_seconds": 3600,
     }
     quota = start(tmp_path_factory, "crowded", limits)

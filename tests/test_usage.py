@@ -15,9 +15,10 @@ import yaml
 
 from bastion.config import parse
 from bastion.control.assembly import Identity, open_identity
-from bastion.control.registry import RegistryView, SqliteRegistry
-from bastion.control.token_service import JWT_BEARER
-from bastion.control.usage import UsageRecorder
+from bastion.control.registry.store import SqliteRegistry
+from bastion.control.registry.usage import UsageRecorder
+from bastion.control.registry.view import RegistryView
+from bastion.control.tokens.service import JWT_BEARER
 from bastion.identity.jwt import mint
 from bastion.pipeline.authn import Authenticator
 from bastion.pipeline.exchange import Exchange

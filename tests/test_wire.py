@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from bastion.upstream.wire import Pool, WireError
+from bastion.errors import WireError
+from bastion.wire import Pool
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Any]
 

@@ -1,24 +1,31 @@
-"""Assembly: settings → upstreams → pipeline → routes → the ASGI application, and serving it."""
+"""Assembly: settings → upstreams → pipeline → routes → the ASGI application, and serving it.
+
+The gateway owns its background work in one place (`Background`): the registry and key
+watchers, the policy-file watcher, the catalog jobs (relisting upstreams, learning resource
+URIs) and the idle-session janitor. `start` launches them, `stop` cancels and awaits them; the
+request path only reads what they publish.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
+from bastion.asgi import ASGIApp, Receive, Scope, Send
 from bastion.audit import AuditRecord, AuditWriter, Query
 from bastion.audit.recover import recover
+from bastion.background import Background, Refresher
 from bastion.config import Settings
 from bastion.observe.metrics import Metrics
 from bastion.observe.tracing import Tracing
 from bastion.pipeline.authn import AgentDirectory, SigningKeys
 from bastion.pipeline.chain import Pipeline
 from bastion.pipeline.route import Route
-from bastion.transport.front import ASGIApp, Front, Receive, Scope, Send
+from bastion.transport.front import Front
 from bastion.transport.server import HttpServer
 from bastion.upstream.pool import Upstreams
 
@@ -57,14 +64,34 @@ class Service(Protocol):
     async def stop(self, grace: float = 5.0) -> None: ...
 
 
+class WatchedDirectory(AgentDirectory, Protocol):
+    """The registry as the gateway holds it: a snapshot the request path reads, kept current
+    by `watch`, a refresher the gateway runs."""
+
+    @property
+    def watch(self) -> Refresher: ...
+
+
+class WatchedKeys(SigningKeys, Protocol):
+    """The embedded issuer's keys, kept current by `watch` (rotations by other processes)."""
+
+    @property
+    def watch(self) -> Refresher: ...
+
+
+# The registry view is read within this long of `start` before the gateway serves.
+_FIRST_READ_SECONDS = 10.0
+
+
 class Gateway:
-    """The running gateway: an ASGI app whose lifespan starts and stops the upstreams."""
+    """The running gateway: an ASGI app whose lifespan starts and stops the upstreams and
+    the background work."""
 
     def __init__(
         self,
         settings: Settings,
-        agents: AgentDirectory | None = None,
-        keys: SigningKeys | None = None,
+        agents: WatchedDirectory | None = None,
+        keys: WatchedKeys | None = None,
         secrets: Mapping[str, str] | None = None,
         endpoints: Mapping[str, ASGIApp] | None = None,
         audit: AuditWriter | None = None,
@@ -89,10 +116,28 @@ class Gateway:
         self.front = Front(
             settings, self.pipeline, self.routes, endpoints, self.metrics, self.tracing
         )
-        self._janitor: asyncio.Task[None] | None = None
+        self._agents = agents
+        self.background = self._background(agents, keys)
+
+    def _background(self, agents: WatchedDirectory | None, keys: WatchedKeys | None) -> Background:
+        """Everything that runs beside the request path, owned here."""
+        background = Background()
+        if agents is not None:
+            # A registry change (a suspension, a revocation) ends sessions and credentials.
+            agents.watch.after_change(self.pipeline.reconcile)
+            background.add(agents.watch.name, agents.watch.run)
+        if keys is not None:
+            background.add(keys.watch.name, keys.watch.run)
+        for name, run in self.pipeline.authz.background():
+            background.add(name, run)
+        period = min(60.0, self.settings.limits.session_idle_seconds / 2)
+        janitor = Refresher("idle sessions", self._expire_sessions, every=period)
+        background.add(janitor.name, janitor.run)
+        return background
 
     async def start(self) -> None:
-        """Launch managed upstreams and begin expiring idle sessions."""
+        """Launch managed upstreams, load the policy, then start the background work; ready
+        once the registry view was read by it."""
         if self.audit is not None:
             await self._warm(self.audit)
             await self.audit.start()
@@ -101,16 +146,17 @@ class Gateway:
             await service.start()
         await self.upstreams.start()
         await self.pipeline.start()
-        self._janitor = asyncio.create_task(self._expire_sessions())
+        await self.background.start()
+        if self._agents is not None:
+            # Loading the policy may have taken a while: read the registry before serving.
+            await self._agents.watch.ask(_FIRST_READ_SECONDS)
         self.front.ready = True
 
     async def stop(self) -> None:
-        """End sessions, close upstreams, stop launched servers, flush the traces."""
+        """Stop the background work, end sessions, close upstreams, stop launched servers,
+        flush the traces."""
         self.front.ready = False
-        if self._janitor is not None:
-            self._janitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._janitor
+        await self.background.stop()
         await self.pipeline.sessions.close()
         await self.upstreams.close()
         await self.tracing.close()
@@ -136,13 +182,12 @@ class Gateway:
         count = trail.warm(await asyncio.to_thread(recent))
         log.info("anomaly detectors: baselines rebuilt from %d records", count)
 
-    async def _expire_sessions(self) -> None:
-        period = min(60.0, self.settings.limits.session_idle_seconds / 2)
-        while True:
-            await asyncio.sleep(period)
-            expired = await self.pipeline.sessions.expire()
-            if expired:
-                log.info("expired %d idle sessions", expired)
+    async def _expire_sessions(self) -> bool:
+        """One round of the janitor: end sessions idle for longer than allowed."""
+        expired = await self.pipeline.sessions.expire()
+        if expired:
+            log.info("expired %d idle sessions", expired)
+        return False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

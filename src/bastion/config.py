@@ -17,6 +17,48 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from bastion.errors import ConfigError
 
+__all__ = [
+    "NAME_PATTERN",
+    "RATE_PATTERN",
+    "RESERVED_TENANT",
+    "SECRET_REFERENCE",
+    "TOOL_SEPARATOR",
+    "AdminSettings",
+    "Alerts",
+    "ArgumentRule",
+    "AuditAnchor",
+    "AuditSettings",
+    "AuditSigner",
+    "Auth",
+    "Credential",
+    "CrossTenant",
+    "DenialBurst",
+    "Dpop",
+    "Grant",
+    "Habit",
+    "HttpUpstream",
+    "Limits",
+    "Listen",
+    "PolicySettings",
+    "RateSpike",
+    "Restart",
+    "Rule",
+    "Security",
+    "SeedAgent",
+    "Settings",
+    "Sink",
+    "SpiffeDomain",
+    "StdioUpstream",
+    "Telemetry",
+    "Traces",
+    "TrustedIssuer",
+    "Upstream",
+    "VirtualServer",
+    "audit_path_problems",
+    "load",
+    "parse",
+]
+
 # Upstream names become tool-name prefixes (`workspace__search_tasks`): no underscores in them,
 # so the first "__" in an exposed name always ends the prefix.
 NAME_PATTERN = r"^[a-z0-9]+(-[a-z0-9]+)*$"
@@ -170,6 +212,23 @@ class Limits(_Frozen):
     sse_keepalive_seconds: float = Field(15.0, gt=0)
     header_timeout_seconds: float = Field(30.0, gt=0)  # a request must arrive whole by then
     idle_connection_seconds: float = Field(75.0, gt=0)  # keep-alive between requests
+
+    @model_validator(mode="after")
+    def _nested(self) -> Limits:
+        # An agent's quota above its tenant's, or a tenant's above the gateway's, would let
+        # one agent or one tenant hold every session there is.
+        if self.max_sessions_per_agent > self.max_sessions_per_tenant:
+            raise ValueError(
+                f"max_sessions_per_agent ({self.max_sessions_per_agent}) exceeds "
+                f"max_sessions_per_tenant ({self.max_sessions_per_tenant}); expected at most it"
+            )
+        if self.max_sessions_per_tenant > self.max_sessions:
+            raise ValueError(
+                f"max_sessions_per_tenant ({self.max_sessions_per_tenant}) exceeds "
+                f"max_sessions ({self.max_sessions}): one tenant could hold every session; "
+                "expected at most it"
+            )
+        return self
 
 
 class Security(_Frozen):

@@ -1,43 +1,111 @@
-"""Bastion's errors: one small tree, each node knowing its wire form.
+"""Bastion's errors: one tree, each node knowing its wire form.
 
 ```
-BastionError                     code               HTTP  JSON-RPC
-├── ProtocolError                protocol.*         400   -32600
-│   ├── ParseError               protocol.parse     400   -32700
-│   ├── InvalidRequest           protocol.invalid   400   -32600
-│   ├── MethodNotFound           protocol.method    200   -32601  (404 in the 2026 era)
-│   ├── InvalidParams            protocol.params    200   -32602
-│   │   └── InvalidEnvelope      protocol.meta      400   -32602  (2026 `_meta` envelope)
-│   ├── HeaderMismatch           protocol.header    400   -32020
-│   ├── UnsupportedVersion       protocol.version   400   -32022
-│   ├── BodyTooLarge             protocol.size      413   -32600
-│   ├── NotAcceptable            protocol.accept    406   -32600
-│   ├── UnsupportedMediaType     protocol.media     415   -32600
-│   ├── SessionRequired          protocol.session   400   -32600
-│   ├── SessionNotFound          protocol.session   404   -32600
-│   └── OriginRejected           protocol.origin    403   -32600
-├── AuthError                    auth.*             401   -32600
-│   ├── TokenError               auth.invalid_token 401   -32600  (.reason says which check)
-│   └── InsufficientScope        auth.insufficient_scope 403
-├── PolicyError                  policy.*           200   -32600
-├── UpstreamError                upstream.*         200   -32603
-│   ├── UpstreamTimeout          upstream.timeout
-│   └── UpstreamUnavailable      upstream.unavailable
-├── SessionQuotaExceeded         session.quota      429   -32600  (.quota: agent, tenant, gateway)
-├── Overloaded                   server.busy        503   -32603
-└── ConfigError                  config.*           (never on the wire)
+class                            code                    HTTP  JSON-RPC
+BastionError                     bastion                 500   -32603  (the root)
+├── ProtocolError                protocol.invalid        400   -32600
+│   ├── ParseError               protocol.parse          400   -32700
+│   ├── InvalidRequest           protocol.invalid        400   -32600
+│   ├── MethodNotFound           protocol.method         200   -32601  (404 in the 2026 era)
+│   ├── InvalidParams            protocol.params         200   -32602
+│   │   └── InvalidEnvelope      protocol.meta           400   -32602  (2026 `_meta` envelope)
+│   ├── HeaderMismatch           protocol.header         400   -32020
+│   ├── UnsupportedVersion       protocol.version        400   -32022
+│   ├── BodyTooLarge             protocol.size           413   -32600
+│   ├── NotAcceptable            protocol.accept         406   -32600
+│   ├── UnsupportedMediaType     protocol.media          415   -32600
+│   ├── SessionRequired          protocol.session        400   -32600
+│   ├── SessionNotFound          protocol.session        404   -32600
+│   └── OriginRejected           protocol.origin         403   -32600
+├── AuthError                    auth.failed             401   -32600
+│   ├── TokenError               auth.invalid_token      401   -32600  (.reason: which check)
+│   ├── InsufficientScope        auth.insufficient_scope 403   -32600
+│   └── OAuthError               auth.oauth              400   -32600  (RFC 6749 error body)
+├── PolicyError                  policy.denied           200   -32600
+│   └── ArgumentMismatch         policy.arguments        200   -32600  (also a ValueError)
+├── UpstreamError                upstream.error          200   -32603
+│   ├── UpstreamTimeout          upstream.timeout        200   -32603
+│   ├── UpstreamUnavailable      upstream.unavailable    200   -32603
+│   └── WireError                upstream.wire           200   -32603  (a peer broke HTTP)
+├── SessionQuotaExceeded         session.quota           429   -32600  (.quota: which one)
+├── Overloaded                   server.busy             503   -32603
+├── AuditUnavailable             audit.unavailable       503   -32603
+├── FilterInvalid                audit.filter            400   -32603  (.parameter)
+├── SinkError                    audit.sink              500   -32603  (retried, never sent)
+├── RegistryError                registry.error          500   -32603
+│   ├── RegistryConflict         registry.conflict       409   -32603
+│   ├── RegistryNotFound         registry.not_found      404   -32603
+│   ├── RegistryInvalid          registry.invalid        400   -32603
+│   └── RegistryUnavailable      registry.unavailable    503   -32603
+├── BadRequest                   admin.bad_request       400   -32603  (.parameter)
+├── NotAvailable                 admin.not_available     404   -32603
+├── InputError                   cli.input               500   -32603  (the CLI's options)
+└── ConfigError                  config.invalid          500   -32603  (never on the wire)
+    └── PolicyLoadError          policy.invalid          500   -32603  (.problems, as config)
 ```
 
 JSON-RPC errors about one request travel with HTTP 200 in the legacy era, so that clients show
-the message; transport-level problems use the HTTP status. Messages say what was expected and
-what was found, and never contain a token or a secret; what the client sent appears through
-`shown()`, so no more than a short prefix of it comes back.
+the message; transport-level problems use the HTTP status. The audit, registry, admin and CLI
+errors answer operators (the admin API sends `{"error": code, "message": ...}` with the HTTP
+status); config and policy-load errors stop a start or a reload and are never sent at all.
+Messages say what was expected and what was found, and never contain a token or a secret; what
+the client sent appears through `shown()`, so no more than a short prefix of it comes back.
+
+Outside the tree on purpose: `bastion.transport.front._MethodNotAllowed` and `._Refused`,
+control flow private to the front that never leaves it. `tests/test_exported_members.py` holds
+this drawing to the classes defined below (names, parents, codes, statuses), and finds any error
+class defined elsewhere in the package that is not underscore-named.
 """
 
 from __future__ import annotations
 
 import reprlib
 from typing import Any, ClassVar
+
+__all__ = [
+    "SHOWN_LIMIT",
+    "ArgumentMismatch",
+    "AuditUnavailable",
+    "AuthError",
+    "BadRequest",
+    "BastionError",
+    "BodyTooLarge",
+    "ConfigError",
+    "FilterInvalid",
+    "HeaderMismatch",
+    "InputError",
+    "InsufficientScope",
+    "InvalidEnvelope",
+    "InvalidParams",
+    "InvalidRequest",
+    "MethodNotFound",
+    "NotAcceptable",
+    "NotAvailable",
+    "OAuthError",
+    "OriginRejected",
+    "Overloaded",
+    "ParseError",
+    "PolicyError",
+    "PolicyLoadError",
+    "ProtocolError",
+    "RegistryConflict",
+    "RegistryError",
+    "RegistryInvalid",
+    "RegistryNotFound",
+    "RegistryUnavailable",
+    "SessionNotFound",
+    "SessionQuotaExceeded",
+    "SessionRequired",
+    "SinkError",
+    "TokenError",
+    "UnsupportedMediaType",
+    "UnsupportedVersion",
+    "UpstreamError",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+    "WireError",
+    "shown",
+]
 
 SHOWN_LIMIT = 64  # characters of a client-supplied value an error message may repeat
 # Containers are rendered through reprlib, which stops after a few items and levels: the cost
@@ -212,12 +280,37 @@ class InsufficientScope(AuthError):
     http_status = 403
 
 
+class OAuthError(AuthError):
+    """An RFC 6749 error response of the embedded token endpoint: `error` is the RFC's code,
+    `status` the HTTP status it is sent with (400, or 401 for a client that failed to
+    authenticate, 503 when a replay cache is full)."""
+
+    code = "auth.oauth"
+    http_status = 400
+
+    def __init__(self, error: str, description: str, status: int = 400) -> None:
+        super().__init__(description)
+        self.error = error
+        self.status = status
+
+    def body(self) -> dict[str, str]:
+        """The JSON error body."""
+        return {"error": self.error, "error_description": self.message}
+
+
 class PolicyError(BastionError):
     """Policy denied the request."""
 
     code = "policy.denied"
     http_status = 200  # a refusal of one call, not of the transport
     rpc_code = -32600
+
+
+class ArgumentMismatch(PolicyError, ValueError):
+    """Tool arguments that do not fit the tool's declared input schema; the authz stage turns
+    it into a denial naming the argument. Still a ValueError, as converters raised before."""
+
+    code = "policy.arguments"
 
 
 class UpstreamError(BastionError):
@@ -238,6 +331,14 @@ class UpstreamUnavailable(UpstreamError):
     """An upstream is down, refused the connection or its process exited."""
 
     code = "upstream.unavailable"
+
+
+class WireError(UpstreamError):
+    """A peer of the HTTP client in `wire.py` (an upstream, Vault, a webhook, an issuer) broke
+    HTTP: an unparsable response or a connection lost mid-answer. Callers name the peer when
+    they translate it (`UpstreamUnavailable`, `ConfigError`, `SinkError`)."""
+
+    code = "upstream.wire"
 
 
 class SessionQuotaExceeded(BastionError):
@@ -263,6 +364,93 @@ class Overloaded(BastionError):
     rpc_code = -32603
 
 
+class AuditUnavailable(BastionError):
+    """The audit store failed, is full or lags too far behind; the call is not audited.
+
+    Raised by a strict `append` whose record did not commit, and by a relaxed one that waited
+    too long for room in the queue. The gateway answers 503 and does not forward the call.
+    """
+
+    code = "audit.unavailable"
+    http_status = 503
+    rpc_code = -32603
+
+
+class FilterInvalid(BastionError):
+    """An audit filter value cannot be used; `parameter` names the option or query parameter."""
+
+    code = "audit.filter"
+    http_status = 400
+
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(f"{parameter}: {message}")
+        self.parameter = parameter
+
+
+class SinkError(BastionError):
+    """A delivery of committed audit records to a sink failed; the forwarder retries it."""
+
+    code = "audit.sink"
+
+
+class RegistryError(BastionError):
+    """A registry operation failed; subclasses say whether it conflicts, is missing or invalid."""
+
+    code = "registry.error"
+
+
+class RegistryConflict(RegistryError):
+    """The change conflicts with the stored state (duplicate id, offboarded agent)."""
+
+    code = "registry.conflict"
+    http_status = 409
+
+
+class RegistryNotFound(RegistryError):
+    """No agent has this id."""
+
+    code = "registry.not_found"
+    http_status = 404
+
+
+class RegistryInvalid(RegistryError):
+    """A field has a value the registry refuses; the message names the field."""
+
+    code = "registry.invalid"
+    http_status = 400
+
+
+class RegistryUnavailable(RegistryError):
+    """The registry file cannot be opened, read or written."""
+
+    code = "registry.unavailable"
+    http_status = 503
+
+
+class BadRequest(BastionError):
+    """An admin API query parameter or body field cannot be used; `parameter` names it."""
+
+    code = "admin.bad_request"
+    http_status = 400
+
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(f"{parameter}: {message}")
+        self.parameter = parameter
+
+
+class NotAvailable(BastionError):
+    """The gateway runs without what an admin endpoint serves (no registry, no audit trail)."""
+
+    code = "admin.not_available"
+    http_status = 404
+
+
+class InputError(BastionError):
+    """A file or option given to the CLI cannot be used."""
+
+    code = "cli.input"
+
+
 class ConfigError(BastionError):
     """The configuration is invalid; carries every problem found, each with path and line."""
 
@@ -271,3 +459,11 @@ class ConfigError(BastionError):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("; ".join(problems))
         self.problems = problems
+
+
+class PolicyLoadError(ConfigError):
+    """A policy file or grant cannot be read, parsed or validated; names every problem.
+
+    Part of the configuration: it stops a start, and a reload keeps the policy that runs."""
+
+    code = "policy.invalid"

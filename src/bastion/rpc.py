@@ -16,6 +16,18 @@ import orjson
 from bastion.errors import BastionError, InvalidRequest, ParseError, shown
 from bastion.types import JSON
 
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_ID_CHARS",
+    "Kind",
+    "classify",
+    "dumps",
+    "error",
+    "loads",
+    "request_id",
+    "result",
+]
+
 MAX_DEPTH = 64
 
 # A JSON string literal; what is left when they are removed has one ':' per object member.
@@ -105,17 +117,24 @@ def classify(message: Any) -> Kind:
     return Kind.RESPONSE
 
 
+MAX_ID_CHARS = 256  # an id is echoed in every answer: a longer one is refused, not echoed
+
+
 def _check_id(value: Any) -> None:
     # bool is an int subclass in Python; JSON-RPC ids are strings or integers, never null.
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise InvalidRequest("id must be a string or an integer")
+    if isinstance(value, str) and len(value) > MAX_ID_CHARS:
+        raise InvalidRequest(f"id must be at most {MAX_ID_CHARS} characters, found {len(value)}")
 
 
 def request_id(message: Any) -> Any:
     """The id to answer with when a message is refused: its own when usable, else null."""
     if isinstance(message, dict):
         value = message.get("id")
-        if isinstance(value, str | int) and not isinstance(value, bool):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and len(value) <= MAX_ID_CHARS:
             return value
     return None
 

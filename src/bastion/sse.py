@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+__all__ = ["KEEPALIVE", "Decoder", "Event", "encode", "encode_priming"]
+
 
 @dataclass(slots=True)
 class Event:

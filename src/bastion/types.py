@@ -6,6 +6,24 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+__all__ = [
+    "JSON",
+    "LEGACY_VERSIONS",
+    "META_CAPABILITIES",
+    "META_CLIENT_INFO",
+    "META_SERVER_INFO",
+    "META_SUBSCRIPTION",
+    "META_VERSION",
+    "MODERN_VERSION",
+    "PROBE_META",
+    "SUPPORTED_VERSIONS",
+    "UPSTREAM_STATUS",
+    "Decision",
+    "Era",
+    "Principal",
+    "Target",
+]
+
 JSON = dict[str, Any]
 
 MODERN_VERSION = "2026-07-28"

@@ -6,11 +6,11 @@ PostgreSQL adapter, imported only when configured), `writer` (batching, durabili
 back-pressure, sealing), `keys` (files in the state directory), `signer` (who signs: the state
 directory's key, a key file outside it, or Vault transit), `anchor` (checkpoints and heartbeats
 kept outside the store), `trail` (the store the configuration names, for writing or reading),
-`ocsf` and `export` (for other tools).
+`recover` (outcomes lost to a crash), `detect` (anomaly detectors), `sinks` (what sinks send),
+`read` (operators' filters and verification), `ocsf` and `export` (for other tools).
 """
 
 from bastion.audit.chain import Entry, Finding, Problem, VerifyReport, verify
-from bastion.audit.errors import AuditUnavailable
 from bastion.audit.record import SCHEMA_VERSION, AuditRecord, digest
 from bastion.audit.seal import Checkpoint
 from bastion.audit.store import AuditStore, Query, SqliteAuditStore
@@ -20,7 +20,6 @@ __all__ = [
     "SCHEMA_VERSION",
     "AuditRecord",
     "AuditStore",
-    "AuditUnavailable",
     "AuditWriter",
     "Checkpoint",
     "Entry",

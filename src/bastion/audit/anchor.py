@@ -32,8 +32,8 @@ from typing import Any
 import orjson
 
 from bastion.audit.chain import WRITER_ID, Finding, Problem
-from bastion.audit.errors import AuditUnavailable
 from bastion.audit.seal import Anchored, Checkpoint
+from bastion.errors import AuditUnavailable
 
 log = logging.getLogger("bastion.audit")
 

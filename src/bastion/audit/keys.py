@@ -32,8 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bastion.audit.chain import WRITER_ID
-from bastion.audit.errors import AuditUnavailable
-from bastion.errors import BastionError
+from bastion.errors import AuditUnavailable, BastionError
 from bastion.identity.keys import KeySet, SigningKey, generate, thumbprint
 
 DB_FILE = "audit.db"

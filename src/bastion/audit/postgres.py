@@ -35,9 +35,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
 
 from bastion.audit.chain import Entry
-from bastion.audit.errors import AuditUnavailable
 from bastion.audit.seal import Checkpoint
 from bastion.audit.store import SqlReads, _row
+from bastion.errors import AuditUnavailable
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS entries (

@@ -24,10 +24,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
 
-from bastion.audit.errors import AuditUnavailable
 from bastion.audit.record import AuditRecord
 from bastion.audit.store import AuditStore
 from bastion.audit.writer import AuditWriter
+from bastion.errors import AuditUnavailable
 
 log = logging.getLogger("bastion.audit")
 

@@ -33,10 +33,9 @@ from urllib.parse import quote, urlsplit
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from bastion.audit.errors import AuditUnavailable
 from bastion.audit.keys import KEYS_FILE, load_checkpoint_key
 from bastion.config import AuditSigner, Settings
-from bastion.errors import BastionError, ConfigError
+from bastion.errors import AuditUnavailable, BastionError, ConfigError
 from bastion.identity.keys import KeySet, SigningKey, b64url, generate, thumbprint
 
 log = logging.getLogger("bastion.audit")

@@ -1,6 +1,6 @@
 """What the audit sinks send, as bytes: JSON lines, syslog messages, webhook bodies, OTLP logs.
 
-Pure encoders; the I/O (files, sockets, HTTPS) is in `bastion.control.forward`. Each entry is
+Pure encoders; the I/O (files, sockets, HTTPS) is in `bastion.control.audit.forward`. Each entry is
 rendered once per sink in the sink's `format`: `json` is the line `bastion audit export`
 writes (the record as hashed, with its place in the chain, so a copy can be checked against
 the trail), `ocsf` an OCSF API Activity event. Sinks that list the `checkpoint` phase also

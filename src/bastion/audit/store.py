@@ -20,8 +20,8 @@ from typing import Any, Literal, Protocol
 import orjson
 
 from bastion.audit.chain import Entry
-from bastion.audit.errors import AuditUnavailable
 from bastion.audit.seal import Checkpoint
+from bastion.errors import AuditUnavailable
 
 Synchronous = Literal["FULL", "NORMAL"]
 

@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bastion.audit.anchor import Anchor
-from bastion.audit.errors import AuditUnavailable
 from bastion.audit.keys import DB_FILE, KEY_FILE, audit_dir, claim_writer_id
 from bastion.audit.signer import open_signer
 from bastion.audit.store import SqliteAuditStore
 from bastion.audit.writer import AuditWriter, WriterOptions, open_writer
 from bastion.config import AuditSettings, Settings
-from bastion.errors import ConfigError
+from bastion.errors import AuditUnavailable, ConfigError
 
 if TYPE_CHECKING:
     from bastion.audit.postgres import PostgresAuditStore

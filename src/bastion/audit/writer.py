@@ -35,7 +35,6 @@ from typing import Any, TypeAlias
 
 from bastion.audit.anchor import Anchor
 from bastion.audit.chain import Chain
-from bastion.audit.errors import AuditUnavailable
 from bastion.audit.keys import (
     DB_FILE,
     WriterClaim,
@@ -46,6 +45,7 @@ from bastion.audit.keys import (
 from bastion.audit.record import AuditRecord
 from bastion.audit.seal import Checkpoint, Signer, sign_checkpoint
 from bastion.audit.store import AuditStore, SqliteAuditStore, Synchronous
+from bastion.errors import AuditUnavailable
 from bastion.identity.keys import SigningKey
 
 log = logging.getLogger("bastion.audit")

@@ -15,19 +15,20 @@ from bastion.app import Gateway, routes_for
 from bastion.audit import AuditWriter
 from bastion.audit.trail import open_trail_writer
 from bastion.config import SeedAgent, Settings
-from bastion.control.admin import PREFIX as ADMIN_PREFIX
-from bastion.control.admin import admin_app
-from bastion.control.admin_auth import admin_token
-from bastion.control.agents import Agent, AgentStatus, RegistryNotFound
-from bastion.control.endpoints import oauth_endpoints
-from bastion.control.forward import open_forwarders
-from bastion.control.registry import RegistryView, SqliteRegistry
-from bastion.control.secrets import stored_secret, upstream_secrets
-from bastion.control.token_service import TokenService
-from bastion.control.usage import UsageRecorder
-from bastion.errors import ConfigError
+from bastion.control.admin.app import PREFIX as ADMIN_PREFIX
+from bastion.control.admin.app import admin_app
+from bastion.control.admin.auth import admin_token
+from bastion.control.audit.forward import open_forwarders
+from bastion.control.registry.agents import Agent, AgentStatus
+from bastion.control.registry.store import SqliteRegistry
+from bastion.control.registry.usage import UsageRecorder
+from bastion.control.registry.view import RegistryView
+from bastion.control.tokens.endpoints import oauth_endpoints
+from bastion.control.tokens.service import TokenService
+from bastion.errors import ConfigError, RegistryNotFound
 from bastion.identity.keys import KeySet, SigningKey, generate
 from bastion.state.keystore import FileKeyStore
+from bastion.state.secrets import stored_secret, upstream_secrets
 from bastion.upstream.issuers import IssuerDirectory
 
 log = logging.getLogger("bastion.alerts")
@@ -147,7 +148,7 @@ async def build_gateway(settings: Settings) -> Gateway:
             secrets=secrets,
             endpoints=oauth_endpoints(identity.service),
             audit=audit,
-            suspend=_suspender(identity.registry),
+            suspend=_suspender(identity.registry, identity.view),
             nonce_key=nonce_key,
         )
         gateway.services.append(UsageRecorder(identity.view, identity.registry))
@@ -159,9 +160,12 @@ async def build_gateway(settings: Settings) -> Gateway:
     return gateway
 
 
-def _suspender(registry: SqliteRegistry) -> Callable[[str, str], Awaitable[None]]:
-    """What an alert that suspends does: the agent's status in the registry, which every
-    gateway sharing it sees on its next request (its sessions and credentials are dropped)."""
+def _suspender(
+    registry: SqliteRegistry, view: RegistryView
+) -> Callable[[str, str], Awaitable[None]]:
+    """What an alert that suspends does: the agent's status in the registry, in force in this
+    gateway before the alert is recorded (its sessions and credentials are dropped), and in
+    every other gateway sharing the registry within its poll interval."""
 
     async def suspend(agent_id: str, reason: str) -> None:
         agent = await asyncio.to_thread(registry.get, agent_id)
@@ -170,5 +174,6 @@ def _suspender(registry: SqliteRegistry) -> Callable[[str, str], Awaitable[None]
                 registry.set_status, agent_id, AgentStatus.SUSPENDED, f"alert {reason}"[:500]
             )
             log.warning("agent %r suspended by alert: %s", agent_id, reason)
+            await view.reread()
 
     return suspend

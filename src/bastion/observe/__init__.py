@@ -1,1 +1,6 @@
-"""Observability: Prometheus metrics of the request path."""
+"""Observability: Prometheus metrics and W3C trace context with OpenTelemetry spans."""
+
+__all__ = [
+    "metrics",
+    "tracing",
+]

@@ -11,32 +11,15 @@ from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from bastion.methods import KNOWN_METHODS
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_KNOWN_METHODS = frozenset(
-    {
-        "initialize",
-        "ping",
-        "server/discover",
-        "tools/list",
-        "tools/call",
-        "prompts/list",
-        "prompts/get",
-        "resources/list",
-        "resources/templates/list",
-        "resources/read",
-        "resources/subscribe",
-        "resources/unsubscribe",
-        "completion/complete",
-        "logging/setLevel",
-        "subscriptions/listen",
-    }
-)
 
 
 def method_label(method: str) -> str:
     """An MCP method as a label value: itself when known, else "other" (bounded series)."""
-    return method if method in _KNOWN_METHODS else "other"
+    return method if method in KNOWN_METHODS else "other"
 
 
 class Metrics:

@@ -20,13 +20,14 @@ import contextlib
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from opentelemetry import trace as otel
 
+from bastion.asgi import Message, Send
 from bastion.config import Traces
 from bastion.errors import BastionError
 from bastion.observe.metrics import method_label
@@ -48,8 +49,6 @@ _MAX_STATE_MEMBERS = 32
 _EXPORT_TIMEOUT_S = 5.0  # one export, and the final flush when the gateway stops
 
 Attributes = dict[str, str | int | bool]
-Message = MutableMapping[str, Any]
-Send = Callable[[Message], Awaitable[None]]
 
 
 class Described(Protocol):

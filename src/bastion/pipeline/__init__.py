@@ -1,5 +1,25 @@
-"""The request path's stages, in the order a request meets them.
+"""The request path's stages, in the order a request meets them, run by `chain.Pipeline`.
 
 authn → session → route → authz → credentials → (upstream) → inspection → audit; `dispatch`
 runs the MCP method once the stages before it have passed the exchange.
 """
+
+__all__ = [
+    "approval",
+    "authn",
+    "authz",
+    "catalog",
+    "chain",
+    "credentials",
+    "dispatch",
+    "exchange",
+    "handshake",
+    "inspection",
+    "lists",
+    "mirror",
+    "route",
+    "session",
+    "streams",
+    "trail",
+    "upstream",
+]

@@ -50,9 +50,11 @@ class AgentRecord(Protocol):
 
 
 class AgentDirectory(Protocol):
-    """The registry as the request path sees it: in memory, refreshed when it changed."""
+    """The registry as the request path sees it: an in-memory snapshot that the gateway's
+    background work keeps current (the request path never reads the registry itself)."""
 
-    def refresh(self) -> bool: ...
+    def require_current(self) -> None: ...
+    async def reread(self) -> None: ...  # after a change made in this process
     def agent(self, agent_id: str) -> AgentRecord | None: ...
     def revoked(self, jti: str) -> bool: ...
     def session_killed(self, session_hash: str) -> bool: ...
@@ -63,7 +65,7 @@ class SigningKeys(Protocol):
     """The embedded issuer's public keys."""
 
     def keyset(self) -> KeySet: ...
-    def refresh(self) -> bool: ...
+    async def recheck(self) -> bool: ...  # the background looks for a rotation now
 
 
 class Authenticator:
@@ -126,7 +128,7 @@ class Authenticator:
     ) -> Principal:
         scheme, token = _credentials(headers.get("authorization"))
         assert self._agents is not None  # noqa: S101 - present when auth is oauth
-        key = f"{resource}\0{token}"  # the registry view was refreshed by the pipeline
+        key = f"{resource}\0{token}"  # the registry view is kept current in the background
         cached = self._verified.get(key, now)
         if cached is None:
             claims = await self._verify(token, resource, now)
@@ -165,7 +167,7 @@ class Authenticator:
             try:
                 return verify(token, self._keys.keyset(), expect, now)
             except TokenError as exc:
-                if exc.reason != "unknown_kid" or not self._keys.refresh():
+                if exc.reason != "unknown_kid" or not await self._keys.recheck():
                     raise
                 return verify(token, self._keys.keyset(), expect, now)
         trusted = self._external.get(issuer)

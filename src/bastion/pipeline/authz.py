@@ -7,44 +7,43 @@ built with only the attributes some policy reads.
 
 The policy itself is loaded at start from the files and grants in the config, validated
 against a schema generated from the upstreams' own tool lists, and reloaded when a file
-changes; a reload that fails keeps the last good policy running and says why in the log.
+changes; a reload that fails keeps the last good policy running and says why in the log. All
+of that is `PolicyLoader`'s (catalog.py), in background work: this stage only reads the engine
+it published, and takes the time from a clock it is given.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
+import ipaddress
 import logging
 import re
 import secrets
 import time
 import unicodedata
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from pathlib import Path
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any
 from urllib.parse import unquote
 
+from bastion import methods
+from bastion.background import Jobs
 from bastion.config import Settings
-from bastion.errors import BastionError, Overloaded, PolicyError, UpstreamTimeout
+from bastion.errors import ArgumentMismatch, Overloaded, PolicyError
+from bastion.pipeline.catalog import Lister, PolicyLoader, ResourceIndex
 from bastion.pipeline.exchange import Exchange
-from bastion.pipeline.obligations import redact
 from bastion.pipeline.route import requested_name
 from bastion.policy.approval import ApprovalState, ApprovalStates, call_digest
-from bastion.policy.build import build_engine, fingerprint
-from bastion.policy.catalog import Catalog, action_id
+from bastion.policy.catalog import action_id
 from bastion.policy.engine import CedarRequest, PolicyEngine, Verdict, Who
-from bastion.policy.schema import LIST_ACTIONS, METHOD_ACTIONS, ArgumentMismatch
-from bastion.policy.source import PolicyLoadError, parse_rate, parse_redaction
+from bastion.policy.redaction import paths, redact
+from bastion.policy.schema import LIST_ACTIONS, METHOD_ACTIONS
+from bastion.policy.source import parse_rate
 from bastion.state.memory import ReplayCache
 from bastion.state.rates import RateCounter
 from bastion.types import JSON, Decision, Era, Principal
 
 log = logging.getLogger("bastion.policy")
 
-Lister = Callable[[str], Awaitable[JSON]]  # upstream → {"tools": [...], "prompts": [...]}
-
-_RETRY_LISTING_SECONDS = 5.0
 _MAX_HISTORIES = 10_000
 _HISTORY_IDLE_SECONDS = 3600.0
 _NO_TENANT = "(unrecognized)"
@@ -57,12 +56,13 @@ class History:
     """What each session (or, without one, each principal) already did: tools called and the
     labels of those tools. Bounded; idle entries go first."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
         self._items: OrderedDict[str, tuple[float, set[str], set[str]]] = OrderedDict()
 
     def get(self, key: str) -> tuple[list[str], list[str]]:
         item = self._items.get(key)
-        if item is None or item[0] < time.monotonic() - _HISTORY_IDLE_SECONDS:
+        if item is None or item[0] < self._clock() - _HISTORY_IDLE_SECONDS:
             return [], []
         return sorted(item[1]), sorted(item[2])
 
@@ -73,14 +73,16 @@ class History:
         tools, seen = item[1], item[2]
         tools.add(tool)
         seen.update(labels)
-        self._items[key] = (time.monotonic(), tools, seen)
+        self._items[key] = (self._clock(), tools, seen)
         self._items.move_to_end(key)
         if len(self._items) > _MAX_HISTORIES:
             self._items.popitem(last=False)
 
 
 class Authorizer:
-    """Holds the running policy and decides on each exchange."""
+    """Decides on each exchange from values only: the policy engine the loader published,
+    the exchange, the rate counters, and `clock` (wall-clock seconds) for time. `ticks` (a
+    monotonic clock) paces the background listings the stage asks for."""
 
     def __init__(
         self,
@@ -88,177 +90,54 @@ class Authorizer:
         lister: Lister,
         rates: RateCounter,
         approvals: ApprovalStates | None = None,
+        clock: Callable[[], float] = time.time,
+        ticks: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.policy = settings.policy
-        self._lister = lister
         self.rates = rates
+        self._clock = clock
         self.approvals = approvals or ApprovalStates(
             secrets.token_bytes(32), settings.policy.approval_timeout_seconds
         )
         self._used_states = ReplayCache()
-        self.history = History()
-        self.engine: PolicyEngine | None = None
-        self.problem: str | None = None  # why the last reload failed, while it stands
-        self._print: tuple[tuple[str, int, int], ...] = ()
-        self._checked = 0.0
-        self._listed_at: dict[str, float] = {}
-        self._listings: dict[str, JSON] = {}
-        self._list_errors: dict[str, BastionError] = {}
-        self._snapshot = Path(settings.state_dir) / "policy-catalog.json"
+        self.history = History(clock)
+        # Listing, reloading and learning URIs: background work, asked for by the pipeline.
+        self.jobs = Jobs("catalog")
+        self.loader = PolicyLoader(settings, lister, self.jobs, ticks)
+        self.resources = ResourceIndex(settings, self.jobs, ticks)
         self._tenant_patterns = {
             name: {arg: _tenant_regex(glob) for arg, glob in up.tenant_arguments.items()}
             for name, up in settings.upstreams.items()
         }
-        self._lock = asyncio.Lock()
 
-    # -- loading -----------------------------------------------------------------------------
+    @property
+    def engine(self) -> PolicyEngine | None:
+        """The policy in force (an immutable engine, replaced whole by the loader)."""
+        return self.loader.engine
+
+    @property
+    def problem(self) -> str | None:
+        """Why the last reload or rebuild failed, while it stands."""
+        return self.loader.problem
+
+    def background(self) -> list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]]:
+        """The work the gateway runs for this stage: the policy-file watcher and the catalog
+        jobs (relisting upstreams, learning routes' resource URIs)."""
+        return [("policy files", self.loader.watch.run), ("catalog", self.jobs.run)]
 
     async def start(self, save: bool = True) -> None:
-        """List every upstream's tools and prompts, then load the policy. An invalid policy
-        raises PolicyLoadError (the gateway refuses to start). The listings are saved for
-        `bastion policy` and for starting while an upstream is down (unless `save` is off)."""
-        saved = self._read_snapshot()
-        names = list(self.settings.upstreams)
-        found = await asyncio.gather(*(self._list(n) for n in names), return_exceptions=True)
-        for name, listing in zip(names, found, strict=True):
-            if isinstance(listing, dict):
-                self._listings[name] = listing
-                continue
-            if isinstance(listing, BastionError):
-                self._list_errors[name] = listing
-            if name in saved:
-                log.warning(
-                    "upstream %r cannot be listed (%s); using its last saved listing", name, listing
-                )
-                self._listings[name] = saved[name]
-            else:
-                log.warning(
-                    "upstream %r cannot be listed (%s); its tools are denied until it can",
-                    name,
-                    listing,
-                )
-        self._print = fingerprint(self.policy)
-        self.engine = build_engine(self.policy, self._catalog())
-        if save:
-            self._write_snapshot()
-        log.info(
-            "policy loaded: %d policies over %d tools",
-            len(self.engine.docs),
-            len(self.engine.schema.tool_actions),
-        )
-
-    async def _list(self, upstream: str) -> JSON:
-        self._listed_at[upstream] = time.monotonic()
-        limit = self.policy.catalog_timeout_seconds
-        try:
-            async with asyncio.timeout(limit):
-                return await self._lister(upstream)
-        except TimeoutError:
-            raise UpstreamTimeout(
-                f"upstream {upstream!r} did not list its tools within {limit} s"
-            ) from None
-
-    def _catalog(self) -> Catalog:
-        return Catalog.build(self.settings.upstreams, self._listings)
-
-    def _read_snapshot(self) -> dict[str, JSON]:
-        try:
-            data = json.loads(self._snapshot.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    def _write_snapshot(self) -> None:
-        try:
-            self._snapshot.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._snapshot.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self._listings, sort_keys=True), encoding="utf-8")
-            tmp.replace(self._snapshot)
-        except OSError as exc:
-            log.warning("cannot save the tool catalog to %s: %s", self._snapshot, exc)
-
-    def maybe_reload(self) -> None:
-        """Reload when a policy file changed (checked at most every `reload_seconds`)."""
-        now = time.monotonic()
-        if now < self._checked + self.policy.reload_seconds:
-            return
-        self._checked = now
-        current = fingerprint(self.policy)
-        if current == self._print:
-            return
-        self._print = current
-        self.reload()
+        """List every upstream, then load the policy (see `PolicyLoader.start`)."""
+        await self.loader.start(save)
 
     def reload(self) -> bool:
-        """Rebuild from the files; on failure keep the running policy and record why."""
-        assert self.engine is not None  # noqa: S101 - started
-        try:
-            engine = build_engine(
-                self.policy, self.engine.catalog, self.engine.version + 1, self.engine.schema
-            )
-        except PolicyLoadError as exc:
-            self.problem = exc.message
-            log.error("policy reload failed, the previous policy stays in force: %s", exc.message)
-            return False
-        self.engine = engine
-        self.problem = None
-        log.info("policy reloaded (version %d): %d policies", engine.version, len(engine.docs))
-        return True
+        """Rebuild from the policy files now (blocking; see `PolicyLoader.reload`)."""
+        return self.loader.reload()
 
     async def relist(self, upstream: str, tool: str | None = None) -> None:
-        """List an upstream again when the catalog lacks it (it was down at start) or lacks
-        the tool called (added since); at most every 5 s per upstream. The policy is rebuilt
-        and revalidated with the new tools; if it no longer validates the old one stays."""
-        engine = self.engine
-        if engine is None or upstream not in self.settings.upstreams:
-            return
-        if upstream in self._listings and (
-            tool is None or action_id(upstream, tool) in engine.schema.tool_actions
-        ):
-            return
-        if time.monotonic() < self._listed_at.get(upstream, 0.0) + _RETRY_LISTING_SECONDS:
-            self._unlisted(upstream)
-            return
-        async with self._lock:
-            if time.monotonic() < self._listed_at.get(upstream, 0.0) + _RETRY_LISTING_SECONDS:
-                self._unlisted(upstream)
-                return
-            try:
-                listing = await self._list(upstream)
-            except Exception as exc:  # noqa: BLE001 - any failure: try again later
-                log.info("upstream %r cannot be listed: %s", upstream, exc)
-                if isinstance(exc, BastionError):
-                    self._list_errors[upstream] = exc
-                self._unlisted(upstream)
-                return
-            self._list_errors.pop(upstream, None)
-            if listing == self._listings.get(upstream):
-                return
-            previous = self._listings.get(upstream)
-            self._listings[upstream] = listing
-            try:
-                self.engine = build_engine(self.policy, self._catalog(), engine.version + 1)
-            except PolicyLoadError as exc:
-                if previous is not None:
-                    self._listings[upstream] = previous
-                else:
-                    del self._listings[upstream]
-                self.problem = exc.message
-                log.error(
-                    "policy invalid with %r's new tools, previous policy kept: %s",
-                    upstream,
-                    exc.message,
-                )
-                return
-            log.info("upstream %r listed again: policy rebuilt over its tools", upstream)
-            self._write_snapshot()
-
-    def _unlisted(self, upstream: str) -> None:
-        """A call to an upstream never listed fails as that upstream last failed (nothing is
-        forwarded: without its tool list there is nothing policy could allow)."""
-        if upstream not in self._listings and upstream in self._list_errors:
-            raise self._list_errors[upstream]
+        """Make sure the catalog holds an upstream and tool, asking the background to list
+        it again when it lacks them (see `PolicyLoader.relist`); never lists by itself."""
+        await self.loader.relist(upstream, tool)
 
     # -- deciding ----------------------------------------------------------------------------
 
@@ -287,7 +166,7 @@ class Authorizer:
         if not verdict.allowed:
             exchange.denial = PolicyError(_message(verdict), data=_data(exchange.decision))
             return
-        if exchange.method == "tools/call":
+        if exchange.method == methods.TOOLS_CALL:
             await self._remember(exchange, principal, request.action)
             _redact_arguments(exchange, verdict.obligations)
 
@@ -301,7 +180,7 @@ class Authorizer:
         needs = engine.needs
         context: dict[str, Any] = {}
         named: Mapping[str, Any] = {}  # the values tenant_arguments may name a tenant in
-        if method == "tools/call":
+        if method == methods.TOOLS_CALL:
             action = action_id(target.upstream, str(target.name))
             resource = ("Tool", action)
             arguments = exchange.params.get("arguments")
@@ -317,8 +196,8 @@ class Authorizer:
                 context["tool"] = {"__entity": {"type": "Bastion::Tool", "id": action}}
             named = arguments if isinstance(arguments, dict) else {}
             extra: tuple[Mapping[str, Any], ...] = ()
-        elif method in ("prompts/get", "completion/complete") and (
-            method == "prompts/get"
+        elif method in (methods.PROMPTS_GET, methods.COMPLETION_COMPLETE) and (
+            method == methods.PROMPTS_GET
             or (exchange.params.get("ref") or {}).get("type") == "ref/prompt"
         ):
             action = METHOD_ACTIONS[method]
@@ -357,7 +236,7 @@ class Authorizer:
         tenants: list[str],  # named by the tenant-scoped arguments
         needs: frozenset[str],
     ) -> dict[str, Any]:
-        now = time.time()
+        now = self._clock()
         situation: dict[str, Any] = {
             "method": exchange.method,
             "route": exchange.route,
@@ -416,8 +295,13 @@ class Authorizer:
         the call's own stream, so a state there counts for nothing."""
         if exchange.era is not Era.MODERN:
             return None
-        call = call_digest(principal.binding_key(), exchange.method, exchange.params)
-        found = self.approvals.verify(exchange.params.get("requestState"), call, time.time())
+        # Bound to the call as sent, before `@redact` rewrites its arguments, and to where it
+        # goes; the approval stage issues its states for the same digest.
+        target = exchange.target
+        place = (exchange.route, *((target.upstream, str(target.name)) if target else ()))
+        call = call_digest(principal.binding_key(), exchange.method, exchange.params, place)
+        exchange.approval_call = call
+        found = self.approvals.verify(exchange.params.get("requestState"), call, self._clock())
         if not isinstance(found, ApprovalState):
             return found
         try:
@@ -486,9 +370,9 @@ class Authorizer:
                 continue
             action, resource, extra, unknown = spec
             context: dict[str, Any] = {}
-            if method == "resources/list":
+            if method == methods.RESOURCES_LIST:
                 context["uri"] = resource[1]
-            if method == "tools/list" and "tool" in engine.needs:
+            if method == methods.TOOLS_LIST and "tool" in engine.needs:
                 context["tool"] = {"__entity": {"type": "Bastion::Tool", "id": action}}
             request = CedarRequest(who, action, resource, context, extra)
             if engine.may(request, (*unknown, *later)):
@@ -499,13 +383,13 @@ class Authorizer:
 def _item_request(
     engine: PolicyEngine, upstream: str, method: str, item: JSON
 ) -> tuple[str, tuple[str, str], tuple[Mapping[str, Any], ...], tuple[str, ...]] | None:
-    if method == "tools/list":
+    if method == methods.TOOLS_LIST:
         name = item.get("name")
         if not isinstance(name, str):
             return None
         action = action_id(upstream, name)
         return action, ("Tool", action), (), ("input",)
-    if method == "prompts/list":
+    if method == methods.PROMPTS_LIST:
         name = item.get("name")
         if not isinstance(name, str):
             return None
@@ -516,11 +400,11 @@ def _item_request(
             else (_entity("Prompt", prompt, upstream, {"name": name}),)
         )
         return "get_prompt", ("Prompt", prompt), extra, ()
-    key = "uri" if method == "resources/list" else "uriTemplate"
+    key = "uri" if method == methods.RESOURCES_LIST else "uriTemplate"
     uri = item.get(key)
     if not isinstance(uri, str):
         return None
-    unknown = () if method == "resources/list" else ("uri",)
+    unknown = () if method == methods.RESOURCES_LIST else ("uri",)
     return "read_resource", ("Resource", uri), (_entity("Resource", uri, upstream, {}),), unknown
 
 
@@ -528,10 +412,8 @@ def _redact_arguments(exchange: Exchange, obligations: Mapping[str, Any]) -> Non
     """`@redact("$.arguments…")`: the upstream and the audit trail see the redacted call."""
     arguments = exchange.params.get("arguments")
     changed = arguments
-    for text in obligations.get("redact", ()):
-        for root, steps in parse_redaction(text):
-            if root == "arguments":
-                changed = redact(changed, steps)
+    for steps in paths(obligations, "arguments"):
+        changed = redact(changed, steps)
     if changed is not arguments:
         exchange.message = {**exchange.message, "params": {**exchange.params, "arguments": changed}}
 
@@ -562,16 +444,53 @@ def history_key(exchange: Exchange, principal: Principal) -> str:
 
 
 def _ip(client: str) -> str:
-    host = client.rpartition(":")[0].strip("[]")
-    return host if re.fullmatch(r"[0-9a-fA-F:.]+", host or "") else "0.0.0.0"  # noqa: S104
+    """The address of a client as the transport gives it: `host:port`, `[v6]:port`, or a
+    bare address (behind a trusted proxy, the forwarded one). None of those: 0.0.0.0."""
+    host = client
+    if client.startswith("["):
+        host = client[1 : client.find("]")]
+    elif client.count(":") == 1:
+        host = client.partition(":")[0]
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return "0.0.0.0"  # noqa: S104 - no client address at all (never a real peer's)
 
 
 def _spellings(value: str) -> set[str]:
-    """The ways an upstream might read an id the client spelled: as sent, percent-decoded,
-    and each folded for case and compatibility forms (NFKC: fullwidth letters, ligatures).
-    The client chooses the spelling; it must not choose which tenant the check sees."""
-    forms = {value, unquote(value)}
+    """The ways an upstream might read an id the client spelled: as sent; percent-decoded
+    (repeatedly: `%2567` is `%67` is `g`); without surrounding white space or invisible
+    format characters; with the URI's user part, empty path segments and dot segments
+    removed; and each of those folded for case and compatibility forms (NFKC). The client
+    chooses the spelling; it must not choose which tenant the check sees."""
+    forms = {value}
+    decoded = value
+    for _ in range(3):
+        decoded = unquote(decoded)
+        forms.add(decoded)
+    for form in list(forms):
+        bare = "".join(ch for ch in form if unicodedata.category(ch) != "Cf").strip()
+        forms.update((bare, _plain_uri(bare)))
     return forms | {unicodedata.normalize("NFKC", form).casefold() for form in forms}
+
+
+def _plain_uri(value: str) -> str:
+    """`scheme://user@host//a/./b/../c` as `scheme://host/a/c`, with dot segments resolved
+    over the whole of it (`workspace://acme/../globex/x` is `workspace://globex/x` to an
+    upstream that joins paths as strings); anything without `://` unchanged."""
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        return value
+    kept: list[str] = []
+    for segment in rest.split("/"):
+        if segment == "..":
+            if kept:
+                kept.pop()
+        elif segment not in ("", "."):
+            kept.append(segment)
+    if kept:
+        kept[0] = kept[0].rpartition("@")[2]
+    return f"{scheme}://{'/'.join(kept)}"
 
 
 def _tenant_regex(glob: str) -> re.Pattern[str]:

@@ -1,29 +1,52 @@
-"""The stages in order: authn → session → route → authz → credentials → dispatch."""
+"""The request path: every stage, in order, run by one `Pipeline`.
+
+```
+authn → session → route → authz → [decision record] → approval → credentials → upstream
+      → inspection → [outcome record, once the transport delivered the answer]
+```
+
+Each stage is one module of this package and reads and writes the exchange; none calls
+another. A stage that refuses sets `exchange.denial`, and the later stages do not run: the
+refusal is recorded (an `authn` record for a failed authentication, else a `decision`) and
+answered. The transport only turns HTTP into exchanges and answers back into HTTP; it calls
+`handle` for each message and `finish` when the answer has been delivered.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Mapping
 from secrets import token_bytes
 from typing import cast
 
+from bastion import methods, rpc
 from bastion.audit import AuditWriter
 from bastion.config import RESERVED_TENANT, Settings
-from bastion.errors import BastionError, InvalidParams, SessionNotFound, shown
+from bastion.errors import (
+    AuditUnavailable,
+    AuthError,
+    BastionError,
+    InvalidParams,
+    InvalidRequest,
+    SessionNotFound,
+    shown,
+)
 from bastion.observe.tracing import stage
+from bastion.pipeline import mirror
+from bastion.pipeline.approval import Approval, Ask
 from bastion.pipeline.authn import AgentDirectory, Authenticator, SigningKeys
 from bastion.pipeline.authz import Authorizer
 from bastion.pipeline.credentials import Credentials, CurrentKey
 from bastion.pipeline.dispatch import Dispatcher
 from bastion.pipeline.exchange import Exchange
-from bastion.pipeline.obligations import Obligations
+from bastion.pipeline.inspection import Inspection
 from bastion.pipeline.route import Route
 from bastion.pipeline.session import ClientSession, SessionStore, session_hash
 from bastion.pipeline.trail import Trail
 from bastion.policy.approval import ApprovalStates
 from bastion.state.rates import MemoryRateCounter, RateCounter
-from bastion.types import JSON, Principal
+from bastion.types import JSON, Era, Principal
 from bastion.upstream.base import Answer
 from bastion.upstream.pool import Upstreams
 
@@ -33,11 +56,11 @@ log = logging.getLogger("bastion.pipeline")
 CATALOG_PRINCIPAL = Principal(tenant=RESERVED_TENANT, agent="bastion-catalog")
 # Forwarded methods whose upstream is found by URI: a URI the route has not seen yet is looked
 # up before the decision, so nothing reaches an upstream undecided.
-_BY_URI = ("resources/read", "resources/subscribe", "resources/unsubscribe", "completion/complete")
+_BY_URI = methods.routed(methods.Routing.BY_URI, methods.Routing.BY_REF)
 
 
 class Pipeline:
-    """Runs an exchange through every stage; a denial stops it with a JSON-RPC error."""
+    """Runs each exchange through every stage; a denial stops it with a JSON-RPC error."""
 
     def __init__(
         self,
@@ -54,23 +77,23 @@ class Pipeline:
         self.trail = Trail(settings, audit)
         self.agents = agents
         self.keys = keys
-        self._keys_checked = 0.0
         self.authn = Authenticator(
             settings.auth, settings.base_url(), agents, keys, nonce_key=nonce_key
         )
+        self.credentials = Credentials(settings, cast("CurrentKey | None", keys), secrets)
         # Ending a session ends its upstream sessions, each DELETE with a fresh credential.
         self.sessions = SessionStore(
             settings.limits,
             lambda principal, upstream: self.credentials.headers(principal, upstream, "close"),
         )
-        self.credentials = Credentials(settings, cast("CurrentKey | None", keys), secrets)
         self.dispatcher = Dispatcher(upstreams, self.credentials)
         # One key per process signs approval states: a restart voids pending approvals.
         approvals = ApprovalStates(token_bytes(32), settings.policy.approval_timeout_seconds)
         self.authz = Authorizer(settings, self._listing, rates or MemoryRateCounter(), approvals)
         self.dispatcher.visible = self.authz.visible
         self.dispatcher.catalogued = self.authz.relist
-        self.obligations = Obligations(settings, self.dispatcher, approvals)
+        self.approval = Approval(settings, approvals)
+        self.inspection = Inspection()
 
     async def start(self) -> None:
         """Load the policy (listing every upstream first); raises PolicyLoadError if invalid."""
@@ -79,51 +102,222 @@ class Pipeline:
     async def _listing(self, upstream: str) -> JSON:
         return await self.dispatcher.listing(upstream, CATALOG_PRINCIPAL)
 
-    async def admit(
-        self,
-        exchange: Exchange,
-        route: Route,
-        headers: dict[str, str],
-        method: str,
-        url: str,
-        session_id: str | None = None,
+    # -- the path ----------------------------------------------------------------------------
+
+    async def handle(self, exchange: Exchange, route: Route) -> Answer | None:
+        """One message from a client through every stage, in order. Returns the answer to
+        deliver (ending with the response), or None for a client's notification or response,
+        which has no answer. Once the decision is recorded, call `finish` after delivery."""
+        await self._admit(exchange, route)
+        exchange.admitted = time.perf_counter() - exchange.started
+        if exchange.denial is not None:
+            return await self._refuse(exchange, route)
+        if "method" not in exchange.message or "id" not in exchange.message:
+            await self._accept(exchange)
+            return None
+        try:  # the audit stage, first half: nothing goes upstream unrecorded
+            await self.trail.decision(exchange, route)
+        except AuditUnavailable as exc:
+            await self._drop_new_session(exchange)
+            exchange.http_status = exc.http_status
+            return Answer(rpc.error(exchange.id, exc))
+        exchange.recorded = True
+        if exchange.method == methods.INITIALIZE:
+            return await self._initialize(exchange, route)
+        gate = self.approval.gate(exchange)
+        if isinstance(gate, Ask):
+            return Answer(gate.message, self._after_asking(exchange, route, gate))
+        if gate is not None:
+            return Answer(gate)
+        return await self._upstream(exchange, route)
+
+    async def finish(
+        self, exchange: Exchange, route: Route, reply: JSON | None, failure: str | None = None
     ) -> None:
-        """The stages before the upstream: who, which session, where, whether. A refusal is
-        left in `exchange.denial` (with its challenge headers)."""
-        if self.agents is not None and self.agents.refresh():
-            await self.reconcile()
-        if self.keys is not None and (now := time.monotonic()) > self._keys_checked + 1.0:
-            self._keys_checked = now
-            self.keys.refresh()  # a rotation by `bastion keys rotate`, seen within a second
+        """The audit stage, second half: how a recorded call ended, once its answer was
+        delivered (or could not be). Never raises: a trail that cannot take it is logged."""
+        if not exchange.recorded:
+            return
+        try:
+            await self.trail.outcome(exchange, route, reply, failure)
+        except BastionError as exc:
+            log.error("outcome record of request %s not written: %s", exchange.request_id, exc)
+        except Exception:
+            log.exception("outcome record of request %s not written", exchange.request_id)
+
+    async def session_for(self, exchange: Exchange, route: Route) -> ClientSession:
+        """A legacy session's GET stream or DELETE: who asks, and that the session is theirs.
+        Raises the refusal (unrecorded: no call is made)."""
+        await self._refresh()
+        resource = self.settings.base_url() + route.path
+        await self.authn.authenticate(
+            exchange, exchange.headers, exchange.http_method, exchange.url, resource
+        )
+        if exchange.denial is None:
+            try:
+                exchange.session = self._session(exchange, route)
+            except BastionError as exc:
+                exchange.denial = exc
+        if exchange.denial is not None:
+            raise exchange.denial
+        assert exchange.session is not None  # noqa: S101 - found or refused
+        return exchange.session
+
+    async def _admit(self, exchange: Exchange, route: Route) -> None:
+        """The stages before the decision is recorded: authn → session → route → authz."""
+        await self._refresh()
         resource = self.settings.base_url() + route.path
         with stage(exchange.trace, "authn"):
-            await self.authn.authenticate(exchange, headers, method, url, resource)
+            await self.authn.authenticate(
+                exchange, exchange.headers, exchange.http_method, exchange.url, resource
+            )
         if exchange.denial is not None:
             return
-        assert exchange.principal is not None  # noqa: S101 - authn sets it or denies
         try:
-            if session_id is not None:
-                exchange.session = self._session(session_id, exchange, route)
+            await self._open_or_find_session(exchange, route)
             exchange.target = route.target(exchange)
             if exchange.target is None and exchange.method in _BY_URI:
-                await self.dispatcher.refresh_index(exchange, route)
+                # Learnt in the background as the gateway: nothing is sent with the caller's
+                # credential before its decision.
+                await self.authz.resources.learn(
+                    route, CATALOG_PRINCIPAL, self.dispatcher.refresh_index
+                )
                 exchange.target = route.target(exchange)
                 if exchange.target is None:
                     ref = exchange.params.get("ref") or {}
                     uri = exchange.params.get("uri", ref.get("uri"))
                     raise InvalidParams(f"resource not found: {shown(uri)}")
+            if exchange.era is Era.MODERN:
+                engine = self.authz.engine
+                mirror.check(exchange, engine.catalog if engine else None)
         except BastionError as exc:
             exchange.denial = exc
             return
         with stage(exchange.trace, "authz"):
             await self._decide(exchange)
 
+    async def _refresh(self) -> None:
+        """The registry snapshot the request is judged by is current. The gateway's background
+        work re-reads the registry (every 0.2 s) and the signing keys (every second); here
+        only the snapshot's age is checked, refusing (503) when the registry could not be read
+        for a while rather than missing a revocation. No I/O."""
+        if self.agents is not None:
+            self.agents.require_current()
+
+    async def _open_or_find_session(self, exchange: Exchange, route: Route) -> None:
+        """The session stage: `initialize` opens a session (within the principal's quotas);
+        any other legacy message must name one of the caller's own."""
+        if exchange.method == methods.INITIALIZE and "id" in exchange.message:
+            session = self._new_session(exchange, route)
+            refusal = await self.sessions.open(session)
+            if refusal is not None:
+                raise refusal
+            exchange.session = session
+            return
+        if exchange.session_id is None:
+            return
+        session = self._session(exchange, route)
+        exchange.session = session
+        version = exchange.headers.get("mcp-protocol-version")
+        if version is not None and version != session.protocol_version:
+            raise InvalidRequest(
+                f"MCP-Protocol-Version {shown(version)} differs from the session's "
+                f"{session.protocol_version!r}"
+            )
+
+    def _new_session(self, exchange: Exchange, route: Route) -> ClientSession:
+        assert exchange.principal is not None  # noqa: S101 - authn ran
+        params = exchange.params
+        hello = {
+            "protocolVersion": exchange.protocol_version,
+            "capabilities": params.get("capabilities") or {},
+            "clientInfo": params.get("clientInfo") or {"name": "unknown", "version": "0"},
+        }
+        return ClientSession(
+            id=self.sessions.new_id(),
+            principal=exchange.principal,
+            route=route.name,
+            protocol_version=exchange.protocol_version,
+            hello=hello,
+            keep_events=self.settings.limits.sse_replay_events,
+        )
+
+    async def _refuse(self, exchange: Exchange, route: Route) -> Answer:
+        """A refusal: recorded (unless it only says an unknown session is unknown) and
+        answered. A legacy message whose session was not found is answered without its id."""
+        denial = exchange.denial
+        assert denial is not None  # noqa: S101 - only refusals come here
+        await self._drop_new_session(exchange)
+        if isinstance(denial, AuthError):
+            await self.trail.refused(exchange, route)
+        elif not isinstance(denial, SessionNotFound) or exchange.foreign_session:
+            await self.trail.decision(exchange, route)
+        exchange.http_status = denial.http_status
+        unbound = exchange.session_id is not None and exchange.session is None
+        return Answer(rpc.error(None if unbound else exchange.id, denial))
+
+    async def _drop_new_session(self, exchange: Exchange) -> None:
+        """An `initialize` refused after its session was opened: the session goes again."""
+        if exchange.method == methods.INITIALIZE and exchange.session is not None:
+            await self.sessions.discard(exchange.session)
+            exchange.session = None
+
+    async def _accept(self, exchange: Exchange) -> None:
+        """A legacy client's notification or response to a server request: delivered to the
+        upstream (or the gateway) it is meant for."""
+        session = exchange.session
+        if session is None:
+            raise InvalidRequest("a notification or response needs a session")
+        if "method" not in exchange.message:
+            await self.dispatcher.deliver(session, exchange.message)
+        elif exchange.method == methods.INITIALIZED:
+            session.initialized = True
+        else:
+            await self.dispatcher.notify(session, exchange.message)
+
+    async def _initialize(self, exchange: Exchange, route: Route) -> Answer:
+        """The upstream stage of `initialize`: the session's upstream channels are opened."""
+        session = exchange.session
+        assert session is not None  # noqa: S101 - the session stage opened it
+        try:
+            body = await self.dispatcher.initialize(exchange, route)
+        except BaseException:
+            await self.sessions.discard(session)
+            exchange.session = None
+            raise
+        return Answer(rpc.result(exchange.id, body))
+
+    async def _upstream(self, exchange: Exchange, route: Route) -> Answer:
+        """credentials → upstream → inspection (the credentials stage runs inside the
+        upstream call today, per upstream it reaches)."""
+        engine = self.authz.engine
+        exchange.forward_headers = mirror.rebuild(exchange, engine.catalog if engine else None)
+        answer = await self.dispatcher.run(exchange, route)
+        answer = self.approval.after(exchange, answer)
+        return self.inspection.inspect(exchange, answer)
+
+    async def _after_asking(
+        self, exchange: Exchange, route: Route, ask: Ask
+    ) -> AsyncGenerator[JSON, None]:
+        """A legacy session's approval: the question went out first; the call follows only
+        when the client's answer approves it."""
+        refusal = await self.approval.wait(exchange, ask)
+        if refusal is not None:
+            yield refusal
+            return
+        answer = await self._upstream(exchange, route)
+        yield answer.first
+        if answer.rest is not None:
+            async for message in answer.rest:
+                yield message
+
     async def _decide(self, exchange: Exchange) -> None:
-        """The authz stage: policy's view of the target's upstream is current, then decide."""
-        self.authz.maybe_reload()
+        """The authz stage: policy's view of the target's upstream is current, then decide.
+        Policy files are reloaded in the background; an upstream or tool missing from the
+        catalog is listed again by background work, which this waits for (it lists nothing)."""
         target = exchange.target
         if target is not None:
-            tool = target.name if exchange.method == "tools/call" else None
+            tool = target.name if exchange.method == methods.TOOLS_CALL else None
             try:
                 await self.authz.relist(target.upstream, tool)
             except BastionError as exc:
@@ -131,8 +325,10 @@ class Pipeline:
                 return
         await self.authz.authorize(exchange)
 
-    def _session(self, session_id: str, exchange: Exchange, route: Route) -> ClientSession:
-        assert exchange.principal is not None  # noqa: S101 - authn ran
+    def _session(self, exchange: Exchange, route: Route) -> ClientSession:
+        """The caller's own session; anyone else's is "not found", as an unknown one is."""
+        assert exchange.principal is not None and exchange.session_id is not None  # noqa: S101
+        session_id = exchange.session_id
         if self.agents is not None and self.agents.session_killed(session_hash(session_id)):
             raise SessionNotFound("session not found; send initialize to start a new session")
         try:
@@ -160,11 +356,3 @@ class Pipeline:
                 await self.sessions.remove(session.id)
             if not usable:
                 self.credentials.forget_agent(session.principal.agent)
-
-    async def run(self, exchange: Exchange, route: Route) -> Answer:
-        """Execute an admitted exchange, with the obligations of its decision (approval,
-        redaction); the Answer ends with the response."""
-        decision = exchange.decision
-        if decision is None or not decision.obligations:
-            return await self.dispatcher.run(exchange, route)
-        return await self.obligations.run(exchange, route)

@@ -12,6 +12,9 @@ upstream's headers are built here from the principal and the upstream's `credent
 
 Under `auth: none` (loopback only) every call also carries the tenant in `X-Bastion-Tenant`;
 `mint` then sends nothing else (there are no keys to sign with), `secret` still sends its header.
+
+The credentials stage is `Credentials.for_message`: the upstream stage is handed it as a plain
+callable and asks it once per message it sends, before sending.
 """
 
 from __future__ import annotations
@@ -19,14 +22,18 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from bastion.config import Credential, HttpUpstream, Settings
 from bastion.identity.jwt import mint
 from bastion.identity.keys import SigningKey
+from bastion.methods import PROMPTS_GET, TOOLS_CALL
 from bastion.state.memory import TtlCache
-from bastion.types import Principal
+from bastion.types import JSON, Principal
 from bastion.upstream.oauth import exchange_token
+
+if TYPE_CHECKING:
+    from bastion.pipeline.exchange import Exchange
 
 TENANT_HEADER = "X-Bastion-Tenant"
 _REUSE_MARGIN = 10.0  # a cached credential is reused only while it has this long to live
@@ -62,6 +69,11 @@ class Credentials:
                 else f"urn:bastion:upstream:{name}"
             )
             self._plans[name] = (upstream.credentials, audience)
+
+    async def for_message(self, exchange: Exchange, upstream: str, message: JSON) -> Issued:
+        """The credential `upstream` gets for one message the exchange sends it: headers, and
+        the id of what was minted (None when nothing was). Runs before each upstream send."""
+        return await self.issue(exchange.principal, upstream, scope_of(message))
 
     async def headers(
         self, principal: Principal | None, upstream: str, scope: str
@@ -165,6 +177,18 @@ class Credentials:
     def forget_agent(self, agent: str) -> int:
         """Drop an agent's cached credentials (offboarding); say how many."""
         return self._cache.drop_where(lambda key: key.split("\0", 1)[0] == agent)
+
+
+def scope_of(message: JSON) -> str:
+    """What a credential for this message may do: call the tool it names, get the prompt it
+    names (`prompts/get:<name>`), else the method."""
+    method = str(message.get("method", ""))
+    params = message.get("params") or {}
+    if method == TOOLS_CALL:
+        return str(params.get("name", ""))
+    if method == PROMPTS_GET:
+        return f"{PROMPTS_GET}:{params.get('name', '')}"
+    return method
 
 
 def _actor_chain(principal: Principal) -> dict[str, object]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bastion.errors import BastionError
+from bastion.methods import TOOLS_CALL
 from bastion.observe.metrics import method_label
 from bastion.types import JSON, Decision, Era, Principal, Target
 
@@ -49,6 +50,21 @@ class Exchange:
     # The approval a retry brings, as the decision stage verified it (and used it up), or
     # why it was refused; None when the call brings none (set only under `@approval`).
     approval_state: ApprovalState | str | None = None
+    approval_call: str | None = None  # what an approval of this call is bound to
+    # Set by the pipeline: the decision record is written and the call allowed, so an outcome
+    # record is due; when the stages before the upstream finished; the HTTP status of an
+    # error the gateway answers itself (None: the answer's own).
+    recorded: bool = False
+    admitted: float = 0.0
+    http_status: int | None = None
+    # The HTTP request it came in: headers (lower-case names), method and URL, and the legacy
+    # session it names. The transport fills these; the stages read them.
+    headers: dict[str, str] = field(default_factory=dict)
+    http_method: str = "POST"
+    url: str = ""
+    session_id: str | None = None
+    # `Mcp-Param-*` headers as sent, decoded, by lower-case name without the prefix.
+    mirrored: dict[str, str] = field(default_factory=dict)
 
     @property
     def method(self) -> str:
@@ -79,7 +95,7 @@ class Exchange:
         if target is not None:
             attributes["bastion.upstream"] = target.upstream
             name = self.params.get("name")
-            if method == "tools/call" and isinstance(name, str):
+            if method == TOOLS_CALL and isinstance(name, str):
                 attributes["gen_ai.tool.name"] = name
         principal = self.principal
         if principal is not None:

@@ -13,12 +13,9 @@ from dataclasses import dataclass, field
 
 from bastion.config import TOOL_SEPARATOR
 from bastion.errors import InvalidParams, shown
+from bastion.methods import METHODS, Routing
 from bastion.pipeline.exchange import Exchange
 from bastion.types import JSON, Target
-
-# Methods that name one tool/prompt/resource and so go to one upstream.
-_BY_NAME = {"tools/call": "tool", "prompts/get": "prompt"}
-_BY_URI = {"resources/read", "resources/subscribe", "resources/unsubscribe"}
 
 
 @dataclass
@@ -82,27 +79,32 @@ class Route:
         """Where a request goes; None for methods the gateway answers or fans out itself."""
         method = exchange.method
         params = exchange.params
-        kind = _BY_NAME.get(method)
-        if kind is not None:
+        known = METHODS.get(method)
+        routing = known.routing if known is not None else None
+        if routing is Routing.BY_NAME:
+            assert known is not None and known.names is not None  # noqa: S101 - the table
             name = params.get("name")
             if not isinstance(name, str):
                 raise InvalidParams(f"{method} needs params.name as a string")
-            return self.resolve_name(name, kind)
-        if method in _BY_URI:
+            return self.resolve_name(name, known.names)
+        if routing is Routing.BY_URI:
             uri = params.get("uri")
             if not isinstance(uri, str):
                 raise InvalidParams(f"{method} needs params.uri as a string")
             return self.resolve_uri(uri)
-        if method == "completion/complete":
-            ref = params.get("ref")
-            if not isinstance(ref, dict):
-                raise InvalidParams("completion/complete needs params.ref as an object")
-            if ref.get("type") == "ref/prompt" and isinstance(ref.get("name"), str):
-                return self.resolve_name(ref["name"], "prompt")
-            if ref.get("type") == "ref/resource" and isinstance(ref.get("uri"), str):
-                return self.resolve_uri(ref["uri"])
-            raise InvalidParams("completion/complete ref must be ref/prompt or ref/resource")
+        if routing is Routing.BY_REF:
+            return self._by_ref(method, params.get("ref"))
         return None
+
+    def _by_ref(self, method: str, ref: object) -> Target | None:
+        """Where a request naming a prompt or resource in params.ref goes."""
+        if not isinstance(ref, dict):
+            raise InvalidParams(f"{method} needs params.ref as an object")
+        if ref.get("type") == "ref/prompt" and isinstance(ref.get("name"), str):
+            return self.resolve_name(ref["name"], "prompt")
+        if ref.get("type") == "ref/resource" and isinstance(ref.get("uri"), str):
+            return self.resolve_uri(ref["uri"])
+        raise InvalidParams(f"{method} ref must be ref/prompt or ref/resource")
 
 
 def requested_name(exchange: Exchange) -> str | None:

@@ -17,10 +17,12 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
-from bastion.audit import AuditRecord, AuditUnavailable, AuditWriter, digest
+from bastion import methods
+from bastion.audit import AuditRecord, AuditWriter, digest
 from bastion.audit.detect import Alert, Detectors
 from bastion.audit.record import Outcome
 from bastion.config import AuditSettings, HttpUpstream, Settings
+from bastion.errors import AuditUnavailable
 from bastion.pipeline.exchange import Exchange
 from bastion.pipeline.route import Route
 from bastion.rpc import dumps
@@ -148,7 +150,7 @@ class Trail:
         principal = exchange.principal
         params = exchange.params
         arguments: Any = (
-            params.get("arguments", params) if exchange.method == "tools/call" else params
+            params.get("arguments", params) if exchange.method == methods.TOOLS_CALL else params
         )
         decision = exchange.decision
         target = exchange.target
@@ -167,8 +169,8 @@ class Trail:
             route=route.path,
             method=exchange.method or None,
             server=target.upstream if target else None,
-            tool_original=target.name if target and exchange.method == "tools/call" else None,
-            tool_exposed=params.get("name") if exchange.method == "tools/call" else None,
+            tool_original=target.name if target and exchange.method == methods.TOOLS_CALL else None,
+            tool_exposed=params.get("name") if exchange.method == methods.TOOLS_CALL else None,
             args_digest=digest(arguments) if arguments else None,
             args=arguments
             if self._audit.record_arguments and isinstance(arguments, dict)

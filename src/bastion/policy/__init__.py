@@ -2,9 +2,10 @@
 
 `catalog` holds what the upstreams offer; `schema` turns it into a Cedar schema (through
 `cedar-policy-mcp-schema-generator`) and converts arguments to typed Cedar values; `source`
-reads `.cedar` files and compiles YAML grants; `engine` validates, partitions and decides;
-`lint` and `cases` are the operator's tools. Everything here is pure: no I/O but reading
-policy files.
+reads `.cedar` files and compiles YAML grants; `build` puts them together into a validated
+engine; `engine` validates, partitions and decides; `approval` signs the states a held call
+carries to its retry; `redaction` applies `@redact` paths; `lint` is the operator's tool.
+Everything here is pure: no I/O but reading policy files.
 """
 
 from bastion.policy.catalog import Catalog, ToolInfo

@@ -106,12 +106,19 @@ class ApprovalStates:
         return hmac.new(self._key, raw.encode(), hashlib.sha256).hexdigest()
 
 
-def call_digest(who: tuple[object, ...], method: str, params: Mapping[str, object]) -> str:
-    """What an approval is bound to: the principal and the call, without the parts that
-    carry the approval itself (`requestState`, `inputResponses`) or transport notes (`_meta`)."""
+def call_digest(
+    who: tuple[object, ...],
+    method: str,
+    params: Mapping[str, object],
+    place: tuple[str, ...] = (),
+) -> str:
+    """What an approval is bound to: the principal, where the call goes (`place`: the route,
+    the upstream and the tool's own name, so `echo` on one server is not `echo` on another)
+    and the call as the client sent it, without the parts that carry the approval itself
+    (`requestState`, `inputResponses`) or transport notes (`_meta`)."""
     kept = {k: v for k, v in params.items() if k not in ("_meta", "requestState", "inputResponses")}
     text = json.dumps(
-        {"who": list(who), "method": method, "params": kept},
+        {"who": list(who), "where": list(place), "method": method, "params": kept},
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
@@ -125,9 +132,15 @@ def call_digest(who: tuple[object, ...], method: str, params: Mapping[str, objec
 VALUE_LIMIT = 240  # characters of one value shown whole; a longer one loses its middle
 _HEAD, _TAIL = 160, 60
 MAX_VALUES = 200  # a call with more values than a person can read is not put to one
-# Control, format (zero-width, bidi overrides), separator and unassigned characters could
-# hide or reorder what the approver reads: they are shown as escapes.
-_HIDDEN = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+# A value marked sensitive (a recipient, an egress target) is never cut: longer than this,
+# the call is not put to a person at all.
+SENSITIVE_LIMIT = 1000
+# Control, format (zero-width, bidi overrides), separator, unassigned and blank-looking
+# characters could hide or reorder what the approver reads: they are shown as escapes. In
+# sensitive values and in argument names every non-ASCII character is (a Cyrillic `е` in
+# `acmе.com` looks like a Latin `e`).
+_HIDDEN = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"})
+_BLANKS = frozenset("\u115f\u1160\u2800\u3164\uffa0")  # fillers that render as nothing
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,8 +180,18 @@ def prompt(
     rows = []
     for path, value in leaves:
         name = _path(path)
+        if _is_sensitive(path, sensitive):
+            text = _text(value)
+            if len(text) > SENSITIVE_LIMIT:
+                return (
+                    f"the value of {name}, marked sensitive by policy, has {len(text)} "
+                    f"characters, more than the {SENSITIVE_LIMIT} shown whole; it cannot be "
+                    "approved"
+                )
+            rows.append((False, name, json.dumps(text, ensure_ascii=True), len(text), False))
+            continue
         shown, chars, cut = _value(value)
-        rows.append((not _is_sensitive(path, sensitive), name, shown, chars, cut))
+        rows.append((True, name, shown, chars, cut))
     rows.sort(key=lambda row: row[0])  # stable: sensitive first, then in the call's order
     who = f"agent {_clean(asker.agent)} of tenant {_clean(asker.tenant)}"
     if asker.user:
@@ -216,10 +239,10 @@ def _path(path: tuple[str | int, ...]) -> str:
     for step in path:
         if isinstance(step, int):
             out += f"[{step}]"
-        elif step.isidentifier():
+        elif step.isascii() and step.isidentifier():
             out += f".{step}" if out else step
         else:
-            out += "[" + _clean(json.dumps(step, ensure_ascii=False)) + "]"
+            out += "[" + json.dumps(step, ensure_ascii=True) + "]"
     return out or "(arguments)"
 
 
@@ -234,9 +257,13 @@ def _is_sensitive(path: tuple[str | int, ...], marked: Sequence[str]) -> bool:
     )
 
 
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+
+
 def _value(value: object) -> tuple[str, int, bool]:
     """The value as shown, its length in characters, and whether its middle was cut."""
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    text = _text(value)
     chars = len(text)
     if chars > VALUE_LIMIT:
         hidden = chars - _HEAD - _TAIL
@@ -254,6 +281,8 @@ def _quote(text: str) -> str:
 def _clean(text: str) -> str:
     if text.isascii() and text.isprintable():
         return text
-    return "".join(
-        f"\\u{ord(ch):04x}" if unicodedata.category(ch) in _HIDDEN else ch for ch in text
-    )
+    return "".join(f"\\u{ord(ch):04x}" if _hidden(ch) else ch for ch in text)
+
+
+def _hidden(ch: str) -> bool:
+    return ch != " " and (unicodedata.category(ch) in _HIDDEN or ch in _BLANKS)

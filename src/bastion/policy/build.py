@@ -7,11 +7,11 @@ import os
 import re
 
 from bastion.config import PolicySettings
+from bastion.errors import PolicyLoadError
 from bastion.policy.catalog import Catalog
 from bastion.policy.engine import PolicyEngine
 from bastion.policy.schema import PolicySchema, build_schema
 from bastion.policy.source import (
-    PolicyLoadError,
     Problem,
     SourceText,
     compile_grants,

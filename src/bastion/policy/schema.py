@@ -24,7 +24,8 @@ from typing import Any
 import cedar_mcp_schema_generator as generator
 import cedarpy
 
-from bastion.errors import shown
+from bastion import methods
+from bastion.errors import ArgumentMismatch, shown
 from bastion.policy.catalog import Catalog, ToolInfo
 
 log = logging.getLogger("bastion.policy")
@@ -95,17 +96,8 @@ namespace Bastion {
 }
 """
 
-# Non-tool actions, by the MCP method that needs them.
-METHOD_ACTIONS = {
-    "resources/read": "read_resource",
-    "resources/subscribe": "subscribe_resource",
-    "prompts/get": "get_prompt",
-    "completion/complete": "complete",
-    "tools/list": "list_tools",
-    "prompts/list": "list_prompts",
-    "resources/list": "list_resources",
-    "resources/templates/list": "list_resource_templates",
-}
+# Non-tool actions, by the MCP method that needs them (the method table's `action`).
+METHOD_ACTIONS = methods.METHOD_ACTIONS
 GROUPS = {"call_tool", "list"}
 LIST_ACTIONS = frozenset(
     {"list_tools", "list_prompts", "list_resources", "list_resource_templates"}
@@ -116,10 +108,6 @@ _PRIMITIVES = {"String", "Long", "Bool", "Boolean", "decimal", "ipaddr", "dateti
 _LONG_MIN, _LONG_MAX = -(2**63), 2**63 - 1
 _DECIMAL_LIMIT = Decimal("922337203685477.5807")
 _FOUR_PLACES = Decimal("0.0001")
-
-
-class ArgumentMismatch(ValueError):
-    """Tool arguments that do not fit the tool's declared input schema."""
 
 
 Converter = Callable[[Any, str], Any]

@@ -18,21 +18,11 @@ from typing import Any
 import cedarpy
 
 from bastion.config import ArgumentRule, Grant
-from bastion.errors import BastionError
+from bastion.errors import PolicyLoadError
 
 _NS = "Bastion"
 _EMPTY_SCOPE = "unable to find an applicable action given the policy scope constraints"
 log = logging.getLogger("bastion.policy")
-
-
-class PolicyLoadError(BastionError):
-    """A policy file or grant cannot be read, parsed or validated; names every problem."""
-
-    code = "policy.invalid"
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("; ".join(problems))
-        self.problems = problems
 
 
 @dataclass(frozen=True)

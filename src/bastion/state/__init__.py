@@ -1,1 +1,8 @@
-"""State adapters behind small ports: in-memory caches, files, SQLite."""
+"""State adapters behind small ports: replay and TTL caches, keys, rate counters, secrets."""
+
+__all__ = [
+    "keystore",
+    "memory",
+    "rates",
+    "secrets",
+]

@@ -1,0 +1,8 @@
+"""The Streamable HTTP front (plain ASGI), its header checks, and the HTTP/1.1 server it runs on."""
+
+__all__ = [
+    "checks",
+    "client_ip",
+    "front",
+    "server",
+]

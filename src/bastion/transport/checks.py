@@ -22,12 +22,13 @@ from bastion.errors import (
     UnsupportedVersion,
     shown,
 )
+from bastion.methods import PROMPTS_GET, RESOURCES_READ, TOOLS_CALL
 from bastion.types import JSON, META_CAPABILITIES, META_VERSION, SUPPORTED_VERSIONS
 
 _LOOPBACK_HOSTS = frozenset(("127.0.0.1", "localhost", "[::1]", "::1"))
 _VISIBLE = re.compile(r"^[\x20-\x7e\t]*$")
 _SENTINEL = re.compile(r"^=\?base64\?([A-Za-z0-9+/]*={0,2})\?=$")
-_NAMED_METHODS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+_NAMED_METHODS = {TOOLS_CALL: "name", PROMPTS_GET: "name", RESOURCES_READ: "uri"}
 
 
 class HostPolicy:

@@ -12,20 +12,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import (
-    AsyncGenerator,
-    Awaitable,
-    Callable,
-    Mapping,
-    MutableMapping,
-)
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from bastion import rpc, sse
-from bastion.audit import AuditUnavailable
+from bastion import methods, rpc, sse
+from bastion.asgi import ASGIApp, Message, Receive, Scope, Send
 from bastion.config import Settings
 from bastion.errors import (
     AuthError,
@@ -34,7 +28,6 @@ from bastion.errors import (
     InvalidRequest,
     MethodNotFound,
     ProtocolError,
-    SessionNotFound,
     SessionRequired,
     UpstreamError,
     shown,
@@ -43,7 +36,7 @@ from bastion.observe.metrics import CONTENT_TYPE as METRICS_TYPE
 from bastion.observe.metrics import Metrics
 from bastion.observe.tracing import RequestTrace, Tracing
 from bastion.pipeline.chain import Pipeline
-from bastion.pipeline.dispatch import KNOWN_METHODS, negotiate
+from bastion.pipeline.dispatch import negotiate
 from bastion.pipeline.exchange import Exchange
 from bastion.pipeline.route import Route
 from bastion.pipeline.session import ClientSession, Stream
@@ -54,12 +47,6 @@ from bastion.types import JSON, LEGACY_VERSIONS, MODERN_VERSION, UPSTREAM_STATUS
 from bastion.upstream.base import Answer
 
 log = logging.getLogger("bastion.transport")
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # How a POST arrived: the client's address, the body's size, and its trace.
 Origin = tuple[str, int, RequestTrace]
@@ -256,24 +243,19 @@ class Front:
         except ProtocolError as exc:
             await _error(send, exc, message.get("id"))
             return
-        if message["method"] not in KNOWN_METHODS or message["method"] in (
-            "initialize",
-            "ping",
-            "logging/setLevel",
-            "resources/subscribe",
-            "resources/unsubscribe",
-        ):
+        if not methods.served(message["method"], Era.MODERN):
             missing = MethodNotFound(
                 f"method {shown(message['method'])} does not exist in {MODERN_VERSION}"
             )
             await _error(send, missing, message.get("id"), status=404)
             return
-        client, size, trace = origin
-        exchange = Exchange(message, Era.MODERN, MODERN_VERSION, route.name, client)
-        exchange.forward_headers = {k: v for k, v in headers.items() if k.startswith("mcp-param-")}
-        _describe(exchange, size, trace)
-        await self.pipeline.admit(exchange, route, headers, "POST", self.base + route.path)
-        await self._execute(send, receive, exchange, route, None)
+        exchange = self._exchange(route, headers, message, Era.MODERN, MODERN_VERSION, origin)
+        exchange.mirrored = {
+            name.removeprefix("mcp-param-"): checks.decode_header(name, value)
+            for name, value in headers.items()
+            if name.startswith("mcp-param-")
+        }
+        await self._serve(send, receive, exchange, route)
 
     async def _post_legacy(
         self,
@@ -287,163 +269,84 @@ class Front:
         version: str | None,
     ) -> None:
         session_id = headers.get("mcp-session-id")
-        if kind is rpc.Kind.REQUEST and message["method"] == "initialize":
-            await self._initialize(send, route, message, origin, headers)
+        if kind is rpc.Kind.REQUEST and message["method"] == methods.INITIALIZE:
+            params = message.get("params") or {}
+            agreed = negotiate(params.get("protocolVersion"))
+            exchange = self._exchange(route, headers, message, Era.LEGACY, agreed, origin)
+            await self._serve(send, receive, exchange, route)
             return
         if session_id is None:
             raise SessionRequired(
                 "Mcp-Session-Id header is required; send initialize first "
                 f"(or use protocol version {MODERN_VERSION} with its request headers)"
             )
-        client, size, trace = origin
-        exchange = Exchange(message, Era.LEGACY, version or LEGACY_VERSIONS[0], route.name, client)
-        _describe(exchange, size, trace)
-        url = self.base + route.path
-        await self.pipeline.admit(exchange, route, headers, "POST", url, session_id)
-        session = exchange.session
-        if session is None:  # unknown or someone else's session: same answer either way
-            denial = exchange.denial or SessionNotFound("session not found")
-            if isinstance(denial, AuthError):
-                await self.pipeline.trail.refused(exchange, route)
-            elif exchange.foreign_session:  # the answer stays "not found"; the trail knows
-                await self.pipeline.trail.decision(exchange, route)
-            await _error(send, denial, None, extra=exchange.response_headers)
-            return
-        if version is not None and version != session.protocol_version:
-            exc = InvalidRequest(
-                f"MCP-Protocol-Version {shown(version)} differs from the session's "
-                f"{session.protocol_version!r}"
-            )
-            await _error(send, exc, rpc.request_id(message))
-            return
-        if kind is rpc.Kind.RESPONSE:
-            await self.pipeline.dispatcher.deliver(session, message)
-            await _plain(send, 202, b"", session_headers(session))
-            return
-        if kind is rpc.Kind.NOTIFICATION:
-            if message["method"] == "notifications/initialized":
-                session.initialized = True
-            else:
-                await self.pipeline.dispatcher.notify(session, message)
-            await _plain(send, 202, b"", session_headers(session))
-            return
-        await self._execute(send, receive, exchange, route, session)
+        era_version = version or LEGACY_VERSIONS[0]
+        exchange = self._exchange(route, headers, message, Era.LEGACY, era_version, origin)
+        exchange.session_id = session_id
+        await self._serve(send, receive, exchange, route)
 
-    async def _initialize(
+    def _exchange(
         self,
-        send: Send,
         route: Route,
-        message: JSON,
-        origin: Origin,
         headers: dict[str, str],
-    ) -> None:
-        params = message.get("params") or {}
-        version = negotiate(params.get("protocolVersion"))
+        message: JSON,
+        era: Era,
+        version: str,
+        origin: Origin,
+    ) -> Exchange:
+        """The exchange a POSTed message becomes: what the stages need of the HTTP request,
+        and what the audit record and the trace need of it."""
         client, size, trace = origin
-        exchange = Exchange(message, Era.LEGACY, version, route.name, client)
+        exchange = Exchange(message, era, version, route.name, client)
+        exchange.headers = headers
+        exchange.url = self.base + route.path
         _describe(exchange, size, trace)
-        await self.pipeline.admit(exchange, route, headers, "POST", self.base + route.path)
-        hello = {
-            "protocolVersion": version,
-            "capabilities": params.get("capabilities") or {},
-            "clientInfo": params.get("clientInfo") or {"name": "unknown", "version": "0"},
-        }
-        store = self.pipeline.sessions
-        session: ClientSession | None = None
-        if exchange.denial is None and exchange.principal is not None:
-            session = ClientSession(
-                id=store.new_id(),
-                principal=exchange.principal,
-                route=route.name,
-                protocol_version=version,
-                hello=hello,
-                keep_events=self.settings.limits.sse_replay_events,
-            )
-            # Kept now, before any upstream is asked; over a quota it is a recorded refusal.
-            exchange.denial = await store.open(session)
-        if exchange.denial is not None or session is None:
-            denial = exchange.denial or InvalidRequest("no principal")
-            await self._record_refusal(exchange, route)
-            self._count(exchange, route, time.perf_counter() - exchange.started, None)
-            await _error(send, denial, exchange.id, extra=exchange.response_headers)
-            return
-        try:
-            await self.pipeline.trail.decision(exchange, route)
-        except AuditUnavailable as exc:
-            await store.discard(session)
-            await _error(send, exc, exchange.id)
-            return
-        exchange.session = session
-        ended = _Ended()
-        watched = _Watched(send)
-        try:
-            try:
-                body = await self.pipeline.dispatcher.initialize(exchange, route)
-            except BaseException:
-                await store.discard(session)
-                raise
-            ended.reply = rpc.result(exchange.id, body)
-            await _json(watched, 200, _encode(ended.reply), session_headers(session))
-        except OSError:
-            ended.failure = _GONE
-            raise  # the server drops the connection
-        except Exception as exc:
-            await self._failed(exc, watched, exchange, [], ended)
-        except BaseException:
-            ended.failure = _CANCELLED
-            raise
-        finally:
-            await self._record_outcome(exchange, route, ended)
+        return exchange
 
     # -- answering: JSON or SSE -------------------------------------------------------------
 
-    async def _execute(
-        self,
-        send: Send,
-        receive: Receive,
-        exchange: Exchange,
-        route: Route,
-        session: ClientSession | None,
-    ) -> None:
-        """Record the decision (waiting under strict durability), run the call, answer, and
-        record the outcome behind the answer. A refused exchange is recorded and answered."""
-        extra = session_headers(session) if session is not None else []
-        admitted = time.perf_counter() - exchange.started
-        if exchange.denial is not None:
-            await self._record_refusal(exchange, route)
-            await _error(
-                send, exchange.denial, exchange.id, extra=extra + exchange.response_headers
-            )
-            self._count(exchange, route, admitted, None)
-            return
-        try:
-            await self.pipeline.trail.decision(exchange, route)
-        except AuditUnavailable as exc:  # fail closed: nothing goes upstream unrecorded
-            await _error(send, exc, exchange.id, extra=extra)
-            return
-        # From here on the outcome record is written whatever happens: an answer the gateway
-        # cannot relay, a failure while answering, the client going away, a cancellation.
+    async def _serve(self, send: Send, receive: Receive, exchange: Exchange, route: Route) -> None:
+        """Hand the exchange to the pipeline and deliver its answer: one message as a JSON
+        body, more as an SSE stream; a notification or response gets 202. Once the decision
+        is recorded, the pipeline hears how the delivery ended whatever happens: an answer
+        the gateway cannot relay, a failure while answering, the client going away."""
         ended = _Ended()
         watched = _Watched(send)
         try:
-            answer = await self.pipeline.run(exchange, route)
-            await self._answer(watched, receive, exchange, answer, session, ended)
+            answer = await self.pipeline.handle(exchange, route)
+            if answer is None:
+                await _plain(send, 202, b"", self._session_headers(exchange))
+                return
+            if not exchange.recorded:  # refused, or the trail could not take the decision
+                status = exchange.http_status or 200
+                extra = self._session_headers(exchange) + exchange.response_headers
+                await _json(send, status, rpc.dumps(answer.first), extra)
+                self._count(exchange, route, None)
+                return
+            await self._answer(watched, receive, exchange, answer, exchange.session, ended)
         except OSError:
             ended.failure = _GONE
             raise  # the server drops the connection
         except Exception as exc:
-            await self._failed(exc, watched, exchange, extra, ended)
+            if not exchange.recorded:
+                raise
+            await self._failed(exc, watched, exchange, self._session_headers(exchange), ended)
         except BaseException:
             ended.failure = _CANCELLED
             raise
         finally:
-            try:
-                if exchange.trace is not None:
-                    exchange.trace.answered(ended.reply)
-                self._count(exchange, route, admitted, ended.reply, ended.failure is not None)
-            except Exception:  # metrics and traces must never cost the outcome record
-                log.exception("metrics of request %s failed", exchange.request_id)
-            await self._record_outcome(exchange, route, ended)
+            if exchange.recorded:
+                try:
+                    if exchange.trace is not None:
+                        exchange.trace.answered(ended.reply)
+                    self._count(exchange, route, ended.reply, ended.failure is not None)
+                except Exception:  # metrics and traces must never cost the outcome record
+                    log.exception("metrics of request %s failed", exchange.request_id)
+                await self.pipeline.finish(exchange, route, ended.reply, ended.failure)
+
+    @staticmethod
+    def _session_headers(exchange: Exchange) -> list[tuple[bytes, bytes]]:
+        return session_headers(exchange.session) if exchange.session is not None else []
 
     async def _failed(
         self,
@@ -471,22 +374,8 @@ class Front:
         ended.reply = rpc.error(exchange.id, error)
         await _json(send, status, rpc.dumps(ended.reply), extra)
 
-    async def _record_outcome(self, exchange: Exchange, route: Route, ended: _Ended) -> None:
-        """Write the outcome record; a trail that cannot take it is logged, never raised."""
-        try:
-            await self.pipeline.trail.outcome(exchange, route, ended.reply, ended.failure)
-        except BastionError as exc:
-            log.error("outcome record of request %s not written: %s", exchange.request_id, exc)
-        except Exception:
-            log.exception("outcome record of request %s not written", exchange.request_id)
-
     def _count(
-        self,
-        exchange: Exchange,
-        route: Route,
-        admitted: float,
-        final: JSON | None,
-        failed: bool = False,
+        self, exchange: Exchange, route: Route, final: JSON | None, failed: bool = False
     ) -> None:
         """Metrics of one answered request: its outcome, decision and latency."""
         total = time.perf_counter() - exchange.started
@@ -503,13 +392,8 @@ class Front:
             if outcome.startswith("upstream.") and exchange.target is not None:
                 self.metrics.upstream_failed(exchange.target.upstream, outcome)
         stages = exchange.trace.stages if exchange.trace is not None else None
+        admitted = exchange.admitted
         self.metrics.answered(route.path, exchange.method, outcome, admitted, total, stages)
-
-    async def _record_refusal(self, exchange: Exchange, route: Route) -> None:
-        if isinstance(exchange.denial, AuthError):
-            await self.pipeline.trail.refused(exchange, route)
-        else:
-            await self.pipeline.trail.decision(exchange, route)
 
     async def _answer(
         self,
@@ -601,12 +485,14 @@ class Front:
         if session_id is None:
             raise SessionRequired("Mcp-Session-Id header is required")
         exchange = Exchange({}, Era.LEGACY, LEGACY_VERSIONS[0], route.name, "")
-        url = self.base + route.path
-        await self.pipeline.admit(exchange, route, headers, method, url, session_id)
-        if exchange.denial is not None:
-            raise _Refused(exchange)
-        assert exchange.session is not None  # noqa: S101 - admit found it or denied
-        return exchange.session
+        exchange.headers = headers
+        exchange.http_method = method
+        exchange.url = self.base + route.path
+        exchange.session_id = session_id
+        try:
+            return await self.pipeline.session_for(exchange, route)
+        except BastionError:
+            raise _Refused(exchange) from None
 
     async def _get(
         self, receive: Receive, send: Send, route: Route, headers: dict[str, str]

@@ -14,23 +14,14 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, MutableMapping
 from http import HTTPStatus
-from typing import Any, cast
+from typing import cast
 
 import httptools
 
-log = logging.getLogger("bastion.server")
+from bastion.asgi import ASGIApp, Message
 
-Message = MutableMapping[str, Any]
-App = Callable[
-    [
-        MutableMapping[str, Any],
-        Callable[[], Awaitable[Message]],
-        Callable[[Message], Awaitable[None]],
-    ],
-    Awaitable[None],
-]
+log = logging.getLogger("bastion.server")
 
 MAX_HEAD_BYTES = 64 * 1024
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
@@ -414,7 +405,7 @@ class HttpServer:
 
     def __init__(
         self,
-        app: App,
+        app: ASGIApp,
         max_body: int,
         keepalive_timeout: float = 75.0,
         header_timeout: float = 30.0,

@@ -1,0 +1,10 @@
+"""The upstream port and its adapters: HTTP (both eras), stdio, the pool, JWKS, token exchange."""
+
+__all__ = [
+    "base",
+    "http",
+    "issuers",
+    "oauth",
+    "pool",
+    "stdio",
+]

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import orjson
 
 from bastion.errors import UpstreamError
+from bastion.methods import PROMPTS_GET, RESOURCES_READ, TOOLS_CALL
 from bastion.types import JSON, MODERN_VERSION, UPSTREAM_STATUS, Era
 
 _HEADER_SAFE = re.compile(r"^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$")
@@ -32,6 +33,29 @@ class Answer:
         """Stop reading the rest (and let the upstream connection go)."""
         if self.rest is not None:
             await self.rest.aclose()
+
+    def map_result(self, id_: Any, fix: Callable[[JSON], JSON]) -> Answer:
+        """This answer with `fix` applied to the result of the response to request `id_`
+        (whether it comes alone or at the end of a stream)."""
+
+        def one(message: JSON) -> JSON:
+            body = message.get("result")
+            if message.get("id") == id_ and isinstance(body, dict):
+                return {**message, "result": fix(body)}
+            return message
+
+        if self.rest is None:
+            return Answer(one(self.first))
+        rest = self.rest
+
+        async def fixed() -> AsyncGenerator[JSON, None]:
+            try:
+                async for message in rest:
+                    yield one(message)
+            finally:
+                await rest.aclose()
+
+        return Answer(one(self.first), fixed())
 
 
 async def answer_from(
@@ -210,10 +234,10 @@ def mcp_name(message: JSON) -> str | None:
     """The value the Mcp-Name header mirrors: params.name or params.uri."""
     method = message.get("method")
     params = message.get("params") or {}
-    if method in ("tools/call", "prompts/get"):
+    if method in (TOOLS_CALL, PROMPTS_GET):
         name = params.get("name")
         return name if isinstance(name, str) else None
-    if method == "resources/read":
+    if method == RESOURCES_READ:
         uri = params.get("uri")
         return uri if isinstance(uri, str) else None
     return None

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 import orjson
 
 from bastion.config import HttpUpstream
-from bastion.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from bastion.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable, WireError
+from bastion.methods import INITIALIZE, INITIALIZED, SERVER_DISCOVER, SUBSCRIPTIONS_LISTEN
 from bastion.sse import Decoder
 from bastion.types import (
     JSON,
@@ -33,7 +34,7 @@ from bastion.upstream.base import (
     response_for,
     speaks_modern,
 )
-from bastion.upstream.wire import Pool, Response, WireError
+from bastion.wire import Pool, Response
 
 log = logging.getLogger("bastion.upstream")
 
@@ -43,6 +44,48 @@ _ACCEPT = "application/json, text/event-stream"
 
 # Called when an SSE answer ended without the response: resumes the stream, or yields nothing.
 Resume = Callable[[Decoder], AsyncIterator[JSON]]
+
+
+class _EventLines:
+    """Cuts an SSE byte stream into lines (ended by LF, CRLF or CR) and keeps the size of the
+    event being read: its data lines so far plus the line not yet ended.
+
+    Only each new chunk is searched for line breaks and the unended line grows in place, so a
+    long line sent in small pieces costs work in proportion to its length, not its square.
+    """
+
+    __slots__ = ("_after_cr", "_data", "_tail")
+
+    def __init__(self) -> None:
+        self._tail = bytearray()  # the line begun and not yet ended
+        self._after_cr = False  # the last chunk ended in CR: a LF opening the next one pairs it
+        self._data = 0  # bytes of the current event's data lines
+
+    @property
+    def held(self) -> int:
+        """Bytes of the current event held so far: its data lines and the unended line."""
+        return self._data + len(self._tail)
+
+    def feed(self, chunk: bytes) -> Iterator[bytes]:
+        """The lines this chunk ends, each with its line ending, counted as they are taken."""
+        if self._after_cr and chunk.startswith(b"\n"):
+            chunk = chunk[1:]
+        self._after_cr = chunk.endswith(b"\r")
+        lines = chunk.splitlines(keepends=True)  # bytes split only at LF, CRLF and CR
+        rest = lines.pop() if lines and not lines[-1].endswith((b"\n", b"\r")) else b""
+        if lines and self._tail:
+            self._tail += lines[0]
+            lines[0] = bytes(self._tail)
+            self._tail.clear()
+        self._tail += rest
+        for line in lines:
+            if line in (b"\n", b"\r\n", b"\r"):
+                self._data = 0  # a blank line ends the event
+            elif line.startswith(b"data:") or line.rstrip(b"\r\n") == b"data":
+                # The decoder keeps every data line until the blank line: an upstream that
+                # never sends one must not make it keep them without end.
+                self._data += len(line)
+            yield line
 
 
 class HttpClient:
@@ -83,10 +126,10 @@ class HttpClient:
         probe = {
             "jsonrpc": "2.0",
             "id": 0,
-            "method": "server/discover",
+            "method": SERVER_DISCOVER,
             "params": {"_meta": PROBE_META},
         }
-        headers = {"MCP-Protocol-Version": MODERN_VERSION, "Mcp-Method": "server/discover"}
+        headers = {"MCP-Protocol-Version": MODERN_VERSION, "Mcp-Method": SERVER_DISCOVER}
         try:
             answer = await self.exchange(probe, headers, 0, "probe")
             await answer.close()
@@ -202,7 +245,7 @@ class HttpClient:
     ) -> AsyncIterator[JSON]:
         """Yield the JSON-RPC messages of an SSE stream (idle time bounded by the timeout)."""
         decoder = decoder or Decoder()
-        buffer = b""
+        lines = _EventLines()
         chunks = response.iter_chunks()
         while True:
             try:
@@ -217,14 +260,20 @@ class HttpClient:
                 ) from exc
             if chunk is None:
                 return
-            buffer += chunk
-            if len(buffer) > MAX_EVENT_BYTES:
-                raise UpstreamError(f"upstream {self.name!r} sent an event over 16 MiB")
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
+            for line in lines.feed(chunk):
+                self._check_event_size(lines)
                 event = decoder.feed_line(line)
                 if event is not None and event.event == "message":
                     yield decode_message(event.data, self.name)
+            self._check_event_size(lines)
+
+    def _check_event_size(self, lines: _EventLines) -> None:
+        # One bound for the whole event, not per line: an event of many short data lines
+        # would otherwise hold memory until the idle timeout.
+        if lines.held > MAX_EVENT_BYTES:
+            raise UpstreamError(
+                f"upstream {self.name!r} sent an event over {MAX_EVENT_BYTES >> 20} MiB"
+            )
 
     async def read_body(self, response: Response) -> bytes:
         """The whole body of a response (at most 16 MiB), with failures named for the upstream.
@@ -299,7 +348,7 @@ class LegacyHttpChannel:
     async def _initialize(self, headers: Mapping[str, str]) -> None:
         self._session_id = None
         message, upstream_id = self._ids.outgoing(
-            {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": self._hello}
+            {"jsonrpc": "2.0", "id": 0, "method": INITIALIZE, "params": self._hello}
         )
         response = await self._client.post(orjson.dumps(message), headers)
         session_id = response.headers.get("mcp-session-id")
@@ -316,7 +365,7 @@ class LegacyHttpChannel:
         self._version = str(result.get("protocolVersion", self._version))
         self._session_id = session_id
         self.initialized = result
-        note = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+        note = {"jsonrpc": "2.0", "method": INITIALIZED}
         ack = await self._client.post(orjson.dumps(note), self._headers(headers))
         async with ack:
             await ack.read()
@@ -437,7 +486,7 @@ class ModernHttpChannel:
         if name is not None:
             all_headers["Mcp-Name"] = header_value(name)
         # A subscriptions/listen stream is quiet for long stretches by design.
-        long_lived = message["method"] == "subscriptions/listen"
+        long_lived = message["method"] == SUBSCRIPTIONS_LISTEN
         return await self._client.exchange(
             outgoing, all_headers, upstream_id, message["id"], long_lived
         )

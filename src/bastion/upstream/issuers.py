@@ -15,9 +15,9 @@ from urllib.parse import urlsplit
 import orjson
 
 from bastion.config import TrustedIssuer
-from bastion.errors import TokenError
+from bastion.errors import TokenError, WireError
 from bastion.identity.keys import KeySet
-from bastion.upstream.wire import Pool, WireError
+from bastion.wire import Pool
 
 log = logging.getLogger("bastion.issuers")
 

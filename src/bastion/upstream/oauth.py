@@ -8,8 +8,8 @@ from urllib.parse import quote, urlencode
 
 import orjson
 
-from bastion.errors import UpstreamError, UpstreamUnavailable
-from bastion.upstream.wire import Pool, WireError
+from bastion.errors import UpstreamError, UpstreamUnavailable, WireError
+from bastion.wire import Pool
 
 
 async def exchange_token(

@@ -37,6 +37,7 @@ class Upstreams:
         }
         self._processes: dict[tuple[str, str], StdioProcess] = {}
         self._pooled: dict[tuple[str, str], Channel] = {}
+        self._pool_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._launched: list[asyncio.subprocess.Process] = []
 
     async def start(self) -> None:
@@ -117,17 +118,24 @@ class Upstreams:
             process = self._process(name, tenant)
             await process.ensure()
             return StdioChannel(process)
-        client = self._http[name]
         key = (name, tenant)
         channel = self._pooled.get(key)
         if channel is not None:
             return channel
-        if await client.supports_modern():
-            channel = ModernHttpChannel(client)
-        else:
-            channel = LegacyHttpChannel(client, _GATEWAY_HELLO)
-        self._pooled[key] = channel
+        # The era probe awaits: without the lock, first requests arriving together would each
+        # make a channel, and all but the last one stored would leak.
+        async with self._pool_locks.setdefault(key, asyncio.Lock()):
+            channel = self._pooled.get(key)
+            if channel is None:
+                channel = await self._new_channel(name)
+                self._pooled[key] = channel
         return channel
+
+    async def _new_channel(self, name: str) -> Channel:
+        client = self._http[name]
+        if await client.supports_modern():
+            return ModernHttpChannel(client)
+        return LegacyHttpChannel(client, _GATEWAY_HELLO)
 
 
 async def _listening(host: str, port: int) -> bool:

@@ -20,6 +20,7 @@ import orjson
 
 from bastion.config import StdioUpstream
 from bastion.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from bastion.methods import INITIALIZE, INITIALIZED, PROGRESS, SERVER_DISCOVER
 from bastion.types import JSON, LEGACY_VERSIONS, PROBE_META, Era
 from bastion.upstream.base import (
     Answer,
@@ -162,20 +163,20 @@ class StdioProcess:
             "clientInfo": {"name": "bastion", "version": "0.1.0"},
         }
         reply = await self._call(
-            {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": params},
+            {"jsonrpc": "2.0", "id": 0, "method": INITIALIZE, "params": params},
             limit=max(self.settings.timeout_seconds, START_SECONDS),
         )
         result = reply.get("result")
         if not isinstance(result, dict):
             raise UpstreamError(f"upstream {self.name!r} refused initialize")
         self.initialized = result
-        await self.write({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        await self.write({"jsonrpc": "2.0", "method": INITIALIZED})
 
     async def _probe_modern(self) -> bool:
         probe = {
             "jsonrpc": "2.0",
             "id": 0,
-            "method": "server/discover",
+            "method": SERVER_DISCOVER,
             "params": {"_meta": PROBE_META},
         }
         try:
@@ -314,9 +315,7 @@ class StdioProcess:
                 queue.put_nowait(message)
             return
         params = message.get("params") or {}
-        token = (
-            params.get("progressToken") if message["method"] == "notifications/progress" else None
-        )
+        token = params.get("progressToken") if message["method"] == PROGRESS else None
         if token is not None and str(token) in self._tokens:
             original, queue = self._tokens[str(token)]
             out = dict(message)

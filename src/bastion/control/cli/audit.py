@@ -25,17 +25,16 @@ from rich.table import Table
 from rich.text import Text
 
 from bastion.audit.chain import Entry, VerifyReport
-from bastion.audit.errors import AuditUnavailable
 from bastion.audit.export import jsonl_line, ocsf_line
 from bastion.audit.keys import DB_FILE, audit_dir
+from bastion.audit.read import parse_time, report_json, verify_trail
 from bastion.audit.record import AuditRecord
 from bastion.audit.signer import public_jwks
 from bastion.audit.store import Query, SqliteAuditStore
 from bastion.audit.trail import open_trail_reader
 from bastion.config import Settings
 from bastion.config import load as load_config
-from bastion.control.audit_read import parse_time, report_json, verify_trail
-from bastion.errors import BastionError, ConfigError
+from bastion.errors import AuditUnavailable, BastionError, ConfigError
 
 if TYPE_CHECKING:
     from bastion.audit.postgres import PostgresAuditStore

@@ -26,9 +26,9 @@ from rich.table import Table
 from rich.text import Text
 
 from bastion.config import load as load_config
-from bastion.control.agents import Agent, AgentStatus
-from bastion.control.registry import SqliteRegistry
-from bastion.errors import BastionError, ConfigError, TokenError
+from bastion.control.registry.agents import Agent, AgentStatus
+from bastion.control.registry.store import SqliteRegistry
+from bastion.errors import BastionError, ConfigError, InputError, TokenError
 from bastion.identity.keys import thumbprint
 
 app = typer.Typer(
@@ -45,12 +45,6 @@ class Environment(enum.StrEnum):
     DEV = "dev"
     STAGING = "staging"
     PROD = "prod"
-
-
-class InputError(BastionError):
-    """A file or option given to the CLI cannot be used."""
-
-    code = "cli.input"
 
 
 def _registry_file(value: Path) -> Path:

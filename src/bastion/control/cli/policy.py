@@ -22,6 +22,7 @@ import yaml
 
 from bastion.config import load as load_config
 from bastion.errors import BastionError
+from bastion.methods import PROMPTS_GET, RESOURCES_READ, RESOURCES_SUBSCRIBE, TOOLS_CALL
 from bastion.pipeline.authz import Authorizer, history_key
 from bastion.pipeline.exchange import Exchange
 from bastion.policy.lint import lint as lint_policy
@@ -92,20 +93,20 @@ def _exchange(authz: Authorizer, case: dict[str, Any]) -> Exchange:
         user=case.get("user"),
         roles=frozenset(case.get("roles") or ()),
     )
-    method = str(case.get("method") or "tools/call")
+    method = str(case.get("method") or TOOLS_CALL)
     params: dict[str, Any]
-    if method == "tools/call":
+    if method == TOOLS_CALL:
         tool = str(case.get("tool") or "")
         server, sep, name = tool.partition("__")
         if not sep:
             raise ValueError(f"tool {tool!r}: write it as <server>__<tool>")
         params = {"name": tool, "arguments": case.get("arguments") or {}}
         target = Target(server, name)
-    elif method in ("resources/read", "resources/subscribe"):
+    elif method in (RESOURCES_READ, RESOURCES_SUBSCRIBE):
         uri = str(case.get("uri") or "")
         params = {"uri": uri}
         target = Target(str(case.get("server") or ""), uri)
-    elif method == "prompts/get":
+    elif method == PROMPTS_GET:
         prompt = str(case.get("prompt") or "")
         server, _, name = prompt.partition("__")
         params = {"name": prompt, "arguments": case.get("arguments") or {}}
@@ -201,7 +202,7 @@ def explain(
         _fail(f"--arguments is not JSON: {exc}")
     case: dict[str, Any] = {"agent": agent, "tenant": tenant, "user": user}
     if uri is not None:
-        case.update(method="resources/read", uri=uri, server=server)
+        case.update(method=RESOURCES_READ, uri=uri, server=server)
     else:
         case.update(tool=tool, arguments=args)
     try:

@@ -20,8 +20,8 @@ from pathlib import Path
 import orjson
 
 from bastion.config import Settings
-from bastion.errors import ConfigError
-from bastion.upstream.wire import Pool, WireError
+from bastion.errors import ConfigError, WireError
+from bastion.wire import Pool
 
 log = logging.getLogger("bastion.secrets")
 

@@ -1,8 +1,9 @@
 """The agent registry: every non-human identity (NHI) that may call Bastion, in SQLite.
 
 Operators change it from the CLI in one process while the gateway reads it in another, so
-changes are committed transactions and the gateway keeps a `RegistryView`: an in-memory copy
-that asks `version()` on every request (a few µs) and reloads only when it moved.
+changes are committed transactions and the gateway keeps a `RegistryView` (view.py): an
+in-memory copy whose background watcher asks `version()` every 0.2 s (a few µs) and reloads
+only when it moved; requests read the copy and never the database.
 
 `version()` is a `revision` row bumped in the same transaction as every change the view holds
 (agents, token revocations, killed sessions). A revision row was chosen over
@@ -18,28 +19,29 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bastion.control.agents import (
+from bastion.control.registry.agents import (
     PRINTABLE_ASCII,
     REVOCATION_KEEP_S,
     Agent,
     AgentStatus,
-    Registry,
-    RegistryConflict,
-    RegistryInvalid,
-    RegistryNotFound,
     RegistrySnapshot,
-    RegistryUnavailable,
     check_text,
     check_time,
     validate_agent,
     validate_jwks,
 )
-from bastion.errors import shown
+from bastion.errors import (
+    RegistryConflict,
+    RegistryInvalid,
+    RegistryNotFound,
+    RegistryUnavailable,
+    shown,
+)
 
 # Each entry moves the schema one version up; never edit a released entry, append a new one.
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -238,8 +240,8 @@ class SqliteRegistry:
             return
         if not wait:
             # The gateway's recorder calls this every few seconds: never wait for a CLI's
-            # write lock (the view's per-request reads share this connection's lock); keep the
-            # times and try again at the next round.
+            # write lock (the view's watcher shares this connection's lock); keep the times
+            # and try again at the next round.
             self._db.execute("PRAGMA busy_timeout = 0")
         try:
             with self._write():
@@ -307,8 +309,8 @@ class SqliteRegistry:
     def version(self) -> int:
         """A number that moves whenever any process commits a change the view holds.
 
-        Runs once per gateway request, so it is one primary-key read (about 3 µs) with no
-        helper objects around it.
+        The gateway's watcher asks it several times a second, so it is one primary-key read
+        (about 3 µs) with no helper objects around it.
         """
         with self._lock:
             try:
@@ -396,72 +398,3 @@ def _from_row(row: Sequence[Any]) -> Agent:
         require_dpop=bool(row[10]), expires_at=row[11], status=AgentStatus(row[12]),
         created_at=row[13], last_used_at=row[14], status_reason=row[15],
     )  # fmt: skip
-
-
-# --- the gateway's view -----------------------------------------------------------------------
-
-
-class RegistryView:
-    """The gateway's in-memory copy of the registry; `refresh()` once per request.
-
-    Lookups are plain dict and set reads; only `refresh()` touches the database, and reloads
-    only when `version()` moved.
-    """
-
-    def __init__(self, registry: Registry) -> None:
-        self._registry = registry
-        self._version = -1
-        self._agents: Mapping[str, Agent] = {}
-        self._revoked: frozenset[str] = frozenset()
-        self._killed: frozenset[str] = frozenset()
-        self._by_spiffe_id: dict[str, Agent] = {}
-        self._uses: dict[str, float] = {}
-        self.refresh()
-
-    @property
-    def version(self) -> int:
-        """The registry version this view holds."""
-        return self._version
-
-    def refresh(self) -> bool:
-        """Reload when the registry changed since the last load; return whether it reloaded."""
-        if self._registry.version() == self._version:
-            return False
-        snapshot = self._registry.snapshot()
-        self._agents = snapshot.agents
-        self._by_spiffe_id = {a.spiffe_id: a for a in snapshot.agents.values() if a.spiffe_id}
-        self._revoked = snapshot.revoked_jtis
-        self._killed = snapshot.killed_sessions
-        self._version = snapshot.version
-        return True
-
-    def agent(self, agent_id: str) -> Agent | None:
-        """The agent with this id, or None."""
-        return self._agents.get(agent_id)
-
-    def agent_by_spiffe_id(self, spiffe_id: str) -> Agent | None:
-        """The agent registered with this SPIFFE ID (unique in the registry), or None."""
-        return self._by_spiffe_id.get(spiffe_id)
-
-    def agents(self) -> Iterable[Agent]:
-        """Every registered agent, whatever its status."""
-        return self._agents.values()
-
-    def revoked(self, jti: str) -> bool:
-        """Whether the token with this jti was revoked."""
-        return jti in self._revoked
-
-    def session_killed(self, session_id_hash: str) -> bool:
-        """Whether the session with this id hash was killed."""
-        return session_id_hash in self._killed
-
-    def note_use(self, agent_id: str, when: float) -> None:
-        """Remember that an agent was let in at `when`: a dict write on the request path; the
-        gateway's `UsageRecorder` takes the notes and writes them to the registry."""
-        if when > self._uses.get(agent_id, 0.0):
-            self._uses[agent_id] = when
-
-    def take_uses(self) -> dict[str, float]:
-        """The last-use notes since the previous call (agent id → time), and forget them."""
-        uses, self._uses = self._uses, {}
-        return uses

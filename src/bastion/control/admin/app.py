@@ -1,7 +1,7 @@
 """The admin API: the operators' HTTP interface to the audit trail and the agent registry.
 
 The same operations as `bastion audit` and `bastion agents`, mounted under /admin on the
-gateway's port (Starlette), behind `AdminGuard` (a bearer token, see admin_auth.py):
+gateway's port (Starlette), behind `AdminGuard` (a bearer token, see auth.py):
 
 ```
 GET  /admin/audit/records?tenant=&agent=&tool=&decision=&phase=&since=&until=&limit=
@@ -37,21 +37,21 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Mount, Route
 
-from bastion.audit import AuditRecord, AuditStore, AuditUnavailable, AuditWriter, Query
+from bastion.asgi import ASGIApp
+from bastion.audit import AuditRecord, AuditStore, AuditWriter, Query
 from bastion.audit.chain import Entry
 from bastion.audit.export import jsonl_line, ocsf_line
 from bastion.audit.keys import audit_dir
+from bastion.audit.read import matches, report_json, verify_trail
 from bastion.audit.trail import open_trail_reader
 from bastion.config import Settings
-from bastion.control import admin_params as ask
-from bastion.control.admin_auth import AdminGuard
-from bastion.control.admin_params import FILTERS, MAX_LIMIT, BadRequest
-from bastion.control.agents import Agent, AgentStatus
-from bastion.control.audit_read import matches, report_json, verify_trail
-from bastion.control.registry import SqliteRegistry
-from bastion.errors import BastionError, shown
+from bastion.control.admin import params as ask
+from bastion.control.admin.auth import AdminGuard
+from bastion.control.admin.params import FILTERS, MAX_LIMIT
+from bastion.control.registry.agents import Agent, AgentStatus
+from bastion.control.registry.store import SqliteRegistry
+from bastion.errors import AuditUnavailable, BadRequest, BastionError, NotAvailable, shown
 from bastion.pipeline.chain import Pipeline
-from bastion.transport.front import ASGIApp
 
 log = logging.getLogger("bastion.admin")
 T = TypeVar("T")
@@ -63,13 +63,6 @@ _ACTIONS = {
     "resume": AgentStatus.ACTIVE,
     "offboard": AgentStatus.OFFBOARDED,
 }
-
-
-class NotAvailable(BastionError):
-    """The gateway runs without what the endpoint serves (no registry, no audit trail)."""
-
-    code = "admin.not_available"
-    http_status = 404
 
 
 def admin_app(
@@ -208,9 +201,8 @@ class AdminApi:
             lambda registry: registry.set_status(agent_id, status, reason)
         )
         directory = self._pipeline.agents
-        if directory is not None:  # the next request would reload too; reconcile now
-            directory.refresh()
-            await self._pipeline.reconcile()
+        if directory is not None:  # in force here before answering, not at the next poll
+            await directory.reread()
         audited = await self._audit(agent, action, reason, request)
         log.info("admin %s agent %r of tenant %r: %s", action, agent.id, agent.tenant, reason)
         return _json(200, {"agent": agent.to_dict(), "audited": audited})
@@ -309,7 +301,7 @@ async def _bastion_error(request: Request, exc: Exception) -> Response:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)  # noqa: S101 - registered for HTTPException only
-    what = f"{request.method} {request.url.path}"
+    what = f"{request.method} {shown(request.url.path)}"  # the path is the client's
     if exc.status_code == 405:
         body = {"error": "admin.method", "message": f"{what}: method not allowed"}
     else:

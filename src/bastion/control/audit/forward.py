@@ -42,18 +42,15 @@ from bastion.audit.sinks import (
 )
 from bastion.audit.trail import open_trail_reader
 from bastion.config import Settings, Sink
-from bastion.control.secrets import resolve
+from bastion.errors import SinkError, WireError
 from bastion.observe.metrics import Metrics
-from bastion.upstream.wire import Pool, WireError
+from bastion.state.secrets import resolve
+from bastion.wire import Pool
 
 log = logging.getLogger("bastion.audit.sinks")
 
 _POLL = 0.2  # seconds between looks at the writer's head when caught up
 _RETRY_INITIAL = 0.5
-
-
-class SinkError(Exception):
-    """A delivery failed; it will be retried."""
 
 
 class Delivery(Protocol):

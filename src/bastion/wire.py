@@ -1,8 +1,9 @@
-"""A lean HTTP/1.1 client for upstream calls: keep-alive pool, httptools parser, streaming.
+"""A lean HTTP/1.1 client: keep-alive pool, httptools parser, streaming.
 
-Chosen over aiohttp by measurement (docs/decisions/0002-upstream-http-client.md): on this
-workload aiohttp spent 0.18 ms CPU per call, this client 0.035 ms. It does only what an MCP
-upstream needs: one request at a time per connection, Content-Length request bodies, responses
+It carries the upstream calls, and also Vault reads, audit webhooks and JWKS fetches, so it is a
+leaf below them all. Chosen over aiohttp by measurement (docs/decisions/0002): on this workload
+aiohttp spent 0.18 ms CPU per call, this client 0.035 ms. It does only what an MCP upstream
+needs: one request at a time per connection, Content-Length request bodies, responses
 with Content-Length, chunked or until-close bodies, streamed as they arrive, and TLS.
 """
 
@@ -17,12 +18,12 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from bastion.errors import WireError
+
+__all__ = ["Pool", "Response"]
+
 _HIGH_WATER = 1 << 20  # pause reading when this much body is buffered and unread
 _LOW_WATER = 1 << 18
-
-
-class WireError(Exception):
-    """The upstream broke HTTP: an unparsable response or a connection lost mid-answer."""
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:

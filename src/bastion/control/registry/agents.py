@@ -1,6 +1,6 @@
-"""Agents: the non-human identities that may call Bastion, their validation and errors.
+"""Agents: the non-human identities that may call Bastion, and their validation.
 
-The registry (registry.py) stores them; everything here is pure.
+The registry (store.py) stores them; everything here is pure.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
 from bastion.config import RESERVED_TENANT
-from bastion.errors import BastionError, TokenError, shown
+from bastion.errors import RegistryInvalid, TokenError, shown
 from bastion.identity import keys
 
 ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -28,40 +28,6 @@ _MAX_KEYS = 16
 # Revocations outlive their token by this much, so a token accepted with clock leeway still
 # finds its revocation; older rows are pruned.
 REVOCATION_KEEP_S = 3600.0
-
-
-class RegistryError(BastionError):
-    """A registry operation failed; subclasses say whether it conflicts, is missing or invalid."""
-
-    code: ClassVar[str] = "registry.error"
-
-
-class RegistryConflict(RegistryError):
-    """The change conflicts with the stored state (duplicate id, offboarded agent)."""
-
-    code = "registry.conflict"
-    http_status = 409
-
-
-class RegistryNotFound(RegistryError):
-    """No agent has this id."""
-
-    code = "registry.not_found"
-    http_status = 404
-
-
-class RegistryInvalid(RegistryError):
-    """A field has a value the registry refuses; the message names the field."""
-
-    code = "registry.invalid"
-    http_status = 400
-
-
-class RegistryUnavailable(RegistryError):
-    """The registry file cannot be opened, read or written."""
-
-    code = "registry.unavailable"
-    http_status = 503
 
 
 class AgentStatus(enum.StrEnum):

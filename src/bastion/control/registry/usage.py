@@ -13,8 +13,9 @@ import asyncio
 import contextlib
 import logging
 
-from bastion.control.agents import Registry, RegistryError
-from bastion.control.registry import RegistryView
+from bastion.control.registry.agents import Registry
+from bastion.control.registry.view import RegistryView
+from bastion.errors import RegistryError
 
 log = logging.getLogger("bastion.registry")
 

@@ -13,25 +13,14 @@ import orjson
 from starlette.requests import Request
 
 from bastion.audit import Query
+from bastion.audit.read import parse_time
 from bastion.audit.record import PHASES, VERDICTS
-from bastion.control.audit_read import parse_time
-from bastion.errors import BastionError, shown
+from bastion.errors import BadRequest, shown
 
 MAX_LIMIT = 10_000
 MAX_BODY_BYTES = 64 * 1024
 FILTERS = ("tenant", "agent", "tool", "decision", "phase", "since", "until")
 _COUNT = re.compile(r"[0-9]{1,9}")
-
-
-class BadRequest(BastionError):
-    """A query parameter or body field cannot be used; `parameter` names it."""
-
-    code = "admin.bad_request"
-    http_status = 400
-
-    def __init__(self, parameter: str, message: str) -> None:
-        super().__init__(f"{parameter}: {message}")
-        self.parameter = parameter
 
 
 def params(request: Request, allowed: tuple[str, ...]) -> dict[str, str]:

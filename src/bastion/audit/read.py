@@ -21,21 +21,10 @@ from bastion.audit.record import AuditRecord
 from bastion.audit.signer import trusted_keys
 from bastion.audit.store import AuditStore, Query
 from bastion.config import Settings
-from bastion.errors import BastionError
+from bastion.errors import FilterInvalid, shown
 
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-class FilterInvalid(BastionError):
-    """A filter value cannot be used; `parameter` names the option or query parameter."""
-
-    code = "audit.filter"
-    http_status = 400
-
-    def __init__(self, parameter: str, message: str) -> None:
-        super().__init__(f"{parameter}: {message}")
-        self.parameter = parameter
 
 
 def parse_time(value: str, now: float, parameter: str) -> float:
@@ -48,7 +37,8 @@ def parse_time(value: str, now: float, parameter: str) -> float:
     except ValueError:
         raise FilterInvalid(
             parameter,
-            f"expected ISO 8601 (2026-05-01T12:00:00Z) or relative (30m, 1h, 2d), found {value!r}",
+            f"expected ISO 8601 (2026-05-01T12:00:00Z) or relative (30m, 1h, 2d), "
+            f"found {shown(value)}",
         ) from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)

@@ -21,9 +21,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bastion.config import Settings, TrustedIssuer
-from bastion.control.agents import Agent
-from bastion.control.registry import RegistryView
-from bastion.errors import BastionError, Overloaded, TokenError, shown
+from bastion.control.registry.agents import Agent
+from bastion.control.registry.view import RegistryView
+from bastion.errors import OAuthError, Overloaded, TokenError, shown
 from bastion.identity import dpop
 from bastion.identity.jwt import Expect, mint, unverified_claims, verify
 from bastion.identity.keys import KeySet
@@ -43,22 +43,6 @@ TOKEN_TYPE_ID = "urn:ietf:params:oauth:token-type:id_token"  # noqa: S105
 IssuerKeys = Callable[[TrustedIssuer, bool], Awaitable[KeySet]]
 
 _ASSERTION_LEEWAY = 5.0  # seconds of clock skew allowed on client assertions and SVIDs
-
-
-class OAuthError(BastionError):
-    """An RFC 6749 error response from the token endpoint."""
-
-    code = "auth.oauth"
-    http_status = 400
-
-    def __init__(self, error: str, description: str, status: int = 400) -> None:
-        super().__init__(description)
-        self.error = error
-        self.status = status
-
-    def body(self) -> dict[str, str]:
-        """The JSON error body."""
-        return {"error": self.error, "error_description": self.message}
 
 
 @dataclass

@@ -15,10 +15,10 @@ from typing import Any
 
 import orjson
 
+from bastion.asgi import ASGIApp, Receive, Scope, Send
 from bastion.config import Settings
-from bastion.control.secrets import resolve, stored_secret
 from bastion.errors import ConfigError
-from bastion.transport.front import ASGIApp, Receive, Scope, Send
+from bastion.state.secrets import resolve, stored_secret
 
 log = logging.getLogger("bastion.admin")
 

@@ -8,21 +8,16 @@ over `MAX_FORM_BYTES`, or over `limits.max_body_bytes` when smaller, is refused 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
 
-from bastion.control.token_service import OAuthError, TokenService
-from bastion.errors import shown
+from bastion.asgi import ASGIApp, Receive, Scope, Send
+from bastion.control.tokens.service import TokenService
+from bastion.errors import OAuthError, shown
 
 log = logging.getLogger("bastion.oauth")
-
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 MAX_FORM_BYTES = 64 * 1024  # a token request is a few kB: two JWTs and a few names
 _NO_STORE = [(b"cache-control", b"no-store"), (b"pragma", b"no-cache")]

@@ -1,0 +1,5 @@
+"""Audit delivery: committed records forwarded to the configured sinks."""
+
+__all__ = [
+    "forward",
+]

@@ -1,0 +1,10 @@
+"""The `bastion` command groups: the gateway, identity state, agents, audit trail and policy."""
+
+__all__ = [
+    "agents",
+    "audit",
+    "discovery",
+    "gateway",
+    "identity",
+    "policy",
+]
