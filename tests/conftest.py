@@ -330,3 +330,30 @@ def demo_listings() -> dict[str, Any]:
         "workspace": asyncio.run(listing(workspace)),
         "echo": asyncio.run(listing(echo)),
     }
+
+
+def until(check: Any, what: str = "the condition", seconds: float = 15.0) -> Any:
+    """Poll `check()` until it returns something truthy (returned), failing after `seconds`
+    with what was awaited: waiting on a condition, never on a fixed time."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+        time.sleep(0.02)
+
+
+async def until_async(check: Any, what: str = "the condition", seconds: float = 15.0) -> Any:
+    """`until` on the event loop: `check` may be a plain or an async callable."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+        await asyncio.sleep(0.01)

@@ -21,7 +21,7 @@ import io
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +32,7 @@ import jwt as pyjwt
 import pytest
 import yaml
 from aiohttp import web
-from tests.conftest import MODERN, free_port, modern_body, modern_headers
+from tests.conftest import MODERN, free_port, modern_body, modern_headers, until_async
 
 from bastion import config
 from bastion.app import Gateway
@@ -242,13 +242,6 @@ async def running(tmp: Path, recorder: Recorder) -> AsyncIterator[Running]:
             await gateway.stop()
 
 
-async def until(check: Callable[[], Awaitable[bool]], seconds: float = 5.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not await check():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.02)
-
-
 class Accesses:
     """File and registry accesses under the test's directory, with who made them."""
 
@@ -336,7 +329,7 @@ async def test_requests_do_no_file_or_registry_io_while_the_watchers_pick_up_cha
             _, reply = await gw.call(acme)
             return "error" in reply and bool(reply["error"]["data"]["policies"] == ["freeze"])
 
-        await until(frozen)
+        await until_async(frozen)
 
         # Key rotations through a second handle on the key files (`bastion keys rotate`).
         cli_keys = FileKeyStore(gw.state / "keys", "ES256", 3600)
@@ -348,7 +341,7 @@ async def test_requests_do_no_file_or_registry_io_while_the_watchers_pick_up_cha
         async def rotated() -> bool:
             return bool(signing.current().kid == first.kid)  # type: ignore[attr-defined]
 
-        await until(rotated)  # the key watcher polls every second
+        await until_async(rotated)  # the key watcher polls every second
         # A token signed with a key newer still is accepted at once: a key the gateway does
         # not know asks the watcher to look now, rather than waiting for its next poll.
         second = cli_keys.rotate()
@@ -363,7 +356,7 @@ async def test_requests_do_no_file_or_registry_io_while_the_watchers_pick_up_cha
             status, reply = await gw.read(acme, DOC)
             return status == 401 and bool(reply["error"]["data"]["reason"] == "suspended")
 
-        await until(refused)  # the registry is polled every 0.2 s
+        await until_async(refused)  # the registry is polled every 0.2 s
         assert accesses.by("request") == []
 
 
@@ -388,9 +381,9 @@ async def test_a_registry_that_cannot_be_read_fails_closed(
             status, reply = await gw.call(acme)
             return status == 503 and bool(reply["error"]["data"]["code"] == "registry.unavailable")
 
-        await until(refused)
+        await until_async(refused)
         monkeypatch.undo()
-        await until(lambda: _allowed(gw, acme))
+        await until_async(lambda: _allowed(gw, acme))
 
 
 async def _allowed(gw: Running, token: str) -> bool:

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from tests.conftest import free_port
+from tests.conftest import free_port, until_async
 from tests.test_audit_record import sample
 from tests.test_audit_sinks import UdpReceiver, parse_5424
 from tests.test_secrets_vault import Bao, start_bao
@@ -366,7 +366,7 @@ async def test_a_failing_signer_delays_the_seal_but_never_a_record(
             assert store.checkpoints() == []
         signer.working = True
         await fill(writer, 1, start=5)
-        await until_true(lambda: anchor_path.exists() and b'"seq":6' in anchor_path.read_bytes())
+        await until_async(lambda: anchor_path.exists() and b'"seq":6' in anchor_path.read_bytes())
     finally:
         await writer.stop()
     with SqliteAuditStore(folder / DB_FILE, create=False) as store:
@@ -388,7 +388,7 @@ async def test_an_anchor_that_refuses_keeps_its_lines_until_it_works(tmp_path: P
         await fill(writer, 4)  # checkpoints at 2 and 4, after the start's heartbeat
         assert writer.healthy and anchor.pending == 3
         missing.mkdir()
-        await until_true(lambda: anchor.pending == 0)
+        await until_async(lambda: anchor.pending == 0)
     finally:
         await writer.stop()
     lines = (missing / "anchor.jsonl").read_bytes().splitlines()
@@ -397,14 +397,6 @@ async def test_an_anchor_that_refuses_keeps_its_lines_until_it_works(tmp_path: P
         ("checkpoint", 2),
         ("checkpoint", 4),
     ]
-
-
-async def until_true(condition: Any, deadline: float = 10.0) -> None:
-    end = time.monotonic() + deadline
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(0.01)
 
 
 # --- sinks taking the checkpoint phase ------------------------------------------------------------

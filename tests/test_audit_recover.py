@@ -26,6 +26,7 @@ from tests.conftest import (
     modern_body,
     modern_headers,
     start_gateway,
+    until,
 )
 
 from bastion.audit import AuditRecord, SqliteAuditStore, digest, open_writer
@@ -117,7 +118,7 @@ def _upstream(script: Path, port: int) -> subprocess.Popen[bytes]:
             return False
         return True
 
-    _until(listening, f"{script.name} listening")
+    until(listening, f"{script.name} listening")
     return proc
 
 
@@ -133,14 +134,6 @@ def _call(gw: GatewayProcess, server: str, tool: str, arguments: dict[str, Any])
 def _records(tmp: Path) -> list[AuditRecord]:
     with SqliteAuditStore(tmp / "state" / "audit" / "audit.db", create=False) as store:
         return [AuditRecord.from_json(entry.record) for entry in store.read()]
-
-
-def _until(condition: Any, what: str, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {seconds} s")
-        time.sleep(0.02)
 
 
 def _verify(gw: GatewayProcess) -> subprocess.CompletedProcess[str]:
@@ -186,13 +179,13 @@ def test_kill_9_leaves_no_decision_without_an_outcome(tmp_path: Path) -> None:
     try:
         held.start()  # a call the upstream never answers: in flight when the gateway dies
         hang = digest({"tag": "held"})
-        _until(
+        until(
             lambda: any(r.args_digest == hang for r in _records(tmp_path)),
             "the held call's decision record",
         )
         for worker in workers:
             worker.start()
-        _until(lambda: len(acknowledged) >= 300, "300 acknowledged calls")
+        until(lambda: len(acknowledged) >= 300, "300 acknowledged calls")
         os.kill(gw.proc.pid, signal.SIGKILL)
         gw.proc.wait(timeout=10)
     finally:

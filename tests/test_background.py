@@ -9,15 +9,9 @@ import time
 from collections.abc import Awaitable, Callable
 
 import pytest
+from tests.conftest import until_async
 
 from bastion.background import Background, Jobs, Refresher
-
-
-async def until(check: Callable[[], bool], seconds: float = 5.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)
 
 
 def owned(*jobs: tuple[str, Callable[[], Awaitable[None]]]) -> Background:
@@ -39,12 +33,15 @@ async def test_a_periodic_refresher_runs_at_once_then_every_period() -> None:
     await background.start()
     try:
         assert refresher.running
-        await until(lambda: len(rounds) >= 3)
+        await until_async(lambda: len(rounds) >= 3)
     finally:
         await background.stop()
     assert not refresher.running
     count = len(rounds)
-    await asyncio.sleep(0.1)  # stopped: no round after stop
+    # stop() awaited every task, so nothing is left to run a round: let the loop turn (no
+    # clock involved) and see that none came.
+    for _ in range(50):
+        await asyncio.sleep(0)
     assert len(rounds) == count
 
 
@@ -143,7 +140,7 @@ async def test_a_failing_round_is_logged_once_and_tried_again(
     background = owned((refresher.name, refresher.run))
     await background.start()
     try:
-        await until(lambda: attempts["n"] >= 5)
+        await until_async(lambda: attempts["n"] >= 5)
     finally:
         await background.stop()
     failed = [r for r in caplog.records if "background flaky failed" in r.getMessage()]
@@ -168,7 +165,7 @@ async def test_jobs_run_once_per_key_for_every_asker_in_flight() -> None:
     try:
         asks = [asyncio.create_task(jobs.ask("list:a", job("a"), 5.0)) for _ in range(20)]
         other = asyncio.create_task(jobs.ask("list:b", job("b"), 5.0))
-        await until(lambda: sorted(runs) == ["a", "b"])  # keys run side by side
+        await until_async(lambda: sorted(runs) == ["a", "b"])  # keys run side by side
         release.set()
         assert all(await asyncio.gather(*asks)) and await other
     finally:
@@ -209,7 +206,7 @@ async def test_jobs_refuse_beyond_their_limit_and_when_not_running() -> None:
     try:
         first = asyncio.create_task(jobs.ask("a", slow, 5.0))
         second = asyncio.create_task(jobs.ask("b", slow, 5.0))
-        await asyncio.sleep(0)
+        await until_async(lambda: len(jobs._inflight) == 2, "both jobs in flight")
         assert await jobs.ask("c", slow, 5.0) is False
         assert await jobs.ask("a", slow, 0.05) is False  # joins "a", which outlasts the wait
         release.set()
@@ -231,7 +228,7 @@ async def test_the_owner_restarts_a_job_that_fails_and_stops_every_task() -> Non
     background = owned(("crashing", crashing), ("forever", forever))
     before = asyncio.all_tasks()
     await background.start()
-    await until(lambda: starts["n"] >= 2, seconds=10)  # started again after a pause
+    await until_async(lambda: starts["n"] >= 2, seconds=10)  # started again after a pause
     assert background.names == ["crashing", "forever"]
     await background.stop()
     assert asyncio.all_tasks() == before  # nothing outlives stop

@@ -4,15 +4,15 @@ look now; the request path itself never touches the key files."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.conftest import until_async
 
 from bastion.background import Background
 from bastion.state.keystore import FileKeyStore
@@ -35,19 +35,12 @@ async def watched(keys: FileKeyStore) -> AsyncIterator[None]:
         await background.stop()
 
 
-async def until(check: Callable[[], bool], seconds: float = 5.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.02)
-
-
 async def test_a_rotation_by_another_process_reaches_the_gateway(tmp_path: Path) -> None:
     gateway = store(tmp_path / "keys")
     old = gateway.current().kid
     async with watched(gateway):
         new = store(tmp_path / "keys").rotate().kid  # `bastion keys rotate`
-        await until(lambda: gateway.current().kid == new)  # within the 1 s poll
+        await until_async(lambda: gateway.current().kid == new)  # within the 1 s poll
     kids = {key["kid"] for key in gateway.jwks()["keys"]}
     assert kids == {old, new}  # the retired key still verifies its tokens
     assert gateway.keyset().get(new) is not None
@@ -56,7 +49,7 @@ async def test_a_rotation_by_another_process_reaches_the_gateway(tmp_path: Path)
 async def test_an_unknown_key_asks_the_watcher_to_look_now(tmp_path: Path) -> None:
     gateway = store(tmp_path / "keys", poll=3600.0)  # no poll but the first during the test
     async with watched(gateway):
-        await until(lambda: gateway.watch.rounds == 1)
+        await until_async(lambda: gateway.watch.rounds == 1)
         new = store(tmp_path / "keys").rotate().kid
         started = time.monotonic()
         assert await gateway.recheck() is True

@@ -269,7 +269,9 @@ def test_a_forged_approval_state_is_refused_and_sends_nothing(path: InProcess) -
     assert path.log[-1] == ("record", "outcome", "deny", "denied")
 
 
-def test_a_list_is_filtered_by_policy_and_recorded(path: InProcess) -> None:
+def test_a_list_is_recorded_and_each_upstream_asked_with_the_gateways_credential(
+    path: InProcess,
+) -> None:
     _, reply = path.send("tools/list", {})
     names = {tool["name"] for tool in reply["result"]["tools"]}
     assert "workspace__send_report" in names and "workspace__search_tasks" in names

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import dataclasses
 import math
@@ -13,6 +12,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
+from tests.conftest import until_async
 
 from bastion.background import Background
 from bastion.control.registry.agents import Agent, AgentStatus, RegistrySnapshot
@@ -584,13 +584,6 @@ def test_a_file_that_is_not_a_database_is_unavailable(tmp_path: Path) -> None:
 # --- the view's watcher ---
 
 
-async def _until(check: Any, seconds: float = 5.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)
-
-
 async def test_the_watcher_sees_another_process_change_and_runs_the_hooks(pair: Any) -> None:
     cli, gateway = pair
     cli.add(make_agent())
@@ -606,7 +599,7 @@ async def test_the_watcher_sees_another_process_change_and_runs_the_hooks(pair: 
     await background.start()
     try:
         cli.set_status("billing-bot", AgentStatus.SUSPENDED, "anomalous calls")  # as the CLI
-        await _until(lambda: ended)
+        await until_async(lambda: ended)
         agent = view.agent("billing-bot")
         assert agent is not None and agent.status is AgentStatus.SUSPENDED
         # A change another reader took in first (the token endpoint's refresh) still counts

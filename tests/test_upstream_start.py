@@ -18,13 +18,12 @@ import asyncio
 import json
 import logging
 import sys
-import time
 from collections.abc import AsyncIterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.conftest import FIXTURES, modern_body, modern_headers
+from tests.conftest import FIXTURES, modern_body, modern_headers, until_async
 
 from bastion import config
 from bastion.app import Gateway
@@ -126,18 +125,6 @@ def missing(result: dict[str, Any]) -> dict[str, str]:
     return {entry["upstream"]: entry["reason"] for entry in found}
 
 
-async def until(condition: Any, what: str, seconds: float = 30) -> Any:
-    """Poll an async condition until it returns something truthy (or fail after `seconds`)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        value = await condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {seconds} s")
-        await asyncio.sleep(0.05)
-
-
 def starts(tmp: Path, tenant: str) -> int:
     path = tmp / "starts"
     return path.read_text().split().count(tenant) if path.exists() else 0
@@ -148,7 +135,7 @@ async def test_a_list_waits_for_a_slow_first_start(tmp_path: Path, started: list
     gateway = await start(started, settings_for(tmp_path, slow_timeout=30))
     listing = asyncio.create_task(tools_list(gateway))
     # The client's server has started and waits at its gate: the list must be waiting too.
-    await until(lambda: _now(starts(tmp_path, "acme") == 1), "the slow server's start")
+    await until_async(lambda: _now(starts(tmp_path, "acme") == 1), "the slow server's start")
     assert not listing.done()
     (tmp_path / "gate-acme").touch()
     result = await asyncio.wait_for(listing, 30)
@@ -171,7 +158,7 @@ async def test_a_start_past_the_deadline_is_named_then_served(
     async def served() -> bool:
         return names(await tools_list(gateway)) == QUICK + SLOW
 
-    await until(served, "the slow server's tools in the list")
+    await until_async(served, "the slow server's tools in the list")
     assert starts(tmp_path, "acme") == 1  # the start went on; it was not begun again
 
 
@@ -193,7 +180,7 @@ async def test_an_upstream_the_catalog_missed_at_start_is_named_until_listed(
         found = await tools_list(gateway)
         return found if names(found) == QUICK + SLOW else None
 
-    result = await until(listed, "the slow server's tools in the list")
+    result = await until_async(listed, "the slow server's tools in the list")
     assert missing(result) == {}
 
 

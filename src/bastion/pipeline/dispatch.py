@@ -148,11 +148,8 @@ class Dispatcher:
     async def _forward(self, exchange: Exchange, route: Route) -> Answer:
         """A request for one upstream, under that upstream's own name for what it names."""
         target = exchange.target
-        if target is None:
-            await self.refresh_index(exchange, route)
-            target = route.target(exchange)
-            if target is None:
-                raise InvalidParams(f"resource not found: {shown(exchange.params.get('uri'))}")
+        if target is None:  # the route stage resolves (or refuses) every forwarded target
+            raise InvalidParams(f"resource not found: {shown(exchange.params.get('uri'))}")
         message = exchange.message
         routing = METHODS[exchange.method].routing
         if route.multiplex and routing is Routing.BY_NAME:
