@@ -7,7 +7,7 @@ PORT ?= 8080
 STAMP := $(VENV)/.installed
 NODE_STAMP := tests/node/node_modules/.installed
 
-.PHONY: run test lint check bench bench-peers install node postgres clean
+.PHONY: run test lint check bench bench-peers bench-poisoning bench-inspection install node postgres clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,12 @@ postgres:
 		{ apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; }
 
 run: install
-	$(VENV)/bin/bastion serve --config examples/quickstart.yaml --port $(PORT)
+	@if [ "$(LEAKY)" = 1 ]; then \
+	  echo "LEAKY mode: the workspace demo answers from a search cache keyed without the tenant"; \
+	  echo "(the Asana bug class). Search as acme-reader, then as globex-reader: Bastion blocks"; \
+	  echo "acme's tasks on their way to globex (inspection.foreign_tenant) — see the README."; \
+	fi
+	WORKSPACE_LEAKY=$(LEAKY) $(VENV)/bin/bastion serve --config examples/quickstart.yaml --port $(PORT)
 
 lint: install
 	$(VENV)/bin/ruff check src tests examples bench
@@ -50,6 +55,21 @@ bench-peers: install
 	@command -v haproxy >/dev/null || test -x /usr/sbin/haproxy || \
 		{ apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y haproxy; }
 	$(PY) bench/peers.py $(BENCH_ARGS)
+
+# Bastion at several git revisions in one interleaved run (ratios to the bare hop, medians of
+# rounds); WORKTREE = this checkout. JSON in bench/results/compare.json.
+bench-compare: install
+	$(PY) bench/compare.py $(or $(REVS),HEAD WORKTREE) $(BENCH_ARGS)
+
+# False positives of the poisoning and shadowing rules on real MCP servers' tool lists (the
+# reference servers and others, installed from npm and PyPI into .bench-venvs/): counts only.
+bench-poisoning: install
+	$(PY) bench/poisoning_fp.py $(BENCH_ARGS)
+
+# Secret, personal-data and injection scanners (and the inspection stage) on 1 KiB, 64 KiB and
+# 1 MiB answers: us per call and per KiB, JSON in bench/results/inspection.json.
+bench-inspection: install
+	$(PY) bench/inspection.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) tests/node/node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -56,6 +56,12 @@ from bastion.identity.dpop import make_proof
 from bastion.identity.jwt import mint
 from bastion.identity.keys import SigningKey, generate
 
+# Ordinary prose to pad an echo answer with (no ids, secrets or instructions: nothing for the
+# inspection rules to find, which is the common case they must make cheap).
+_FILLER = (
+    "The quarterly plan covers the website relaunch, the onboarding revamp and the audit of "
+    "checkout accessibility; each team reports progress weekly and flags risks early. "
+) * 14000
 MODERN = "2026-07-28"
 LEGACY = "2025-11-25"
 ACCEPT = "application/json, text/event-stream"
@@ -268,6 +274,9 @@ class Phase:
         # The tool's name at this target (a gateway may rename it, e.g. ContextForge's
         # "<gateway>-<tool>"), and static headers every request carries (a peer's own token).
         self.tool: str = cmd.get("tool") or "echo"
+        # The echo's text is padded to this many bytes, so the answer is as large (the
+        # inspection stage reads all of it).
+        self.answer_bytes: int = int(cmd.get("answer_bytes") or 0)
         self.extra_headers: dict[str, str] = dict(cmd.get("headers") or {})
         self.headers: dict[str, str] = {
             **MODERN_HEADERS,
@@ -297,6 +306,8 @@ class Phase:
     async def call(self, session: aiohttp.ClientSession, record: bool) -> None:
         request_id = next(self._ids)
         text = f"bench {request_id}"
+        if self.answer_bytes > len(text):
+            text += " " + _FILLER[: self.answer_bytes - len(text) - 1]
         body = self._body(request_id, text)
         headers = self.headers
         if self.proofs is not None:

@@ -2,9 +2,10 @@
 
 Targets (bench/peers_setup.py starts them): direct, HAProxy (HTTP mode, the C floor), the bare
 Python hop, Bastion in four set-ups — `auth: none` with audit off; OAuth Bearer + Cedar +
-minted credential + audit `synchronous: FULL` (the default deployment); the same with
-`synchronous: NORMAL`; the same with DPoP — ContextForge 1.1.0 stateless and stateful, and
-FastMCP's proxy. All on 127.0.0.1, all children of this process, all stopped at the end.
+minted credential + the audit trail at its default level (surviving kill -9, no fsync per
+call: the default deployment); the same with `survives: power` (fsync); the same with DPoP —
+ContextForge 1.1.0 stateless and stateful, and FastMCP's proxy. All on 127.0.0.1, all
+children of this process, all stopped at the end.
 
 Each repeat runs every target in both eras (2026-07-28 stateless, 2025-11-25 with a session),
 sequential calls then 32 concurrent workers, in an order rotated per repeat, so every
@@ -75,14 +76,14 @@ ORDER = (
     "bare",
     "none",
     "full",
-    "normal",
+    "power",
     "dpop",
     "cf-stateless",
     "cf-stateful",
     "fastmcp",
 )
 REQUIRED = ("direct", "bare", "full")  # every ratio needs these
-GROUPS = {"contextforge": ("cf-stateless", "cf-stateful"), "bastion": ("none", "normal", "dpop")}
+GROUPS = {"contextforge": ("cf-stateless", "cf-stateful"), "bastion": ("none", "power", "dpop")}
 PROBE_CALLS = 3
 
 

@@ -569,7 +569,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--audience", help="this server's audience (default: its own /mcp URL)")
     parser.add_argument(
-        "--leaky", action="store_true", help="reproduce the cross-tenant search cache leak"
+        "--leaky",
+        action="store_true",
+        default=os.environ.get("WORKSPACE_LEAKY") == "1",
+        help="reproduce the cross-tenant search cache leak (also: WORKSPACE_LEAKY=1)",
     )
     parser.add_argument(
         "--allowed-host",

@@ -450,6 +450,8 @@ async def test_stop_cancels_and_awaits_every_background_task(
             "policy files",
             "catalog",
             "idle sessions",
+            "upstream trust",
+            "access review reminder",
         ]
     left = [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("bastion-")]
     assert left == []

@@ -453,3 +453,27 @@ async def test_the_writer_fails_closed_while_the_server_is_down_and_recovers(
     assert request_ids(dsn) == [f"req-{i}" for i in range(7)]
     report = verified(tmp_path)
     assert report.ok, report.findings
+
+
+# --- durability levels --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("survives", "expected"), [("process", "off"), ("power", "on")])
+def test_the_level_sets_what_a_commit_waits_for(dsn: str, survives: Any, expected: str) -> None:
+    """`survives: process` commits without waiting for the server's WAL flush (the record is
+    in the server, safe from the gateway's death); `power` waits for it, even when the server's
+    own default is `off`."""
+    with PostgresAuditStore(dsn, survives=survives) as opened:
+        with opened._lock:
+            conn = opened._connection()
+            assert conn.execute("SHOW synchronous_commit").fetchone() == (expected,)
+
+
+def test_power_overrides_a_server_default_of_off(dsn: str) -> None:
+    with PostgresAuditStore(dsn) as first:
+        with first._lock:
+            conn = first._connection()
+            database = conn.execute("SELECT current_database()").fetchone()[0]
+            conn.execute(f'ALTER DATABASE "{database}" SET synchronous_commit = off')
+    with PostgresAuditStore(dsn, survives="power") as opened, opened._lock:
+        assert opened._connection().execute("SHOW synchronous_commit").fetchone() == ("on",)

@@ -30,6 +30,7 @@ from tests.conftest import (
 )
 
 from bastion.audit import AuditRecord, SqliteAuditStore, digest, open_writer
+from bastion.audit.ahead import WriteAhead
 from bastion.audit.recover import recover, unfinished
 
 STOPPED = "the gateway stopped before the outcome was recorded"
@@ -136,6 +137,19 @@ def _records(tmp: Path) -> list[AuditRecord]:
         return [AuditRecord.from_json(entry.record) for entry in store.read()]
 
 
+def _written_ahead(tmp: Path) -> list[AuditRecord]:
+    """Records in the write-ahead files that the store does not hold yet."""
+    folder = tmp / "state" / "audit"
+    with SqliteAuditStore(folder / "audit.db", create=False) as store:
+        found = []
+        for first in folder.glob("ahead-*.0"):
+            writer_id = first.name.removeprefix("ahead-").removesuffix(".0")
+            last = store.last(writer_id)
+            records = WriteAhead(folder, writer_id).replay(last[0] if last else 0)
+            found += [AuditRecord.from_json(record.decode()) for record in records]
+    return found
+
+
 def _verify(gw: GatewayProcess) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "bastion.cli", "audit", "verify", "--config", str(gw.config_path)],
@@ -193,7 +207,9 @@ def test_kill_9_leaves_no_decision_without_an_outcome(tmp_path: Path) -> None:
         for worker in workers:
             if worker.is_alive():
                 worker.join(timeout=15)
-    before = _records(tmp_path)
+    # What the killed process left: its commits, and (at the default `survives: process`) the
+    # records it had only written ahead, which the restart commits before closing any call.
+    before = _records(tmp_path) + _written_ahead(tmp_path)
     assert unfinished(before), "the kill left no call open: nothing was tested"
 
     restarted = start_gateway(tmp_path, config, port)

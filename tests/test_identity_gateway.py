@@ -106,11 +106,15 @@ def idgw(
                 "transport": "http",
                 "url": f"http://127.0.0.1:{rp}/mcp",
                 "launch": [py, str(FIXTURES / "bad_http_upstream.py"), "--port", str(rp)],
+                # It answers with the credential it received, which these tests read: the
+                # inspection stage would redact it (tests/test_malicious_upstream.py).
+                "inspect": {"secrets": "off"},
             },
             "keyed": {
                 "transport": "http",
                 "url": f"http://127.0.0.1:{kp}/mcp",
                 "launch": [py, str(FIXTURES / "bad_http_upstream.py"), "--port", str(kp)],
+                "inspect": {"secrets": "off"},  # it echoes its credential (see recorder)
                 "credentials": {
                     "mode": "secret",
                     "secret": "env:KEYED_UPSTREAM_TOKEN",
@@ -122,6 +126,7 @@ def idgw(
                 "transport": "http",
                 "url": f"http://127.0.0.1:{xp}/mcp",
                 "launch": [py, str(FIXTURES / "bad_http_upstream.py"), "--port", str(xp)],
+                "inspect": {"secrets": "off"},  # it echoes its credential (see recorder)
                 "credentials": {
                     "mode": "token_exchange",
                     "token_endpoint": exchange_as.token_endpoint,

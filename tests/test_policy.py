@@ -412,7 +412,8 @@ def test_redaction_of_arguments_and_results(tmp_path: Path, listings: dict[str, 
         'permit (principal in Bastion::Tenant::"acme", '
         'action == Bastion::Action::"workspace__search_tasks", resource);\n'
     )
-    authz = _authorizer(_settings(tmp_path, cedar), listings)
+    settings = _settings(tmp_path, cedar)
+    authz = _authorizer(settings, listings)
     ex = call(authz, "acme-reader", "workspace__search_tasks", query="salary of bob")
     assert ex.decision is not None and ex.decision.allowed
     assert ex.params["arguments"] == {"query": REDACTED}  # what the upstream and the trail see
@@ -424,7 +425,8 @@ def test_redaction_of_arguments_and_results(tmp_path: Path, listings: dict[str, 
     assert paths(ex.decision.obligations, "result") == [
         ("structuredContent", "tasks", None, "title")
     ]
-    shown = Inspection().inspect(ex, Answer(reply)).first
+    answer = asyncio.run(Inspection(settings).inspect(ex, Answer(reply), ("workspace",)))
+    shown = answer.first
     assert shown["result"]["structuredContent"]["tasks"] == [{"id": "acme-t1", "title": REDACTED}]
     assert reply["result"]["structuredContent"]["tasks"][0]["title"] == "secret"  # a copy
     # Paths that do not reach anything leave the value as it is.

@@ -553,7 +553,9 @@ def test_the_file_is_in_wal_mode_with_a_schema_version(
     db = sqlite3.connect(path)
     try:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert db.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        # 1: agents, revocations, killed sessions; 2: upstream trust (pins, quarantines);
+        # 3: access reviews (agents' key and status times, reviews, decisions).
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
     finally:
         db.close()
 
@@ -564,7 +566,7 @@ def test_a_newer_schema_is_refused(path: Path) -> None:
     db.execute("UPDATE schema_version SET version = 99")
     db.commit()
     db.close()
-    with pytest.raises(RegistryUnavailable, match="schema version 99; this Bastion knows up to 1"):
+    with pytest.raises(RegistryUnavailable, match="schema version 99; this Bastion knows up to 3"):
         SqliteRegistry(path)
 
 

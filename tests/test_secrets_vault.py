@@ -328,6 +328,9 @@ def keyed_config(port: int, upstream_port: int) -> dict[str, Any]:
             "keyed": {
                 "transport": "http",
                 "url": f"http://127.0.0.1:{upstream_port}/mcp",
+                # The fixture answers with the credential it received, which this test reads
+                # (inspection would redact it: tests/test_malicious_upstream.py).
+                "inspect": {"secrets": "off"},
                 "credentials": {
                     "mode": "secret",
                     "header": "X-Api-Key",

@@ -1,9 +1,9 @@
 """Assembly: settings → upstreams → pipeline → routes → the ASGI application, and serving it.
 
 The gateway owns its background work in one place (`Background`): the registry and key
-watchers, the policy-file watcher, the catalog jobs (relisting upstreams, learning resource
-URIs) and the idle-session janitor. `start` launches them, `stop` cancels and awaits them; the
-request path only reads what they publish.
+watchers, the trusted issuers' JWKS watchers, the policy-file watcher, the catalog jobs
+(relisting upstreams, learning resource URIs) and the idle-session janitor. `start` launches
+them, `stop` cancels and awaits them; the request path only reads what they publish.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from typing import Any, Protocol
 
 from bastion.asgi import ASGIApp, Receive, Scope, Send
 from bastion.audit import AuditRecord, AuditWriter, Query
+from bastion.audit.detect import Alert
 from bastion.audit.recover import recover
 from bastion.background import Background, Refresher
 from bastion.config import Settings
+from bastion.inspect.trust import Trust
 from bastion.observe.metrics import Metrics
 from bastion.observe.tracing import Tracing
 from bastion.pipeline.authn import AgentDirectory, SigningKeys
@@ -79,6 +81,16 @@ class WatchedKeys(SigningKeys, Protocol):
     def watch(self) -> Refresher: ...
 
 
+class WatchedTrust(Trust, Protocol):
+    """Pins and quarantines as the gateway holds them: a snapshot the request path reads,
+    kept current (and its queued writes written, its alerts raised) by `watch`."""
+
+    alerts: Callable[[Alert], Awaitable[None]] | None
+
+    @property
+    def watch(self) -> Refresher: ...
+
+
 # The registry view is read within this long of `start` before the gateway serves.
 _FIRST_READ_SECONDS = 10.0
 
@@ -97,12 +109,13 @@ class Gateway:
         audit: AuditWriter | None = None,
         suspend: Callable[[str, str], Awaitable[None]] | None = None,
         nonce_key: bytes | None = None,
+        trust: WatchedTrust | None = None,
     ) -> None:
         self.settings = settings
         self.audit = audit
         self.upstreams = Upstreams(settings)
         self.pipeline = Pipeline(
-            settings, self.upstreams, agents, keys, secrets, audit, nonce_key=nonce_key
+            settings, self.upstreams, agents, keys, secrets, audit, nonce_key=nonce_key, trust=trust
         )
         self.routes = routes_for(settings)
         self.metrics = Metrics()
@@ -118,6 +131,9 @@ class Gateway:
         )
         self._agents = agents
         self.background = self._background(agents, keys)
+        if trust is not None:  # pins and quarantines: written, reloaded, alerted beside the path
+            trust.alerts = trail.alert
+            self.background.add(trust.watch.name, trust.watch.run)
 
     def _background(self, agents: WatchedDirectory | None, keys: WatchedKeys | None) -> Background:
         """Everything that runs beside the request path, owned here."""
@@ -129,6 +145,8 @@ class Gateway:
         if keys is not None:
             background.add(keys.watch.name, keys.watch.run)
         for name, run in self.pipeline.authz.background():
+            background.add(name, run)
+        for name, run in self.pipeline.authn.issuers.background():  # trusted issuers' JWKS
             background.add(name, run)
         period = min(60.0, self.settings.limits.session_idle_seconds / 2)
         janitor = Refresher("idle sessions", self._expire_sessions, every=period)

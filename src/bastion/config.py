@@ -23,6 +23,7 @@ __all__ = [
     "RESERVED_TENANT",
     "SECRET_REFERENCE",
     "TOOL_SEPARATOR",
+    "Containment",
     "AdminSettings",
     "Alerts",
     "ArgumentRule",
@@ -34,12 +35,19 @@ __all__ = [
     "CrossTenant",
     "DenialBurst",
     "Dpop",
+    "ENVIRONMENTS",
+    "CrossEnvironment",
+    "Environment",
+    "Governance",
     "Grant",
     "Habit",
     "HttpUpstream",
+    "Inspect",
+    "InspectionSettings",
     "Limits",
     "Listen",
     "PolicySettings",
+    "Quarantine",
     "RateSpike",
     "Restart",
     "Rule",
@@ -55,6 +63,7 @@ __all__ = [
     "Upstream",
     "VirtualServer",
     "audit_path_problems",
+    "environment_problems",
     "load",
     "parse",
 ]
@@ -68,6 +77,10 @@ TOOL_SEPARATOR = "__"
 RESERVED_TENANT = "bastion"
 # A secret is named, never written in the file: env:NAME, file:PATH or vault:PATH#KEY.
 SECRET_REFERENCE = r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:.+|vault:[^#]+#.+)$"  # noqa: S105
+# Where a gateway, an upstream, a virtual server or an agent belongs. An agent reaches only
+# upstreams of its own environment (a built-in forbid); a `prod` gateway refuses `demo` parts.
+Environment = Literal["dev", "staging", "prod", "demo"]
+ENVIRONMENTS: tuple[str, ...] = ("dev", "staging", "prod", "demo")
 
 
 class _Frozen(BaseModel):
@@ -128,7 +141,7 @@ class SeedAgent(_Frozen):
     tenant: str = Field(pattern=NAME_PATTERN)
     owner: str
     purpose: str
-    environment: Literal["dev", "staging", "prod"] = "dev"
+    environment: Environment = "dev"
     scopes: tuple[str, ...] = ()
     require_dpop: bool = False
     roles: tuple[str, ...] = ()
@@ -265,6 +278,51 @@ class Restart(_Frozen):
     max_seconds: float = Field(30.0, gt=0)
 
 
+Containment = Literal["block", "redact", "flag", "off"]
+
+
+class Quarantine(_Frozen):
+    """When an upstream whose answers leaked across a tenant line is taken out of service for
+    every tenant, until an operator releases it (None: never, only alerted)."""
+
+    after: int | None = Field(None, ge=1)  # contained leaks before the quarantine
+
+
+class Inspect(_Frozen):
+    """What the inspection stage does with what this upstream sends back.
+
+    `block` withholds the answer (the client gets an `inspection.*` error), `redact` replaces
+    what was found by a marker, `flag` delivers it and records and alerts, `off` skips the rule.
+    """
+
+    tenants: Containment = "block"  # objects of another tenant (`tenant_arguments` patterns)
+    quarantine: Quarantine = Quarantine()
+    secrets: Containment = "redact"  # keys, tokens, private keys, passwords in URLs
+    personal_data: Containment = "off"
+    personal_kinds: tuple[Literal["email", "card", "phone", "iban"], ...] = (
+        "email",
+        "card",
+        "phone",
+        "iban",
+    )
+    injection: Literal["block", "flag", "off"] = "flag"  # instructions aimed at the model
+    pins: Literal["enforce", "off"] = "enforce"  # a changed definition waits for an operator
+    poisoning: Literal["withhold", "flag", "off"] = "flag"  # instructions in descriptions
+    shadowing: Literal["withhold", "flag", "off"] = "withhold"  # names like another's tools
+    # Labels a session collects whenever this upstream answers it (e.g. `untrusted` for a
+    # server that fetches web pages); policy reads them in `context.history.labels`.
+    labels: tuple[str, ...] = ()
+
+
+class InspectionSettings(_Frozen):
+    """The inspection stage as a whole (per-upstream rules are under `upstreams.*.inspect`)."""
+
+    enabled: bool = True
+    # Tenants whose objects the tenant guard recognises besides those of registered agents
+    # and grants (customers of an upstream that have no agent at this gateway).
+    tenants: tuple[str, ...] = ()
+
+
 class HttpUpstream(_Frozen):
     """An MCP server reached over Streamable HTTP."""
 
@@ -277,12 +335,14 @@ class HttpUpstream(_Frozen):
     launch: tuple[str, ...] = ()
     cwd: str | None = None
     expose: bool = True
+    environment: Environment | None = None  # None: the gateway's own `environment`
     # Policy inputs: whether the tool annotations this server declares are believed, which
     # arguments name a tenant's object (`{tenant}` in a glob, e.g. "{tenant}-p*"), and
     # labels per tool that a session's history collects (e.g. `send_report: [egress]`).
     trusted: bool = False
     tenant_arguments: dict[str, str] = Field(default_factory=dict)
     labels: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    inspect: Inspect = Inspect()
     credentials: Credential = Credential()
 
     @field_validator("url")
@@ -305,12 +365,14 @@ class StdioUpstream(_Frozen):
     protocol: Literal["auto", "legacy", "modern"] = "auto"
     restart: Restart = Restart()
     expose: bool = True
+    environment: Environment | None = None  # None: the gateway's own `environment`
     # Policy inputs: whether the tool annotations this server declares are believed, which
     # arguments name a tenant's object (`{tenant}` in a glob, e.g. "{tenant}-p*"), and
     # labels per tool that a session's history collects (e.g. `send_report: [egress]`).
     trusted: bool = False
     tenant_arguments: dict[str, str] = Field(default_factory=dict)
     labels: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    inspect: Inspect = Inspect()
     credentials: Credential = Credential(mode="none")
 
 
@@ -323,6 +385,7 @@ class VirtualServer(_Frozen):
     path: str = Field(pattern=r"^/[A-Za-z0-9/_.-]*$")
     upstreams: tuple[str, ...] = Field(min_length=1)
     instructions: str | None = None
+    environment: Environment | None = None  # None: its upstreams' (which must agree)
 
 
 RATE_PATTERN = r"^[1-9][0-9]*/(second|minute|hour|day)$"
@@ -380,15 +443,56 @@ class Grant(_Frozen):
         return self
 
 
+class CrossEnvironment(_Frozen):
+    """An exception to environment separation: agents of `from_` may reach upstreams of `to`.
+
+    It is written into the built-in `environment-separation` forbid (`unless { … }`), so
+    `bastion policy explain` shows it with the rule it relaxes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    from_: Environment = Field(alias="from")  # the agents' environment
+    to: Environment  # the upstreams' environment
+    tenant: str  # a tenant name, or "*" for every tenant
+    agents: tuple[str, ...] = ()  # none: every agent of the tenant in `from`
+    servers: tuple[str, ...] = ()  # none: every upstream in `to`
+    reason: str = Field(min_length=1)  # why; shown in the policy text
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant(cls, value: str) -> str:
+        if value != "*" and not re.match(NAME_PATTERN, value):
+            raise ValueError(f"expected a tenant name or '*', found {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _crosses(self) -> CrossEnvironment:
+        if self.from_ == self.to:
+            raise ValueError(f"from and to are both {self.to!r}: nothing to allow")
+        return self
+
+
 class PolicySettings(_Frozen):
     """Authorization: Cedar policy files and YAML grants, evaluated on every request."""
 
     files: tuple[str, ...] = ()  # .cedar files, relative to the config file
     grants: tuple[Grant, ...] = ()
-    environment: str = "production"  # context.request.environment
+    # The old name of the top-level `environment` (the gateway's), still read.
+    environment: str | None = None
+    cross_environment: tuple[CrossEnvironment, ...] = ()
     reload_seconds: float = Field(1.0, gt=0)  # how often the files are checked for changes
     approval_timeout_seconds: float = Field(120.0, gt=0)
     catalog_timeout_seconds: float = Field(10.0, gt=0)  # listing upstream tools at start
+
+    @field_validator("environment")
+    @classmethod
+    def _environment(cls, value: str | None) -> str | None:
+        if value is not None and value not in ENVIRONMENTS:
+            raise ValueError(
+                f"expected one of {', '.join(ENVIRONMENTS)}, found {value[:40]!r} "
+                "(the gateway's environment; write it as the top-level `environment:`)"
+            )
+        return value
 
 
 def _loopback(host: str | None) -> bool:
@@ -555,6 +659,81 @@ def audit_path_problems(settings: Settings) -> dict[str, str]:
     }
 
 
+def environment_problems(settings: Settings) -> dict[str, str]:
+    """Key path -> problem, for environments: a virtual server whose upstreams are not all of
+    its environment, an exception naming what it cannot apply to, and in a `prod` gateway
+    every demo part and `auth: none` (see docs/decisions/0004-environments.md)."""
+    problems: dict[str, str] = {}
+    old = settings.policy.environment
+    if old is not None and old != settings.environment:
+        problems["policy.environment"] = (
+            f"{old!r} disagrees with the top-level environment {settings.environment!r}; "
+            "keep only the top-level `environment:`"
+        )
+    for name, server in settings.virtual_servers.items():
+        problems.update(_virtual_server_problems(settings, name, server))
+    for n, exception in enumerate(settings.policy.cross_environment):
+        for upstream in exception.servers:
+            if upstream not in settings.upstreams:
+                found = "is not an upstream"
+            elif settings.environment_of(upstream) != exception.to:
+                found = f"is in {settings.environment_of(upstream)!r}"
+            else:
+                continue
+            problems[f"policy.cross_environment.{n}.servers"] = (
+                f"{upstream!r} {found}, not in {exception.to!r} (the exception's `to`)"
+            )
+    if settings.environment == "prod":
+        problems.update(_prod_problems(settings))
+    return problems
+
+
+def _virtual_server_problems(
+    settings: Settings, name: str, server: VirtualServer
+) -> dict[str, str]:
+    found = {u: settings.environment_of(u) for u in server.upstreams if u in settings.upstreams}
+    wanted = server.environment
+    if wanted is not None:
+        others = [f"{u!r} ({env})" for u, env in found.items() if env != wanted]
+        if others:
+            return {
+                f"virtual_servers.{name}.environment": f"{wanted!r}, but its upstreams "
+                f"{', '.join(others)} are not; a virtual server serves one environment"
+            }
+    elif len(set(found.values())) > 1:
+        listed = ", ".join(f"{u!r} ({env})" for u, env in found.items())
+        return {
+            f"virtual_servers.{name}.upstreams": f"upstreams of different environments: "
+            f"{listed}; a virtual server serves one environment"
+        }
+    return {}
+
+
+def _prod_problems(settings: Settings) -> dict[str, str]:
+    """What a `prod` gateway refuses: anything labelled demo, and callers without identity."""
+    problems: dict[str, str] = {}
+    if settings.auth.mode == "none":
+        problems["auth.mode"] = (
+            "a prod gateway refuses auth: none (every caller would be one anonymous agent)"
+        )
+    demo = "a prod gateway refuses demo {what}; remove it or run it on a demo gateway"
+    for name, upstream in settings.upstreams.items():
+        if upstream.environment == "demo":
+            problems[f"upstreams.{name}.environment"] = demo.format(what="upstreams")
+    for name, server in settings.virtual_servers.items():
+        if server.environment == "demo":
+            problems[f"virtual_servers.{name}.environment"] = demo.format(what="virtual servers")
+    for n, agent in enumerate(settings.auth.agents):
+        if agent.environment == "demo":
+            problems[f"auth.agents.{n}.environment"] = demo.format(what=f"agents ({agent.id!r})")
+    for n, exception in enumerate(settings.policy.cross_environment):
+        if exception.from_ == "demo":
+            problems[f"policy.cross_environment.{n}.from"] = demo.format(
+                what="agents, even by exception"
+            )
+    return problems
+
+
 def _audit_paths(settings: Settings, base: Path) -> dict[str, Any]:
     """The audit signer key file and anchor, resolved against the config file's folder."""
     update: dict[str, Any] = {}
@@ -570,10 +749,15 @@ class AuditSettings(_Frozen):
     """The audit trail: where it is kept and what a call waits for."""
 
     enabled: bool = True
-    # strict: a call goes upstream only after its decision record is committed;
-    # relaxed: records are written behind the calls.
+    # strict: a call goes upstream only once its decision record is as safe as `survives`
+    # says; relaxed: records are written behind the calls.
     durability: Literal["strict", "relaxed"] = "strict"
-    synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    # What a record the writer took survives. process: a crash or kill -9 of the gateway (a
+    # write-ahead in the OS page cache, no fsync per call); power: also an OS crash or power
+    # loss (an fsync per group commit). README: Durability.
+    survives: Literal["process", "power"] = "process"
+    # Before `survives`: FULL is survives power, NORMAL survives process (kept for old files).
+    synchronous: Literal["FULL", "NORMAL"] | None = None
     max_bytes: int | None = Field(None, ge=65536)  # the store refuses to grow past this
     checkpoint_every: int = Field(1000, ge=1)
     checkpoint_seconds: float = Field(5.0, gt=0)
@@ -607,6 +791,20 @@ class AuditSettings(_Frozen):
         if not re.match(r"(?i)^postgres(ql)?://", value) and "=" not in value:
             raise ValueError("expected env:NAME, file:PATH or a postgresql:// DSN")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _synchronous(cls, data: Any) -> Any:
+        """Read the older `synchronous` as the `survives` it meant; refuse a contradiction."""
+        if not isinstance(data, dict) or data.get("synchronous") not in ("FULL", "NORMAL"):
+            return data
+        meant = "power" if data["synchronous"] == "FULL" else "process"
+        if data.get("survives", meant) != meant:
+            raise ValueError(
+                f"synchronous {data['synchronous']} means survives {meant}, but survives is "
+                f"{data['survives']!r}; keep only survives"
+            )
+        return {**data, "survives": meant}
 
     @model_validator(mode="after")
     def _store_needs(self) -> AuditSettings:
@@ -655,6 +853,21 @@ class Telemetry(_Frozen):
     traces: Traces = Traces()
 
 
+class Governance(_Frozen):
+    """Access reviews (`bastion review`): what a finding is, and how often a review is due.
+
+    `owners` is the list of people who may own agents today (the source of truth for "owner
+    gone"); empty, that rule is off, since owners are free text in the registry.
+    """
+
+    unused_days: int = Field(30, ge=1)  # an active agent not used for this long
+    max_expiry_days: int = Field(365, ge=1)  # an expiry further away than this
+    max_key_age_days: int = Field(180, ge=1)  # keys not rotated for this long
+    suspended_days: int = Field(14, ge=1)  # suspended for this long, neither resumed nor ended
+    review_every_days: int = Field(90, ge=1)  # after the last closed review, the next is due
+    owners: tuple[str, ...] = ()
+
+
 class Settings(_Frozen):
     """The whole configuration, validated."""
 
@@ -667,8 +880,29 @@ class Settings(_Frozen):
     limits: Limits = Limits()
     security: Security = Security()
     telemetry: Telemetry = Telemetry()
+    inspection: InspectionSettings = InspectionSettings()
+    governance: Governance = Governance()
     upstreams: dict[str, Upstream] = Field(default_factory=dict)
     virtual_servers: dict[str, VirtualServer] = Field(default_factory=dict)
+    # The gateway's own environment: its upstreams' unless they say otherwise, and what
+    # `context.request.environment` carries. `prod` refuses demo parts and `auth: none`.
+    environment: Environment = "dev"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_environment(cls, data: Any) -> Any:
+        """Read `policy.environment`, the old name of `environment`, when that is not given
+        (a disagreement between the two is reported by `environment_problems`)."""
+        policy = data.get("policy") if isinstance(data, dict) else None
+        old = policy.get("environment") if isinstance(policy, dict) else None
+        if old in ENVIRONMENTS and "environment" not in data:
+            return {**data, "environment": old}
+        return data
+
+    def environment_of(self, upstream: str) -> str:
+        """An upstream's environment: its own, else the gateway's."""
+        found = self.upstreams.get(upstream)
+        return (found.environment if found is not None else None) or self.environment
 
     @model_validator(mode="after")
     def _references(self) -> Settings:
@@ -757,15 +991,24 @@ def parse(text: str, *, source: str = "<config>", base: Path | None = None) -> S
     except ValidationError as exc:
         raise ConfigError([_describe(error, lines) for error in exc.errors()]) from exc
     settings = _resolve_paths(settings, base) if base is not None else settings
-    problems = audit_path_problems(settings)
+    problems = {**audit_path_problems(settings), **environment_problems(settings)}
     if problems:
         raise ConfigError(
             [
-                f"{key} (line {lines.get(tuple(key.split('.')), 1)}): {problem}"
+                f"{key} (line {_nearest_line(lines, key)}): {problem}"
                 for key, problem in problems.items()
             ]
         )
     return settings
+
+
+def _nearest_line(lines: dict[tuple[str, ...], int], key: str) -> int:
+    """The line of a key path, else of its nearest written parent (a defaulted key)."""
+    parts = tuple(key.split("."))
+    for cut in range(len(parts), 0, -1):
+        if parts[:cut] in lines:
+            return lines[parts[:cut]]
+    return 1
 
 
 def _describe(error: Any, lines: dict[tuple[str, ...], int]) -> str:

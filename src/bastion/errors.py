@@ -26,9 +26,17 @@ BastionError                     bastion                 500   -32603  (the root
 ├── UpstreamError                upstream.error          200   -32603
 │   ├── UpstreamTimeout          upstream.timeout        200   -32603
 │   ├── UpstreamUnavailable      upstream.unavailable    200   -32603
-│   └── WireError                upstream.wire           200   -32603  (a peer broke HTTP)
+│   ├── WireError                upstream.wire           200   -32603  (a peer broke HTTP)
+│   └── Quarantined              upstream.quarantined    200   -32603  (until released)
+├── InspectionError              inspection.blocked      200   -32603  (an answer withheld)
+│   ├── ForeignTenant            inspection.foreign_tenant 200 -32603  (another tenant's)
+│   ├── SecretFound              inspection.secret       200   -32603  (.kinds)
+│   ├── InjectionFound           inspection.injection    200   -32603  (.kinds)
+│   ├── ToolChanged              inspection.tool_changed 200   -32603  (pending approval)
+│   └── DefinitionWithheld       inspection.withheld     200   -32603  (poisoned or shadowing)
 ├── SessionQuotaExceeded         session.quota           429   -32600  (.quota: which one)
 ├── Overloaded                   server.busy             503   -32603
+├── IssuerUnavailable            auth.issuer_unavailable 503   -32603  (keys out of reach)
 ├── AuditUnavailable             audit.unavailable       503   -32603
 ├── FilterInvalid                audit.filter            400   -32603  (.parameter)
 ├── SinkError                    audit.sink              500   -32603  (retried, never sent)
@@ -71,9 +79,14 @@ __all__ = [
     "BastionError",
     "BodyTooLarge",
     "ConfigError",
+    "DefinitionWithheld",
     "FilterInvalid",
+    "ForeignTenant",
     "HeaderMismatch",
+    "InjectionFound",
     "InputError",
+    "InspectionError",
+    "IssuerUnavailable",
     "InsufficientScope",
     "InvalidEnvelope",
     "InvalidParams",
@@ -88,16 +101,19 @@ __all__ = [
     "PolicyError",
     "PolicyLoadError",
     "ProtocolError",
+    "Quarantined",
     "RegistryConflict",
     "RegistryError",
     "RegistryInvalid",
     "RegistryNotFound",
     "RegistryUnavailable",
+    "SecretFound",
     "SessionNotFound",
     "SessionQuotaExceeded",
     "SessionRequired",
     "SinkError",
     "TokenError",
+    "ToolChanged",
     "UnsupportedMediaType",
     "UnsupportedVersion",
     "UpstreamError",
@@ -341,6 +357,54 @@ class WireError(UpstreamError):
     code = "upstream.wire"
 
 
+class Quarantined(UpstreamError):
+    """An upstream taken out of service for every tenant (after answers that leaked across a
+    tenant line) until an operator releases it."""
+
+    code = "upstream.quarantined"
+
+
+class InspectionError(BastionError):
+    """The inspection stage withheld what an upstream sent back: the client gets this error
+    instead of the data. `data` names the rule and what it found, never the data itself."""
+
+    code = "inspection.blocked"
+    http_status = 200  # the refusal of one answer, not of the transport
+    rpc_code = -32603
+
+
+class ForeignTenant(InspectionError):
+    """An answer carried objects of a tenant other than the caller's."""
+
+    code = "inspection.foreign_tenant"
+
+
+class SecretFound(InspectionError):
+    """An answer or an upstream's error carried a secret (a key, a token, a password)."""
+
+    code = "inspection.secret"
+
+
+class InjectionFound(InspectionError):
+    """An answer carried instructions aimed at the model, and the upstream blocks them."""
+
+    code = "inspection.injection"
+
+
+class ToolChanged(InspectionError):
+    """A tool, prompt or template whose definition changed since it was pinned: withheld
+    until an operator approves the new version."""
+
+    code = "inspection.tool_changed"
+
+
+class DefinitionWithheld(InspectionError):
+    """A tool, prompt or template withheld at listing: its description carries instructions
+    to the model, or its name shadows another upstream's."""
+
+    code = "inspection.withheld"
+
+
 class SessionQuotaExceeded(BastionError):
     """An initialize would pass a session quota: `quota` says which (`agent`, `tenant`, or
     `gateway` for `limits.max_sessions`) and `limit` its value. One principal's sessions never
@@ -360,6 +424,15 @@ class Overloaded(BastionError):
     """A bounded resource is full; refusing is safer than forgetting (503, retry later)."""
 
     code = "server.busy"
+    http_status = 503
+    rpc_code = -32603
+
+
+class IssuerUnavailable(BastionError):
+    """A trusted issuer's keys could not be fetched (or not for too long): its tokens cannot
+    be checked now. The gateway's trouble, not the token's (503, retry later)."""
+
+    code = "auth.issuer_unavailable"
     http_status = 503
     rpc_code = -32603
 

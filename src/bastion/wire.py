@@ -178,10 +178,14 @@ class Response:
         self.headers = conn.headers
         self._released = False
 
-    async def read(self) -> bytes:
-        """The whole body."""
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body; a WireError once it passes `limit` bytes (when given)."""
         parts = []
+        size = 0
         async for chunk in self.iter_chunks():
+            size += len(chunk)
+            if limit is not None and size > limit:
+                raise WireError(f"the answer is larger than {limit} bytes")
             parts.append(chunk)
         return b"".join(parts)
 

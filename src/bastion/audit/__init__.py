@@ -3,7 +3,8 @@
 `record` (what is written), `chain` (hash links and `verify`; pure), `seal` (signed
 checkpoints and heartbeats; pure), `store` (the port and its SQLite adapter), `postgres` (the
 PostgreSQL adapter, imported only when configured), `writer` (batching, durability,
-back-pressure, sealing), `keys` (files in the state directory), `signer` (who signs: the state
+back-pressure, sealing), `ahead` (the write-ahead that makes a record safe from kill -9
+without an fsync), `keys` (files in the state directory), `signer` (who signs: the state
 directory's key, a key file outside it, or Vault transit), `anchor` (checkpoints and heartbeats
 kept outside the store), `trail` (the store the configuration names, for writing or reading),
 `recover` (outcomes lost to a crash), `detect` (anomaly detectors), `sinks` (what sinks send),

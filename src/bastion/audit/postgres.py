@@ -14,6 +14,13 @@ the append order. What differs comes from several processes appending to one dat
   lock on the id over the store's own connection, so a store appends only while it holds its
   writer's claim. The lock dies with the connection, so a crashed process's id is free again;
   after a reconnect the store takes it back, and fails closed if another process took it first.
+- **What a commit survives is `synchronous_commit`.** `survives: power` keeps the server's
+  setting unless it is `off` (then `on`): every other value waits for the WAL flush on the
+  server, so a commit survives a crash or power loss of the database machine (and, with
+  synchronous standbys configured, what the operator's value promises). `survives: process`
+  sets `off` for the store's session: the server acknowledges the commit before flushing it,
+  which survives any death of the gateway (the record is in the server) but not a crash of the
+  PostgreSQL server or its machine within about 3 × `wal_writer_delay` (0.6 s by default).
 - **A commit can fail without saying whether it happened** (the server went away after the
   COMMIT was sent). The next append then skips the records already stored with the same hash,
   so the writer's retry neither forks nor blocks its chain; any other clash fails loudly.
@@ -36,7 +43,7 @@ from psycopg.pq import TransactionStatus
 
 from bastion.audit.chain import Entry
 from bastion.audit.seal import Checkpoint
-from bastion.audit.store import SqlReads, _row
+from bastion.audit.store import SqlReads, Survives, _row
 from bastion.errors import AuditUnavailable
 
 _SCHEMA = (
@@ -94,7 +101,7 @@ _DEFAULTS = {
 class PostgresAuditStore(SqlReads):
     """The audit store in a PostgreSQL database; thread-safe, one connection per instance."""
 
-    def __init__(self, dsn: str, *, create: bool = True) -> None:
+    def __init__(self, dsn: str, *, create: bool = True, survives: Survives = "power") -> None:
         try:
             params = conninfo_to_dict(dsn)
         except psycopg.Error:
@@ -110,6 +117,9 @@ class PostgresAuditStore(SqlReads):
         self._held: str | None = None  # the writer id this store's connection claims
         self._uncertain = False  # an append failed without knowing whether it committed
         self._closed = False
+        if survives not in ("process", "power"):
+            raise ValueError(f"expected survives process or power, found {survives!r}")
+        self._flush = survives == "power"  # commits wait for the server's WAL flush
         with self._lock, self._guard("open"):
             conn = self._connection()
             if create:
@@ -189,8 +199,11 @@ class PostgresAuditStore(SqlReads):
         self._conn = None
         conn = psycopg.connect(self._conninfo, autocommit=True)
         try:
-            # Durable on return means the commit waits for the WAL flush, whatever the default.
-            if conn.execute("SHOW synchronous_commit").fetchone() == ("off",):
+            # power: the commit waits for the WAL flush, whatever the default; process: the
+            # server holding the commit is enough (module docstring).
+            if not self._flush:
+                conn.execute("SET synchronous_commit = off")
+            elif conn.execute("SHOW synchronous_commit").fetchone() == ("off",):
                 conn.execute("SET synchronous_commit = on")
             # A replica cut off inside its append must not hold the others' appends for long:
             # the server ends such a transaction, and a wait for the append lock gives up.

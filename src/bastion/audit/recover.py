@@ -1,14 +1,18 @@
 """Crash recovery: a recorded decision whose outcome was never written gets one at start.
 
 A call's decision record is written before the call goes upstream (and, under `durability:
-strict`, committed before); its outcome record follows the answer without the client waiting
-for the disk. A gateway that is killed between the two (kill -9, out of memory, power loss)
-leaves a decision without an outcome. So at start, before serving, the writer reads its own
-chain back over its last `RECOVER_WINDOW` records, and every allowed decision there without an
-outcome of the same `request_id` gets an `outcome` record with `outcome: unknown` and a
-`reason` naming the stop. The records are appended through the writer like any other (chained,
-then sealed by the next checkpoint) and committed before the gateway serves. A denied decision
-is final as it stands; it never has an outcome record.
+strict`, made as safe as `audit.survives` says before: written ahead, or committed with an
+fsync); its outcome record follows the answer without the client waiting for the disk. A
+gateway that is killed between the two (kill -9, out of memory, power loss) leaves a decision
+without an outcome. Records a killed process had only written ahead are committed when its
+writer id is next claimed (`AuditWriter.start`), before this runs.
+
+So at start, before serving, the writer reads its own chain back over its last
+`RECOVER_WINDOW` records, and every allowed decision there without an outcome of the same
+`request_id` gets an `outcome` record with `outcome: unknown` and a `reason` naming the stop.
+The records are appended through the writer like any other (chained, then sealed by the next
+checkpoint) and made durable before the gateway serves. A denied decision is final as it
+stands; it never has an outcome record.
 
 Only this writer's chain is read: no live process extends it (the writer id is claimed), so
 none of its calls is still running. The chain of a process that died and never came back is

@@ -1,8 +1,10 @@
 """Where chains are kept: the `AuditStore` port and its SQLite adapter.
 
 `SqliteAuditStore` keeps one file in WAL mode with `synchronous=FULL` by default: a batch
-reported committed survives a crash of the process *and* of the machine. (`NORMAL` survives a
-process crash, kill -9 included, but may lose the last commits on power loss.) Entries are
+reported committed survives a crash of the process *and* of the machine (an fsync of the WAL
+per commit). `NORMAL` (the `survives: process` level) writes the commit into the WAL without
+fsync: it survives a process crash, kill -9 included, as the OS page cache holds it, but may
+lose the last commits on an OS crash or power loss. Entries are
 appended only; besides the chain fields each row keeps a few columns copied from the record
 for searching (time, phase, tenant, agent, tool, decision). Those copies are not hashed: the
 record JSON is the truth, and query results are always built from it.
@@ -24,6 +26,7 @@ from bastion.audit.seal import Checkpoint
 from bastion.errors import AuditUnavailable
 
 Synchronous = Literal["FULL", "NORMAL"]
+Survives = Literal["process", "power"]  # what a record survives: a dead gateway; a dead machine
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS entries (
@@ -95,7 +98,7 @@ class AuditStore(Protocol):
     def append_batch(
         self, entries: Sequence[Entry], checkpoints: Sequence[Checkpoint] = ()
     ) -> None:
-        """Store entries and checkpoints in one transaction; durable when this returns."""
+        """Store entries and checkpoints in one transaction, committed when this returns."""
 
     def last(self, writer_id: str) -> tuple[int, str] | None:
         """(seq, hash) of the writer's last entry, to continue its chain after a restart."""
@@ -258,7 +261,7 @@ class SqliteAuditStore(SqlReads):
     def append_batch(
         self, entries: Sequence[Entry], checkpoints: Sequence[Checkpoint] = ()
     ) -> None:
-        """Store entries and checkpoints in one transaction; durable when this returns."""
+        """Store entries and checkpoints in one transaction, committed when this returns."""
         rows = [_row(entry) for entry in entries]
         marks = [
             (cp.writer_id, cp.seq, cp.hash, cp.time, cp.kid, cp.signature) for cp in checkpoints

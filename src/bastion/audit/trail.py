@@ -49,14 +49,14 @@ def open_trail_writer(settings: Settings) -> AuditWriter:
         return open_writer(
             settings.state_dir,
             options,
-            synchronous=audit.synchronous,
+            survives=audit.survives,
             max_bytes=audit.max_bytes,
             signer=signer,
             anchor=anchor,
         )
     from bastion.audit.postgres import PostgresAuditStore
 
-    store = PostgresAuditStore(resolve_dsn(audit))
+    store = PostgresAuditStore(resolve_dsn(audit), survives=audit.survives)
     try:
         claim = claim_writer_id(directory, hold=store.hold)
     except BaseException:

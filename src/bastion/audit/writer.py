@@ -1,12 +1,16 @@
 """The audit writer: records in, hash-chained batches out, the event loop never waiting on disk.
 
 `append` serializes the record on the event loop (so a record that cannot be JSON fails at its
-caller) and puts it on a bounded queue. One dedicated thread takes whatever has gathered, up
-to `batch_max` records, links them into the chain and writes them in one transaction (group
-commit): under load batches grow by themselves while the previous one syncs, and when only
-relaxed records wait the thread lingers up to `linger` seconds to gather more. A strict
-(`durable=True`) append returns once its batch committed; the thread hands the result back
-with one `call_soon_threadsafe` per batch, and relaxed-only batches cost the loop nothing.
+caller) and puts it on a bounded queue; with a write-ahead (ahead.py, the `process` level) it
+first appends the record there, which alone makes it survive kill -9. One dedicated thread
+takes whatever has gathered, up to `batch_max` records, links them into the chain and writes
+them in one transaction (group commit): under load batches grow by themselves while the
+previous one syncs, and when no caller waits for the commit the thread lingers up to `linger`
+seconds to gather more. A strict (`durable=True`) append returns once its record is written
+ahead, or, without a write-ahead (the `power` level: the store fsyncs each commit), once its
+batch committed; the thread hands that result back with one `call_soon_threadsafe` per batch,
+and batches nobody waits for cost the loop nothing. Concurrent strict appends share one commit
+(and one fsync).
 
 When the store fails, the batch goes back to the front of the queue and is retried with
 backoff; the writer is unhealthy until a write succeeds. Meanwhile strict appends raise
@@ -33,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
+from bastion.audit.ahead import WriteAhead
 from bastion.audit.anchor import Anchor
 from bastion.audit.chain import Chain
 from bastion.audit.keys import (
@@ -44,7 +49,7 @@ from bastion.audit.keys import (
 )
 from bastion.audit.record import AuditRecord
 from bastion.audit.seal import Checkpoint, Signer, sign_checkpoint
-from bastion.audit.store import AuditStore, SqliteAuditStore, Synchronous
+from bastion.audit.store import AuditStore, SqliteAuditStore, Survives, Synchronous
 from bastion.errors import AuditUnavailable
 from bastion.identity.keys import SigningKey
 
@@ -60,7 +65,7 @@ class WriterOptions:
     """How the writer batches, waits and seals; the defaults suit one gateway process."""
 
     batch_max: int = 512  # records per transaction at most
-    linger: float = 0.005  # seconds a batch of relaxed records waits to fill
+    linger: float = 0.005  # seconds a batch nobody waits for waits to fill
     queue_max: int = 65_536  # records queued or being written, at most
     put_timeout: float = 2.0  # seconds an append waits for room before AuditUnavailable
     commit_timeout: float = 5.0  # seconds a write may hang before strict callers fail
@@ -87,8 +92,12 @@ class AuditWriter:
         claim: WriterClaim | None = None,
         clock: Callable[[], float] = time.time,
         anchor: Anchor | None = None,
+        ahead: WriteAhead | None = None,
     ) -> None:
         self._store = store
+        self._ahead_files = ahead
+        self._ahead = ahead  # None once a write to it failed: strict appends wait for commits
+        self._assigned = 0  # the chain seq of the last record queued (the loop's)
         self._key = key
         self._anchor = anchor
         self._next_beat = 0.0  # when the next heartbeat is due: at once, naming the writer live
@@ -171,6 +180,9 @@ class AuditWriter:
         )
         if last is not None:
             self._chain = Chain(wid, last[0], last[1])
+        if self._ahead is not None:
+            await asyncio.to_thread(self._replay, self._ahead)
+        self._assigned = self._chain.seq
         self._sealed_seq = mark.seq if mark is not None else 0
         self._sealed_at = self._clock()
         self._room, self._finished = asyncio.Event(), loop.create_future()
@@ -194,15 +206,14 @@ class AuditWriter:
         if self.queue_depth >= self._options.queue_max:
             await self._wait_for_room()
         if not durable:
-            self._put(data, None)
+            self._put(data, durable=False)
             return
         if not self._healthy:
-            self._put(data, None)
+            self._put(data, durable=False)
             raise AuditUnavailable(f"the audit trail is unavailable: {self._problem}")
-        assert self._loop is not None  # noqa: S101 - _running
-        done: asyncio.Future[None] = self._loop.create_future()
-        self._put(data, done)
-        await done
+        done = self._put(data, durable=True)
+        if done is not None:
+            await done
 
     async def stop(self, grace: float = 10.0) -> None:
         """Write what is queued, seal the chain with a checkpoint, and release the store.
@@ -229,22 +240,47 @@ class AuditWriter:
                 self._claim.release()
         lost = self.queue_depth
         if lost:
+            kept = " (kept in the write-ahead for the next start)" if self._ahead_files else ""
             raise AuditUnavailable(
-                f"{lost} audit records could not be written before stop: {self._problem}"
+                f"{lost} audit records could not be written before stop{kept}: {self._problem}"
             )
 
     # --- the event loop's side ----------------------------------------------------------------
 
-    def _put(self, data: bytes, done: _Waiter) -> None:
+    def _put(self, data: bytes, durable: bool) -> _Waiter:
+        """Queue `data` (written ahead first, when there is a write-ahead); the future to
+        await when `durable` and only the commit makes the record so."""
         with self._cond:
-            self._pending.append((data, done))
-            if done is not None:
+            seq = self._assigned + 1
+            ahead = self._ahead is not None and self._write_ahead(self._ahead, seq, data)
+            done: _Waiter = None
+            if durable and not ahead:
+                assert self._loop is not None  # noqa: S101 - append checked _running
+                done = self._loop.create_future()
                 self._durable += 1
+            self._assigned = seq
+            self._pending.append((data, done))
             if self._idle or (
                 self._lingering
                 and (done is not None or len(self._pending) >= self._options.batch_max)
             ):
                 self._cond.notify()
+        return done
+
+    def _write_ahead(self, ahead: WriteAhead, seq: int, data: bytes) -> bool:
+        """Under `_cond`: append to the write-ahead; on failure give it up for good (strict
+        appends then wait for commits, which still record every call) and say False."""
+        try:
+            ahead.write(seq, data)
+        except OSError as exc:
+            log.error(
+                "audit writer %s: the write-ahead failed (%s); calls now wait for the store",
+                self.writer_id,
+                exc,
+            )
+            self._ahead = None
+            return False
+        return True
 
     async def _wait_for_room(self) -> None:
         assert self._room is not None  # noqa: S101 - start() ran
@@ -334,6 +370,7 @@ class AuditWriter:
             log.exception("audit writer %s: the thread failed", self.writer_id)
             raise
         finally:
+            self._close_ahead()
             try:
                 self._store.close()
             except Exception:
@@ -368,6 +405,11 @@ class AuditWriter:
                 finally:
                     self._lingering = False
             count = min(options.batch_max, len(self._pending))
+            # A batch ends where a checkpoint is due, so checkpoints fall every
+            # `checkpoint_every` records however large batches grow.
+            due = self._sealed_seq + options.checkpoint_every - self._chain.seq
+            if due > 0:
+                count = min(count, due)
             batch = [self._pending.popleft() for _ in range(count)]
             self._durable -= sum(1 for _, done in batch if done is not None)
             self._inflight = batch
@@ -409,6 +451,7 @@ class AuditWriter:
             return message
         if entries:
             self._chain.advance(entries[-1])
+            self._ahead_committed(entries[-1].seq)
         if mark is not None:
             self._sealed_seq, self._sealed_at = mark.seq, mark.time
             if self._anchor is not None:
@@ -483,6 +526,46 @@ class AuditWriter:
                 anchor.path,
             )
 
+    def _replay(self, ahead: WriteAhead) -> None:
+        """In start's thread: commit what the write-ahead holds past the store's last record
+        (the calls a killed process had recorded there), then empty it for new appends."""
+        records = ahead.replay(self._chain.seq)
+        if records:
+            entries = self._chain.extend(records)
+            self._store.append_batch(entries)
+            self._chain.advance(entries[-1])
+            log.warning(
+                "audit writer %s: committed %d records the last process had only written ahead",
+                self.writer_id,
+                len(records),
+            )
+        try:
+            ahead.open()
+        except OSError as exc:
+            raise AuditUnavailable(f"cannot open the audit write-ahead: {exc}") from exc
+
+    def _ahead_committed(self, seq: int) -> None:
+        """In the thread, after a commit: let the write-ahead drop what the store now holds."""
+        ahead = self._ahead
+        if ahead is None:
+            return
+        try:
+            ahead.committed(seq)
+        except OSError as exc:  # a file that cannot shrink still holds only good lines
+            log.warning("audit writer %s: cannot empty the write-ahead: %s", self.writer_id, exc)
+
+    def _close_ahead(self) -> None:
+        """In the thread, at its end: delete the write-ahead when the store holds it all."""
+        ahead = self._ahead_files
+        if ahead is None:
+            return
+        with self._cond:
+            complete = not self._pending and not self._inflight
+        try:
+            ahead.close(remove=complete)
+        except OSError as exc:
+            log.warning("audit writer %s: closing the write-ahead: %s", self.writer_id, exc)
+
     def _mark_unhealthy(self, message: str) -> None:
         if self._healthy:
             log.error("audit writer %s: %s; refusing strict appends", self.writer_id, message)
@@ -494,6 +577,7 @@ def open_writer(
     options: WriterOptions | None = None,
     *,
     synchronous: Synchronous = "FULL",
+    survives: Survives | None = None,
     max_bytes: int | None = None,
     signer: Signer | None = None,
     anchor: Anchor | None = None,
@@ -501,8 +585,14 @@ def open_writer(
     """A writer for `<state_dir>/audit/`: claims a writer id, loads the checkpoint key (unless
     a `signer` is given) and anchors its checkpoints in `anchor`, when given.
 
-    `max_bytes` caps the store's size; past it, writes fail and the writer turns unhealthy.
+    `survives` (when given, it decides `synchronous`): `process`, a write-ahead and commits
+    without fsync; `power`, an fsync per commit, strict appends waiting for it. Without it,
+    strict appends wait for a commit at `synchronous`. `max_bytes` caps the store's size; past
+    it, writes fail and the writer turns unhealthy; strict appends then wait for commits even
+    at `process`, so that no call passes on a record the full store will not take.
     """
+    if survives is not None:
+        synchronous = "FULL" if survives == "power" else "NORMAL"
     directory = audit_dir(state_dir)
     claim = claim_writer_id(directory)
     try:
@@ -511,4 +601,9 @@ def open_writer(
     except BaseException:
         claim.release()
         raise
-    return AuditWriter(store, claim.writer_id, key, options, claim=claim, anchor=anchor)
+    ahead = None
+    if survives == "process" and max_bytes is None:
+        ahead = WriteAhead(directory, claim.writer_id)
+    return AuditWriter(
+        store, claim.writer_id, key, options, claim=claim, anchor=anchor, ahead=ahead
+    )

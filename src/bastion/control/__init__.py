@@ -7,6 +7,8 @@ __all__ = [
     "assembly",
     "audit",
     "cli",
+    "governance",
+    "probe",
     "registry",
     "tokens",
 ]

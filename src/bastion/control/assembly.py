@@ -19,8 +19,10 @@ from bastion.control.admin.app import PREFIX as ADMIN_PREFIX
 from bastion.control.admin.app import admin_app
 from bastion.control.admin.auth import admin_token
 from bastion.control.audit.forward import open_forwarders
+from bastion.control.governance.reviewer import ReviewReminder
 from bastion.control.registry.agents import Agent, AgentStatus
 from bastion.control.registry.store import SqliteRegistry
+from bastion.control.registry.trust import SqliteTrustStore, TrustView
 from bastion.control.registry.usage import UsageRecorder
 from bastion.control.registry.view import RegistryView
 from bastion.control.tokens.endpoints import oauth_endpoints
@@ -81,7 +83,8 @@ def open_identity(settings: Settings) -> Identity:
                 [f"auth.spiffe: cannot read the bundle of {domain.domain}: {exc}"]
             ) from exc
     resources = frozenset(settings.base_url() + route.path for route in routes_for(settings))
-    service = TokenService(settings, view, keys, IssuerDirectory().keys, spiffe, resources)
+    issuers = IssuerDirectory(settings.auth.trusted_issuers)  # a gateway shares its own
+    service = TokenService(settings, view, keys, issuers, spiffe, resources)
     return Identity(registry, view, keys, service, state)
 
 
@@ -118,6 +121,15 @@ def _seed(registry: SqliteRegistry, seed: SeedAgent, state: Path) -> None:
     )
 
 
+def open_trust(settings: Settings) -> TrustView:
+    """Pins and quarantines in the registry file of the state directory, whatever `auth`
+    says: what was pinned and who was quarantined survives restarts and is shared by every
+    gateway of the state directory."""
+    state = Path(settings.state_dir)
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return TrustView(SqliteTrustStore(state / "registry.db"))
+
+
 def open_audit(settings: Settings) -> AuditWriter | None:
     """The audit writer of the configured store (SQLite or PostgreSQL), unless the trail is off."""
     if not settings.audit.enabled:
@@ -132,8 +144,9 @@ async def build_gateway(settings: Settings) -> Gateway:
     token = await admin_token(settings) if settings.admin.enabled else None
     audit = open_audit(settings)
     registry: Path | None = None
+    trust = open_trust(settings)
     if settings.auth.mode == "none":
-        gateway = Gateway(settings, secrets=secrets, audit=audit)
+        gateway = Gateway(settings, secrets=secrets, audit=audit, trust=trust)
     else:
         identity = open_identity(settings)
         registry = identity.registry.path
@@ -150,12 +163,18 @@ async def build_gateway(settings: Settings) -> Gateway:
             audit=audit,
             suspend=_suspender(identity.registry, identity.view),
             nonce_key=nonce_key,
+            trust=trust,
         )
         gateway.services.append(UsageRecorder(identity.view, identity.registry))
+        # One set of issuer watchers, run by the gateway, for its MCP routes and token endpoint.
+        identity.service.issuers = gateway.pipeline.authn.issuers
     if audit is not None:
         gateway.services += await open_forwarders(settings, audit, gateway.metrics)
+    # Daily: an access review due (governance.review_every_days) is an alert in the trail.
+    reminder = ReviewReminder(settings, gateway.pipeline.trail.alert)
+    gateway.background.add(reminder.watch.name, reminder.watch.run)
     if token is not None:
-        admin = admin_app(settings, gateway.pipeline, audit, token, registry)
+        admin = admin_app(settings, gateway.pipeline, audit, token, registry, trust.path)
         gateway.front.mount(ADMIN_PREFIX, admin)
     return gateway
 

@@ -12,6 +12,7 @@ Refusals carry the RFC 6750 / RFC 9728 challenge in `exchange.response_headers`.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import secrets
@@ -19,7 +20,14 @@ import time
 from typing import Any, Protocol
 
 from bastion.config import Auth, TrustedIssuer
-from bastion.errors import AuthError, InsufficientScope, Overloaded, TokenError, shown
+from bastion.errors import (
+    AuthError,
+    InsufficientScope,
+    IssuerUnavailable,
+    Overloaded,
+    TokenError,
+    shown,
+)
 from bastion.identity import dpop
 from bastion.identity.jwt import Expect, unverified_claims, verify
 from bastion.identity.keys import KeySet
@@ -46,6 +54,8 @@ class AgentRecord(Protocol):
     def tenant(self) -> str: ...
     @property
     def require_dpop(self) -> bool: ...
+    @property
+    def environment(self) -> str: ...
     def usable(self, now: float) -> tuple[bool, str]: ...
 
 
@@ -58,6 +68,7 @@ class AgentDirectory(Protocol):
     def agent(self, agent_id: str) -> AgentRecord | None: ...
     def revoked(self, jti: str) -> bool: ...
     def session_killed(self, session_hash: str) -> bool: ...
+    def tenants(self) -> frozenset[str]: ...  # of every registered agent
     def note_use(self, agent_id: str, when: float) -> None: ...
 
 
@@ -69,7 +80,8 @@ class SigningKeys(Protocol):
 
 
 class Authenticator:
-    """Checks the credentials of each request; pure but for the external JWKS fetch."""
+    """Checks the credentials of each request; no I/O (keys and the registry are snapshots
+    kept current in the background)."""
 
     def __init__(
         self,
@@ -85,7 +97,8 @@ class Authenticator:
         self._issuer = issuer
         self._agents = agents
         self._keys = keys
-        self._issuers = issuers or IssuerDirectory()
+        # Trusted issuers' keys, fetched by watchers the gateway runs (`issuers.background`).
+        self.issuers = issuers or IssuerDirectory(auth.trusted_issuers)
         self._external = {t.issuer: t for t in auth.trusted_issuers if t.agent_claim}
         self._verified: TtlCache[tuple[dict[str, Any], Principal]] = TtlCache(10_000)
         self._replay = replay if replay is not None else ReplayCache()  # DPoP proofs' jtis
@@ -117,7 +130,7 @@ class Authenticator:
             exchange.denial = exc
             exchange.response_headers.extend(self.challenge(exc, resource, headers))
             return
-        except Overloaded as exc:  # the DPoP replay cache is full of live proofs
+        except (Overloaded, IssuerUnavailable) as exc:  # replay cache full, or keys out of reach
             exchange.denial = exc
             exchange.response_headers.append((b"retry-after", b"1"))
             return
@@ -149,6 +162,10 @@ class Authenticator:
         self._check_binding(scheme, token, principal, agent, headers, method, url, now)
         # An in-memory note; the gateway's background work writes it to the registry.
         self._agents.note_use(agent.id, now)
+        if principal.environment != agent.environment:
+            # Where an agent belongs is the registry's word, not a token's: an external
+            # issuer's token may carry any `env` claim, or none (environment separation).
+            principal = dataclasses.replace(principal, environment=agent.environment)
         return principal
 
     async def _verify(self, token: str, resource: str, now: float) -> dict[str, Any]:
@@ -177,12 +194,14 @@ class Authenticator:
                 "wrong_issuer", f"expected iss one of {trusted_here}, found {shown(found)}"
             )
         expect = Expect(issuer=issuer, audience=resource, leeway=leeway)
+        # No I/O here: the keys are the watcher's; an unknown kid asks it for a fetch (at
+        # most one per issuer and window, however many tokens ask) and waits for it.
         try:
-            claims = verify(token, await self._issuers.keys(trusted), expect, now)
+            claims = verify(token, await self.issuers.keys(issuer), expect, now)
         except TokenError as exc:
             if exc.reason != "unknown_kid":
                 raise
-            claims = verify(token, await self._issuers.keys(trusted, refresh=True), expect, now)
+            claims = verify(token, await self.issuers.keys(issuer, refresh=True), expect, now)
         return _map_external(claims, trusted)
 
     def _build(self, claims: dict[str, Any]) -> Principal:
@@ -233,7 +252,7 @@ class Authenticator:
         proof_header = headers.get("dpop")
         if not proof_header:
             raise TokenError("wrong_key", "a DPoP proof header is required with this token")
-        now = time.time()  # anew: verifying the token may have awaited a JWKS fetch
+        now = time.time()  # anew: verifying the token may have awaited the issuer's watcher
         nonce = self._nonce(now) if self._auth.dpop.nonce else None
         proof = dpop.verify_proof(
             proof_header,

@@ -66,12 +66,14 @@ class History:
             return [], []
         return sorted(item[1]), sorted(item[2])
 
-    def add(self, key: str, tool: str, labels: Iterable[str]) -> None:
+    def add(self, key: str, tool: str | None, labels: Iterable[str]) -> None:
+        """Remember a tool called (None: only labels, e.g. what an answer carried)."""
         item = self._items.get(key)
         if item is None:
             item = (0.0, set(), set())
         tools, seen = item[1], item[2]
-        tools.add(tool)
+        if tool is not None:
+            tools.add(tool)
         seen.update(labels)
         self._items[key] = (self._clock(), tools, seen)
         self._items.move_to_end(key)
@@ -226,7 +228,8 @@ class Authorizer:
         if "request" in needs:
             context["request"] = await self._situation(exchange, principal, action, tenants, needs)
         shown_as = requested_name(exchange)  # the route's name for it, for the messages
-        return CedarRequest(_who(principal), action, resource, context, extra, named=shown_as)
+        who = _who(principal, self.settings.environment)
+        return CedarRequest(who, action, resource, context, extra, named=shown_as)
 
     async def _situation(
         self,
@@ -240,7 +243,7 @@ class Authorizer:
         situation: dict[str, Any] = {
             "method": exchange.method,
             "route": exchange.route,
-            "environment": self.policy.environment,
+            "environment": self.settings.environment,
         }
         if "client_ip" in needs:
             situation["client_ip"] = {"__extn": {"fn": "ip", "arg": _ip(exchange.client)}}
@@ -357,7 +360,7 @@ class Authorizer:
         principal = exchange.principal
         if engine is None or principal is None:
             return []
-        who = _who(principal)
+        who = _who(principal, self.settings.environment)
         list_action = METHOD_ACTIONS[method]
         assert list_action in LIST_ACTIONS  # noqa: S101 - only list methods come here
         later = ("request",) if "request" in engine.needs else ()
@@ -418,13 +421,15 @@ def _redact_arguments(exchange: Exchange, obligations: Mapping[str, Any]) -> Non
         exchange.message = {**exchange.message, "params": {**exchange.params, "arguments": changed}}
 
 
-def _who(principal: Principal) -> Who:
+def _who(principal: Principal, gateway_environment: str) -> Who:
+    # Only a caller without identity (`auth: none`, which a prod gateway refuses) has no
+    # environment: it is the gateway's own. An agent's comes from the registry (authn).
     return Who(
         principal.agent,
         principal.tenant,
         principal.roles,
         principal.scopes,
-        principal.environment or "",
+        principal.environment or gateway_environment,
         principal.user,
     )
 

@@ -124,7 +124,7 @@ class PolicyLoader:
             ) from None
 
     def _catalog(self, listings: dict[str, JSON]) -> Catalog:
-        return Catalog.build(self.settings.upstreams, listings)
+        return Catalog.build(self.settings.upstreams, listings, self.settings.environment)
 
     def _read_snapshot(self) -> dict[str, JSON]:
         try:
@@ -228,7 +228,12 @@ class PolicyLoader:
 
 class ResourceIndex:
     """Learns, for a route, which upstream owns a resource URI it has not seen: the route's
-    resources and templates listed again as the gateway, in the background."""
+    resources and templates listed again as the gateway, in the background.
+
+    What it learns goes into the route's gateway-level view (tenant `bastion`): the
+    upstreams' answer to the gateway itself, not any tenant's data. A tenant's request is
+    routed by that tenant's own view first, then by this one; another tenant's listings never
+    route it. Its one state, when each route was last indexed, is gateway-level too."""
 
     def __init__(
         self, settings: Settings, jobs: Jobs, clock: Callable[[], float] = time.monotonic

@@ -32,6 +32,8 @@ from bastion.errors import (
     SessionNotFound,
     shown,
 )
+from bastion.inspect.pins import Kind
+from bastion.inspect.trust import Screen, Trust
 from bastion.observe.tracing import stage
 from bastion.pipeline import mirror
 from bastion.pipeline.approval import Approval, Ask
@@ -57,6 +59,8 @@ CATALOG_PRINCIPAL = Principal(tenant=RESERVED_TENANT, agent="bastion-catalog")
 # Forwarded methods whose upstream is found by URI: a URI the route has not seen yet is looked
 # up before the decision, so nothing reaches an upstream undecided.
 _BY_URI = methods.routed(methods.Routing.BY_URI, methods.Routing.BY_REF)
+# Calls of a declared definition: refused while the definition is withheld.
+_DECLARED: dict[str, Kind] = {methods.TOOLS_CALL: "tool", methods.PROMPTS_GET: "prompt"}
 
 
 class Pipeline:
@@ -72,6 +76,7 @@ class Pipeline:
         audit: AuditWriter | None = None,
         rates: RateCounter | None = None,
         nonce_key: bytes | None = None,
+        trust: Trust | None = None,
     ) -> None:
         self.settings = settings
         self.trail = Trail(settings, audit)
@@ -92,8 +97,28 @@ class Pipeline:
         self.authz = Authorizer(settings, self._listing, rates or MemoryRateCounter(), approvals)
         self.dispatcher.visible = self.authz.visible
         self.dispatcher.catalogued = self.authz.relist
+        # A listen naming an unseen URI: learnt as the gateway, never with the caller's token.
+        self.dispatcher.streams.learn = lambda route: self.authz.resources.learn(
+            route, CATALOG_PRINCIPAL, self.dispatcher.refresh_index
+        )
+        # An upstream listing another's resource URI is refused by the lists, alerted here.
+        self.dispatcher.lists.claimed = self.trail.alert
+        # Pins, poisoning, shadowing and quarantines; None enforces none (unit tests only:
+        # the gateway always passes its store's view).
+        self.trust = trust
+        self.screen: Screen | None = None
+        if trust is not None:
+            rules = {name: upstream.inspect for name, upstream in settings.upstreams.items()}
+            self.screen = Screen(rules, trust)
+        self.dispatcher.lists.screen = self.screen
         self.approval = Approval(settings, approvals)
-        self.inspection = Inspection()
+        self.inspection = Inspection(
+            settings, self.authz.history, agents.tenants if agents is not None else None
+        )
+        self.inspection.alert = self.trail.alert
+        if trust is not None:  # a leaking upstream is taken out of service for everyone
+            self.inspection.quarantine = trust.quarantine
+        self.dispatcher.streams.inspect = self.inspection.unsolicited
 
     async def start(self) -> None:
         """Load the policy (listing every upstream first); raises PolicyLoadError if invalid."""
@@ -194,7 +219,7 @@ class Pipeline:
             exchange.denial = exc
             return
         with stage(exchange.trace, "authz"):
-            await self._decide(exchange)
+            await self._decide(exchange, route)
 
     async def _refresh(self) -> None:
         """The registry snapshot the request is judged by is current. The gateway's background
@@ -294,7 +319,9 @@ class Pipeline:
         exchange.forward_headers = mirror.rebuild(exchange, engine.catalog if engine else None)
         answer = await self.dispatcher.run(exchange, route)
         answer = self.approval.after(exchange, answer)
-        return self.inspection.inspect(exchange, answer)
+        target = exchange.target
+        upstreams = (target.upstream,) if target is not None else route.upstreams
+        return await self.inspection.inspect(exchange, answer, upstreams)
 
     async def _after_asking(
         self, exchange: Exchange, route: Route, ask: Ask
@@ -311,7 +338,7 @@ class Pipeline:
             async for message in answer.rest:
                 yield message
 
-    async def _decide(self, exchange: Exchange) -> None:
+    async def _decide(self, exchange: Exchange, route: Route) -> None:
         """The authz stage: policy's view of the target's upstream is current, then decide.
         Policy files are reloaded in the background; an upstream or tool missing from the
         catalog is listed again by background work, which this waits for (it lists nothing)."""
@@ -323,6 +350,13 @@ class Pipeline:
             except BastionError as exc:
                 exchange.denial = exc
                 return
+            if self.screen is not None:  # quarantined upstream, changed or withheld definition
+                kind = _DECLARED.get(exchange.method)
+                exchange.denial = self.screen.refusal(
+                    route.upstreams, route.multiplex, target.upstream, kind, target.name or ""
+                )
+                if exchange.denial is not None:
+                    return
         await self.authz.authorize(exchange)
 
     def _session(self, exchange: Exchange, route: Route) -> ClientSession:

@@ -60,7 +60,8 @@ class Dispatcher:
         self.caller = Caller(upstreams, credentials.for_message)
         self.lists = Lists(self.caller)
         self.handshake = Handshake(self.caller)
-        self.streams = Streams(self.caller, credentials.headers, self.lists.refresh_index)
+        # `streams.learn` is set by the pipeline: unseen URIs are learnt as the gateway.
+        self.streams = Streams(self.caller, credentials.headers)
 
     # Policy's hooks into lists, set by the pipeline once the authz stage exists.
 

@@ -65,6 +65,13 @@ class Exchange:
     session_id: str | None = None
     # `Mcp-Param-*` headers as sent, decoded, by lower-case name without the prefix.
     mirrored: dict[str, str] = field(default_factory=dict)
+    # Set by the inspection stage: what its rules found in the answer (the first findings,
+    # as records keep them, and how many in all), whether it withheld the answer, and the
+    # other tenants whose objects the upstream sent.
+    findings: list[dict[str, str]] = field(default_factory=list)
+    inspected: int = 0
+    blocked: bool = False
+    answer_tenants: tuple[str, ...] = ()
 
     @property
     def method(self) -> str:

@@ -1,6 +1,10 @@
 """Lists: one upstream's page as policy lets the caller see it, or every upstream's page of a
 virtual server fetched at once and merged under one cursor; and what the route learns from
 them (which upstream owns which resource URI and template).
+
+An upstream listing a URI or template another upstream of the route owns (the first to list
+it) is claiming it: the item is left out of the merged list, never learnt nor routed to the
+claimant, and alerted once per route, claimant and item (rule `uri_claim`).
 """
 
 from __future__ import annotations
@@ -8,12 +12,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 
+from bastion.audit import digest
+from bastion.audit.detect import Alert
+from bastion.config import RESERVED_TENANT
 from bastion.errors import BastionError, InvalidParams, MethodNotFound, UpstreamError
+from bastion.inspect.pins import Kind
+from bastion.inspect.trust import Screen
 from bastion.methods import (
     PROMPTS_LIST,
     RESOURCES_LIST,
@@ -22,7 +32,7 @@ from bastion.methods import (
     list_keys,
 )
 from bastion.pipeline.exchange import Exchange
-from bastion.pipeline.route import Route
+from bastion.pipeline.route import Claim, Route
 from bastion.pipeline.upstream import Caller, json_object
 from bastion.rpc import result
 from bastion.types import JSON, MODERN_VERSION, PROBE_META, Era, Principal
@@ -48,6 +58,11 @@ class Lists:
         # start); raises the listing's error when it still cannot. Without it in the catalog,
         # `visible` shows none of the upstream's items.
         self.catalogued: Callable[[str], Awaitable[None]] | None = None
+        # Raises an alert (the pipeline's trail): an upstream claimed another's URI.
+        self.claimed: Callable[[Alert], Awaitable[None]] | None = None
+        # Pins, poisoning and shadowing (set by the pipeline): withholds what an upstream
+        # declares until it may be shown; None shows everything (unit tests only).
+        self.screen: Screen | None = None
 
     async def listing(self, upstream: str, principal: Principal) -> JSON:
         """Every tool and prompt of an upstream, asked as the gateway itself (for policy)."""
@@ -77,6 +92,8 @@ class Lists:
                 cursor = body.get("nextCursor")
                 if cursor is None:
                     break
+            if self.screen is not None:  # seen as the gateway: pinned on first sight
+                self.screen.observe(upstream, _KINDS[method], items)
             out[key] = items
         return out
 
@@ -88,9 +105,18 @@ class Lists:
         if not route.multiplex:
             return await self._list_one(exchange, route)
         cursors = _decode_cursor(exchange.params.get("cursor"), route.upstreams)
+        listed: dict[str, list[JSON]] = {}  # each upstream's items as it listed them
         pages = await asyncio.gather(
-            *(self._page(exchange, route, upstream, cursor) for upstream, cursor in cursors.items())
+            *(
+                self._page(exchange, route, upstream, cursor, listed)
+                for upstream, cursor in cursors.items()
+            )
         )
+        # Learnt in the route's order, not as the pages arrived: the first to list a URI owns
+        # it, and an upstream that answers faster must not become "first".
+        claimed = {
+            u: await self._learn(exchange, route, u, listed[u]) for u in cursors if u in listed
+        }
         merged: JSON = {key: []}
         following: dict[str, Any] = {}
         missing: list[JSON] = []
@@ -98,7 +124,7 @@ class Lists:
             if page is None:
                 missing.append({"upstream": upstream, "reason": why})
                 continue
-            merged[key].extend(page[key])
+            merged[key].extend(_unclaimed(page[key], claimed.get(upstream, set())))
             if page.get("nextCursor") is not None:
                 following[upstream] = page["nextCursor"]
         if following:
@@ -114,6 +140,10 @@ class Lists:
         see it."""
         key, _ = list_keys(exchange.method)
         upstream = route.upstreams[0]
+        if self.screen is not None:  # a quarantined upstream is not even asked
+            quarantined = self.screen.refusal(route.upstreams, False, upstream, None, "")
+            if quarantined is not None:
+                raise quarantined
         reply = await self._caller.call_once(exchange, upstream, exchange.message)
         if "result" not in reply:
             return reply  # the upstream's error, relayed
@@ -123,8 +153,8 @@ class Lists:
                 f"upstream {upstream!r} answered {exchange.method} with a result that is not "
                 "an object"
             )
-        items = _items(body, key)
-        _learn(route, exchange.method, upstream, items)
+        items = self._screened(route, upstream, exchange.method, _items(body, key))
+        await self._learn(exchange, route, upstream, items)
         page: JSON = {**body, key: items}
         if self.visible is not None:
             why = await self._uncatalogued(upstream)
@@ -139,10 +169,20 @@ class Lists:
         return {**reply, "result": page}
 
     async def _page(
-        self, exchange: Exchange, route: Route, upstream: str, cursor: Any
+        self,
+        exchange: Exchange,
+        route: Route,
+        upstream: str,
+        cursor: Any,
+        listed: dict[str, list[JSON]],
     ) -> tuple[JSON | None, str]:
-        """One upstream's page of a merged list, or None and why it is missing."""
+        """One upstream's page of a merged list, or None and why it is missing; its items as
+        listed go into `listed` (the route learns them once every page is in)."""
         key, item_key = list_keys(exchange.method)
+        if self.screen is not None:  # a quarantined upstream is not even asked
+            quarantined = self.screen.refusal(route.upstreams, True, upstream, None, "")
+            if quarantined is not None:
+                return None, quarantined.message
         params = {k: v for k, v in exchange.params.items() if k != "cursor"}
         if cursor is not None:
             params["cursor"] = cursor
@@ -163,8 +203,8 @@ class Lists:
             why = f"upstream {upstream!r} answered {exchange.method} without a {key} array"
             log.warning("%s", why)
             return None, why
-        items = _items(body, key)
-        _learn(route, exchange.method, upstream, items)
+        items = self._screened(route, upstream, exchange.method, _items(body, key))
+        listed[upstream] = items
         if self.visible is not None:
             hidden = await self._uncatalogued(upstream)
             if hidden is not None:
@@ -191,6 +231,39 @@ class Lists:
             return why
         return None
 
+    def _screened(self, route: Route, upstream: str, method: str, items: list[JSON]) -> list[JSON]:
+        """The items of a tools, prompts or templates page the screen lets clients see
+        (changed definitions, poisoned ones and shadowing names withheld per config)."""
+        kind = _KINDS.get(method)
+        if self.screen is None or kind is None:
+            return items
+        return self.screen.items(route.upstreams, route.multiplex, upstream, kind, items)
+
+    async def _learn(
+        self,
+        exchange: Exchange,
+        route: Route,
+        upstream: str,
+        items: list[JSON],
+        method: str | None = None,
+    ) -> set[str]:
+        """What a resource or template page tells the route about who owns which URIs, in
+        the view of the exchange's tenant (the catalog principal's is the gateway's own).
+        Returns the URIs and templates the upstream claimed from another (refused), each
+        claim alerted the first time."""
+        method = method or exchange.method
+        tenant = exchange.principal.tenant if exchange.principal else RESERVED_TENANT
+        if method == RESOURCES_LIST:
+            claims = route.learn_resources(upstream, items, tenant)
+        elif method == RESOURCES_TEMPLATES_LIST:
+            claims = route.learn_templates(upstream, items, tenant)
+        else:
+            return set()
+        for claim in claims:
+            if claim.first and self.claimed is not None:
+                await self.claimed(_claim_alert(exchange, route, claim))
+        return {claim.value for claim in claims}
+
     async def refresh_index(self, exchange: Exchange, route: Route) -> None:
         """Learn every upstream's resources and templates (bounded number of pages)."""
         for upstream in route.upstreams:
@@ -214,18 +287,51 @@ class Lists:
             body = reply.get("result")
             if not isinstance(body, dict):
                 return
-            _learn(route, method, upstream, _items(body, key))
+            await self._learn(exchange, route, upstream, _items(body, key), method)
             cursor = body.get("nextCursor")
             if cursor is None:
                 return
 
 
-def _learn(route: Route, method: str, upstream: str, items: list[JSON]) -> None:
-    """What a resource or template page tells the route about who owns which URIs."""
-    if method == RESOURCES_LIST:
-        route.learn_resources(upstream, items)
-    elif method == RESOURCES_TEMPLATES_LIST:
-        route.learn_templates(upstream, items)
+def _claim_alert(exchange: Exchange, route: Route, claim: Claim) -> Alert:
+    """The alert against an upstream that listed another upstream's URI or template: it
+    names both upstreams and a digest of the item (the URI itself may be a tenant's data)."""
+    principal = exchange.principal
+    return Alert(
+        rule="uri_claim",
+        severity="high",
+        tenant=principal.tenant if principal else None,
+        agent=principal.agent if principal else "",
+        message=(
+            f"upstream {claim.claimant!r} listed a resource {claim.kind} that upstream "
+            f"{claim.owner!r} owns on route {route.name!r}: refused, never routed to it"
+        ),
+        request_id=exchange.request_id,
+        time=time.time(),
+        facts={
+            "upstream": claim.claimant,
+            "owner": claim.owner,
+            "route": route.name,
+            "kind": claim.kind,
+            "item_digest": digest(claim.value),
+        },
+        suspend=False,
+    )
+
+
+def _unclaimed(items: list[JSON], claimed: set[str]) -> list[JSON]:
+    """A page without the items its upstream claimed from another."""
+    if not claimed:
+        return items
+    return [i for i in items if i.get("uri", i.get("uriTemplate")) not in claimed]
+
+
+# What a list method lists, as the pins name it.
+_KINDS: dict[str, Kind] = {
+    TOOLS_LIST: "tool",
+    PROMPTS_LIST: "prompt",
+    RESOURCES_TEMPLATES_LIST: "template",
+}
 
 
 def _items(body: JSON, key: str) -> list[JSON]:

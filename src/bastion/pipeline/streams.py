@@ -13,6 +13,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 
 import orjson
 
+from bastion.config import RESERVED_TENANT
 from bastion.errors import BastionError, InvalidParams, UpstreamError, shown
 from bastion.methods import (
     CANCELLED,
@@ -25,7 +26,7 @@ from bastion.pipeline.exchange import Exchange
 from bastion.pipeline.route import Route
 from bastion.pipeline.session import ClientSession
 from bastion.pipeline.upstream import Caller, json_object
-from bastion.types import JSON, META_SUBSCRIPTION, Principal
+from bastion.types import JSON, META_SUBSCRIPTION, Principal, Target
 from bastion.upstream.base import Answer
 
 log = logging.getLogger("bastion.dispatch")
@@ -34,20 +35,34 @@ _LIST_CHANGED_FLAGS = ("toolsListChanged", "promptsListChanged", "resourcesListC
 
 # The credential headers for a message outside any request: (principal, upstream, scope).
 HeadersFor = Callable[[Principal | None, str, str], Awaitable[dict[str, str]]]
-# Learns every upstream's resources and templates for the route.
-RefreshIndex = Callable[[Exchange, Route], Awaitable[None]]
+# Learns the route's resource URIs in the background, as the gateway (never with a caller's
+# credential): what the pipeline does for a URI it has not seen (`Resources.learn`).
+Learn = Callable[[Route], Awaitable[None]]
+
+
+# The inspection of a message an upstream started: (session, upstream, message) → message to
+# deliver, or None to drop it.
+Unsolicited = Callable[[ClientSession, str, JSON], Awaitable[JSON | None]]
 
 
 class Streams:
     """Server-initiated traffic and the client's side of it."""
 
-    def __init__(self, caller: Caller, headers_for: HeadersFor, refresh: RefreshIndex) -> None:
+    def __init__(self, caller: Caller, headers_for: HeadersFor, learn: Learn | None = None) -> None:
         self._caller = caller
         self._headers_for = headers_for
-        self._refresh = refresh
+        # Set by the pipeline once its authz stage exists; without it, a URI the route has
+        # not seen is refused (nothing is looked up).
+        self.learn = learn
+        # Set by the pipeline: the inspection stage over what an upstream starts on its own
+        # (a session's stream); None delivers, returns None to drop.
+        self.inspect: Unsolicited | None = None
 
     async def listen(self, exchange: Exchange, route: Route) -> Answer:
-        """subscriptions/listen: one client stream fed by every upstream's listen stream."""
+        """subscriptions/listen: one client stream fed by every upstream's listen stream.
+        A resource URI the route has not seen is learnt as the pipeline learns one (in the
+        background, as the gateway); one still unknown refuses the listen, as a read of it
+        would be refused."""
         wanted = exchange.params.get("notifications") or {}
         if not isinstance(wanted, dict):
             raise InvalidParams(f"{SUBSCRIPTIONS_LISTEN} needs params.notifications as an object")
@@ -56,13 +71,13 @@ class Streams:
             if wanted.get(flag) is True:
                 for upstream in route.upstreams:
                     per_upstream[upstream][flag] = True
-        for uri in wanted.get("resourceSubscriptions") or []:
-            target = route.resolve_uri(uri) if isinstance(uri, str) else None
-            if target is None:
-                await self._refresh(exchange, route)
-                target = route.resolve_uri(uri) if isinstance(uri, str) else None
-            if target is not None:
-                per_upstream[target.upstream].setdefault("resourceSubscriptions", []).append(uri)
+        uris = wanted.get("resourceSubscriptions") or []
+        if not isinstance(uris, list) or not all(isinstance(u, str) for u in uris):
+            raise InvalidParams("notifications.resourceSubscriptions must be a list of URIs")
+        tenant = exchange.principal.tenant if exchange.principal else RESERVED_TENANT
+        for uri in uris:
+            target = await self._resolve(route, uri, tenant)
+            per_upstream[target.upstream].setdefault("resourceSubscriptions", []).append(uri)
         ack = {
             "jsonrpc": "2.0",
             "method": SUBSCRIPTIONS_ACKNOWLEDGED,
@@ -70,6 +85,15 @@ class Streams:
         }
         wanted_by = {upstream: filt for upstream, filt in per_upstream.items() if filt}
         return Answer(ack, self._fan_in(exchange, wanted_by))
+
+    async def _resolve(self, route: Route, uri: str, tenant: str) -> Target:
+        target = route.resolve_uri(uri, tenant)
+        if target is None and self.learn is not None:
+            await self.learn(route)
+            target = route.resolve_uri(uri, tenant)
+        if target is None:
+            raise InvalidParams(f"resource not found: {shown(uri)} (subscribe to a listed URI)")
+        return target
 
     async def _fan_in(
         self, exchange: Exchange, wanted_by: dict[str, JSON]
@@ -123,6 +147,11 @@ class Streams:
         stream = session.streams["0"]
         try:
             async for message in channel.listen(headers):
+                if self.inspect is not None:
+                    checked = await self.inspect(session, upstream, message)
+                    if checked is None:
+                        continue
+                    message = checked
                 if "method" in message and "id" in message:
                     message = session.map_server_request(upstream, message)
                 stream.append(orjson.dumps(message))

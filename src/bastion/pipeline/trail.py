@@ -91,9 +91,10 @@ class Trail:
         result = answer.get("result") if answer is not None else None
         detail = record.detail if failure is None else {**record.detail, "failure": failure}
         size, result_digest = _measure(answer, result)
+        outcome = outcome_of(exchange.denial is not None, answer, failure)
         record = _replace(
             record,
-            outcome=outcome_of(exchange.denial is not None, answer, failure),
+            outcome="blocked" if exchange.blocked and outcome != "denied" else outcome,
             latency_ms=round((time.perf_counter() - exchange.started) * 1000, 3),
             response_bytes=size,
             result_digest=result_digest,
@@ -126,6 +127,12 @@ class Trail:
         for alert in self.detectors.observe(record):
             await self._raise(alert)
 
+    async def alert(self, alert: Alert) -> None:
+        """An alert raised outside the detectors (an upstream caught leaking, a changed tool
+        definition, a claimed URI): logged, counted, and written to the trail when there is
+        one. Never raises: the alert is the operator's, the request goes on."""
+        await self._raise(alert)
+
     async def _raise(self, alert: Alert) -> None:
         """An alert: logged, written to the trail, counted, and the agent suspended if due."""
         log.warning("alert %s (%s): %s", alert.rule, alert.severity, alert.message)
@@ -140,7 +147,8 @@ class Trail:
                 log.exception("alert %s: suspending agent %r failed", alert.rule, alert.agent)
         record = alert.record()
         record = _replace(record, detail={**record.detail, "suspended": suspended})
-        assert self._writer is not None  # noqa: S101 - detectors run only with a trail
+        if self._writer is None:
+            return
         try:
             await self._writer.append(record, False)
         except AuditUnavailable as exc:
@@ -240,4 +248,11 @@ def _detail(exchange: Exchange) -> dict[str, Any]:
         detail["error"] = "session.foreign"
     if exchange.foreign_tenants:
         detail["foreign_tenants"] = list(exchange.foreign_tenants)
+    if exchange.inspected:
+        # What the answer carried (never the text): the detectors' cross-tenant rule reads
+        # `foreign_tenants` (the caller reaching out); this is the upstream's doing.
+        inspection: dict[str, Any] = {"count": exchange.inspected, "findings": exchange.findings}
+        if exchange.answer_tenants:
+            inspection["foreign_tenants"] = list(exchange.answer_tenants)
+        detail["inspection"] = inspection
     return detail

@@ -15,6 +15,7 @@ from bastion.policy.source import (
     Problem,
     SourceText,
     compile_grants,
+    compile_separation,
     load_policies,
     read_files,
     validate,
@@ -25,10 +26,11 @@ _UNRECOGNIZED = re.compile(r'unrecognized action `Bastion::Action::"([^"]+)"`')
 
 
 def sources_of(settings: PolicySettings) -> list[SourceText]:
-    """The policy files and the compiled grants."""
+    """The policy files, the compiled grants and the built-in environment separation."""
     sources = read_files(settings.files)
     if settings.grants:
         sources.append(compile_grants(settings.grants))
+    sources.append(compile_separation(settings.cross_environment))
     return sources
 
 

@@ -54,14 +54,17 @@ class Catalog:
     prompts: Mapping[str, tuple[str, str]] = field(default_factory=dict)  # id → (server, name)
     servers: Mapping[str, bool] = field(default_factory=dict)  # name → trusted
     listed: Mapping[str, JSON] = field(default_factory=dict)  # raw listings, for the snapshot
+    environments: Mapping[str, str] = field(default_factory=dict)  # server → its environment
 
     @classmethod
     def build(
         cls,
         upstreams: Mapping[str, HttpUpstream | StdioUpstream],
         listings: Mapping[str, JSON],
+        environment: str = "dev",
     ) -> Catalog:
-        """From each upstream's `{"tools": [...], "prompts": [...]}` listing."""
+        """From each upstream's `{"tools": [...], "prompts": [...]}` listing; `environment`
+        is the gateway's, for upstreams that do not name their own."""
         tools: dict[str, ToolInfo] = {}
         prompts: dict[str, tuple[str, str]] = {}
         for upstream, listing in listings.items():
@@ -78,7 +81,8 @@ class Catalog:
                     prompts[action_id(upstream, name)] = (upstream, name)
         servers = {name: up.trusted for name, up in upstreams.items()}
         kept = {k: v for k, v in listings.items() if k in upstreams}
-        return cls(tools, prompts, servers, kept)
+        environments = {name: up.environment or environment for name, up in upstreams.items()}
+        return cls(tools, prompts, servers, kept, environments)
 
     def tool(self, upstream: str, name: str) -> ToolInfo | None:
         """A tool by server and original name."""

@@ -153,9 +153,9 @@ class PolicyEngine:
             for action in sorted(self.schema.actions)
         ]
         for server, trusted in self.catalog.servers.items():
-            entities.append(
-                {"uid": _uid("Server", server), "attrs": {"trusted": trusted}, "parents": []}
-            )
+            environment = self.catalog.environments.get(server, "")
+            attrs = {"trusted": trusted, "environment": environment}
+            entities.append({"uid": _uid("Server", server), "attrs": attrs, "parents": []})
         for action, tool in self.schema.tool_actions.items():
             entities.append(
                 {
@@ -274,6 +274,31 @@ class PolicyEngine:
         in `unknown` (the rest known): false only when it is denied whatever they are."""
         if request.action not in self.schema.actions:
             return False
+        return self._partial(request, unknown).get("decision") != "Deny"
+
+    def reach(self, request: CedarRequest, unknown: Sequence[str]) -> Verdict:
+        """What partial evaluation says of a request whose context attributes `unknown` are
+        not known (the inventory's question): allowed whatever they are; `undecided` when it
+        depends on them; else denied. `policies` are those that may decide (permits and
+        forbids), `obligations` those of the permits. A report, never an enforcement."""
+        if request.action not in self.schema.actions:
+            return Verdict(False, (), (f"{shown(request.action)} is not a known action",))
+        answer = self._partial(request, unknown)
+        diagnostics = answer.get("diagnostics") or {}
+        ids = sorted({*diagnostics.get("reason", ()), *diagnostics.get("may_be_determining", ())})
+        docs = [self.docs[i] for i in ids if i in self.docs]
+        permits = [doc for doc in docs if doc.effect == "permit"]
+        return Verdict(
+            allowed=answer.get("decision") == "Allow",
+            policies=tuple(doc.id for doc in docs),
+            reasons=tuple(doc.reason for doc in docs),
+            obligations=obligations_of(permits),
+            errors=tuple(str(e) for e in diagnostics.get("errors") or ()),
+            undecided=answer.get("decision") not in ("Allow", "Deny"),
+        )
+
+    def _partial(self, request: CedarRequest, unknown: Sequence[str]) -> dict[str, Any]:
+        """cedarpy's partial evaluation of `request` with `unknown` context attributes."""
         context = dict(request.context)
         for name in unknown:
             context[name] = {"__extn": {"fn": "unknown", "arg": name}}
@@ -289,8 +314,8 @@ class PolicyEngine:
             self._set(request.action, who.tenant),
             self._entities(who, request.extra_entities),
         )
-        decision = result._authz_resp.get("decision")
-        return decision != "Deny"
+        answer: dict[str, Any] = result._authz_resp
+        return answer
 
 
 def obligations_of(docs: Sequence[PolicyDoc]) -> dict[str, Any]:

@@ -43,7 +43,7 @@ namespace Bastion {
     scopes: Set<String>,
     environment: String
   };
-  entity Server = { trusted: Bool };
+  entity Server = { trusted: Bool, environment: String };
   @mcp_resource("Tool")
   entity Tool in [Server] = {
     server: Server,

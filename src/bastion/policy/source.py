@@ -3,6 +3,9 @@
 Every policy gets a stable id: its `@id` annotation, else `<file>#<n>` (the n-th policy of the
 file, from 0); a grant compiles to `grant:<id>` (and `grant:<id>:list` for listing the server).
 Ids appear in decisions, the audit trail and `bastion policy explain`.
+
+The gateway adds one policy of its own, `environment-separation`: a forbid that keeps every
+agent to upstreams of its own environment, with the configured exceptions written into it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 
 import cedarpy
 
-from bastion.config import ArgumentRule, Grant
+from bastion.config import ArgumentRule, CrossEnvironment, Grant
 from bastion.errors import PolicyLoadError
 
 _NS = "Bastion"
@@ -92,6 +95,8 @@ def load_policies(sources: Iterable[SourceText]) -> list[PolicyDoc]:
             else:
                 pid = annotations.get("id") or f"{Path(source.name).name}#{n}"
                 origin = f"{source.name} policy {n}"
+                if source.name == BUILT_IN:
+                    origin = BUILT_IN
             if pid in seen:
                 problems.append(f"{origin}: id {pid!r} is already used by {seen[pid]}")
                 continue
@@ -212,6 +217,54 @@ def _index(policy_id: str) -> int:
 
 def _first_line(exc: Exception) -> str:
     return " ".join(str(exc).split())[:500]
+
+
+# -- environment separation ------------------------------------------------------------------
+
+BUILT_IN = "built-in"
+SEPARATION_ID = "environment-separation"
+SEPARATION_REASON = (
+    "environment separation: an agent reaches only upstreams of its own environment "
+    "(exceptions: policy.cross_environment)"
+)
+# The environment of the upstream a request reaches: the Server itself for the list actions,
+# the server of the tool, prompt or resource for the others.
+_UPSTREAM_IS = (
+    f"((resource is {_NS}::Server && resource.environment {{op}} {{value}}) ||\n"
+    "   (resource has server && resource.server.environment {op} {value}))"
+)
+
+
+def compile_separation(exceptions: Iterable[CrossEnvironment]) -> SourceText:
+    """The built-in forbid: an agent whose environment is not the upstream's is denied,
+    unless an exception of `policy.cross_environment` names it. A forbid wins over any permit,
+    so an exception can only be written here, where `policy explain` shows it."""
+    excepted = [_exception(e) for e in exceptions]
+    heads = [f"@id({_str(SEPARATION_ID)})", f"@reason({_str(SEPARATION_REASON)})"]
+    if exceptions:
+        notes = "; ".join(f"{e.from_}->{e.to}: {e.reason}" for e in exceptions)
+        heads.append(f"@exceptions({_str(notes)})")
+    differs = _UPSTREAM_IS.format(op="!=", value="principal.environment")
+    text = "\n".join(heads) + f"\nforbid (principal, action, resource)\nwhen {{\n  {differs}\n}}"
+    if excepted:
+        text += "\nunless {\n  " + " ||\n  ".join(excepted) + "\n}"
+    return SourceText(BUILT_IN, text + ";")
+
+
+def _exception(exception: CrossEnvironment) -> str:
+    parts = [
+        f"principal.environment == {_str(exception.from_)}",
+        _UPSTREAM_IS.format(op="==", value=_str(exception.to)),
+    ]
+    if exception.tenant != "*":
+        parts.append(f"principal in {_NS}::Tenant::{_str(exception.tenant)}")
+    if exception.agents:
+        agents = ", ".join(f"{_NS}::Agent::{_str(a)}" for a in exception.agents)
+        parts.append(f"[{agents}].contains(principal)")
+    if exception.servers:
+        servers = ", ".join(f"{_NS}::Server::{_str(s)}" for s in exception.servers)
+        parts.append(f"resource in [{servers}]")  # `in` holds for a Server itself
+    return "(" + " &&\n   ".join(parts) + ")"
 
 
 # -- grants --------------------------------------------------------------------------------

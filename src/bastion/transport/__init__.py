@@ -3,6 +3,7 @@
 __all__ = [
     "checks",
     "client_ip",
+    "delivery",
     "front",
     "server",
 ]

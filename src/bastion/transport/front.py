@@ -4,22 +4,22 @@ POST carries one JSON-RPC message. Legacy era (2025-06-18, 2025-11-25): `initial
 session named by `Mcp-Session-Id`; GET opens the session's server stream; DELETE ends it; SSE
 streams are resumable with `Last-Event-ID`. Modern era (2026-07-28): every POST stands alone,
 with `MCP-Protocol-Version`, `Mcp-Method` and `Mcp-Name` checked against the body.
+
+The front turns HTTP into exchanges for the pipeline; `delivery` writes the answers back (a
+JSON body or an SSE stream).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
 from bastion import methods, rpc, sse
-from bastion.asgi import ASGIApp, Message, Receive, Scope, Send
+from bastion.asgi import ASGIApp, Receive, Scope, Send
 from bastion.config import Settings
 from bastion.errors import (
     AuthError,
@@ -29,7 +29,6 @@ from bastion.errors import (
     MethodNotFound,
     ProtocolError,
     SessionRequired,
-    UpstreamError,
     shown,
 )
 from bastion.observe.metrics import CONTENT_TYPE as METRICS_TYPE
@@ -39,23 +38,28 @@ from bastion.pipeline.chain import Pipeline
 from bastion.pipeline.dispatch import negotiate
 from bastion.pipeline.exchange import Exchange
 from bastion.pipeline.route import Route
-from bastion.pipeline.session import ClientSession, Stream
+from bastion.pipeline.session import ClientSession
 from bastion.pipeline.trail import error_code
 from bastion.transport import checks
 from bastion.transport.client_ip import client_address
-from bastion.types import JSON, LEGACY_VERSIONS, MODERN_VERSION, UPSTREAM_STATUS, Era
-from bastion.upstream.base import Answer
+from bastion.transport.delivery import (
+    SSE_HEADERS,
+    Ended,
+    Watched,
+    deliver,
+    deliver_failure,
+    send_error,
+    send_json,
+    send_plain,
+    session_headers,
+    write_stream,
+)
+from bastion.types import JSON, LEGACY_VERSIONS, MODERN_VERSION, Era
 
 log = logging.getLogger("bastion.transport")
 
 # How a POST arrived: the client's address, the body's size, and its trace.
 Origin = tuple[str, int, RequestTrace]
-_JSON_HEADERS = [(b"content-type", b"application/json")]
-_SSE_HEADERS = [
-    (b"content-type", b"text/event-stream"),
-    (b"cache-control", b"no-cache, no-transform"),
-    (b"x-accel-buffering", b"no"),
-]
 
 
 class Front:
@@ -97,11 +101,11 @@ class Front:
             return
         path = scope["path"]
         if path == "/healthz":
-            await _plain(send, 200, b'{"status":"ok"}')
+            await send_plain(send, 200, b'{"status":"ok"}')
             return
         if path == "/readyz":
             status = 200 if self.ready else 503
-            await _plain(
+            await send_plain(
                 send, status, b'{"status":"ready"}' if self.ready else b'{"status":"starting"}'
             )
             return
@@ -120,11 +124,11 @@ class Front:
             return
         document = self.metadata.get(path)
         if document is not None and scope["method"] in ("GET", "HEAD"):
-            await _json(send, 200, orjson.dumps(document), [_CORS])
+            await send_json(send, 200, orjson.dumps(document), [_CORS])
             return
         route = self.routes.get(path.rstrip("/") or "/")
         if route is None:
-            await _plain(send, 404, b'{"error":"no MCP endpoint at this path"}')
+            await send_plain(send, 404, b'{"error":"no MCP endpoint at this path"}')
             return
         headers = _headers(scope)
         try:
@@ -141,13 +145,13 @@ class Front:
         except _Refused as refused:
             denial = refused.exchange.denial
             assert denial is not None  # noqa: S101 - only raised with a denial
-            await _error(send, denial, None, extra=refused.exchange.response_headers)
+            await send_error(send, denial, None, extra=refused.exchange.response_headers)
         except _MethodNotAllowed:
-            await _plain(
+            await send_plain(
                 send, 405, b'{"error":"method not allowed"}', [(b"allow", b"GET, POST, DELETE")]
             )
         except BastionError as exc:
-            await _error(send, exc, None)
+            await send_error(send, exc, None)
 
     def mount(self, prefix: str, app: ASGIApp) -> None:
         """Serve `prefix` and every path under it with `app` (the admin API under /admin)."""
@@ -172,14 +176,14 @@ class Front:
             message = rpc.loads(body)
             kind = rpc.classify(message)
         except ProtocolError as exc:
-            await _error(send, exc, rpc.request_id(message))
+            await send_error(send, exc, rpc.request_id(message))
             return
         version = headers.get("mcp-protocol-version")
         if version is not None:
             try:
                 checks.check_version(version)
             except ProtocolError as exc:
-                await _error(send, exc, rpc.request_id(message))
+                await send_error(send, exc, rpc.request_id(message))
                 return
         trace = self.tracing.begin(
             headers, message, message["method"] if kind is rpc.Kind.REQUEST else None
@@ -233,21 +237,21 @@ class Front:
         version: str | None,
     ) -> None:
         if kind is rpc.Kind.RESPONSE:
-            await _error(send, InvalidRequest("clients send no responses in 2026-07-28"), None)
+            await send_error(send, InvalidRequest("clients send no responses in 2026-07-28"), None)
             return
         if kind is rpc.Kind.NOTIFICATION:
-            await _plain(send, 202, b"")
+            await send_plain(send, 202, b"")
             return
         try:
             checks.check_modern_headers(message, version or "", headers)
         except ProtocolError as exc:
-            await _error(send, exc, message.get("id"))
+            await send_error(send, exc, message.get("id"))
             return
         if not methods.served(message["method"], Era.MODERN):
             missing = MethodNotFound(
                 f"method {shown(message['method'])} does not exist in {MODERN_VERSION}"
             )
-            await _error(send, missing, message.get("id"), status=404)
+            await send_error(send, missing, message.get("id"), status=404)
             return
         exchange = self._exchange(route, headers, message, Era.MODERN, MODERN_VERSION, origin)
         exchange.mirrored = {
@@ -310,27 +314,28 @@ class Front:
         body, more as an SSE stream; a notification or response gets 202. Once the decision
         is recorded, the pipeline hears how the delivery ended whatever happens: an answer
         the gateway cannot relay, a failure while answering, the client going away."""
-        ended = _Ended()
-        watched = _Watched(send)
+        ended = Ended()
+        watched = Watched(send)
         try:
             answer = await self.pipeline.handle(exchange, route)
             if answer is None:
-                await _plain(send, 202, b"", self._session_headers(exchange))
+                await send_plain(send, 202, b"", self._session_headers(exchange))
                 return
             if not exchange.recorded:  # refused, or the trail could not take the decision
                 status = exchange.http_status or 200
                 extra = self._session_headers(exchange) + exchange.response_headers
-                await _json(send, status, rpc.dumps(answer.first), extra)
+                await send_json(send, status, rpc.dumps(answer.first), extra)
                 self._count(exchange, route, None)
                 return
-            await self._answer(watched, receive, exchange, answer, exchange.session, ended)
+            await deliver(watched, receive, exchange, answer, ended, self.keepalive)
         except OSError:
             ended.failure = _GONE
             raise  # the server drops the connection
         except Exception as exc:
             if not exchange.recorded:
                 raise
-            await self._failed(exc, watched, exchange, self._session_headers(exchange), ended)
+            extra = self._session_headers(exchange)
+            await deliver_failure(exc, watched, exchange, extra, ended)
         except BaseException:
             ended.failure = _CANCELLED
             raise
@@ -347,32 +352,6 @@ class Front:
     @staticmethod
     def _session_headers(exchange: Exchange) -> list[tuple[bytes, bytes]]:
         return session_headers(exchange.session) if exchange.session is not None else []
-
-    async def _failed(
-        self,
-        exc: Exception,
-        send: _Watched,
-        exchange: Exchange,
-        extra: list[tuple[bytes, bytes]],
-        ended: _Ended,
-    ) -> None:
-        """A call that broke instead of answering: answered with a JSON-RPC error while the
-        response has not started (the connection then serves its next request), else its
-        body is ended. Either way the outcome record says what happened."""
-        if isinstance(exc, BastionError):
-            error, status = exc, exc.http_status
-        else:
-            log.exception("answering request %s failed", exchange.request_id)
-            # A JSON-RPC error about one call travels with HTTP 200, as upstream errors do.
-            error, status = BastionError(_ANSWER_FAILED), 200
-        ended.failure = error.message
-        if send.started:
-            if not send.ended:
-                with contextlib.suppress(OSError):
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return
-        ended.reply = rpc.error(exchange.id, error)
-        await _json(send, status, rpc.dumps(ended.reply), extra)
 
     def _count(
         self, exchange: Exchange, route: Route, final: JSON | None, failed: bool = False
@@ -394,89 +373,6 @@ class Front:
         stages = exchange.trace.stages if exchange.trace is not None else None
         admitted = exchange.admitted
         self.metrics.answered(route.path, exchange.method, outcome, admitted, total, stages)
-
-    async def _answer(
-        self,
-        send: Send,
-        receive: Receive,
-        exchange: Exchange,
-        answer: Answer,
-        session: ClientSession | None,
-        ended: _Ended,
-    ) -> None:
-        """One message answers with a JSON body; more (notifications first) with an SSE stream.
-        `ended.reply` is the response message, or None when the stream ended before it (the
-        client went away while a legacy session's answer goes on)."""
-        extra = session_headers(session) if session is not None else []
-        first = answer.first
-        if answer.rest is None:
-            status = _status(first.pop(UPSTREAM_STATUS, 200))
-            error = first.get("error")
-            if isinstance(error, dict) and error.get("code") == MethodNotFound.rpc_code:
-                status = 404
-            ended.reply = first
-            await _json(send, status if exchange.era is Era.MODERN else 200, _encode(first), extra)
-            return
-        if session is None:
-            # 2026-07-28: no resumption; the client closing the stream cancels the request.
-            stream = Stream("", keep=4096)
-            stream.append(_encode(first))
-            pump = asyncio.create_task(_pump(answer.rest, stream, exchange.id))
-            try:
-                await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
-                await self._write_stream(send, stream, 0, receive, ids=False)
-            finally:
-                pump.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await pump
-            ended.reply = stream.final()
-            return
-        # Legacy: the session owns the pump, so the answer survives a dropped connection and
-        # the client can resume it with Last-Event-ID.
-        stream = session.new_stream()
-        stream.append(_encode(first))
-        session.spawn(_pump(answer.rest, stream, exchange.id))
-        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + extra})
-        if session.protocol_version >= "2025-11-25":
-            priming = sse.encode_priming(stream.event_id(0))
-            await send({"type": "http.response.body", "body": priming, "more_body": True})
-        await self._write_stream(send, stream, 0, receive)
-        ended.reply = stream.final()
-
-    async def _write_stream(
-        self, send: Send, stream: Stream, after: int, receive: Receive, *, ids: bool = True
-    ) -> None:
-        """Write a kept stream's events after `after`, live, until it closes or the client goes."""
-        seq = after
-        gone = asyncio.Event()
-        watcher = asyncio.create_task(_watch_disconnect(receive, gone, stream))
-        try:
-            while not gone.is_set():
-                for number, data in stream.since(seq):
-                    event_id = stream.event_id(number) if ids else None
-                    await send(
-                        {
-                            "type": "http.response.body",
-                            "body": sse.encode(data, event_id),
-                            "more_body": True,
-                        }
-                    )
-                    seq = number
-                if stream.closed and seq >= stream.last:
-                    break
-                before = stream.last
-                await stream.wait(seq, self.keepalive)
-                if stream.last == before and not stream.closed and not gone.is_set():
-                    await send(
-                        {"type": "http.response.body", "body": sse.KEEPALIVE, "more_body": True}
-                    )
-        except OSError:
-            pass
-        finally:
-            stream.attached = False
-            watcher.cancel()
-        with contextlib.suppress(OSError):
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     # -- GET and DELETE (legacy sessions) ---------------------------------------------------
 
@@ -510,7 +406,7 @@ class Front:
                 raise InvalidRequest(f"Last-Event-ID {shown(last)} names no stream of this session")
             stream, after = found, int(seq)
         elif stream.attached:
-            await _plain(send, 409, b'{"error":"this session already has an open GET stream"}')
+            await send_plain(send, 409, b'{"error":"this session already has an open GET stream"}')
             return
         stream.attached = True
         if stream.id == "0":
@@ -519,7 +415,7 @@ class Front:
             {
                 "type": "http.response.start",
                 "status": 200,
-                "headers": _SSE_HEADERS + session_headers(session),
+                "headers": SSE_HEADERS + session_headers(session),
             }
         )
         await send(
@@ -529,12 +425,12 @@ class Front:
                 "more_body": True,
             }
         )
-        await self._write_stream(send, stream, after, receive)
+        await write_stream(send, stream, after, receive, self.keepalive)
 
     async def _delete(self, send: Send, route: Route, headers: dict[str, str]) -> None:
         session = await self._session("DELETE", route, headers)
         await self.pipeline.sessions.remove(session.id)
-        await _plain(send, 200, b"")
+        await send_plain(send, 200, b"")
 
 
 class _MethodNotAllowed(Exception):
@@ -543,35 +439,6 @@ class _MethodNotAllowed(Exception):
 
 _GONE = "the client went away before the answer was sent"
 _CANCELLED = "the request was cancelled before it was answered"
-_ANSWER_FAILED = "the gateway failed while answering; its log has the details"
-_RELAY_FAILED = "the gateway failed while relaying this answer; its log has the details"
-
-
-@dataclass(slots=True)
-class _Ended:
-    """How a recorded call ended: the response sent (or meant to be), and why the gateway
-    could not answer as it meant to."""
-
-    reply: JSON | None = None
-    failure: str | None = None
-
-
-class _Watched:
-    """A send that remembers whether the response started and whether its body ended."""
-
-    __slots__ = ("_send", "ended", "started")
-
-    def __init__(self, send: Send) -> None:
-        self._send = send
-        self.started = False
-        self.ended = False
-
-    async def __call__(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            self.started = True
-        elif not message.get("more_body", False):
-            self.ended = True
-        await self._send(message)
 
 
 class _Refused(Exception):
@@ -599,39 +466,6 @@ def resource_metadata(settings: Settings, route: Route) -> JSON:
     }
 
 
-async def _pump(replies: AsyncGenerator[JSON, None], stream: Stream, id_: Any) -> None:
-    """Move an upstream answer into a kept stream, whether or not a client is reading; a
-    failure on the way ends the stream with an error response rather than none."""
-    try:
-        async for message in replies:
-            message.pop(UPSTREAM_STATUS, None)
-            stream.append(_encode(message))
-    except BastionError as exc:
-        stream.append(rpc.dumps(rpc.error(id_, exc)))
-    except Exception:
-        log.exception("relaying a streamed answer failed")
-        stream.append(rpc.dumps(rpc.error(id_, BastionError(_RELAY_FAILED))))
-    finally:
-        await replies.aclose()
-        stream.close()
-
-
-def _encode(message: JSON) -> bytes:
-    """A message from upstream as the client gets it; one that cannot be encoded again (JSON
-    nested deeper than the encoder goes) is the upstream's failure, not the gateway's."""
-    try:
-        return rpc.dumps(message)
-    except TypeError:
-        raise UpstreamError(
-            "the upstream's answer cannot be relayed: it is JSON nested too deeply to encode"
-        ) from None
-
-
-def _status(value: Any) -> int:
-    """The HTTP status an upstream's error came with, when it is one a response may carry."""
-    return value if isinstance(value, int) and 200 <= value <= 599 else 200
-
-
 def _label(code: str) -> str:
     """A metrics label for an error code: the gateway's own codes, else "error" (an upstream
     may put any string there, and labels must stay a small set)."""
@@ -644,20 +478,6 @@ def _gateway_codes(kind: type[BastionError] = BastionError) -> set[str]:
     for sub in kind.__subclasses__():
         codes |= _gateway_codes(sub)
     return codes
-
-
-async def _watch_disconnect(receive: Receive, gone: asyncio.Event, stream: Stream) -> None:
-    while True:
-        event = await receive()
-        if event["type"] == "http.disconnect":
-            gone.set()
-            stream.wake()
-            return
-
-
-def session_headers(session: ClientSession) -> list[tuple[bytes, bytes]]:
-    """The Mcp-Session-Id response header."""
-    return [(b"mcp-session-id", session.id.encode())]
 
 
 def _describe(exchange: Exchange, size: int, trace: RequestTrace) -> None:
@@ -678,30 +498,3 @@ def _has_modern_meta(message: Any) -> bool:
 def _headers(scope: Scope) -> dict[str, str]:
     # ASGI servers lower-case header names already.
     return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-
-
-async def _plain(
-    send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    headers = (_JSON_HEADERS if body else []) + (extra or [])
-    headers.append((b"content-length", str(len(body)).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _json(send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]]) -> None:
-    headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()), *extra]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _error(
-    send: Send,
-    exc: BastionError,
-    id_: Any,
-    *,
-    status: int | None = None,
-    extra: list[tuple[bytes, bytes]] | None = None,
-) -> None:
-    body = orjson.dumps(rpc.error(id_, exc))
-    await _json(send, status or exc.http_status, body, extra or [])

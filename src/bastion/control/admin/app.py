@@ -11,6 +11,13 @@ GET  /admin/audit/verify            200 intact, 409 tampered (naming the first b
 GET  /admin/agents?tenant=&status=
 GET  /admin/agents/{id}
 POST /admin/agents/{id}/suspend|resume|offboard    {"reason": "..."} (suspend, offboard)
+GET  /admin/inventory?days=                         `bastion inventory --json`
+POST /admin/owners/{owner}/offboard                 {"reason": "...", "reassign": "NEW_OWNER"}
+GET  /admin/pins?state=approved|pending&upstream=&kind=
+GET  /admin/pins/{upstream}/{kind}/{name}/diff     the pin and each pending version's diff
+POST /admin/pins/{upstream}/{kind}/{name}/approve  {"digest": "...", "reason": "..."}
+GET  /admin/quarantines?all=true
+POST /admin/quarantines/{upstream}/release         {"reason": "..."}
 ```
 
 Errors are `{"error": code, "message": ...}` with the status the error knows (400 naming the
@@ -48,9 +55,15 @@ from bastion.config import Settings
 from bastion.control.admin import params as ask
 from bastion.control.admin.auth import AdminGuard
 from bastion.control.admin.params import FILTERS, MAX_LIMIT
+from bastion.control.admin.reviews import ReviewApi
+from bastion.control.governance.inventory import build_inventory, read_usage
+from bastion.control.governance.offboard import offboard_owner
+from bastion.control.governance.offboard import records as offboard_records
 from bastion.control.registry.agents import Agent, AgentStatus
 from bastion.control.registry.store import SqliteRegistry
+from bastion.control.registry.trust import SqliteTrustStore
 from bastion.errors import AuditUnavailable, BadRequest, BastionError, NotAvailable, shown
+from bastion.inspect.pins import KINDS
 from bastion.pipeline.chain import Pipeline
 
 log = logging.getLogger("bastion.admin")
@@ -58,6 +71,7 @@ T = TypeVar("T")
 
 PREFIX = "/admin"
 EXPORT_BATCH = 500  # lines per chunk (and per worker-thread hop) of an export
+_MAX_DAYS = 3650  # the inventory's usage window
 _ACTIONS = {
     "suspend": AgentStatus.SUSPENDED,
     "resume": AgentStatus.ACTIVE,
@@ -71,9 +85,10 @@ def admin_app(
     writer: AuditWriter | None,
     token: str,
     registry: Path | None,
+    trust: Path | None = None,
 ) -> ASGIApp:
     """The guarded admin application for the front to mount at `PREFIX`."""
-    return AdminGuard(AdminApi(settings, pipeline, writer, registry).app(), token)
+    return AdminGuard(AdminApi(settings, pipeline, writer, registry, trust).app(), token)
 
 
 class AdminApi:
@@ -85,11 +100,13 @@ class AdminApi:
         pipeline: Pipeline,
         writer: AuditWriter | None,
         registry: Path | None,
+        trust: Path | None = None,
     ) -> None:
         self._settings = settings
         self._pipeline = pipeline
         self._writer = writer
         self._registry = registry
+        self._trust = trust
         self._folder = audit_dir(settings.state_dir)
 
     def app(self) -> Starlette:
@@ -102,6 +119,14 @@ class AdminApi:
             Route("/agents", self.agents),
             Route("/agents/{agent_id}", self.agent),
             Route("/agents/{agent_id}/{action}", self.change, methods=["POST"]),
+            Route("/inventory", self.inventory),
+            Route("/owners/{owner}/offboard", self.offboard, methods=["POST"]),
+            Route("/pins", self.pins),
+            Route("/pins/{upstream}/{kind}/{name:path}/diff", self.pin_diff),
+            Route("/pins/{upstream}/{kind}/{name:path}/approve", self.approve, methods=["POST"]),
+            Route("/quarantines", self.quarantines),
+            Route("/quarantines/{upstream}/release", self.release, methods=["POST"]),
+            *ReviewApi(self._settings, self._pipeline, self._writer).routes(),
         ]
         return Starlette(
             routes=[Mount(PREFIX, routes=routes)],
@@ -207,6 +232,53 @@ class AdminApi:
         log.info("admin %s agent %r of tenant %r: %s", action, agent.id, agent.tenant, reason)
         return _json(200, {"agent": agent.to_dict(), "audited": audited})
 
+    # --- governance: inventory, offboarding ---------------------------------------------------
+
+    async def inventory(self, request: Request) -> Response:
+        """`bastion inventory --json`, from this gateway's policy in force and its registry."""
+        days = ask.count(ask.params(request, ("days",)), "days", 30)
+        if days > _MAX_DAYS:
+            raise BadRequest("days", f"expected at most {_MAX_DAYS}, found {days}")
+        agents = [] if self._registry is None else await self._registry_call(lambda r: r.list())
+        now = time.time()
+        usage = await asyncio.to_thread(read_usage, self._settings, now - days * 86400.0)
+        engine = self._pipeline.authz.engine
+        found = build_inventory(self._settings, agents, engine, usage, now, days)
+        return _json(200, found.to_dict())
+
+    async def offboard(self, request: Request) -> Response:
+        """Suspend (or with `reassign`, hand over) every agent of an owner; in force here
+        before answering (sessions ended, cached credentials dropped); audited."""
+        ask.params(request, ())
+        owner = request.path_params["owner"]
+        given = await ask.fields(request, ("reason", "reassign"))
+        done = await self._registry_call(
+            lambda registry: offboard_owner(
+                registry, owner, new_owner=given.get("reassign"), reason=given.get("reason")
+            )
+        )
+        directory = self._pipeline.agents
+        if directory is not None:
+            await directory.reread()
+        client = request.client
+        where = f"{client.host}:{client.port}" if client else None
+        audited = await self._append(offboard_records(done, "admin", where))
+        changed = len(done.changed)
+        log.warning("admin offboarded owner %r (%s): %d agents", owner, done.action, changed)
+        return _json(200, {"offboarding": done.to_dict(), "audited": audited})
+
+    async def _append(self, batch: list[AuditRecord]) -> bool:
+        """Write operator records to the trail; whether all were committed."""
+        if self._writer is None:
+            return False
+        try:
+            for record in batch:
+                await self._writer.append(record, True)
+        except AuditUnavailable as exc:
+            log.error("admin act not audited: %s", exc.message)
+            return False
+        return True
+
     async def _registry_call(self, work: Callable[[SqliteRegistry], T]) -> T:
         path = self._registry
         if path is None:
@@ -217,6 +289,101 @@ class AdminApi:
                 return work(registry)
 
         return await asyncio.to_thread(run)
+
+    # --- upstream trust: pins and quarantines --------------------------------------------------
+
+    async def pins(self, request: Request) -> Response:
+        """Pinned and pending definitions, optionally of one state, upstream and kind."""
+        params = ask.params(request, ("state", "upstream", "kind"))
+        state = params.get("state")
+        if state is not None and state not in ("approved", "pending"):
+            raise BadRequest("state", f"expected approved or pending, found {shown(state)}")
+        kind = params.get("kind")
+        if kind is not None and kind not in KINDS:
+            raise BadRequest("kind", f"expected one of {', '.join(KINDS)}, found {shown(kind)}")
+        found = await self._trust_call(
+            lambda store: store.pins(state, params.get("upstream"), kind)
+        )
+        return _json(200, {"pins": [pin.to_dict() for pin in found]})
+
+    async def pin_diff(self, request: Request) -> Response:
+        """One definition's pin and its pending versions, each with its diff."""
+        ask.params(request, ())
+        upstream, kind, name = _pin_key(request)
+        body = await self._trust_call(lambda store: store.versions(upstream, kind, name))
+        return _json(200, body)
+
+    async def approve(self, request: Request) -> Response:
+        """Make a pending version the pin: shown and callable again on every gateway of the
+        store within its poll; audited."""
+        ask.params(request, ())
+        upstream, kind, name = _pin_key(request)
+        given = await ask.fields(request, ("digest", "reason"))
+        pin = await self._trust_call(
+            lambda store: store.approve(upstream, kind, name, given.get("digest"), "admin")
+        )
+        detail = {"upstream": upstream, "kind": kind, "name": name, "digest": pin.digest}
+        audited = await self._record("admin/tools/approve", detail, given.get("reason"), request)
+        log.info("admin approved %s %r of upstream %r (%s)", kind, name, upstream, pin.digest)
+        return _json(200, {"pin": pin.to_dict(), "audited": audited})
+
+    async def quarantines(self, request: Request) -> Response:
+        """Quarantined upstreams (every quarantine ever with `all=true`)."""
+        params = ask.params(request, ("all",))
+        every = params.get("all", "false")
+        if every not in ("true", "false"):
+            raise BadRequest("all", f"expected true or false, found {shown(every)}")
+        found = await self._trust_call(lambda store: store.quarantines(every == "false"))
+        return _json(200, {"quarantines": [q.to_dict() for q in found]})
+
+    async def release(self, request: Request) -> Response:
+        """Put a quarantined upstream back in service (every gateway of the store, within its
+        poll); audited."""
+        ask.params(request, ())
+        upstream = request.path_params["upstream"]
+        reason = await ask.reason(request)
+        released = await self._trust_call(lambda store: store.release(upstream, "admin"))
+        detail = {"upstream": upstream, "quarantined_for": released.reason}
+        audited = await self._record("admin/quarantines/release", detail, reason, request)
+        log.warning("admin released upstream %r from quarantine: %s", upstream, reason)
+        return _json(200, {"quarantine": released.to_dict(), "audited": audited})
+
+    async def _trust_call(self, work: Callable[[SqliteTrustStore], T]) -> T:
+        path = self._trust
+        if path is None:
+            raise NotAvailable("this gateway keeps no pins (no registry store)")
+
+        def run() -> T:
+            with SqliteTrustStore(path, create=False) as store:
+                return work(store)
+
+        return await asyncio.to_thread(run)
+
+    async def _record(
+        self, method: str, detail: dict[str, Any], reason: str | None, request: Request
+    ) -> bool:
+        """An operator's act on upstream trust, in the trail; whether it was committed."""
+        if self._writer is None:
+            return False
+        client = request.client
+        record = AuditRecord(
+            time=time.time(),
+            request_id=uuid.uuid4().hex,
+            phase="decision",
+            client=f"{client.host}:{client.port}" if client else None,
+            route=PREFIX,
+            method=method,
+            server=detail.get("upstream"),
+            decision="allow",
+            reason=reason,
+            detail={"actor": "admin", **detail},
+        )
+        try:
+            await self._writer.append(record, True)
+        except AuditUnavailable as exc:
+            log.error("admin %s not audited: %s", method, exc.message)
+            return False
+        return True
 
     async def _audit(self, agent: Agent, action: str, reason: str | None, request: Request) -> bool:
         """Record the change in the trail; whether it was committed."""
@@ -243,6 +410,14 @@ class AdminApi:
             log.error("admin %s of agent %r not audited: %s", action, agent.id, exc.message)
             return False
         return True
+
+
+def _pin_key(request: Request) -> tuple[str, str, str]:
+    """(upstream, kind, name) of a pin route; the kind checked."""
+    kind = request.path_params["kind"]
+    if kind not in KINDS:
+        raise BadRequest("kind", f"expected one of {', '.join(KINDS)}, found {shown(kind)}")
+    return request.path_params["upstream"], kind, request.path_params["name"]
 
 
 # --- output -----------------------------------------------------------------------------------

@@ -70,20 +70,29 @@ def count(given: dict[str, str], name: str, default: int) -> int:
 
 async def reason(request: Request) -> str | None:
     """`reason` from an optional JSON object body (`{"reason": "..."}`)."""
+    return (await fields(request, ("reason",))).get("reason")
+
+
+async def fields(request: Request, allowed: tuple[str, ...]) -> dict[str, str]:
+    """Text members of an optional JSON object body, each one of `allowed`."""
     body = b""
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_BODY_BYTES:
             raise BadRequest("body", f"expected at most {MAX_BODY_BYTES} bytes")
     if not body.strip():
-        return None
+        return {}
+    names = ", ".join(f'"{name}"' for name in allowed)
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
-        raise BadRequest("body", 'expected a JSON object like {"reason": "..."}') from None
-    if not isinstance(data, dict) or set(data) - {"reason"}:
-        raise BadRequest("body", 'expected a JSON object with only "reason"')
-    value = data.get("reason")
-    if value is not None and not isinstance(value, str):
-        raise BadRequest("reason", f"expected text, found {type(value).__name__}")
-    return value
+        raise BadRequest("body", f'expected a JSON object like {{"{allowed[0]}": "..."}}') from None
+    if not isinstance(data, dict) or set(data) - set(allowed):
+        raise BadRequest("body", f"expected a JSON object with only {names}")
+    found: dict[str, str] = {}
+    for name, value in data.items():
+        if value is not None and not isinstance(value, str):
+            raise BadRequest(name, f"expected text, found {type(value).__name__}")
+        if value is not None:
+            found[name] = value
+    return found

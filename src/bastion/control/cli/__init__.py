@@ -6,5 +6,10 @@ __all__ = [
     "discovery",
     "gateway",
     "identity",
+    "inventory",
+    "owners",
     "policy",
+    "probe",
+    "review",
+    "tools",
 ]

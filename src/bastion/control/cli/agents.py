@@ -45,6 +45,7 @@ class Environment(enum.StrEnum):
     DEV = "dev"
     STAGING = "staging"
     PROD = "prod"
+    DEMO = "demo"
 
 
 def _registry_file(value: Path) -> Path:

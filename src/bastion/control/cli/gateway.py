@@ -173,4 +173,22 @@ def _banner(settings: config.Settings, config_file: Path) -> str:
         "--tool SERVER__TOOL --arguments '{...}'",
         "",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + _inspection_lines(settings))
+
+
+def _inspection_lines(settings: config.Settings) -> list[str]:
+    """What the banner says about the inspection of answers."""
+    if not settings.inspection.enabled:
+        return ["Inspection of answers: off (inspection.enabled: false).", ""]
+    guarded = [
+        f"{name} ({upstream.inspect.tenants})"
+        for name, upstream in settings.upstreams.items()
+        if upstream.tenant_arguments and upstream.inspect.tenants != "off"
+    ]
+    tenants = ", ".join(guarded) if guarded else "none: no upstream declares tenant_arguments"
+    return [
+        "Inspection: every answer is checked before a client sees it. Another tenant's objects",
+        f"are contained on {tenants}; secrets redacted, injected instructions flagged; a",
+        "changed tool definition waits for an operator (bastion tools diff|approve).",
+        "",
+    ]

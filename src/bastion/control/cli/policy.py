@@ -20,6 +20,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 import yaml
 
+from bastion.config import ENVIRONMENTS
 from bastion.config import load as load_config
 from bastion.errors import BastionError
 from bastion.methods import PROMPTS_GET, RESOURCES_READ, RESOURCES_SUBSCRIBE, TOOLS_CALL
@@ -83,15 +84,22 @@ def _exchange(authz: Authorizer, case: dict[str, Any]) -> Exchange:
     agent = str(case.get("agent") or "")
     if not agent:
         raise ValueError("each case names an agent")
-    seeded = {a.id: a.tenant for a in authz.settings.auth.agents}
-    tenant = case.get("tenant") or seeded.get(agent)
+    seeded = {a.id: a for a in authz.settings.auth.agents}
+    tenant = case.get("tenant") or (seeded[agent].tenant if agent in seeded else None)
     if not tenant:
         raise ValueError(f"agent {agent!r} is not seeded in the config: give its tenant")
+    # As the registry would say: the seeded agent's environment, else the gateway's.
+    environment = case.get("environment") or (
+        seeded[agent].environment if agent in seeded else authz.settings.environment
+    )
+    if environment not in ENVIRONMENTS:
+        raise ValueError(f"environment: expected one of {', '.join(ENVIRONMENTS)}")
     principal = Principal(
         tenant=str(tenant),
         agent=agent,
         user=case.get("user"),
         roles=frozenset(case.get("roles") or ()),
+        environment=str(environment),
     )
     method = str(case.get("method") or TOOLS_CALL)
     params: dict[str, Any]
@@ -192,6 +200,9 @@ def explain(
     server: str | None = typer.Option(None, "--server", help="The server of --uri."),
     tenant: str | None = typer.Option(None, "--tenant", help="Default: the seeded agent's."),
     user: str | None = typer.Option(None, "--user", help="The user the agent acts for."),
+    environment: str | None = typer.Option(
+        None, "--environment", help="The agent's (dev, staging, prod, demo); default: seeded."
+    ),
     catalog: Path | None = CATALOG,
 ) -> None:
     """Why a request is allowed or denied: the deciding policies, their text and reasons."""
@@ -200,7 +211,12 @@ def explain(
         args = json.loads(arguments)
     except ValueError as exc:
         _fail(f"--arguments is not JSON: {exc}")
-    case: dict[str, Any] = {"agent": agent, "tenant": tenant, "user": user}
+    case: dict[str, Any] = {
+        "agent": agent,
+        "tenant": tenant,
+        "user": user,
+        "environment": environment,
+    }
     if uri is not None:
         case.update(method=RESOURCES_READ, uri=uri, server=server)
     else:
@@ -215,6 +231,7 @@ def explain(
     assert decision is not None and engine is not None  # noqa: S101 - decided, loaded
     verdict = "ALLOW" if decision.allowed else "DENY"
     typer.echo(f"{verdict}: " + "; ".join(decision.reasons))
+    typer.echo(_environments(authz, exchange))
     for pid in decision.policies:
         doc = engine.docs.get(pid)
         if doc is None:
@@ -239,6 +256,22 @@ def explain(
             typer.echo("\nno permit mentions this action for this tenant.")
     if not decision.allowed:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _environments(authz: Authorizer, exchange: Exchange) -> str:
+    """Where the caller and the upstream belong, which `environment-separation` compares."""
+    principal, target = exchange.principal, exchange.target
+    assert principal is not None and target is not None  # noqa: S101 - set by _exchange
+    upstream = target.upstream
+    where = (
+        f"upstream {upstream!r} in {authz.settings.environment_of(upstream)}"
+        if upstream in authz.settings.upstreams
+        else f"upstream {upstream!r} not configured"
+    )
+    return (
+        f"environments: agent {principal.agent!r} in {principal.environment}, {where} "
+        f"(gateway: {authz.settings.environment}; built-in policy environment-separation)"
+    )
 
 
 @app.command("lint")

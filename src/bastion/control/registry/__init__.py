@@ -4,6 +4,7 @@ view of it, and last-use records."""
 __all__ = [
     "agents",
     "store",
+    "trust",
     "usage",
     "view",
 ]

@@ -13,13 +13,12 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from bastion.config import RESERVED_TENANT
+from bastion.config import ENVIRONMENTS, RESERVED_TENANT
 from bastion.errors import RegistryInvalid, TokenError, shown
 from bastion.identity import keys
 
 ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 TENANT_PATTERN = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
-ENVIRONMENTS = ("dev", "staging", "prod")
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 §3.3
 PRINTABLE_ASCII = re.compile(r"[\x21-\x7e]+")
 _SPIFFE_ID = re.compile(r"spiffe://[a-z0-9._-]+(/[A-Za-z0-9._-]+)+")

@@ -62,6 +62,41 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE revision (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL)",
         "INSERT INTO revision (id, value) VALUES (1, 0)",
     ),
+    # Upstream trust (control/registry/trust.py): definition pins and quarantines, with
+    # their own revision so that pin writes do not make the agent view reload.
+    (
+        """CREATE TABLE pins (
+            upstream TEXT NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL,
+            digest TEXT NOT NULL, definition TEXT NOT NULL, state TEXT NOT NULL,
+            first_seen REAL NOT NULL, approved_by TEXT, approved_at REAL,
+            PRIMARY KEY (upstream, kind, name, digest))""",
+        "CREATE UNIQUE INDEX pins_approved ON pins (upstream, kind, name) WHERE state = 'approved'",
+        """CREATE TABLE quarantines (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, upstream TEXT NOT NULL, reason TEXT NOT NULL,
+            since REAL NOT NULL, released_at REAL, released_by TEXT)""",
+        "CREATE UNIQUE INDEX quarantines_active ON quarantines (upstream) "
+        "WHERE released_at IS NULL",
+        "CREATE TABLE trust_revision (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER)",
+        "INSERT INTO trust_revision (id, value) VALUES (1, 0)",
+    ),
+    # Access reviews (control/governance/reviews.py): when keys were last rotated and the
+    # status last changed (a status changed before this version counts from the upgrade),
+    # the review sessions and their decisions; at most one review is open at a time.
+    (
+        "ALTER TABLE agents ADD COLUMN keys_rotated_at REAL",
+        "ALTER TABLE agents ADD COLUMN status_changed_at REAL",
+        "UPDATE agents SET status_changed_at = CAST(strftime('%s', 'now') AS REAL) "
+        "WHERE status <> 'active'",
+        """CREATE TABLE reviews (
+            id TEXT PRIMARY KEY, started_at REAL NOT NULL, started_by TEXT NOT NULL,
+            status TEXT NOT NULL, params TEXT NOT NULL, findings TEXT NOT NULL,
+            closed_at REAL, closed_by TEXT)""",
+        "CREATE UNIQUE INDEX reviews_open ON reviews (status) WHERE status = 'open'",
+        """CREATE TABLE review_decisions (
+            review_id TEXT NOT NULL REFERENCES reviews (id), finding_id TEXT NOT NULL,
+            decision TEXT NOT NULL, reason TEXT, by TEXT NOT NULL, at REAL NOT NULL,
+            effect TEXT NOT NULL, PRIMARY KEY (review_id, finding_id))""",
+    ),
 )
 # Literal statements (no string building): the column order is `_to_row`'s and `_from_row`'s.
 _INSERT_AGENT = """INSERT INTO agents (id, display_name, owner, tenant, purpose, environment,
@@ -201,9 +236,23 @@ class SqliteRegistry:
                 raise RegistryConflict(f"agent {agent_id!r} is already {status}")
             agent = replace(agent, status=status, status_reason=reason)
             self._db.execute(
-                "UPDATE agents SET status = ?, status_reason = ? WHERE id = ?",
-                (str(status), reason, agent_id),
+                "UPDATE agents SET status = ?, status_reason = ?, status_changed_at = ? "
+                "WHERE id = ?",
+                (str(status), reason, time.time(), agent_id),
             )
+            self._bump()
+        return agent
+
+    def set_owner(self, agent_id: str, owner: str) -> Agent:
+        """Make `owner` answerable for the agent (offboarding its old owner); offboarded
+        agents keep theirs (`RegistryConflict`)."""
+        check_text("owner", owner, 200)
+        with self._lock, self._guard(), self._write():
+            agent = self._get(agent_id)
+            if agent.status is AgentStatus.OFFBOARDED:
+                raise RegistryConflict(f"agent {agent_id!r} is offboarded, which is final")
+            agent = replace(agent, owner=owner)
+            self._db.execute("UPDATE agents SET owner = ? WHERE id = ?", (owner, agent_id))
             self._bump()
         return agent
 
@@ -215,9 +264,21 @@ class SqliteRegistry:
                 raise RegistryConflict(f"agent {agent_id!r} is offboarded, which is final")
             validate_jwks(jwks, allow_empty=agent.spiffe_id is not None)
             agent = replace(agent, jwks=jwks)
-            self._db.execute("UPDATE agents SET jwks = ? WHERE id = ?", (_dumps(jwks), agent_id))
+            self._db.execute(
+                "UPDATE agents SET jwks = ?, keys_rotated_at = ? WHERE id = ?",
+                (_dumps(jwks), time.time(), agent_id),
+            )
             self._bump()
         return agent
+
+    def lifecycle(self) -> dict[str, tuple[float | None, float | None]]:
+        """Agent id -> (keys last rotated at, status last changed at); None: never since it
+        was registered (access reviews measure key age and suspensions by these)."""
+        with self._lock, self._guard():
+            rows = self._db.execute(
+                "SELECT id, keys_rotated_at, status_changed_at FROM agents"
+            ).fetchall()
+        return {row[0]: (row[1], row[2]) for row in rows}
 
     def touch(self, agent_id: str, when: float) -> None:
         """Note that the agent was used at `when`, in memory; `flush_touches()` writes it."""

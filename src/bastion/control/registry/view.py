@@ -39,6 +39,7 @@ class _ViewState:
     by_spiffe_id: Mapping[str, Agent]
     revoked: frozenset[str]
     killed: frozenset[str]
+    tenants: frozenset[str] = frozenset()
 
 
 _EMPTY = _ViewState(-1, MappingProxyType({}), MappingProxyType({}), frozenset(), frozenset())
@@ -95,6 +96,7 @@ class RegistryView:
                     ),
                     revoked=snapshot.revoked_jtis,
                     killed=snapshot.killed_sessions,
+                    tenants=frozenset(a.tenant for a in agents.values()),
                 )
             self._checked = self._clock()
         return changed
@@ -134,6 +136,10 @@ class RegistryView:
     def agents(self) -> Iterable[Agent]:
         """Every registered agent, whatever its status."""
         return self._state.agents.values()
+
+    def tenants(self) -> frozenset[str]:
+        """The tenants of every registered agent (the tenant guard looks for their objects)."""
+        return self._state.tenants
 
     def revoked(self, jti: str) -> bool:
         """Whether the token with this jti was revoked."""

@@ -32,7 +32,7 @@ def oauth_endpoints(service: TokenService) -> dict[str, ASGIApp]:
         await _answer(send, 200, service.metadata(), [(b"access-control-allow-origin", b"*")])
 
     async def jwks(scope: Scope, receive: Receive, send: Send) -> None:
-        service.keys.refresh()
+        # The key store's watcher (the gateway's background) keeps the keys current.
         await _answer(send, 200, service.keys.jwks(), [(b"cache-control", b"max-age=60")])
 
     async def token(scope: Scope, receive: Receive, send: Send) -> None:

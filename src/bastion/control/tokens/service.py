@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,12 +23,13 @@ from urllib.parse import urlsplit
 from bastion.config import Settings, TrustedIssuer
 from bastion.control.registry.agents import Agent
 from bastion.control.registry.view import RegistryView
-from bastion.errors import OAuthError, Overloaded, TokenError, shown
+from bastion.errors import IssuerUnavailable, OAuthError, Overloaded, TokenError, shown
 from bastion.identity import dpop
 from bastion.identity.jwt import Expect, mint, unverified_claims, verify
 from bastion.identity.keys import KeySet
 from bastion.state.keystore import FileKeyStore
 from bastion.state.memory import ReplayCache
+from bastion.upstream.issuers import IssuerDirectory
 
 # Protocol identifiers (RFC 7523, RFC 8693), not secrets.
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -38,21 +39,24 @@ TOKEN_TYPE_ACCESS = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S10
 TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105
 TOKEN_TYPE_ID = "urn:ietf:params:oauth:token-type:id_token"  # noqa: S105
 
-# Finds the keys of a trusted external issuer (discovery + JWKS, cached); `refresh` asks for
-# a fresh copy when a kid is unknown.
-IssuerKeys = Callable[[TrustedIssuer, bool], Awaitable[KeySet]]
-
 _ASSERTION_LEEWAY = 5.0  # seconds of clock skew allowed on client assertions and SVIDs
+# How long a token request naming an unknown agent waits for the registry view to catch up.
+_UNKNOWN_AGENT_WAIT = 1.0
 
 
 @dataclass
 class TokenService:
-    """Issues access tokens; every input is checked, every refusal says why."""
+    """Issues access tokens; every input is checked, every refusal says why.
+
+    Reads only snapshots kept current in the background of the gateway: the registry view
+    (agents, revocations; re-read every `view.POLL_SECONDS`), the signing keys (the key
+    store's watcher) and the trusted issuers' keys (`issuers`, fetched by their watchers).
+    No file, database or network I/O happens while a token is issued."""
 
     settings: Settings
     agents: RegistryView
     keys: FileKeyStore
-    issuer_keys: IssuerKeys
+    issuers: IssuerDirectory
     spiffe: Mapping[str, KeySet]
     resources: frozenset[str]
     # Client assertions' and DPoP proofs' jtis, apart: their lifetimes differ, and the cache
@@ -96,8 +100,6 @@ class TokenService:
     ) -> dict[str, Any]:
         """Answer a token request (form fields already decoded)."""
         now = time.time() if now is None else now
-        self.agents.refresh()
-        self.keys.refresh()  # `bastion keys rotate` in another process
         grant = form.get("grant_type")
         if grant == "client_credentials":
             agent = await self._client(form, now)
@@ -118,10 +120,29 @@ class TokenService:
                 f"{JWT_BEARER!r} and a signed client_assertion",
                 401,
             )
+        await self._seen(assertion)
         agent = self.authenticate_agent(assertion, now)
         if form.get("client_id") not in (None, agent.id):
             raise OAuthError("invalid_client", "client_id does not match the assertion", 401)
         return agent
+
+    async def _seen(self, assertion: str) -> None:
+        """An assertion naming an agent the registry view does not hold (one registered a
+        moment ago by another process) asks the view's watcher for a round and waits for it,
+        briefly; the watcher coalesces such asks, so a flood of made-up names costs one cheap
+        version check per round. Nothing is read here."""
+        try:
+            claims = unverified_claims(assertion)
+        except TokenError:
+            return  # refused, with the reason, by authenticate_agent
+        subject = str(claims.get("sub", ""))
+        if subject.startswith("spiffe://"):
+            known = self.agents.agent_by_spiffe_id(subject) is not None
+        else:
+            issuer = claims.get("iss")
+            known = not isinstance(issuer, str) or self.agents.agent(issuer) is not None
+        if not known:
+            await self.agents.watch.ask(_UNKNOWN_AGENT_WAIT)
 
     def authenticate_agent(self, assertion: str, now: float) -> Agent:
         """The registered, usable agent that signed this assertion (or its JWT-SVID)."""
@@ -231,6 +252,7 @@ class TokenService:
                 "invalid_request",
                 f"actor_token (the agent's signed assertion, type {TOKEN_TYPE_JWT}) is required",
             )
+        await self._seen(actor)
         agent = self.authenticate_agent(actor, now)
         user = await self._subject(subject_token, now)
         tenant = user.get("__tenant")
@@ -267,22 +289,29 @@ class TokenService:
     async def _verify_external(
         self, token: str, trusted: TrustedIssuer, now: float
     ) -> dict[str, Any]:
-        keys = await self.issuer_keys(trusted, False)
         expect = Expect(
             issuer=trusted.issuer, audience=None, leeway=self.settings.auth.leeway_seconds
         )
         try:
-            claims = verify(token, keys, expect, now)
+            claims = verify(token, await self._issuer_keys(trusted, False), expect, now)
         except TokenError as exc:
             if exc.reason != "unknown_kid":
                 raise
-            claims = verify(token, await self.issuer_keys(trusted, True), expect, now)
+            claims = verify(token, await self._issuer_keys(trusted, True), expect, now)
         audiences = claims.get("aud")
         audiences = set(audiences if isinstance(audiences, list) else [audiences])
         wanted = {trusted.audience} if trusted.audience else {self.issuer, *self.resources}
         if not audiences & wanted:
             raise TokenError("wrong_audience", "the token is not meant for this gateway")
         return claims
+
+    async def _issuer_keys(self, trusted: TrustedIssuer, refresh: bool) -> KeySet:
+        """The issuer's keys from its watcher (an unknown kid asks it for a bounded fetch);
+        an issuer out of reach is the server's trouble, not the client's (RFC 6749 5.2)."""
+        try:
+            return await self.issuers.keys(trusted.issuer, refresh)
+        except IssuerUnavailable as exc:
+            raise OAuthError("temporarily_unavailable", exc.message, 503) from exc
 
     # -- the token --------------------------------------------------------------------------
 

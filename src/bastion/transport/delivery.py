@@ -1,0 +1,281 @@
+"""Delivering an answer to the client: one message as a JSON body, more as an SSE stream.
+
+```
+deliver ─┬─► one message      JSON body (in 2026-07-28 with the upstream's HTTP status)
+         ├─► more, stateless  SSE from a stream pumped while the client reads; closing it
+         │                    cancels the request
+         └─► more, session    SSE from a stream the session owns (the answer survives a
+                              dropped connection; resumable with Last-Event-ID)
+write_stream                  a kept stream's events, live, keepalives, until it closes or
+                              the client goes (also the legacy GET stream)
+```
+
+`Watched` and `Ended` let the front tell the pipeline how the delivery of a recorded call
+ended, whatever happened on the way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from bastion import rpc, sse
+from bastion.asgi import Message, Receive, Send
+from bastion.errors import BastionError, MethodNotFound, UpstreamError
+from bastion.pipeline.exchange import Exchange
+from bastion.pipeline.session import ClientSession, Stream
+from bastion.types import JSON, UPSTREAM_STATUS, Era
+from bastion.upstream.base import Answer
+
+__all__ = [
+    "JSON_HEADERS",
+    "SSE_HEADERS",
+    "Ended",
+    "Watched",
+    "deliver",
+    "deliver_failure",
+    "encode",
+    "pump",
+    "send_error",
+    "send_json",
+    "send_plain",
+    "session_headers",
+    "write_stream",
+]
+
+log = logging.getLogger("bastion.transport")
+
+JSON_HEADERS = [(b"content-type", b"application/json")]
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache, no-transform"),
+    (b"x-accel-buffering", b"no"),
+]
+_ANSWER_FAILED = "the gateway failed while answering; its log has the details"
+_RELAY_FAILED = "the gateway failed while relaying this answer; its log has the details"
+
+
+@dataclass(slots=True)
+class Ended:
+    """How a recorded call ended: the response sent (or meant to be), and why the gateway
+    could not answer as it meant to."""
+
+    reply: JSON | None = None
+    failure: str | None = None
+
+
+class Watched:
+    """A send that remembers whether the response started and whether its body ended."""
+
+    __slots__ = ("_send", "ended", "started")
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+        self.ended = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        elif not message.get("more_body", False):
+            self.ended = True
+        await self._send(message)
+
+
+async def deliver(
+    send: Send,
+    receive: Receive,
+    exchange: Exchange,
+    answer: Answer,
+    ended: Ended,
+    keepalive: float,
+) -> None:
+    """One message answers with a JSON body; more (notifications first) with an SSE stream.
+    `ended.reply` is the response message, or None when the stream ended before it (the
+    client went away while a legacy session's answer goes on)."""
+    session = exchange.session
+    extra = session_headers(session) if session is not None else []
+    first = answer.first
+    if answer.rest is None:
+        status = _status(first.pop(UPSTREAM_STATUS, 200))
+        error = first.get("error")
+        if isinstance(error, dict) and error.get("code") == MethodNotFound.rpc_code:
+            status = 404
+        ended.reply = first
+        await send_json(send, status if exchange.era is Era.MODERN else 200, encode(first), extra)
+        return
+    if session is None:
+        # 2026-07-28: no resumption; the client closing the stream cancels the request.
+        stream = Stream("", keep=4096)
+        stream.append(encode(first))
+        pumping = asyncio.create_task(pump(answer.rest, stream, exchange.id))
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            await write_stream(send, stream, 0, receive, keepalive, ids=False)
+        finally:
+            pumping.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pumping
+        ended.reply = stream.final()
+        return
+    # Legacy: the session owns the pump, so the answer survives a dropped connection and
+    # the client can resume it with Last-Event-ID.
+    stream = session.new_stream()
+    stream.append(encode(first))
+    session.spawn(pump(answer.rest, stream, exchange.id))
+    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + extra})
+    if session.protocol_version >= "2025-11-25":
+        priming = sse.encode_priming(stream.event_id(0))
+        await send({"type": "http.response.body", "body": priming, "more_body": True})
+    await write_stream(send, stream, 0, receive, keepalive)
+    ended.reply = stream.final()
+
+
+async def deliver_failure(
+    exc: Exception,
+    send: Watched,
+    exchange: Exchange,
+    extra: list[tuple[bytes, bytes]],
+    ended: Ended,
+) -> None:
+    """A call that broke instead of answering: answered with a JSON-RPC error while the
+    response has not started (the connection then serves its next request), else its
+    body is ended. Either way the outcome record says what happened."""
+    if isinstance(exc, BastionError):
+        error, status = exc, exc.http_status
+    else:
+        log.exception("answering request %s failed", exchange.request_id)
+        # A JSON-RPC error about one call travels with HTTP 200, as upstream errors do.
+        error, status = BastionError(_ANSWER_FAILED), 200
+    ended.failure = error.message
+    if send.started:
+        if not send.ended:
+            with contextlib.suppress(OSError):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return
+    ended.reply = rpc.error(exchange.id, error)
+    await send_json(send, status, rpc.dumps(ended.reply), extra)
+
+
+async def write_stream(
+    send: Send,
+    stream: Stream,
+    after: int,
+    receive: Receive,
+    keepalive: float,
+    *,
+    ids: bool = True,
+) -> None:
+    """Write a kept stream's events after `after`, live, until it closes or the client goes;
+    a comment every `keepalive` seconds of silence."""
+    seq = after
+    gone = asyncio.Event()
+    watcher = asyncio.create_task(_watch_disconnect(receive, gone, stream))
+    try:
+        while not gone.is_set():
+            for number, data in stream.since(seq):
+                event_id = stream.event_id(number) if ids else None
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": sse.encode(data, event_id),
+                        "more_body": True,
+                    }
+                )
+                seq = number
+            if stream.closed and seq >= stream.last:
+                break
+            before = stream.last
+            await stream.wait(seq, keepalive)
+            if stream.last == before and not stream.closed and not gone.is_set():
+                await send({"type": "http.response.body", "body": sse.KEEPALIVE, "more_body": True})
+    except OSError:
+        pass
+    finally:
+        stream.attached = False
+        watcher.cancel()
+    with contextlib.suppress(OSError):
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def pump(replies: AsyncGenerator[JSON, None], stream: Stream, id_: Any) -> None:
+    """Move an upstream answer into a kept stream, whether or not a client is reading; a
+    failure on the way ends the stream with an error response rather than none."""
+    try:
+        async for message in replies:
+            message.pop(UPSTREAM_STATUS, None)
+            stream.append(encode(message))
+    except BastionError as exc:
+        stream.append(rpc.dumps(rpc.error(id_, exc)))
+    except Exception:
+        log.exception("relaying a streamed answer failed")
+        stream.append(rpc.dumps(rpc.error(id_, BastionError(_RELAY_FAILED))))
+    finally:
+        await replies.aclose()
+        stream.close()
+
+
+def encode(message: JSON) -> bytes:
+    """A message from upstream as the client gets it; one that cannot be encoded again (JSON
+    nested deeper than the encoder goes) is the upstream's failure, not the gateway's."""
+    try:
+        return rpc.dumps(message)
+    except TypeError:
+        raise UpstreamError(
+            "the upstream's answer cannot be relayed: it is JSON nested too deeply to encode"
+        ) from None
+
+
+def session_headers(session: ClientSession) -> list[tuple[bytes, bytes]]:
+    """The Mcp-Session-Id response header."""
+    return [(b"mcp-session-id", session.id.encode())]
+
+
+async def send_json(send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]]) -> None:
+    """A whole JSON response: status, headers (with its length and `extra`), body."""
+    headers = [*JSON_HEADERS, (b"content-length", str(len(body)).encode()), *extra]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_plain(
+    send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    """A whole response of the gateway's own (JSON when there is a body)."""
+    headers = (JSON_HEADERS if body else []) + (extra or [])
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(
+    send: Send,
+    exc: BastionError,
+    id_: Any,
+    *,
+    status: int | None = None,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """A JSON-RPC error response (with the error's HTTP status unless `status`)."""
+    body = orjson.dumps(rpc.error(id_, exc))
+    await send_json(send, status or exc.http_status, body, extra or [])
+
+
+def _status(value: Any) -> int:
+    """The HTTP status an upstream's error came with, when it is one a response may carry."""
+    return value if isinstance(value, int) and 200 <= value <= 599 else 200
+
+
+async def _watch_disconnect(receive: Receive, gone: asyncio.Event, stream: Stream) -> None:
+    while True:
+        event = await receive()
+        if event["type"] == "http.disconnect":
+            gone.set()
+            stream.wake()
+            return
