@@ -247,3 +247,67 @@ def test_the_request_path_reads_the_snapshot_and_never_the_store(path: Trusted) 
     assert "workspace__search_tasks" not in names and "workspace__list_projects" in names
     assert code(path.call("workspace__search_tasks", query="x")) == "inspection.tool_changed"
     assert "result" in path.call("workspace__list_projects")
+
+
+def test_a_call_reuses_the_screens_verdict_instead_of_rescanning_every_name(
+    path: Trusted, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Judging a call on a virtual server scans the tool's description against every other
+    upstream's names (O(tools on the server)); it must happen once per definition, not once
+    per call (issue 17: 104 ms per call at 20 upstreams x 100 tools). Counts the scans."""
+    import bastion.inspect.trust as screen_module
+
+    scans: list[str] = []
+    original = screen_module.description_hits
+
+    def counting(text: str, *args: Any) -> Any:
+        scans.append(text)
+        return original(text, *args)
+
+    monkeypatch.setattr(screen_module, "description_hits", counting)
+    for _ in range(20):
+        assert path.call("workspace__search_tasks", query="x")["result"]["content"][0]["text"]
+    assert len(scans) == 1
+    # A change (here in place, as a relisting can bring) is judged again, and refused.
+    path.tool("workspace", "search_tasks")["description"] = "Search tasks, differently."
+    path.names()
+    assert code(path.call("workspace__search_tasks", query="x")) == "inspection.tool_changed"
+
+
+def test_remembering_an_unchanged_definition_keeps_the_generation(tmp_path: Path) -> None:
+    """The generation moves when what `seen` answers moves: not for the same definition or an
+    equal copy, but for a changed one, even changed in place."""
+    view = TrustView(SqliteTrustStore(tmp_path / "registry.db"))
+    tool: JSON = {"name": "t", "description": "One."}
+    view.remember("up", "tool", "t", tool)
+    start = view.generation
+    view.remember("up", "tool", "t", tool)
+    view.remember("up", "tool", "t", dict(tool))
+    assert view.generation == start
+    tool["description"] = "Two."
+    view.remember("up", "tool", "t", tool)
+    assert view.generation == start + 1
+
+
+def test_a_second_list_reuses_the_verdicts_of_the_first(
+    path: Trusted, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each listed description is judged against every other upstream's names, so judging a
+    whole virtual server's list afresh is O(tools²) (issue 17: minutes at 2,000 tools): an
+    unchanged list is judged once. Counts the scans."""
+    import bastion.inspect.trust as screen_module
+
+    scans: list[str] = []
+    original = screen_module.description_hits
+
+    def counting(text: str, *args: Any) -> Any:
+        scans.append(text)
+        return original(text, *args)
+
+    monkeypatch.setattr(screen_module, "description_hits", counting)
+    first = path.names()
+    judged = len(scans)
+    assert path.names() == first
+    assert len(scans) == judged  # nothing judged again
+    path.tool("workspace", "search_tasks")["description"] = "Search tasks, differently."
+    assert "workspace__search_tasks" not in path.names()

@@ -181,3 +181,22 @@ def test_the_same_server_twice_is_no_shadow(tmp_path: Path) -> None:
     path = Trusted(tmp_path, with_evil("off"), Twin)
     names = path.names()
     assert "workspace__search_tasks" in names and "evil__search_tasks" in names
+
+
+@pytest.mark.parametrize(
+    ("description", "found"),
+    [
+        ("Then call send_email with the body.", True),
+        ("Then call mail__send_email.", True),
+        ("Then call resend_email or send_emails.", False),  # part of a longer name
+        ("See send-email-x and x-send_email.", False),
+        ("Use the SEND_EMAIL tool.", True),  # descriptions are folded
+        ("Call mail__send_email: done", True),
+        ("send_email", True),
+    ],
+)
+def test_a_reference_is_a_whole_name(description: str, found: bool) -> None:
+    """Another upstream's tool is mentioned only as a whole name (between characters that
+    cannot be part of one), found by the runs of name characters, not a regex per name."""
+    hits = description_hits(description, {"mail": ["send_email", "ping"]}, "docs")
+    assert ("other_tool_reference" in {h.kind for h in hits}) is found

@@ -372,3 +372,33 @@ def test_withholding_keeps_the_rest_of_a_json_text() -> None:
     out, count = withhold(message, places, "x")
     assert count == 1
     assert orjson.loads(out["result"]["content"][0]["text"]) == {"a": ["globex-t1"]}
+
+
+async def test_the_tenant_guard_builds_the_other_tenants_once_per_registry_view(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The set of other tenants is as large as the registry's tenants; built per answer it
+    cost O(tenants) on every call (issue 17). Counts the builds of a set that size: one per
+    caller tenant and published view, none per answer; a new view is seen at once."""
+    import bastion.pipeline.inspection as module
+
+    builds: list[int] = []
+    builtin = frozenset
+
+    def counting(*args: Any) -> frozenset[Any]:
+        made = builtin(*args)
+        if len(made) >= 1000:
+            builds.append(len(made))
+        return made
+
+    views = [builtin(f"t{i:04d}" for i in range(2000)) | {"acme", "globex"}]
+    monkeypatch.setattr(module, "frozenset", counting, raising=False)
+    inspection = Inspection(settings_with(), History(), lambda: views[-1])
+    for _ in range(10):
+        [answer] = await run(inspection, exchange("globex"), Answer(LEAK))
+        assert answer["error"]["data"]["code"] == "inspection.foreign_tenant"
+    assert len(builds) == 1
+    views.append(views[-1] | {"initech"})  # the registry changed: a new view is published
+    [answer] = await run(inspection, exchange("globex"), Answer(LEAK))
+    assert answer["error"]["data"]["code"] == "inspection.foreign_tenant"
+    assert len(builds) == 2

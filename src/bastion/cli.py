@@ -7,6 +7,7 @@ import typer
 
 from bastion.control.cli import gateway, identity, inventory, probe
 from bastion.control.cli.agents import app as agents_app
+from bastion.control.cli.approvals import app as approvals_app
 from bastion.control.cli.audit import app as audit_app
 from bastion.control.cli.owners import app as owners_app
 from bastion.control.cli.policy import app as policy_app
@@ -24,6 +25,7 @@ cli.add_typer(audit_app, name="audit", help="The tamper-evident audit trail.")
 cli.add_typer(policy_app, name="policy", help="Cedar policy: test, explain, lint, schema.")
 cli.add_typer(review_app, name="review", help="Access reviews: find, decide, close, export.")
 cli.add_typer(tools_app, name="tools", help="Pinned tool definitions: list, diff, approve.")
+cli.add_typer(approvals_app, name="approvals", help="Calls held for a person: approve, deny.")
 cli.add_typer(quarantine_app, name="quarantine", help="Quarantined upstreams: list, release.")
 cli.add_typer(identity.keys_cli, name="keys")
 cli.add_typer(identity.tokens_cli, name="tokens")

@@ -25,6 +25,7 @@ __all__ = [
     "TOOL_SEPARATOR",
     "Containment",
     "AdminSettings",
+    "ConsoleSettings",
     "Alerts",
     "ArgumentRule",
     "AuditAnchor",
@@ -421,7 +422,11 @@ class Grant(_Frozen):
     resources: tuple[str, ...] | Literal["*"] = ()  # URI globs
     read_only: bool = False  # only tools a trusted server marks read-only
     arguments: dict[str, ArgumentRule] = Field(default_factory=dict)
-    approval: bool = False
+    # human: a person with an `approvers` role decides (console, CLI, admin API, link);
+    # client (or true, the older spelling): the client is asked through elicitation.
+    approval: bool | Literal["human", "client"] = False
+    approvers: tuple[str, ...] = ()  # roles that may approve; none: policy.approvers
+    approval_timeout_seconds: float | None = Field(None, gt=0)  # none: the policy's
     # Arguments the approver is shown first, marked: recipients, egress targets, amounts.
     sensitive: tuple[str, ...] = ()
     rate: str | None = Field(None, pattern=RATE_PATTERN)
@@ -482,6 +487,7 @@ class PolicySettings(_Frozen):
     cross_environment: tuple[CrossEnvironment, ...] = ()
     reload_seconds: float = Field(1.0, gt=0)  # how often the files are checked for changes
     approval_timeout_seconds: float = Field(120.0, gt=0)
+    approvers: tuple[str, ...] = ("approver",)  # who may approve held calls by default
     catalog_timeout_seconds: float = Field(10.0, gt=0)  # listing upstream tools at start
 
     @field_validator("environment")
@@ -836,6 +842,41 @@ class AdminSettings(_Frozen):
         return value
 
 
+class ConsoleSettings(_Frozen):
+    """The operators' console under /console: who may log in, and as what.
+
+    `issuer` is an OIDC provider for the authorization-code flow with PKCE (its `client_id`,
+    and `client_secret` as a secret reference for a confidential client); without one, only
+    the admin-token login is offered. `roles` maps a console role to the values of the
+    issuer's `role_claim` that grant it; a person holding none of them is refused.
+    """
+
+    enabled: bool = True
+    issuer: str | None = Field(None, pattern=r"^https?://[^/\s]+(/\S*)?$")
+    client_id: str | None = None
+    client_secret: str | None = None
+    scopes: tuple[str, ...] = ("openid", "profile", "email")
+    role_claim: str = "roles"
+    roles: dict[Literal["viewer", "operator", "approver", "admin"], tuple[str, ...]] = Field(
+        default_factory=dict
+    )
+    session_lifetime_seconds: int = Field(8 * 3600, ge=60, le=7 * 86400)
+    max_sessions: int = Field(1000, ge=1, le=100_000)
+
+    @field_validator("client_secret")
+    @classmethod
+    def _secret(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(SECRET_REFERENCE, value):
+            raise ValueError("expected a secret reference (env:NAME, file:PATH or vault:PATH#KEY)")
+        return value
+
+    @model_validator(mode="after")
+    def _client(self) -> ConsoleSettings:
+        if self.issuer is not None and not self.client_id:
+            raise ValueError("console.issuer needs console.client_id")
+        return self
+
+
 class Traces(_Frozen):
     """OpenTelemetry traces exported over OTLP/HTTP; W3C trace context propagates either way."""
 
@@ -876,6 +917,7 @@ class Settings(_Frozen):
     auth: Auth = Auth()
     audit: AuditSettings = AuditSettings()
     admin: AdminSettings = AdminSettings()
+    console: ConsoleSettings = ConsoleSettings()
     policy: PolicySettings = PolicySettings()
     limits: Limits = Limits()
     security: Security = Security()
@@ -915,10 +957,11 @@ class Settings(_Frozen):
             for ref in server.upstreams:
                 if ref not in self.upstreams:
                     problems.append(f"virtual server {vname!r} names unknown upstream {ref!r}")
-            if server.path.startswith(("/servers/", "/admin/")) or server.path in (
+            if server.path.startswith(("/servers/", "/admin/", "/console/")) or server.path in (
                 "/healthz",
                 "/readyz",
                 "/admin",
+                "/console",
             ):
                 problems.append(f"virtual server {vname!r} path {server.path!r} is reserved")
             if server.path in paths:

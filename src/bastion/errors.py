@@ -47,6 +47,8 @@ BastionError                     bastion                 500   -32603  (the root
 │   └── RegistryUnavailable      registry.unavailable    503   -32603
 ├── BadRequest                   admin.bad_request       400   -32603  (.parameter)
 ├── NotAvailable                 admin.not_available     404   -32603
+├── ApprovalRefused              approval.refused        403   -32603  (may not decide)
+│   └── ApprovalClosed           approval.closed         409   -32603  (decided or ended)
 ├── InputError                   cli.input               500   -32603  (the CLI's options)
 └── ConfigError                  config.invalid          500   -32603  (never on the wire)
     └── PolicyLoadError          policy.invalid          500   -32603  (.problems, as config)
@@ -73,6 +75,8 @@ from typing import Any, ClassVar
 __all__ = [
     "SHOWN_LIMIT",
     "ArgumentMismatch",
+    "ApprovalClosed",
+    "ApprovalRefused",
     "AuditUnavailable",
     "AuthError",
     "BadRequest",
@@ -516,6 +520,21 @@ class NotAvailable(BastionError):
 
     code = "admin.not_available"
     http_status = 404
+
+
+class ApprovalRefused(BastionError):
+    """Someone may not decide on a held call: not a person (an agent's token), the
+    requesting agent itself, or without an approver role; or the link is not valid."""
+
+    code = "approval.refused"
+    http_status = 403
+
+
+class ApprovalClosed(ApprovalRefused):
+    """The held call is no longer pending: already decided, expired or abandoned."""
+
+    code = "approval.closed"
+    http_status = 409
 
 
 class InputError(BastionError):

@@ -189,6 +189,17 @@ const clients = [
     grant_types: ['authorization_code', 'refresh_token'],
     response_types: ['code'],
   },
+  {
+    // The console's login (tests/test_console.py): a native client, so its loopback redirect
+    // URI matches whatever port the gateway under test listens on (RFC 8252 section 7.3).
+    client_id: 'bastion-console',
+    client_name: 'Bastion console (tests)',
+    application_type: 'native',
+    token_endpoint_auth_method: 'none',
+    redirect_uris: ['http://127.0.0.1/console/auth/callback'],
+    grant_types: ['authorization_code'],
+    response_types: ['code'],
+  },
 ];
 if (exchangeSecret !== undefined) {
   clients.push({

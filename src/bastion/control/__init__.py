@@ -4,8 +4,10 @@
 
 __all__ = [
     "admin",
+    "approval_links",
     "assembly",
     "audit",
+    "console",
     "cli",
     "governance",
     "probe",

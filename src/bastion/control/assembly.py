@@ -18,7 +18,11 @@ from bastion.config import SeedAgent, Settings
 from bastion.control.admin.app import PREFIX as ADMIN_PREFIX
 from bastion.control.admin.app import admin_app
 from bastion.control.admin.auth import admin_token
+from bastion.control.approval_links import PREFIX as LINKS_PREFIX
+from bastion.control.approval_links import approval_links
 from bastion.control.audit.forward import open_forwarders
+from bastion.control.console.app import PREFIX as CONSOLE_PREFIX
+from bastion.control.console.app import console_app
 from bastion.control.governance.reviewer import ReviewReminder
 from bastion.control.registry.agents import Agent, AgentStatus
 from bastion.control.registry.store import SqliteRegistry
@@ -176,6 +180,10 @@ async def build_gateway(settings: Settings) -> Gateway:
     if token is not None:
         admin = admin_app(settings, gateway.pipeline, audit, token, registry, trust.path)
         gateway.front.mount(ADMIN_PREFIX, admin)
+    gateway.front.mount(LINKS_PREFIX, approval_links(gateway.pipeline.approval.approvals))
+    if settings.console.enabled:
+        console = await console_app(settings, gateway.pipeline, audit, token, registry, trust.path)
+        gateway.front.mount(CONSOLE_PREFIX, console)
     return gateway
 
 

@@ -2,15 +2,20 @@
 with chosen items withheld.
 
 Every string of a message is looked at — results, errors, notification and request params,
-`_meta` included — whatever the field: an upstream decides where it puts data, so the
-gateway does not guess. A text that is itself JSON (a tool's JSON printed into a text block)
-is opened, so that withholding can take out one item of it rather than the whole text.
+`_meta` included, object keys too — whatever the field and however deep: an upstream decides
+where it puts data, so the gateway does not guess. Below `_MAX_DEPTH` levels the strings of
+a subtree are all reported at the subtree's place (so that what is found there withholds the
+subtree). A text that is itself JSON (a tool's JSON printed into a text block) is opened, so
+that withholding can take out one item of it rather than the whole text.
 
 Withholding works on items, not characters: a task whose id names another tenant goes whole
 (its title is as much the other tenant's as its id). An item is the nearest element of an
 array around what was found: a content block or a prompt message is replaced by a text
 saying what was withheld; an element of any other array (a listed resource, a row of
-structured content) is dropped; a string outside any array is replaced by that text.
+structured content) is dropped. Outside any array the item is the object around the string
+(`structuredContent.task` for `structuredContent.task.id`), dropped from its parent; only a
+string directly in the message's body (an error's `message`) is replaced by that text. A key
+that names something is dropped with its value.
 """
 
 from __future__ import annotations
@@ -20,17 +25,31 @@ from typing import Any
 
 import orjson
 
-__all__ = ["JSON_TEXT", "MARKER", "Place", "marker_text", "opened", "strings", "withhold"]
+__all__ = [
+    "JSON_TEXT",
+    "KEY",
+    "MARKER",
+    "Place",
+    "keys_found",
+    "marker_text",
+    "opened",
+    "prefixes",
+    "strings",
+    "withhold",
+]
 
-# A place: the keys and indexes from the message to a string. `JSON_TEXT` steps into a
-# string that holds JSON.
+# A place: the keys and indexes from the message to a string. Two steps no JSON key or index
+# can be: `JSON_TEXT` steps into a string that holds JSON; `KEY` ends the place of an object's
+# key (the member before it is the one the key names).
 Place = tuple[str | int, ...]
-JSON_TEXT = "#json"
+JSON_TEXT = -2
+KEY = -1
 MARKER = "[withheld by Bastion: {why}]"
 # Message members that are the envelope, not what the upstream says.
 _ENVELOPE = frozenset({"jsonrpc", "id", "method"})
 # Arrays whose items the client renders: an item there becomes a text, not a gap.
 _RENDERED = frozenset({"content", "messages"})
+# Levels walked one by one; below, a subtree's strings are read at its place.
 _MAX_DEPTH = 64
 
 
@@ -40,33 +59,61 @@ def marker_text(why: str) -> str:
 
 
 def strings(message: dict[str, Any], *, open_json: bool = False) -> Iterator[tuple[Place, str]]:
-    """Every string a message carries (object keys aside), with its place; with
+    """Every string a message carries, object keys included, with its place; with
     `open_json`, also the strings inside texts that hold JSON (parsed: a copy)."""
     for key, value in message.items():
         if key not in _ENVELOPE:
+            yield (key, KEY), key
             yield from _walk(value, (key,), 0, open_json)
 
 
-def opened(text: str, place: Place) -> Iterator[tuple[Place, str]]:
+def opened(text: str, place: Place, depth: int = 0) -> Iterator[tuple[Place, str]]:
     """The strings inside a text that holds JSON, with their places; none otherwise."""
     inner = _json_in(text)
     if inner is not None:
-        yield from _walk(inner, (*place, JSON_TEXT), 1, True)
+        yield from _walk(inner, (*place, JSON_TEXT), depth + 1, True)
 
 
 def _walk(value: Any, place: Place, depth: int, open_json: bool) -> Iterator[tuple[Place, str]]:
-    if depth > _MAX_DEPTH:
-        return
     if isinstance(value, str):
         yield place, value
-        if open_json:
-            yield from opened(value, place)
+        if open_json and depth < _MAX_DEPTH:
+            yield from opened(value, place, depth)
+    elif depth >= _MAX_DEPTH:
+        # Deeper than any answer needs to be: read whole, found at this place.
+        yield from ((place, text) for text in _below(value))
     elif isinstance(value, dict):
         for key, item in value.items():
-            yield from _walk(item, (*place, key), depth + 1, open_json)
+            here = (*place, key)
+            yield (*here, KEY), key
+            yield from _walk(item, here, depth + 1, open_json)
     elif isinstance(value, list):
         for index, item in enumerate(value):
             yield from _walk(item, (*place, index), depth + 1, open_json)
+
+
+def _below(value: Any) -> Iterator[str]:
+    """Every string and key in a subtree, without recursion (a subtree may be deep)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, dict):
+            yield from item.keys()
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def keys_found(places: Any) -> set[str]:
+    """The object keys among `places` (places ending in `KEY`): text a record must not show."""
+    return {str(place[-2]) for place in places if len(place) >= 2 and place[-1] == KEY}
+
+
+def prefixes(places: Any) -> set[Place]:
+    """Every place on the way to one of `places`, the message itself (`()`) included."""
+    return {place[:index] for place in places for index in range(len(place) + 1)}
 
 
 def _json_in(text: str) -> Any:
@@ -87,14 +134,34 @@ def withhold(message: dict[str, Any], places: set[Place], why: str) -> tuple[dic
         place[:index] for place in places for index, step in enumerate(place) if step == JSON_TEXT
     }
     items = {_item(place) for place in places if place not in holders}
+    # A string directly in the message's body (an error's message) stands replaced, unless
+    # its key named something too.
+    named = {place[:-1] for place in places if place and place[-1] == KEY}
+    replaced = {place for place in places if len(place) <= 2 and place[-1] != KEY} - named
+    on_the_way = prefixes(items)
     count = 0
+
+    def member(value: Any, here: Place) -> tuple[bool, Any]:
+        """Whether the member at `here` stays, and as what."""
+        nonlocal count
+        if here not in items:
+            return True, rewrite(value, here)
+        count += 1
+        if here in replaced and isinstance(value, str):
+            return True, marker_text(why)
+        return False, None
 
     def rewrite(value: Any, place: Place) -> Any:
         nonlocal count
-        if not any(found[: len(place)] == place for found in items):
+        if place not in on_the_way:
             return value
         if isinstance(value, dict):
-            return {key: rewrite(item, (*place, key)) for key, item in value.items()}
+            out = {}
+            for key, item in value.items():
+                keep, item = member(item, (*place, key))
+                if keep:
+                    out[key] = item
+            return out
         if isinstance(value, list):
             kept = []
             rendered = bool(place) and place[-1] in _RENDERED
@@ -108,26 +175,46 @@ def withhold(message: dict[str, Any], places: set[Place], why: str) -> tuple[dic
                     kept.append(_marker_item(element, why))
             return kept
         if isinstance(value, str):
-            if place in items:
-                count += 1
-                return marker_text(why)
             inner = _json_in(value)
             if inner is not None:
-                return orjson.dumps(rewrite(inner, (*place, JSON_TEXT))).decode()
+                try:
+                    return orjson.dumps(rewrite(inner, (*place, JSON_TEXT))).decode()
+                except orjson.JSONEncodeError:  # too deep to write back: the text goes whole
+                    count += 1
+                    return marker_text(why)
         return value
 
-    body = {
-        key: value if key in _ENVELOPE else rewrite(value, (key,)) for key, value in message.items()
-    }
+    body: dict[str, Any] = {}
+    for key, value in message.items():
+        keep, value = (True, value) if key in _ENVELOPE else member(value, (key,))
+        if keep:
+            body[key] = value
     return body, count
 
 
 def _item(place: Place) -> Place:
-    """The item around a string: up to the innermost array element, else the string."""
-    for index in range(len(place) - 1, -1, -1):
-        if isinstance(place[index], int):
+    """The item around a string: up to the innermost array element; else, for a key, its
+    member; else the object around the string (below the message's body); else the member
+    itself. Inside a JSON text, outside its arrays, a member of the text's top object stands
+    for the text."""
+    keyed = bool(place) and place[-1] == KEY
+    if keyed:
+        place = place[:-1]  # the key names the member it is the key of
+    start = 0
+    for index, step in enumerate(place):
+        if step == JSON_TEXT:
+            start = index + 1
+    for index in range(len(place) - 1, start - 1, -1):
+        step = place[index]
+        if isinstance(step, int) and step >= 0:
             return place[: index + 1]
-    return place
+    if keyed:
+        return place
+    if start == 0:
+        return place[:-1] if len(place) >= 3 else place
+    if len(place) - start >= 2:
+        return place[:-1]
+    return _item(place[: start - 1])
 
 
 def _marker_item(element: Any, why: str) -> Any:

@@ -25,6 +25,8 @@ from bastion.inspect.text import (
     NormalisedText,
     SeedSearch,
     decoded_views,
+    encoded,
+    encoded_among,
     normalise,
     normalised,
     windows,
@@ -304,11 +306,12 @@ class InjectionScanner:
     def scan(self, text: str) -> list[Hit]:
         """Every injection marker in `text`, ordered by position, overlapping ones merged.
 
-        A marker found only in the JSON-unescaped or percent-decoded reading of `text`
-        (`text.decoded_views`) is reported as covering the whole string.
+        A marker found only in a decoded reading of `text` (JSON escapes, percent-encoding,
+        HTML references, base64: `text.decoded_views`) is reported as covering the whole
+        string.
         """
         hits = self._scan_view(text)
-        if "\\" in text or "%" in text:
+        if encoded(text):
             found = {h.kind for h in hits}
             for view in decoded_views(text)[1:]:
                 for hit in self._scan_view(view):
@@ -329,7 +332,7 @@ class InjectionScanner:
         if self._invisible:
             odd = [i for i, text in enumerate(texts) if not text.isascii()]
             worth.update(odd[k] for k in _INVISIBLE_SEED.found_in([texts[i] for i in odd]))
-        worth.update(i for i, text in enumerate(texts) if "\\" in text or "%" in text)
+        worth.update(encoded_among(texts))
         for index in worth:
             out[index] = self.scan(texts[index])
         return out

@@ -9,9 +9,9 @@ with nothing in it costs that one pass: ~1–3 µs per KiB, where one `re` alter
 same patterns costs ~300 (docs/decisions/0005-secret-detection.md).
 
 Hits span the secret itself (the password of a connection string, the value of an
-assignment), so redaction keeps the context. A kind found only in the JSON-unescaped or
-percent-decoded reading of the string (`text.decoded_views`) is reported over the whole
-string.
+assignment), so redaction keeps the context. A kind found only in a decoded reading of the
+string (JSON escapes, percent-encoding, HTML references, base64: `text.decoded_views`) is
+reported over the whole string.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import orjson
 
 from bastion.inspect.hits import Hit
-from bastion.inspect.text import SeedSearch, decoded_views, windows
+from bastion.inspect.text import SeedSearch, decoded_views, encoded, encoded_among, windows
 
 __all__ = ["PERSONAL_KINDS", "SECRET_KINDS", "SecretScanner"]
 
@@ -351,7 +351,7 @@ class SecretScanner:
     def scan(self, text: str) -> list[Hit]:
         """Every secret and personal datum in `text`, ordered by position."""
         hits = self._scan_view(text)
-        if "\\" in text or "%" in text:
+        if encoded(text):
             found = {h.kind for h in hits}
             for view in decoded_views(text)[1:]:
                 for hit in self._scan_view(view):
@@ -368,7 +368,7 @@ class SecretScanner:
         """
         out: list[list[Hit]] = [[] for _ in texts]
         worth = self._seeds.found_in(texts)
-        worth.update(i for i, text in enumerate(texts) if "\\" in text or "%" in text)
+        worth.update(encoded_among(texts))
         for index in worth:
             out[index] = self.scan(texts[index])
         return out

@@ -8,8 +8,10 @@ cannot mistake an English word for a tenant, and a tenant with no agent here has
 leak to unless named.
 
 A string is searched as sent and in the forms an upstream or a client could decode it to:
-percent-decoded, with JSON escapes resolved (JSON inside a text field), and folded for case,
-compatibility forms, look-alike letters and invisible characters (`text.views`). A hit on
+percent-decoded, with JSON escapes and HTML references resolved (JSON inside a text field),
+base64-decoded (a resource's `blob`), those chained, and folded for case, compatibility
+forms, look-alike letters, dashes and invisible characters (`text.decoded_views`,
+`text.normalise`). A hit on
 the string as sent carries its position; a hit found only in a decoded form covers the whole
 string.
 """
@@ -18,10 +20,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from urllib.parse import unquote
 
 from bastion.inspect.hits import Hit
-from bastion.inspect.text import decoded_views, normalise
+from bastion.inspect.text import decoded_views, encoded, normalise
 
 __all__ = ["TenantGuard", "pattern_regex"]
 
@@ -85,30 +86,18 @@ class TenantGuard:
 
     def may_name(self, text: str) -> bool:
         """Whether `text` could name a known tenant's object: a tenant's name in any case, or
-        anything a decoded reading could turn into one (non-ASCII, `%`, `\\`). False means
-        `scan` finds nothing in it; reads `text` in place, without copying it."""
+        anything a decoded reading could turn into one (non-ASCII, `text.encoded`). False
+        means `scan` finds nothing in it; reads `text` in place, without copying it."""
         if self._names_regex is None:
             return False
-        return (
-            not text.isascii()
-            or "%" in text
-            or "\\" in text
-            or self._names_regex.search(text) is not None
-        )
+        return not text.isascii() or self._names_regex.search(text) is not None or encoded(text)
 
 
 def views(text: str) -> list[str]:
-    """`text` as sent, then every other reading of it: JSON-unescaped, percent-decoded
-    (three times over: `%2567` is `%67` is `g`), and each folded (`text.normalise`)."""
-    out = [text]
-    for view in decoded_views(text):
-        decoded = view
-        for _ in range(3):
-            if "%" not in decoded:
-                break
-            decoded = unquote(decoded)
-            out.append(decoded)
-        out.append(view)
+    """`text` as sent, then every other reading of it (`text.decoded_views`: JSON-unescaped,
+    percent-decoded, HTML references resolved, base64-decoded, chained), and each folded
+    (`text.normalise`)."""
+    out = decoded_views(text)
     out += [normalise(view) for view in out if not view.isascii()]
     seen: set[str] = set()
     return [v for v in out if not (v in seen or seen.add(v))]  # type: ignore[func-returns-value]

@@ -7,9 +7,13 @@ characters, and Unicode tag characters (which carry hidden ASCII: they are decod
 `normalised` does the same and keeps a map back to the original positions, so a hit on the
 view is reported where it is in the string that was scanned.
 
-`decoded_views` yields the other readings of a string that a model would see through: JSON
-string escapes inside a text field (`\\u0069gnore`) and percent-encoding (`%69gnore`). Hits on
-those views are *approximate* in position: callers report them as covering the whole string.
+`decoded_views` yields the other readings of a string that a model or a client would see
+through: JSON string escapes inside a text field (`\\u0069gnore`), percent-encoding
+(`%69gnore`), HTML character references (`&#105;gnore`) and base64 (a resource's `blob`, an
+image's `data`) — each also applied to what the others decoded, a few rounds deep
+(`%5Cu0069`, JSON inside JSON). `encoded` says, without copying, whether a string could have
+such readings. Hits on those views are *approximate* in position: callers report them as
+covering the whole string.
 
 `SeedSearch` is the one pass over a whole string that the detectors share: a Hyperscan
 database of short "seed" patterns (a key prefix, a trigger phrase) that says where something
@@ -19,7 +23,10 @@ places (measured in docs/decisions/0005-secret-detection.md).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import bisect
+import html
 import json
 import re
 import threading
@@ -34,6 +41,8 @@ __all__ = [
     "NormalisedText",
     "SeedSearch",
     "decoded_views",
+    "encoded",
+    "encoded_among",
     "normalise",
     "normalised",
     "windows",
@@ -49,6 +58,8 @@ _CONFUSABLES = {
     # Greek
     "α": "a", "β": "b", "ε": "e", "η": "n", "ι": "i", "κ": "k", "ν": "v", "ο": "o",
     "ρ": "p", "τ": "t", "υ": "u", "χ": "x", "ω": "w", "ϲ": "c", "ϳ": "j",
+    # Dashes a reader takes for a hyphen (`acme‑t1` with U+2011 is still acme-t1)
+    "‐": "-", "‒": "-", "–": "-", "—": "-", "―": "-", "⁃": "-", "−": "-", "﹣": "-",
 }  # fmt: skip
 
 _TAG_FIRST, _TAG_LAST = 0xE0000, 0xE007F
@@ -175,22 +186,106 @@ def _json_unescaped(text: str) -> str:
     return _JSON_ESCAPE.sub(one, text)
 
 
+# A whole string that is base64 (standard or URL-safe alphabet, MIME line breaks allowed);
+# short ones are ids and words, not encoded text.
+_BASE64 = re.compile(r"(?:[A-Za-z0-9+/_-]|\r?\n){16,}={0,2}\s*")
+# Rounds of decoding applied to what an earlier round decoded, and readings kept per string.
+_ROUNDS = 3
+_MAX_VIEWS = 12
+
+
+def encoded(text: str) -> bool:
+    """Whether `text` could read differently decoded (JSON escapes, percent-encoding, HTML
+    references, base64): False means `decoded_views(text)` is `[text]`."""
+    if "\\" in text or "%" in text or "&" in text:
+        return True
+    return len(text) >= 16 and _base64_like(text)
+
+
+def encoded_among(texts: Sequence[str]) -> set[int]:
+    """The indices of the strings for which `encoded` holds, in one sweep (a message's
+    strings are many and short: a call per string would cost more than the answer)."""
+    joined = "\0".join(texts)
+    found: set[int] = set()
+    if "\\" in joined or "%" in joined or "&" in joined:
+        found.update(i for i, t in enumerate(texts) if "\\" in t or "%" in t or "&" in t)
+    full = _BASE64.fullmatch
+    # The alphabet first: most text fails it at its first space or quote.
+    found.update(
+        i
+        for i, t in enumerate(texts)
+        if len(t) >= 16
+        and full(t) is not None
+        and not t.islower()
+        and not t.isupper()
+        and not t.isdigit()
+    )
+    return found
+
+
+def _base64_like(text: str) -> bool:
+    """Long enough, both cases of letters (hex hashes, uuids, upper-case ids and numbers are
+    not base64 of text), and only base64's alphabet."""
+    return (
+        len(text) >= 16
+        and _BASE64.fullmatch(text) is not None
+        and not text.islower()
+        and not text.isupper()
+        and not text.isdigit()
+    )
+
+
+def _unescaped(view: str) -> str | None:
+    return _json_unescaped(view) if "\\" in view else None
+
+
+def _percent_decoded(view: str) -> str | None:
+    return unquote(view, errors="replace") if "%" in view and _PERCENT.search(view) else None
+
+
+def _html_decoded(view: str) -> str | None:
+    return html.unescape(view) if "&" in view else None
+
+
+def _base64_decoded(view: str) -> str | None:
+    """The UTF-8 text a base64 string encodes; None when it is not base64 of text (an image's
+    bytes are not text: nothing a model reads as words is hidden there)."""
+    if not _base64_like(view):
+        return None
+    compact = "".join(view.split()).rstrip("=").replace("-", "+").replace("_", "/")
+    try:
+        data = base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
+        return data.decode("utf-8")
+    except (binascii.Error, ValueError):
+        return None
+
+
+_DECODERS = (_unescaped, _percent_decoded, _html_decoded, _base64_decoded)
+
+
 def decoded_views(text: str) -> list[str]:
-    """`text`, then its JSON-unescaped and percent-decoded readings when those differ.
+    """`text`, then each different reading of it: JSON-unescaped, percent-decoded, with HTML
+    references resolved, base64-decoded, and those decoded again (a few rounds, a bounded
+    number of readings).
 
     Positions in the extra views do not map back to `text`: a hit found only there is
     reported as covering the whole string.
     """
     views = [text]
-    if "\\" in text:
-        unescaped = _json_unescaped(text)
-        if unescaped != text:
-            views.append(unescaped)
-    for view in list(views):
-        if "%" in view and _PERCENT.search(view):
-            decoded = unquote(view, errors="replace")
-            if decoded not in views:
-                views.append(decoded)
+    if not encoded(text):
+        return views
+    frontier = [text]
+    for _ in range(_ROUNDS):
+        following: list[str] = []
+        for view in frontier:
+            for decode in _DECODERS:
+                found = decode(view)
+                if found is not None and found not in views and len(views) < _MAX_VIEWS:
+                    views.append(found)
+                    following.append(found)
+        if not following:
+            break
+        frontier = following
     return views
 
 

@@ -91,9 +91,28 @@ class Screen:
         kept: list[JSON] = []
         for item in items:
             name = item_name(kind, item)
-            if name is None or self._verdict(route, multiplex, upstream, kind, name, item) is None:
+            if name is None or self._listed(route, multiplex, upstream, kind, name, item) is None:
                 kept.append(item)
         return kept
+
+    def _listed(
+        self, route: tuple[str, ...], multiplex: bool, upstream: str, kind: Kind, name: str,
+        item: JSON,
+    ) -> BastionError | None:  # fmt: skip
+        """The verdict on a listed item. Judging a description on a virtual server looks at
+        every other upstream's names, so a whole list judged afresh costs O(tools²): once
+        the item is remembered (which moves the generation only when it changed), the
+        verdict cached for calls serves, and is cached for them in turn."""
+        rules = self.rules.get(upstream)
+        if rules is not None:
+            if rules.pins == "enforce":
+                self.trust.check(upstream, kind, name, item)
+            else:
+                self.trust.remember(upstream, kind, name, item)
+        if rules is None or self.trust.seen(upstream, kind).get(name) is not item:
+            # Not remembered (too many names): judged as it is, as before.
+            return self._verdict(route, multiplex, upstream, kind, name, item)
+        return self.refusal(route, multiplex, upstream, kind, name)
 
     def observe(self, upstream: str, kind: Kind, items: list[JSON]) -> None:
         """Note definitions the gateway listed for itself (the policy catalog): pinned on

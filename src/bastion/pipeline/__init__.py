@@ -6,6 +6,7 @@ runs the MCP method once the stages before it have passed the exchange.
 
 __all__ = [
     "approval",
+    "approvals",
     "authn",
     "authz",
     "catalog",

@@ -111,7 +111,7 @@ class Pipeline:
             rules = {name: upstream.inspect for name, upstream in settings.upstreams.items()}
             self.screen = Screen(rules, trust)
         self.dispatcher.lists.screen = self.screen
-        self.approval = Approval(settings, approvals)
+        self.approval = Approval(settings, approvals, audit, self.authz.history)
         self.inspection = Inspection(
             settings, self.authz.history, agents.tenants if agents is not None else None
         )
@@ -149,7 +149,7 @@ class Pipeline:
         exchange.recorded = True
         if exchange.method == methods.INITIALIZE:
             return await self._initialize(exchange, route)
-        gate = self.approval.gate(exchange)
+        gate = await self.approval.gate(exchange)
         if isinstance(gate, Ask):
             return Answer(gate.message, self._after_asking(exchange, route, gate))
         if gate is not None:
@@ -310,7 +310,9 @@ class Pipeline:
             await self.sessions.discard(session)
             exchange.session = None
             raise
-        return Answer(rpc.result(exchange.id, body))
+        # What an upstream says when a session opens (its instructions) is inspected too.
+        answer = Answer(rpc.result(exchange.id, body))
+        return await self.inspection.inspect(exchange, answer, route.upstreams)
 
     async def _upstream(self, exchange: Exchange, route: Route) -> Answer:
         """credentials → upstream → inspection (the credentials stage runs inside the
@@ -326,11 +328,12 @@ class Pipeline:
     async def _after_asking(
         self, exchange: Exchange, route: Route, ask: Ask
     ) -> AsyncGenerator[JSON, None]:
-        """A legacy session's approval: the question went out first; the call follows only
-        when the client's answer approves it."""
-        refusal = await self.approval.wait(exchange, ask)
-        if refusal is not None:
-            yield refusal
+        """A call that waits for its approval: the question (or the notice that a person
+        is asked) went out first; progress follows; the call only once it is approved."""
+        async for note in self.approval.waiting(exchange, ask):
+            yield note
+        if ask.refusal is not None:
+            yield ask.refusal
             return
         answer = await self._upstream(exchange, route)
         yield answer.first

@@ -32,8 +32,21 @@ import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import quote, urlencode
 
-__all__ = ["PREFIX", "ApprovalState", "ApprovalStates", "Asker", "Prompt", "call_digest", "prompt"]
+__all__ = [
+    "ADMIN_ROLE",
+    "PREFIX",
+    "ApprovalLinks",
+    "ApprovalState",
+    "ApprovalStates",
+    "Asker",
+    "Person",
+    "Prompt",
+    "call_digest",
+    "may_decide",
+    "prompt",
+]
 
 PREFIX = "bastion1."
 _MAX_STATE = 64 * 1024  # a longer string is not ours; refused before any work
@@ -125,6 +138,79 @@ def call_digest(
         default=str,
     )
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+# -- who may decide, and signed links ------------------------------------------------------
+
+ADMIN_ROLE = "admin"  # the admin token's holder: may decide whatever the approvers
+
+
+@dataclass(frozen=True, slots=True)
+class Person:
+    """Who decides on a held call: a name, the roles they hold, the channel they use
+    (`console`, `admin-api`, `link`), their identity provider's subject, and — when the
+    credential they presented was an agent's access token — that agent (always refused)."""
+
+    name: str
+    roles: tuple[str, ...]
+    channel: str
+    subject: str | None = None
+    agent: str | None = None
+
+
+def may_decide(person: Person, approvers: Sequence[str], requester: str) -> str | None:
+    """None when `person` may decide on a call of agent `requester` that `approvers` (roles)
+    may approve; else why not. An agent never approves, least of all its own call."""
+    if person.agent is not None:
+        return "an agent's access token cannot decide on approvals; a person must"
+    if requester in (person.name, person.subject):
+        return f"the requesting agent {requester!r} cannot decide on its own call"
+    if ADMIN_ROLE in person.roles or set(person.roles) & set(approvers):
+        return None
+    wanted = ", ".join(approvers) or "(none configured)"
+    return f"{person.name!r} holds none of the approver roles of this call: {wanted}"
+
+
+class ApprovalLinks:
+    """Signed callback links a webhook can deliver: one person, one item, one decision,
+    until `exp`. The key stays in the state directory; the clock is passed in.
+
+    ```
+    /approvals/{id}/{approve|deny}?by=NAME&roles=R1,R2&exp=UNIX&sig=HEX
+    sig = HMAC-SHA256(key, JSON ["bastion-approval-link", id, decision, by, roles, exp])
+    ```
+    """
+
+    def __init__(self, key: bytes, lifetime: float) -> None:
+        self._key = key
+        self.lifetime = lifetime
+
+    def sign(self, approval_id: str, decision: str, person: Person, now: float) -> str:
+        """The link's path and query."""
+        roles = ",".join(person.roles)
+        exp = str(int(now + self.lifetime))
+        sig = self._mac(approval_id, decision, person.name, roles, exp)
+        query = urlencode({"by": person.name, "roles": roles, "exp": exp, "sig": sig})
+        return f"/approvals/{quote(approval_id, safe='')}/{decision}?{query}"
+
+    def verify(
+        self, approval_id: str, decision: str, query: Mapping[str, str], now: float
+    ) -> Person | str:
+        """The person the link was made for, or why the link is refused."""
+        fields = [query.get(name) for name in ("by", "roles", "exp", "sig")]
+        if any(value is None or len(value) > 1000 for value in fields):
+            return "the link lacks by, roles, exp or sig (or one is too long)"
+        by, roles, exp, sig = (str(value) for value in fields)
+        expected = self._mac(approval_id, decision, by, roles, exp)
+        if not hmac.compare_digest(sig.encode(), expected.encode()):
+            return "the link's signature does not match: it was altered or not made here"
+        if not exp.isdigit() or now > int(exp):
+            return "the link expired"
+        return Person(by, tuple(r for r in roles.split(",") if r), "link")
+
+    def _mac(self, *parts: str) -> str:
+        text = json.dumps(["bastion-approval-link", *parts])
+        return hmac.new(self._key, text.encode(), hashlib.sha256).hexdigest()
 
 
 # -- what the approver is shown ------------------------------------------------------------

@@ -325,7 +325,7 @@ def obligations_of(docs: Sequence[PolicyDoc]) -> dict[str, Any]:
     for doc in docs:
         notes = doc.annotations
         if "approval" in notes and notes["approval"].lower() not in ("false", "no", "off"):
-            out["approval"] = {"required": True, "policy": doc.id}
+            out["approval"] = approval_of(doc.id, notes, out.get("approval"))
         sensitive.update(sensitive_names(notes.get("sensitive", "")))
         if notes.get("rate"):
             out.setdefault("rate", []).append({"policy": doc.id, "limit": notes["rate"]})
@@ -335,6 +335,23 @@ def obligations_of(docs: Sequence[PolicyDoc]) -> dict[str, Any]:
     if sensitive and "approval" in out:  # what the approver is shown first
         out["approval"]["sensitive"] = sorted(sensitive)
     return out
+
+
+def approval_of(policy: str, notes: Mapping[str, str], before: Any) -> dict[str, Any]:
+    """The approval obligation of one permit: `mode` human (a person decides) or client (the
+    client is asked; also the older `required`/`true`), the approver roles (`@approvers`, none:
+    the configured default) and `@approval_timeout` seconds. Of two permits asking, a
+    person's approval wins over the client's."""
+    human = notes["approval"].lower() == "human"
+    if isinstance(before, dict) and before.get("mode") == "human" and not human:
+        return before
+    found: dict[str, Any] = {"required": True, "policy": policy}
+    found["mode"] = "human" if human else "client"
+    if notes.get("approvers"):
+        found["approvers"] = sensitive_names(notes["approvers"])
+    if notes.get("approval_timeout"):
+        found["timeout"] = float(notes["approval_timeout"])
+    return found
 
 
 def sensitive_names(text: str) -> list[str]:

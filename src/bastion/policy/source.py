@@ -197,12 +197,36 @@ def _check_annotations(origin: str, annotations: Mapping[str, str]) -> list[str]
             parse_redaction(annotations["redact"])
         except ValueError as exc:
             problems.append(f"{origin}: @redact: {exc}")
+    problems.extend(_check_approval(origin, annotations))
     if "sensitive" in annotations:
         names = [n.strip() for n in annotations["sensitive"].split(",")]
         if not names or not all(_SENSITIVE.fullmatch(n) for n in names):
             problems.append(
                 f"{origin}: @sensitive: expected argument names or paths separated by commas "
                 f'(e.g. "to, cc, message.to"), found {annotations["sensitive"][:60]!r}'
+            )
+    return problems
+
+
+_APPROVAL_MODES = ("human", "client", "required", "true", "yes", "false", "no", "off")
+
+
+def _check_approval(origin: str, annotations: Mapping[str, str]) -> list[str]:
+    """`@approval("human" | "client")` (`required`/`true` are the older spelling of client),
+    `@approval_timeout("seconds")`."""
+    problems = []
+    mode = annotations.get("approval")
+    if mode is not None and mode.lower() not in _APPROVAL_MODES:
+        problems.append(f'{origin}: @approval: expected "human" or "client", found {mode[:40]!r}')
+    timeout = annotations.get("approval_timeout")
+    if timeout is not None:
+        try:
+            ok = 0 < float(timeout) < float("inf")
+        except ValueError:
+            ok = False
+        if not ok:
+            problems.append(
+                f"{origin}: @approval_timeout: expected seconds above 0, found {timeout[:40]!r}"
             )
     return problems
 
@@ -298,7 +322,11 @@ def _grant(grant: Grant) -> list[tuple[str, str]]:
     head = [f"@id({_str('grant:' + grant.id)})"]
     head.append(f"@reason({_str(grant.reason or f'granted by {grant.id}')})")
     if grant.approval:
-        head.append('@approval("required")')
+        head.append(f"@approval({_str('human' if grant.approval == 'human' else 'client')})")
+        if grant.approvers:
+            head.append(f"@approvers({_str(', '.join(grant.approvers))})")
+        if grant.approval_timeout_seconds is not None:
+            head.append(f"@approval_timeout({_str(str(grant.approval_timeout_seconds))})")
     if grant.rate:
         head.append(f"@rate({_str(grant.rate)})")
     if grant.sensitive:

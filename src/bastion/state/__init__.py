@@ -1,6 +1,8 @@
-"""State adapters behind small ports: replay and TTL caches, keys, rate counters, secrets."""
+"""State adapters behind small ports: replay and TTL caches, keys, rate counters, secrets,
+pending approvals."""
 
 __all__ = [
+    "approvals",
     "keystore",
     "memory",
     "rates",

@@ -2,6 +2,7 @@
 
 __all__ = [
     "app",
+    "approvals",
     "auth",
     "params",
     "reviews",

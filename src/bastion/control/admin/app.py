@@ -18,6 +18,8 @@ GET  /admin/pins/{upstream}/{kind}/{name}/diff     the pin and each pending vers
 POST /admin/pins/{upstream}/{kind}/{name}/approve  {"digest": "...", "reason": "..."}
 GET  /admin/quarantines?all=true
 POST /admin/quarantines/{upstream}/release         {"reason": "..."}
+GET  /admin/approvals, /admin/approvals/{id}        held calls (see approvals.py)
+POST /admin/approvals/{id}/approve|deny|links
 ```
 
 Errors are `{"error": code, "message": ...}` with the status the error knows (400 naming the
@@ -53,6 +55,7 @@ from bastion.audit.read import matches, report_json, verify_trail
 from bastion.audit.trail import open_trail_reader
 from bastion.config import Settings
 from bastion.control.admin import params as ask
+from bastion.control.admin.approvals import ApprovalApi
 from bastion.control.admin.auth import AdminGuard
 from bastion.control.admin.params import FILTERS, MAX_LIMIT
 from bastion.control.admin.reviews import ReviewApi
@@ -127,6 +130,7 @@ class AdminApi:
             Route("/quarantines", self.quarantines),
             Route("/quarantines/{upstream}/release", self.release, methods=["POST"]),
             *ReviewApi(self._settings, self._pipeline, self._writer).routes(),
+            *ApprovalApi(self._settings, self._pipeline.approval.approvals).routes(),
         ]
         return Starlette(
             routes=[Mount(PREFIX, routes=routes)],

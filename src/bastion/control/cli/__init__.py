@@ -2,6 +2,7 @@
 
 __all__ = [
     "agents",
+    "approvals",
     "audit",
     "discovery",
     "gateway",

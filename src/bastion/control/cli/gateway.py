@@ -165,6 +165,7 @@ def _banner(settings: config.Settings, config_file: Path) -> str:
             f"{base}/admin/agents",
             "",
         ]
+    lines += _console_lines(settings, base)
     policy = settings.policy
     lines += [
         f"Policy: default deny; {len(policy.grants)} grants and {len(policy.files)} Cedar files. "
@@ -174,6 +175,20 @@ def _banner(settings: config.Settings, config_file: Path) -> str:
         "",
     ]
     return "\n".join(lines + _inspection_lines(settings))
+
+
+def _console_lines(settings: config.Settings, base: str) -> list[str]:
+    """What the banner says about the console: where, and how to log in."""
+    console = settings.console
+    if not console.enabled:
+        return []
+    ways = []
+    if console.issuer is not None:
+        ways.append(f"through {console.issuer} (OIDC)")
+    if settings.admin.enabled:
+        ways.append("with the admin token above (pasted once, exchanged for a session)")
+    how = " or ".join(ways) or "nobody: set console.issuer or enable admin"
+    return [f"Console (agents, approvals, audit, policy) at {base}/console/", f"  log in {how}", ""]
 
 
 def _inspection_lines(settings: config.Settings) -> list[str]:

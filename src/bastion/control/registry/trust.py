@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from bastion.audit.detect import Alert
 from bastion.background import Refresher
 from bastion.control.registry.store import SqliteRegistry
@@ -340,6 +342,11 @@ class TrustView:
         # cached under one generation holds until the next (see `Screen.refusal`).
         self.generation = 0
         self._seen: dict[tuple[str, str], dict[str, JSON]] = {}
+        # Each remembered definition as it read then: a call re-remembers the definition it
+        # is judged by, which must not move the generation (or no verdict would ever be
+        # reused, and every call on a virtual server would scan every other tool's name),
+        # while a definition changed since, even in place, must.
+        self._seen_as: dict[tuple[str, str], dict[str, bytes]] = {}
         self._provisional: dict[_Key, str] = {}  # pinned here, the write not landed yet
         self._offers: dict[tuple[str, str, str, str], _Offer] = {}
         self._flags: set[tuple[str, str, str, str, str]] = set()
@@ -355,7 +362,11 @@ class TrustView:
         seen = self._seen.setdefault((upstream, kind), {})
         if name in seen or len(seen) < _MAX_NAMES:
             seen[name] = definition
-            self.generation += 1  # even the same object: a listing may have changed it
+            text = _as_read(definition)
+            as_read = self._seen_as.setdefault((upstream, kind), {})
+            if text is None or as_read.get(name) != text:
+                as_read[name] = text or b""
+                self.generation += 1  # what `seen` answers moved (an equal copy moves nothing)
 
     def check(self, upstream: str, kind: Kind, name: str, definition: JSON) -> PinState:
         """The pin state of a definition offered now; queues its pin or pending version."""
@@ -584,3 +595,12 @@ class _Translate:
     def __exit__(self, _: object, exc: BaseException | None, __: object) -> None:
         if isinstance(exc, sqlite3.Error):
             raise RegistryUnavailable(f"registry {self._path}: {exc}") from exc
+
+
+def _as_read(definition: JSON) -> bytes | None:
+    """A definition's content as canonical JSON bytes, None when it is not JSON-able (then it
+    counts as changed every time)."""
+    try:
+        return orjson.dumps(definition, option=orjson.OPT_SORT_KEYS)
+    except TypeError:
+        return None

@@ -1,0 +1,14 @@
+"""The operators' console: pages under /console, its logins, sessions and actions."""
+
+__all__ = [
+    "actions",
+    "app",
+    "approvals",
+    "auth",
+    "charts",
+    "explain",
+    "oidc",
+    "sessions",
+    "views",
+    "web",
+]
