@@ -26,8 +26,8 @@ from tests.conftest import free_port, start_gateway
 from tests.test_inspection import exchange, run, stage
 from tests.test_policy_gateway import quickstart
 
+from bastion.inspect.answer import META_INSPECTION
 from bastion.inspect.content import strings, withhold
-from bastion.pipeline.inspection import META_INSPECTION
 from bastion.types import JSON
 from bastion.upstream.base import Answer
 
