@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,6 +27,7 @@ from tests.conftest import (
     modern_body,
     modern_headers,
     start_gateway,
+    until_async,
 )
 
 from bastion import config
@@ -411,6 +413,13 @@ async def test_verify_names_the_tampered_record(local: Gateway) -> None:
         intact = await client.get("/admin/audit/verify")
         assert intact.status_code == 200 and intact.json()["ok"] is True
         db = Path(local.settings.state_dir) / "audit" / "audit.db"
+
+        def committed() -> Any:
+            # Records are safe in the write-ahead before the writer commits them to the store.
+            with closing(sqlite3.connect(db)) as conn:
+                return conn.execute("SELECT writer_id, seq FROM entries WHERE id = 2").fetchone()
+
+        await until_async(committed, "the second record committed to the store")
         with sqlite3.connect(db) as conn:
             writer, seq = conn.execute("SELECT writer_id, seq FROM entries WHERE id = 2").fetchone()
             conn.execute(
