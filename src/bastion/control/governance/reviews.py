@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -20,7 +19,7 @@ from typing import Any, Literal
 
 from bastion.control.governance.review import Finding
 from bastion.control.registry.agents import check_text
-from bastion.control.registry.store import SqliteRegistry
+from bastion.control.registry.store import RegistryTables
 from bastion.errors import RegistryConflict, RegistryNotFound, RegistryUnavailable, shown
 
 __all__ = [
@@ -92,31 +91,9 @@ _SELECT = """SELECT id, started_at, started_by, status, params, findings, closed
     FROM reviews"""
 
 
-class SqliteReviewStore:
+class SqliteReviewStore(RegistryTables):
     """Reviews in the registry's SQLite file (its migration is the registry's). Blocking: the
     gateway calls it from worker threads, the CLI directly."""
-
-    def __init__(self, path: str | Path, *, create: bool = True) -> None:
-        self.path = Path(path)
-        SqliteRegistry(self.path, create=create).close()  # creates or migrates the schema
-        self._lock = threading.Lock()
-        try:
-            self._db = sqlite3.connect(
-                self.path, timeout=5.0, isolation_level=None, check_same_thread=False
-            )
-        except sqlite3.Error as exc:
-            raise RegistryUnavailable(f"cannot open the registry at {self.path}: {exc}") from exc
-
-    def close(self) -> None:
-        """Close the connection."""
-        with self._lock:
-            self._db.close()
-
-    def __enter__(self) -> SqliteReviewStore:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
 
     def start(
         self, findings: Sequence[Finding], params: dict[str, Any], by: str, now: float

@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from bastion.control.registry.agents import (
     PRINTABLE_ASCII,
@@ -459,3 +459,31 @@ def _from_row(row: Sequence[Any]) -> Agent:
         require_dpop=bool(row[10]), expires_at=row[11], status=AgentStatus(row[12]),
         created_at=row[13], last_used_at=row[14], status_reason=row[15],
     )  # fmt: skip
+
+
+class RegistryTables:
+    """A connection of its own to the registry's SQLite file, for the tables kept beside the
+    agents' (pins and quarantines, reviews): opening it creates or migrates the schema.
+    Blocking: the gateway calls it from worker threads, the CLI directly."""
+
+    def __init__(self, path: str | Path, *, create: bool = True) -> None:
+        self.path = Path(path)
+        SqliteRegistry(self.path, create=create).close()  # creates or migrates the schema
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(
+                self.path, timeout=5.0, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise RegistryUnavailable(f"cannot open the registry at {self.path}: {exc}") from exc
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()

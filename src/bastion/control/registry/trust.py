@@ -22,7 +22,6 @@ import builtins
 import json
 import logging
 import sqlite3
-import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -34,7 +33,7 @@ import orjson
 
 from bastion.audit.detect import Alert
 from bastion.background import Refresher
-from bastion.control.registry.store import SqliteRegistry
+from bastion.control.registry.store import RegistryTables
 from bastion.errors import (
     RegistryConflict,
     RegistryInvalid,
@@ -108,31 +107,9 @@ class TrustSnapshot:
     quarantined: Mapping[str, str] = field(default_factory=dict)  # upstream → reason
 
 
-class SqliteTrustStore:
+class SqliteTrustStore(RegistryTables):
     """Pins and quarantines in the registry's SQLite file. Blocking: the gateway calls it
     from worker threads, the CLI directly."""
-
-    def __init__(self, path: str | Path, *, create: bool = True) -> None:
-        self.path = Path(path)
-        SqliteRegistry(self.path, create=create).close()  # creates or migrates the schema
-        self._lock = threading.Lock()
-        try:
-            self._db = sqlite3.connect(
-                self.path, timeout=5.0, isolation_level=None, check_same_thread=False
-            )
-        except sqlite3.Error as exc:
-            raise RegistryUnavailable(f"cannot open the registry at {self.path}: {exc}") from exc
-
-    def close(self) -> None:
-        """Close the connection."""
-        with self._lock:
-            self._db.close()
-
-    def __enter__(self) -> SqliteTrustStore:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
 
     # --- reads ---
 
