@@ -402,7 +402,8 @@ async def test_a_failed_write_ahead_falls_back_to_waiting_for_the_commit(
     store.gate.clear()
     strict = asyncio.create_task(writer.append(sample(0), durable=True))
     await until(store.entered.is_set)
-    await asyncio.sleep(0.05)
+    for _ in range(20):  # loop turns, not time: a write-ahead that said "safe" returns in one
+        await asyncio.sleep(0)
     assert not strict.done()  # waits for the store, as at `power`
     store.gate.set()
     await strict

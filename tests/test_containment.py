@@ -53,6 +53,9 @@ def leaky_quickstart(tmp: Path, port: int, **inspect: Any) -> str:
     # than that (the quarantine has its own test, which sets its own threshold).
     workspace["inspect"] = {**workspace.get("inspect", {}), "quarantine": {"after": None}}
     workspace["inspect"].update(inspect)
+    # The cross-tenant detector suspends as it does by default: globex-reader receives acme's
+    # objects four times here, and must stay active (the upstream is the suspect, not it).
+    config.pop("audit", None)
     return yaml.safe_dump(config)
 
 
@@ -150,9 +153,9 @@ def _contained(gw: GatewayProcess, tool: str) -> tuple[dict[str, Any], dict[str,
 
 
 def test_the_globex_agent_is_not_suspended(leaky: GatewayProcess) -> None:
-    run = leaky.cli("agents", "show", "globex-reader")
+    run = leaky.cli("agents", "show", "globex-reader", "--json")
     assert run.returncode == 0, run.stderr
-    assert "suspended" not in run.stdout.lower()
+    assert json.loads(run.stdout)["status"] == "active"
 
 
 # -- toxic flows ------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ session binding, revocation, and the credentials upstreams receive."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import sys
 import time
@@ -213,12 +214,15 @@ T = TypeVar("T")
 def eventually(probe: Callable[[], T], done: Callable[[T], bool]) -> T:
     """Call until `done` holds of the answer, for at most 5 s: a registry change made by
     another process (the CLI) is in force once the gateway's watcher read it (0.2 s)."""
-    deadline = time.monotonic() + 5.0
-    while True:
-        answer = probe()
-        if done(answer) or time.monotonic() > deadline:
-            return answer
-        time.sleep(0.05)
+    seen: list[T] = []
+
+    def check() -> bool:
+        seen[:] = [probe()]
+        return done(seen[0])
+
+    with contextlib.suppress(AssertionError):  # the caller asserts on the last answer
+        until(check, "the registry change in force", 5.0)
+    return seen[0]
 
 
 def b64(data: bytes) -> str:

@@ -63,7 +63,7 @@ from bastion.control.governance.inventory import build_inventory, read_usage
 from bastion.control.governance.offboard import offboard_owner
 from bastion.control.governance.offboard import records as offboard_records
 from bastion.control.registry.agents import Agent, AgentStatus
-from bastion.control.registry.store import SqliteRegistry
+from bastion.control.registry.store import SqliteRegistry, registry_call
 from bastion.control.registry.trust import SqliteTrustStore
 from bastion.errors import AuditUnavailable, BadRequest, BastionError, NotAvailable, shown
 from bastion.inspect.pins import KINDS
@@ -284,15 +284,7 @@ class AdminApi:
         return True
 
     async def _registry_call(self, work: Callable[[SqliteRegistry], T]) -> T:
-        path = self._registry
-        if path is None:
-            raise NotAvailable("identity is off (auth.mode: none); there is no agent registry")
-
-        def run() -> T:
-            with SqliteRegistry(path, create=False) as registry:
-                return work(registry)
-
-        return await asyncio.to_thread(run)
+        return await registry_call(self._registry, work)
 
     # --- upstream trust: pins and quarantines --------------------------------------------------
 

@@ -26,7 +26,7 @@ from bastion.control.console.sessions import Person
 from bastion.control.governance import reviewer
 from bastion.control.governance.reviews import SqliteReviewStore
 from bastion.control.registry.agents import AgentStatus
-from bastion.control.registry.store import SqliteRegistry
+from bastion.control.registry.store import SqliteRegistry, registry_call
 from bastion.control.registry.trust import SqliteTrustStore
 from bastion.errors import AuditUnavailable, BadRequest, InputError, NotAvailable
 from bastion.pipeline.chain import Pipeline
@@ -127,15 +127,7 @@ class Acts:
         return f"Agent {agent.id} now has {len(kids)} key(s): {', '.join(kids)}."
 
     async def _registry_call(self, work: Callable[[SqliteRegistry], T]) -> T:
-        path = self._registry
-        if path is None:
-            raise NotAvailable("identity is off (auth.mode: none); there is no agent registry")
-
-        def run() -> T:
-            with SqliteRegistry(path, create=False) as registry:
-                return work(registry)
-
-        return await asyncio.to_thread(run)
+        return await registry_call(self._registry, work)
 
     # -- upstream trust ------------------------------------------------------------------------
 

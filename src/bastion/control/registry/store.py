@@ -14,15 +14,16 @@ monotonic number shared by all processes, and (c) the same design ports to Postg
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from bastion.control.registry.agents import (
     PRINTABLE_ASCII,
@@ -36,12 +37,15 @@ from bastion.control.registry.agents import (
     validate_jwks,
 )
 from bastion.errors import (
+    NotAvailable,
     RegistryConflict,
     RegistryInvalid,
     RegistryNotFound,
     RegistryUnavailable,
     shown,
 )
+
+_T = TypeVar("_T")
 
 # Each entry moves the schema one version up; never edit a released entry, append a new one.
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -487,3 +491,16 @@ class RegistryTables:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+async def registry_call(path: Path | None, work: Callable[[SqliteRegistry], _T]) -> _T:
+    """Run `work` on the registry at `path` in a worker thread (the admin API and the
+    console: an operator's act, never the request path); NotAvailable without a registry."""
+    if path is None:
+        raise NotAvailable("identity is off (auth.mode: none); there is no agent registry")
+
+    def run() -> _T:
+        with SqliteRegistry(path, create=False) as registry:
+            return work(registry)
+
+    return await asyncio.to_thread(run)
