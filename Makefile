@@ -7,7 +7,7 @@ PORT ?= 8080
 STAMP := $(VENV)/.installed
 NODE_STAMP := tests/node/node_modules/.installed
 
-.PHONY: run test lint check bench bench-scale bench-peers bench-poisoning bench-inspection install node postgres chromium clean
+.PHONY: run test lint check bench bench-scale bench-peers bench-poisoning bench-inspection install node postgres chromium redis-haproxy clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ chromium:
 	@{ command -v chromium && command -v chromedriver; } >/dev/null || \
 		{ apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; }
 
+# Redis (shared state of replicas) and HAProxy (the cluster's load balancer) for the scale-out
+# tests and `make cluster` (Debian; root on CI).
+redis-haproxy:
+	@{ command -v redis-server && { command -v haproxy || test -x /usr/sbin/haproxy; }; } \
+		>/dev/null || { apt-get update && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server haproxy; }
+
 run: install
 	@if [ "$(LEAKY)" = 1 ]; then \
 	  echo "LEAKY mode: the workspace demo answers from a search cache keyed without the tenant"; \
@@ -49,7 +56,7 @@ lint: install
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-test: install node postgres chromium lint
+test: install node postgres chromium redis-haproxy lint
 	$(PY) -m pytest
 
 # Fails (exit 3) when a ratio target of issue 17 is missed past its margin (bench/README.md).

@@ -38,6 +38,7 @@ BastionError                     bastion                 500   -32603  (the root
 ├── Overloaded                   server.busy             503   -32603
 ├── IssuerUnavailable            auth.issuer_unavailable 503   -32603  (keys out of reach)
 ├── AuditUnavailable             audit.unavailable       503   -32603
+├── StateUnavailable             state.unavailable       503   -32603  (Redis out of reach)
 ├── FilterInvalid                audit.filter            400   -32603  (.parameter)
 ├── SinkError                    audit.sink              500   -32603  (retried, never sent)
 ├── RegistryError                registry.error          500   -32603
@@ -78,6 +79,7 @@ __all__ = [
     "ApprovalClosed",
     "ApprovalRefused",
     "AuditUnavailable",
+    "StateUnavailable",
     "AuthError",
     "BadRequest",
     "BastionError",
@@ -449,6 +451,15 @@ class AuditUnavailable(BastionError):
     """
 
     code = "audit.unavailable"
+    http_status = 503
+    rpc_code = -32603
+
+
+class StateUnavailable(BastionError):
+    """The shared state store (Redis) cannot be reached or answered too late: a replay, a
+    rate or a session cannot be checked, so the request is refused (fail closed, 503)."""
+
+    code = "state.unavailable"
     http_status = 503
     rpc_code = -32603
 

@@ -43,6 +43,7 @@ from bastion.config.operators import (
 )
 from bastion.config.policy import ArgumentRule, CrossEnvironment, Grant, PolicySettings
 from bastion.config.settings import Settings, audit_path_problems, environment_problems
+from bastion.config.shared import RegistrySettings, SharedState
 from bastion.config.upstreams import (
     Containment,
     HttpUpstream,
@@ -87,12 +88,14 @@ __all__ = [
     "Listen",
     "PolicySettings",
     "Quarantine",
+    "RegistrySettings",
     "RateSpike",
     "Restart",
     "Rule",
     "Security",
     "SeedAgent",
     "Settings",
+    "SharedState",
     "Sink",
     "SpiffeDomain",
     "StdioUpstream",

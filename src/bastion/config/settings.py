@@ -17,6 +17,7 @@ from bastion.config.base import ENVIRONMENTS, NAME_PATTERN, Environment, _Frozen
 from bastion.config.gateway import Limits, Listen, Security
 from bastion.config.operators import AdminSettings, ConsoleSettings, Governance, Telemetry
 from bastion.config.policy import PolicySettings
+from bastion.config.shared import RegistrySettings, SharedState
 from bastion.config.upstreams import InspectionSettings, Upstream, VirtualServer
 
 __all__ = [
@@ -41,6 +42,8 @@ class Settings(_Frozen):
     telemetry: Telemetry = Telemetry()
     inspection: InspectionSettings = InspectionSettings()
     governance: Governance = Governance()
+    state: SharedState = SharedState()  # memory (one process) or redis (replicas)
+    registry: RegistrySettings = RegistrySettings()  # sqlite (state_dir) or postgres
     upstreams: dict[str, Upstream] = Field(default_factory=dict)
     virtual_servers: dict[str, VirtualServer] = Field(default_factory=dict)
     # The gateway's own environment: its upstreams' unless they say otherwise, and what

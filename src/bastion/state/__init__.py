@@ -1,10 +1,11 @@
 """State adapters behind small ports: replay and TTL caches, keys, rate counters, secrets,
-pending approvals."""
+pending approvals; in this process, or shared by replicas in Redis (`redis`)."""
 
 __all__ = [
     "approvals",
     "keystore",
     "memory",
     "rates",
+    "redis",
     "secrets",
 ]
