@@ -7,7 +7,7 @@ PORT ?= 8080
 STAMP := $(VENV)/.installed
 NODE_STAMP := tests/node/node_modules/.installed
 
-.PHONY: run test lint check bench bench-scale bench-peers bench-poisoning bench-inspection install node postgres chromium redis-haproxy clean
+.PHONY: run test lint check bench bench-scale bench-peers bench-poisoning bench-inspection install node postgres chromium redis-haproxy cluster cluster-down bench-cluster clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -89,6 +89,21 @@ bench-poisoning: install
 # 1 MiB answers: us per call and per KiB, JSON in bench/results/inspection.json.
 bench-inspection: install
 	$(PY) bench/inspection.py $(BENCH_ARGS)
+
+# Three replicas behind HAProxy on Redis and PostgreSQL, as local processes in .cluster/ (see
+# deploy/cluster.py): prints the load balancer's URL; Ctrl-C stops exactly what it started.
+cluster: install postgres redis-haproxy
+	$(PY) deploy/cluster.py up $(CLUSTER_ARGS)
+
+# Stops the processes .cluster/state.json records (each only if its pid is still ours).
+cluster-down:
+	$(PY) deploy/cluster.py down
+
+# Calls/s through HAProxy with one and three replicas, the added p50 of the Redis-backed
+# checks over the embedded default, a client's wait when its replica dies. JSON in
+# bench/results/cluster.json. BENCH_ARGS=--quick for a smoke run.
+bench-cluster: install postgres redis-haproxy
+	$(PY) bench/cluster.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) tests/node/node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -271,7 +271,8 @@ class Accesses:
         monkeypatch.setattr(os, "stat", stat)
         monkeypatch.setattr(io, "open", open_)
         monkeypatch.setattr(builtins, "open", open_)
-        monkeypatch.setattr(registry, "_db", _CountingDb(registry._db, self))
+        connection = registry.db  # the SQLite registry's Database: its sqlite3 connection
+        monkeypatch.setattr(connection, "_db", _CountingDb(connection._db, self))
 
 
 class _CountingDb:

@@ -7,16 +7,18 @@ import dataclasses
 import math
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
+from tests import pg
 from tests.conftest import until_async
 
 from bastion.background import Background
 from bastion.control.registry.agents import Agent, AgentStatus, RegistrySnapshot
-from bastion.control.registry.store import SqliteRegistry
+from bastion.control.registry.store import PostgresRegistry, SqliteRegistry, SqlRegistry
 from bastion.control.registry.view import RegistryView
 from bastion.errors import RegistryConflict, RegistryInvalid, RegistryNotFound, RegistryUnavailable
 from bastion.identity import keys
@@ -53,16 +55,29 @@ def path(tmp_path: Path) -> Path:
     return tmp_path / "registry.db"
 
 
+postgres = pg.postgres  # the session's PostgreSQL server (a fixture), for the postgres params
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, path: Path) -> Callable[[], SqlRegistry]:
+    """Opens one more registry on one store, as another process would: the contract below
+    holds for both adapters (SQLite's own behaviour is tested by path)."""
+    if request.param == "sqlite":
+        return lambda: SqliteRegistry(path)
+    dsn = request.getfixturevalue("postgres").database()
+    return lambda: PostgresRegistry(dsn)
+
+
 @pytest.fixture
-def registry(path: Path) -> Any:
-    with SqliteRegistry(path) as reg:
+def registry(store: Callable[[], SqlRegistry]) -> Any:
+    with store() as reg:
         yield reg
 
 
 # --- CRUD ---
 
 
-def test_add_then_get_returns_the_same_agent(registry: SqliteRegistry) -> None:
+def test_add_then_get_returns_the_same_agent(registry: SqlRegistry) -> None:
     agent = make_agent()
     assert registry.add(agent) == agent
     assert registry.get("billing-bot") == agent
@@ -76,7 +91,7 @@ def test_an_agent_survives_reopening_the_file(path: Path) -> None:
         assert second.get(agent.id) == agent
 
 
-def test_list_orders_by_tenant_then_id_and_filters(registry: SqliteRegistry) -> None:
+def test_list_orders_by_tenant_then_id_and_filters(registry: SqlRegistry) -> None:
     registry.add(make_agent(id="zed", tenant="acme"))
     registry.add(make_agent(id="alpha", tenant="zeta"))
     registry.add(make_agent(id="beta", tenant="acme"))
@@ -88,7 +103,7 @@ def test_list_orders_by_tenant_then_id_and_filters(registry: SqliteRegistry) -> 
     assert registry.list(tenant="nobody") == []
 
 
-def test_adding_an_existing_id_is_a_conflict(registry: SqliteRegistry) -> None:
+def test_adding_an_existing_id_is_a_conflict(registry: SqlRegistry) -> None:
     registry.add(make_agent())
     with pytest.raises(RegistryConflict, match="'billing-bot' already exists") as info:
         registry.add(make_agent(owner="someone-else"))
@@ -96,7 +111,7 @@ def test_adding_an_existing_id_is_a_conflict(registry: SqliteRegistry) -> None:
     assert registry.get("billing-bot").owner == "team-payments"
 
 
-def test_getting_an_unknown_agent_is_not_found(registry: SqliteRegistry) -> None:
+def test_getting_an_unknown_agent_is_not_found(registry: SqlRegistry) -> None:
     with pytest.raises(RegistryNotFound, match="no agent 'ghost'") as info:
         registry.get("ghost")
     assert info.value.code == "registry.not_found"
@@ -202,7 +217,7 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("change", "expected"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID]
 )
 def test_invalid_fields_are_refused_by_name(
-    registry: SqliteRegistry, change: dict[str, Any], expected: str
+    registry: SqlRegistry, change: dict[str, Any], expected: str
 ) -> None:
     with pytest.raises(RegistryInvalid, match=expected) as info:
         registry.add(make_agent(**change))
@@ -212,12 +227,12 @@ def test_invalid_fields_are_refused_by_name(
 
 
 @pytest.mark.parametrize("alg", ["ES256", "EdDSA", "RS256"])
-def test_each_supported_key_type_is_accepted(registry: SqliteRegistry, alg: str) -> None:
+def test_each_supported_key_type_is_accepted(registry: SqlRegistry, alg: str) -> None:
     agent = registry.add(make_agent(jwks={"keys": [public_jwk(alg)]}))
     assert registry.get(agent.id).jwks == agent.jwks
 
 
-def test_a_spiffe_id_belongs_to_one_agent(registry: SqliteRegistry) -> None:
+def test_a_spiffe_id_belongs_to_one_agent(registry: SqlRegistry) -> None:
     registry.add(make_agent(spiffe_id="spiffe://acme.example/bot"))
     with pytest.raises(RegistryConflict, match="is already agent 'billing-bot'"):
         registry.add(make_agent(id="twin", spiffe_id="spiffe://acme.example/bot"))
@@ -229,7 +244,7 @@ def test_a_spiffe_id_belongs_to_one_agent(registry: SqliteRegistry) -> None:
     assert sorted(a.id for a in view.agents()) == ["billing-bot", "other"]
 
 
-def test_a_spiffe_agent_needs_no_keys(registry: SqliteRegistry) -> None:
+def test_a_spiffe_agent_needs_no_keys(registry: SqlRegistry) -> None:
     agent = make_agent(jwks={}, spiffe_id="spiffe://acme.example/ns/billing/sa/bot")
     registry.add(agent)
     assert registry.get(agent.id).jwks == {}
@@ -238,7 +253,7 @@ def test_a_spiffe_agent_needs_no_keys(registry: SqliteRegistry) -> None:
 # --- lifecycle ---
 
 
-def test_suspend_and_resume(registry: SqliteRegistry) -> None:
+def test_suspend_and_resume(registry: SqlRegistry) -> None:
     registry.add(make_agent())
     suspended = registry.set_status("billing-bot", AgentStatus.SUSPENDED, "key leaked in CI log")
     assert suspended.usable(NOW) == (False, "suspended")
@@ -248,14 +263,14 @@ def test_suspend_and_resume(registry: SqliteRegistry) -> None:
     assert registry.get("billing-bot") == resumed
 
 
-def test_suspending_needs_a_reason(registry: SqliteRegistry) -> None:
+def test_suspending_needs_a_reason(registry: SqlRegistry) -> None:
     registry.add(make_agent())
     with pytest.raises(RegistryInvalid, match="reason: expected non-empty"):
         registry.set_status("billing-bot", AgentStatus.SUSPENDED, " ")
     assert registry.get("billing-bot").status is AgentStatus.ACTIVE
 
 
-def test_setting_the_current_status_again_is_a_conflict(registry: SqliteRegistry) -> None:
+def test_setting_the_current_status_again_is_a_conflict(registry: SqlRegistry) -> None:
     registry.add(make_agent())
     with pytest.raises(RegistryConflict, match="already active"):
         registry.set_status("billing-bot", AgentStatus.ACTIVE, None)
@@ -271,7 +286,7 @@ def test_setting_the_current_status_again_is_a_conflict(registry: SqliteRegistry
     ],
     ids=["resume", "suspend", "offboard", "rotate-key"],
 )
-def test_offboarded_is_final(registry: SqliteRegistry, attempt: Any) -> None:
+def test_offboarded_is_final(registry: SqlRegistry, attempt: Any) -> None:
     registry.add(make_agent())
     registry.set_status("billing-bot", AgentStatus.OFFBOARDED, "project ended")
     with pytest.raises(RegistryConflict, match="offboarded, which is final"):
@@ -282,7 +297,7 @@ def test_offboarded_is_final(registry: SqliteRegistry, attempt: Any) -> None:
     assert agent.usable(NOW) == (False, "offboarded")
 
 
-def test_an_agent_is_unusable_from_its_expiry_on(registry: SqliteRegistry) -> None:
+def test_an_agent_is_unusable_from_its_expiry_on(registry: SqlRegistry) -> None:
     agent = registry.add(make_agent(expires_at=NOW + 60))
     assert agent.usable(NOW + 59.9) == (True, "ok")
     assert agent.usable(NOW + 60) == (False, "expired")
@@ -294,14 +309,14 @@ def test_suspension_is_reported_before_expiry() -> None:
     assert agent.usable(NOW + 1) == (False, "suspended")
 
 
-def test_status_changes_of_unknown_agents_are_not_found(registry: SqliteRegistry) -> None:
+def test_status_changes_of_unknown_agents_are_not_found(registry: SqlRegistry) -> None:
     with pytest.raises(RegistryNotFound):
         registry.set_status("ghost", AgentStatus.SUSPENDED, "why")
     with pytest.raises(RegistryNotFound):
         registry.rotate_key("ghost", {"keys": [public_jwk()]})
 
 
-def test_rotate_key_replaces_the_key_set(registry: SqliteRegistry) -> None:
+def test_rotate_key_replaces_the_key_set(registry: SqlRegistry) -> None:
     old = make_agent()
     registry.add(old)
     new_jwks = {"keys": [old.jwks["keys"][0], public_jwk("EdDSA")]}
@@ -312,7 +327,7 @@ def test_rotate_key_replaces_the_key_set(registry: SqliteRegistry) -> None:
     assert registry.get(old.id).jwks == newest
 
 
-def test_rotate_key_refuses_a_bad_set_and_keeps_the_old_one(registry: SqliteRegistry) -> None:
+def test_rotate_key_refuses_a_bad_set_and_keeps_the_old_one(registry: SqlRegistry) -> None:
     agent = registry.add(make_agent())
     with pytest.raises(RegistryInvalid, match=r"jwks.keys\[0\]: .*private"):
         registry.rotate_key(agent.id, {"keys": [_private_jwk()]})
@@ -324,8 +339,8 @@ def test_rotate_key_refuses_a_bad_set_and_keeps_the_old_one(registry: SqliteRegi
 # --- last use ---
 
 
-def test_touch_is_buffered_and_keeps_the_latest_time(path: Path) -> None:
-    with SqliteRegistry(path) as gateway, SqliteRegistry(path) as cli:
+def test_touch_is_buffered_and_keeps_the_latest_time(store: Any) -> None:
+    with store() as gateway, store() as cli:
         gateway.add(make_agent())
         gateway.touch("billing-bot", NOW + 5)
         gateway.touch("billing-bot", NOW + 2)  # an older, late-arriving request
@@ -334,8 +349,8 @@ def test_touch_is_buffered_and_keeps_the_latest_time(path: Path) -> None:
         assert cli.get("billing-bot").last_used_at == NOW + 5
 
 
-def test_touch_only_notes_and_flush_writes_without_moving_the_version(path: Path) -> None:
-    with SqliteRegistry(path) as gateway, SqliteRegistry(path) as cli:
+def test_touch_only_notes_and_flush_writes_without_moving_the_version(store: Any) -> None:
+    with store() as gateway, store() as cli:
         gateway.add(make_agent())
         before = cli.version()
         gateway.touch("billing-bot", NOW + 7)
@@ -366,12 +381,12 @@ def test_flush_never_waits_for_another_writer(path: Path) -> None:
             assert cli.get("billing-bot").last_used_at == NOW + 3
 
 
-def test_close_writes_pending_touches(path: Path) -> None:
-    gateway = SqliteRegistry(path)
+def test_close_writes_pending_touches(store: Any) -> None:
+    gateway = store()
     gateway.add(make_agent())
     gateway.touch("billing-bot", NOW + 9)
     gateway.close()
-    with SqliteRegistry(path) as cli:
+    with store() as cli:
         assert cli.get("billing-bot").last_used_at == NOW + 9
 
 
@@ -389,7 +404,7 @@ def test_the_view_notes_uses_in_memory_until_taken(path: Path) -> None:
 # --- revocations and sessions ---
 
 
-def test_revoked_tokens(registry: SqliteRegistry) -> None:
+def test_revoked_tokens(registry: SqlRegistry) -> None:
     assert not registry.is_token_revoked("jti-1")
     registry.revoke_token("jti-1", time.time() + 300, "stolen laptop")
     assert registry.is_token_revoked("jti-1")
@@ -398,7 +413,7 @@ def test_revoked_tokens(registry: SqliteRegistry) -> None:
     assert registry.is_token_revoked("jti-1")
 
 
-def test_long_expired_revocations_are_pruned(registry: SqliteRegistry) -> None:
+def test_long_expired_revocations_are_pruned(registry: SqlRegistry) -> None:
     registry.revoke_token("old", time.time() - 7200, "expired long ago")
     registry.revoke_token("new", time.time() + 300, "fresh")  # prunes on write
     assert not registry.is_token_revoked("old")
@@ -415,13 +430,13 @@ def test_long_expired_revocations_are_pruned(registry: SqliteRegistry) -> None:
     ],
 )
 def test_invalid_revocations_are_refused(
-    registry: SqliteRegistry, jti: str, expires_at: float, reason: str, expected: str
+    registry: SqlRegistry, jti: str, expires_at: float, reason: str, expected: str
 ) -> None:
     with pytest.raises(RegistryInvalid, match=expected):
         registry.revoke_token(jti, expires_at, reason)
 
 
-def test_killed_sessions(registry: SqliteRegistry) -> None:
+def test_killed_sessions(registry: SqlRegistry) -> None:
     assert registry.killed_sessions() == set()
     registry.kill_session("a" * 64)
     registry.kill_session("a" * 64)
@@ -435,9 +450,9 @@ def test_killed_sessions(registry: SqliteRegistry) -> None:
 
 
 @pytest.fixture
-def pair(path: Path) -> Any:
-    """(cli, gateway): two registries on one file, as two processes would hold them."""
-    with SqliteRegistry(path) as cli, SqliteRegistry(path) as gateway:
+def pair(store: Callable[[], SqlRegistry]) -> Any:
+    """(cli, gateway): two registries on one store, as two processes would hold them."""
+    with store() as cli, store() as gateway:
         yield cli, gateway
 
 
@@ -518,7 +533,7 @@ def test_the_view_ignores_last_use_updates(pair: Any) -> None:
 class CountingRegistry:
     """A registry that counts snapshots, to see when the view reloads."""
 
-    def __init__(self, inner: SqliteRegistry) -> None:
+    def __init__(self, inner: SqlRegistry) -> None:
         self.inner = inner
         self.snapshots = 0
 
@@ -547,9 +562,8 @@ def test_refresh_reloads_only_when_the_version_moved(pair: Any) -> None:
 # --- the file ---
 
 
-def test_the_file_is_in_wal_mode_with_a_schema_version(
-    registry: SqliteRegistry, path: Path
-) -> None:
+def test_the_file_is_in_wal_mode_with_a_schema_version(path: Path) -> None:
+    SqliteRegistry(path).close()
     db = sqlite3.connect(path)
     try:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -620,7 +634,7 @@ async def test_the_watcher_sees_another_process_change_and_runs_the_hooks(pair: 
 class BrokenRegistry:
     """A registry whose file became unreadable after the view's first load."""
 
-    def __init__(self, inner: SqliteRegistry) -> None:
+    def __init__(self, inner: SqlRegistry) -> None:
         self.inner = inner
         self.broken = False
 

@@ -25,32 +25,39 @@ from bastion.identity.jwt import mint
 from bastion.identity.keys import SigningKey, generate
 from bastion.pipeline.authn import Authenticator
 from bastion.pipeline.exchange import Exchange
-from bastion.state.memory import ReplayCache
+from bastion.state.memory import SKEW_LEEWAY, ReplayCache
+from bastion.types import Era
 
 RESOURCE = "http://127.0.0.1:8080/servers/echo/mcp"
 AGENT = {"id": "bot", "tenant": "acme", "owner": "tests", "purpose": "replays"}
 
 
-def test_a_live_id_outlives_a_full_cache() -> None:
+async def test_a_live_id_outlives_a_full_cache() -> None:
     cache = ReplayCache(max_entries=3)
     for key in ("a", "b", "c"):
-        assert cache.first_use(key, expires_at=200.0, now=100.0)
+        assert await cache.first_use(key, expires_at=200.0, now=100.0)
     with pytest.raises(Overloaded, match="3 unexpired ids"):
-        cache.first_use("d", expires_at=200.0, now=100.0)
-    assert not cache.first_use("a", expires_at=200.0, now=150.0)  # still known when full
+        await cache.first_use("d", expires_at=200.0, now=100.0)
+    assert not await cache.first_use("a", expires_at=200.0, now=150.0)  # still known when full
     with pytest.raises(Overloaded):  # at their expiry instant they still count
-        cache.first_use("d", expires_at=300.0, now=200.0)
-    assert cache.first_use("d", expires_at=300.0, now=200.5)  # a, b and c have expired
+        await cache.first_use("d", expires_at=300.0, now=200.0)
+    assert await cache.first_use("d", expires_at=300.0, now=200.5)  # a, b and c have expired
     assert len(cache) == 1
 
 
-def test_more_ids_than_the_old_bound_are_all_remembered() -> None:
+async def test_more_ids_than_the_old_bound_are_all_remembered() -> None:
     cache = ReplayCache()
     first = "jkt:" + uuid.uuid4().hex
-    assert cache.first_use(first, expires_at=1e10, now=0.0)
+    assert await cache.first_use(first, expires_at=1e10, now=0.0)
     for n in range(150_000):  # the old cache forgot `first` after 100,000
-        cache.first_use(f"jkt:{n}", expires_at=1e10, now=0.0)
-    assert not cache.first_use(first, expires_at=1e10, now=0.0)
+        await cache.first_use(f"jkt:{n}", expires_at=1e10, now=0.0)
+    assert not await cache.first_use(first, expires_at=1e10, now=0.0)
+
+
+def test_a_process_cache_remembers_since_its_start_less_the_skew_leeway() -> None:
+    with mock.patch("bastion.state.memory.time.time", return_value=1000.0):
+        cache = ReplayCache()
+    assert cache.remembers_since() == 1000.0 - SKEW_LEEWAY
 
 
 @pytest.fixture
@@ -126,7 +133,7 @@ async def test_the_resource_server_refuses_with_503_when_its_cache_is_full(
 
 def _authenticator(identity: Identity, started: float | None = None) -> Authenticator:
     settings = identity.service.settings
-    with mock.patch("bastion.pipeline.authn.time.time", return_value=started or time.time()):
+    with mock.patch("bastion.state.memory.time.time", return_value=started or time.time()):
         return Authenticator(settings.auth, identity.service.issuer, identity.view, identity.keys)
 
 
@@ -140,7 +147,7 @@ async def _dpop_token(identity: Identity, holder: SigningKey) -> str:
 async def _authenticate(authn: Authenticator, token: str, proof: str) -> Exchange:
     exchange = Exchange(
         message={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
-        era="modern",
+        era=Era.MODERN,
         protocol_version="2026-07-28",
         route="echo",
         client="127.0.0.1:1",
@@ -175,10 +182,11 @@ async def test_what_was_made_before_the_process_started_is_refused(identity: Ide
     assert "before this gateway started" in refused.denial.message
     fresh = make_proof(holder, "POST", RESOURCE, time.time(), access_token=token)
     assert (await _authenticate(authn, token, fresh)).principal is not None
-    identity.service.started = time.time() + 20  # as if it had started just now, 20 s later
+    with mock.patch("bastion.state.memory.time.time", return_value=time.time() + 20):
+        identity.service.replay = ReplayCache()  # as if it had started just now, 20 s later
     with pytest.raises(OAuthError, match="before this server started"):
         await identity.service.token(_form(identity), None)
-    identity.service.started = time.time()
+    identity.service.replay = identity.service.proof_replay = ReplayCache()  # started now
     stale = make_proof(holder, "POST", identity.service.token_endpoint, time.time() - 10)
     with pytest.raises(OAuthError, match="DPoP proof refused: it was made before"):
         await identity.service.token(_form(identity), stale)

@@ -12,8 +12,9 @@ import asyncio
 import logging
 import signal
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bastion.asgi import ASGIApp, Receive, Scope, Send
 from bastion.audit import AuditRecord, AuditWriter, Query
@@ -29,7 +30,11 @@ from bastion.pipeline.chain import Pipeline
 from bastion.pipeline.route import Route
 from bastion.transport.front import Front
 from bastion.transport.server import HttpServer
+from bastion.transport.tls import Certificates
 from bastion.upstream.pool import Upstreams
+
+if TYPE_CHECKING:  # the redis client is imported only when a gateway shares its state
+    from bastion.state.redis import RedisState
 
 log = logging.getLogger("bastion")
 _WARM_RECORDS = 200_000  # records of history replayed into the detectors at most
@@ -110,12 +115,25 @@ class Gateway:
         suspend: Callable[[str, str], Awaitable[None]] | None = None,
         nonce_key: bytes | None = None,
         trust: WatchedTrust | None = None,
+        shared: RedisState | None = None,
+        approval_key: bytes | None = None,
     ) -> None:
         self.settings = settings
         self.audit = audit
         self.upstreams = Upstreams(settings)
+        # `shared`: the Redis every replica's hot state lives in (None: this process's own);
+        # `approval_key`: the key approval states are signed with, the same on every replica.
         self.pipeline = Pipeline(
-            settings, self.upstreams, agents, keys, secrets, audit, nonce_key=nonce_key, trust=trust
+            settings,
+            self.upstreams,
+            agents,
+            keys,
+            secrets,
+            audit,
+            nonce_key=nonce_key,
+            trust=trust,
+            shared=shared,
+            approval_key=approval_key,
         )
         self.routes = routes_for(settings)
         self.metrics = Metrics()
@@ -151,6 +169,17 @@ class Gateway:
         period = min(60.0, self.settings.limits.session_idle_seconds / 2)
         janitor = Refresher("idle sessions", self._expire_sessions, every=period)
         background.add(janitor.name, janitor.run)
+        # A shared trail: one replica at a time runs the detectors over every replica's records.
+        trail = self.pipeline.trail
+        if self.audit is not None and self.settings.audit.store == "postgres":
+            from bastion.audit.fleet import open_fleet  # psycopg only for a shared trail
+
+            fleet = open_fleet(self.settings, trail)
+        else:
+            fleet = None
+        if fleet is not None:
+            trail.leave_detection()
+            background.add(fleet.name, fleet.run)
         return background
 
     async def start(self) -> None:
@@ -231,26 +260,69 @@ class Gateway:
 
 
 async def serve(gateway: Gateway, on_ready: Callable[[int], None] | None = None) -> None:
-    """Run the gateway on its own HTTP server until SIGTERM or SIGINT, then stop cleanly."""
+    """Run the gateway on its own HTTP server (over TLS when `listen.tls` is set, the
+    certificate reloaded as its files change) until SIGTERM or SIGINT, then drain and stop:
+    not ready at once, answers in progress get `listen.drain_seconds`, event streams are told
+    to reconnect, and what is left at the deadline is cut."""
     settings = gateway.settings
     limits = settings.limits
+    certificates = _certificates(gateway)
     server = HttpServer(
         gateway.front,
         max_body=limits.max_body_bytes,
         keepalive_timeout=limits.idle_connection_seconds,
         header_timeout=limits.header_timeout_seconds,
+        tls=certificates.listener if certificates is not None else None,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def stopping() -> None:
+        gateway.front.ready = False  # the balancer's next health check takes us out
+        stop.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, stopping)
     try:
         await gateway.start()
         port = await server.start(settings.listen.host, settings.listen.port)
         if on_ready is not None:
             on_ready(port)
         await stop.wait()
-        log.info("stopping: finishing answers in progress")
-        await server.stop()
+        gateway.front.ready = False  # a signal during `start` came before it said ready
+        await _drain(server, settings.listen.drain_seconds)
     finally:
         await gateway.stop()
+
+
+def _certificates(gateway: Gateway) -> Certificates | None:
+    """The listener's certificate, watched by the gateway's background work (a new pair that
+    is refused raises an alert); None without TLS."""
+    tls = gateway.settings.listen.tls
+    if tls is None:
+        return None
+    trail = gateway.pipeline.trail
+
+    async def refused(reason: str) -> None:
+        alert = Alert(
+            "tls_reload_failed", "high", None, "bastion", reason, uuid.uuid4().hex, time.time()
+        )
+        await trail.alert(alert)
+
+    certificates = Certificates(tls, refused)
+    gateway.background.add(certificates.watch.name, certificates.watch.run)
+    return certificates
+
+
+async def _drain(server: HttpServer, seconds: float) -> None:
+    log.info("stopping: not ready; answers in progress get up to %s s", seconds)
+    cut = await server.drain(seconds)
+    if cut:
+        log.warning(
+            "stopping: %d connection(s) with answers still in progress after %s s were cut",
+            cut,
+            seconds,
+        )
+    else:
+        log.info("stopping: every answer in progress was sent")
+    await server.stop(grace=1.0)

@@ -32,7 +32,7 @@ from bastion.config.base import (
     TOOL_SEPARATOR,
     Environment,
 )
-from bastion.config.gateway import Limits, Listen, Security
+from bastion.config.gateway import Limits, Listen, Security, Tls
 from bastion.config.loader import load, parse
 from bastion.config.operators import (
     AdminSettings,
@@ -100,6 +100,7 @@ __all__ = [
     "SpiffeDomain",
     "StdioUpstream",
     "Telemetry",
+    "Tls",
     "Traces",
     "TrustedIssuer",
     "Upstream",

@@ -12,14 +12,27 @@ __all__ = [
     "Limits",
     "Listen",
     "Security",
+    "Tls",
 ]
 
 
+class Tls(_Frozen):
+    """TLS on the listener: a PEM certificate chain and its unencrypted PEM key, each a file
+    (relative to the config file), watched and reloaded when either changes."""
+
+    cert: str = Field(min_length=1)
+    key: str = Field(min_length=1)
+    reload_seconds: float = Field(5.0, gt=0, le=3600)
+
+
 class Listen(_Frozen):
-    """Where the gateway listens."""
+    """Where the gateway listens, whether over TLS, and how long a shutdown may drain."""
 
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    tls: Tls | None = None
+    # SIGTERM: answers in progress get this long to finish before their connections are cut.
+    drain_seconds: float = Field(20.0, ge=0, le=3600)
 
 
 class Limits(_Frozen):

@@ -130,8 +130,13 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
         for sink in settings.audit.sinks
     )
     audit = settings.audit.model_copy(update={"sinks": sinks, **_audit_paths(settings, base)})
+    listen, tls = settings.listen, settings.listen.tls
+    if tls is not None:  # the listener's certificate and key files
+        paths = {"cert": str((base / tls.cert).resolve()), "key": str((base / tls.key).resolve())}
+        listen = listen.model_copy(update={"tls": tls.model_copy(update=paths)})
     return settings.model_copy(
         update={
+            "listen": listen,
             "upstreams": upstreams,
             "auth": auth,
             "state_dir": state_dir,

@@ -112,7 +112,8 @@ class Settings(_Frozen):
             return self.auth.public_url.rstrip("/")
         host = self.listen.host
         host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{self.listen.port}"
+        scheme = "https" if self.listen.tls is not None else "http"
+        return f"{scheme}://{host}:{self.listen.port}"
 
     def is_loopback(self) -> bool:
         """Whether the gateway binds only to a loopback address."""

@@ -10,6 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bastion.app import Gateway, routes_for
 from bastion.audit import AuditWriter
@@ -25,8 +26,9 @@ from bastion.control.console.app import PREFIX as CONSOLE_PREFIX
 from bastion.control.console.app import console_app
 from bastion.control.governance.reviewer import ReviewReminder
 from bastion.control.registry.agents import Agent, AgentStatus
-from bastion.control.registry.store import SqliteRegistry
-from bastion.control.registry.trust import SqliteTrustStore, TrustView
+from bastion.control.registry.locator import RegistryLocator, locate, open_registry
+from bastion.control.registry.store import SqlRegistry
+from bastion.control.registry.trust import SqlTrustStore, TrustView
 from bastion.control.registry.usage import UsageRecorder
 from bastion.control.registry.view import RegistryView
 from bastion.control.tokens.endpoints import oauth_endpoints
@@ -35,20 +37,27 @@ from bastion.errors import ConfigError, RegistryNotFound
 from bastion.identity.keys import KeySet, SigningKey, generate
 from bastion.state.keystore import FileKeyStore
 from bastion.state.secrets import stored_secret, upstream_secrets
+from bastion.state.shared import RedisReplays, SharedStateService
 from bastion.upstream.issuers import IssuerDirectory
+
+if TYPE_CHECKING:  # the redis client is imported only when a gateway shares its state
+    from bastion.state.redis import RedisState
 
 log = logging.getLogger("bastion.alerts")
 
 # DPoP nonces (auth.dpop.nonce) are derived from this state-directory secret, so a restarted
 # gateway and replicas sharing the directory accept each other's nonces.
 NONCE_KEY_FILE = "dpop-nonce-key"
+# With shared state, approval states are signed with this state-directory secret, so a state
+# one replica issued verifies on another (the replicas share the directory).
+APPROVAL_KEY_FILE = "approval-state-key"
 
 
 @dataclass
 class Identity:
     """The identity side of a gateway: who is registered and how tokens are made."""
 
-    registry: SqliteRegistry
+    registry: SqlRegistry
     view: RegistryView
     keys: FileKeyStore
     service: TokenService
@@ -70,7 +79,7 @@ def open_identity(settings: Settings) -> Identity:
     """Open (creating on first run) the registry, the signing keys and the token service."""
     state = Path(settings.state_dir)
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    registry = SqliteRegistry(state / "registry.db")
+    registry = open_registry(settings, create=True)  # registry.store: sqlite or postgres
     keys = FileKeyStore(
         state / "keys", settings.auth.signing_alg, settings.auth.token_lifetime_seconds + 3600
     )
@@ -92,7 +101,7 @@ def open_identity(settings: Settings) -> Identity:
     return Identity(registry, view, keys, service, state)
 
 
-def _seed(registry: SqliteRegistry, seed: SeedAgent, state: Path) -> None:
+def _seed(registry: SqlRegistry, seed: SeedAgent, state: Path) -> None:
     """Register a configured agent once, with a key generated into the state directory."""
     try:
         registry.get(seed.id)
@@ -126,12 +135,12 @@ def _seed(registry: SqliteRegistry, seed: SeedAgent, state: Path) -> None:
 
 
 def open_trust(settings: Settings) -> TrustView:
-    """Pins and quarantines in the registry file of the state directory, whatever `auth`
-    says: what was pinned and who was quarantined survives restarts and is shared by every
-    gateway of the state directory."""
+    """Pins and quarantines beside the registry (`registry.store`), whatever `auth` says:
+    what was pinned and who was quarantined survives restarts and is shared by every gateway
+    of the registry."""
     state = Path(settings.state_dir)
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return TrustView(SqliteTrustStore(state / "registry.db"))
+    return TrustView(SqlTrustStore(locate(settings).database(create=True)))
 
 
 def open_audit(settings: Settings) -> AuditWriter | None:
@@ -147,13 +156,25 @@ async def build_gateway(settings: Settings) -> Gateway:
     secrets = await upstream_secrets(settings)
     token = await admin_token(settings) if settings.admin.enabled else None
     audit = open_audit(settings)
-    registry: Path | None = None
+    registry: RegistryLocator | None = None
     trust = open_trust(settings)
+    shared = await _open_shared(settings)
+    approval_key = None
+    if shared is not None:
+        path = Path(settings.state_dir) / APPROVAL_KEY_FILE
+        approval_key = stored_secret(path, "approval-state key").encode()
     if settings.auth.mode == "none":
-        gateway = Gateway(settings, secrets=secrets, audit=audit, trust=trust)
+        gateway = Gateway(
+            settings,
+            secrets=secrets,
+            audit=audit,
+            trust=trust,
+            shared=shared,
+            approval_key=approval_key,
+        )
     else:
         identity = open_identity(settings)
-        registry = identity.registry.path
+        registry = locate(settings)
         nonce_key = None
         if settings.auth.dpop.nonce:
             path = identity.state_dir / NONCE_KEY_FILE
@@ -168,28 +189,52 @@ async def build_gateway(settings: Settings) -> Gateway:
             suspend=_suspender(identity.registry, identity.view),
             nonce_key=nonce_key,
             trust=trust,
+            shared=shared,
+            approval_key=approval_key,
         )
+        if shared is not None:  # the token endpoint's replays are every replica's too
+            identity.service.replay = RedisReplays(shared, "assertion")
+            identity.service.proof_replay = RedisReplays(shared, "token-dpop")
         gateway.services.append(UsageRecorder(identity.view, identity.registry))
         # One set of issuer watchers, run by the gateway, for its MCP routes and token endpoint.
         identity.service.issuers = gateway.pipeline.authn.issuers
+    if shared is not None:
+        gateway.services.append(SharedStateService(shared))
     if audit is not None:
         gateway.services += await open_forwarders(settings, audit, gateway.metrics)
     # Daily: an access review due (governance.review_every_days) is an alert in the trail.
     reminder = ReviewReminder(settings, gateway.pipeline.trail.alert)
     gateway.background.add(reminder.watch.name, reminder.watch.run)
     if token is not None:
-        admin = admin_app(settings, gateway.pipeline, audit, token, registry, trust.path)
+        admin = admin_app(settings, gateway.pipeline, audit, token, registry, locate(settings))
         gateway.front.mount(ADMIN_PREFIX, admin)
     gateway.front.mount(LINKS_PREFIX, approval_links(gateway.pipeline.approval.approvals))
     if settings.console.enabled:
-        console = await console_app(settings, gateway.pipeline, audit, token, registry, trust.path)
+        console = await console_app(
+            settings, gateway.pipeline, audit, token, registry, locate(settings)
+        )
         gateway.front.mount(CONSOLE_PREFIX, console)
     return gateway
 
 
-def _suspender(
-    registry: SqliteRegistry, view: RegistryView
-) -> Callable[[str, str], Awaitable[None]]:
+async def _open_shared(settings: Settings) -> RedisState | None:
+    """The Redis of `state.store: redis`, answering; `StateUnavailable` (the gateway does
+    not start) when it cannot be reached."""
+    if settings.state.store != "redis":
+        return None
+    from bastion.state.redis import open_shared  # the redis client only for shared state
+
+    shared = open_shared(settings)
+    if shared is not None:
+        try:
+            await shared.ping()
+        except BaseException:
+            await shared.close()
+            raise
+    return shared
+
+
+def _suspender(registry: SqlRegistry, view: RegistryView) -> Callable[[str, str], Awaitable[None]]:
     """What an alert that suspends does: the agent's status in the registry, in force in this
     gateway before the alert is recorded (its sessions and credentials are dropped), and in
     every other gateway sharing the registry within its poll interval."""

@@ -43,7 +43,7 @@ from typing import Any
 from bastion import methods
 from bastion.audit import AuditWriter
 from bastion.config import Settings
-from bastion.errors import Overloaded, PolicyError
+from bastion.errors import Overloaded, PolicyError, StateUnavailable
 from bastion.pipeline.approvals import Approvals
 from bastion.pipeline.authz import History, history_key
 from bastion.pipeline.exchange import Exchange
@@ -260,7 +260,7 @@ class Approval:
         item = self._pending(exchange, approval, shown)
         try:
             await self.approvals.store.add(item)
-        except Overloaded as exc:
+        except (Overloaded, StateUnavailable) as exc:  # full, or the shared store is down
             approval.update(granted=False, answered_at=self._clock(), refusal=exc.message)
             exchange.denial = exc
             busy = error(exchange.id, exc)
@@ -323,7 +323,15 @@ class Approval:
                     why = f"no person decided within {item.expires_at - item.created_at:g} s"
                     item = await self.approvals.end(item, "expired", why)
                     break
-                item = await self.approvals.store.wait(item.id, min(PROGRESS_EVERY, left)) or item
+                try:
+                    waited = await self.approvals.store.wait(item.id, min(PROGRESS_EVERY, left))
+                except StateUnavailable as exc:
+                    # The decision cannot be learnt: refused (fail closed), and the item is
+                    # left to expire in the store, which cannot be written either.
+                    ended = True
+                    ask.refusal = self._refuse(exchange, _approval_of(exchange), exc.message)
+                    return
+                item = waited or item
                 if item.status == "pending" and token is not None:
                     rounds += 1
                     text = f"waiting for a person's approval {item.id}; {left:.0f} s left"
@@ -419,6 +427,13 @@ class Approval:
         )
         exchange.denial = denial
         return error(exchange.id, denial)
+
+
+def _approval_of(exchange: Exchange) -> dict[str, Any]:
+    """The approval obligation of a held call (it has one)."""
+    approval = _approval(exchange)
+    assert approval is not None  # noqa: S101 - held calls have one
+    return approval
 
 
 def _approval(exchange: Exchange) -> dict[str, Any] | None:

@@ -25,6 +25,7 @@ from bastion.errors import (
     InsufficientScope,
     IssuerUnavailable,
     Overloaded,
+    StateUnavailable,
     TokenError,
     shown,
 )
@@ -32,7 +33,7 @@ from bastion.identity import dpop
 from bastion.identity.jwt import Expect, unverified_claims, verify
 from bastion.identity.keys import KeySet
 from bastion.pipeline.exchange import Exchange
-from bastion.state.memory import ReplayCache, TtlCache
+from bastion.state.memory import ReplayCache, Replays, TtlCache
 from bastion.types import Principal
 from bastion.upstream.issuers import IssuerDirectory
 
@@ -90,7 +91,7 @@ class Authenticator:
         agents: AgentDirectory | None,
         keys: SigningKeys | None,
         issuers: IssuerDirectory | None = None,
-        replay: ReplayCache | None = None,
+        replay: Replays | None = None,
         nonce_key: bytes | None = None,
     ) -> None:
         self._auth = auth
@@ -101,14 +102,12 @@ class Authenticator:
         self.issuers = issuers or IssuerDirectory(auth.trusted_issuers)
         self._external = {t.issuer: t for t in auth.trusted_issuers if t.agent_claim}
         self._verified: TtlCache[tuple[dict[str, Any], Principal]] = TtlCache(10_000)
-        self._replay = replay if replay is not None else ReplayCache()  # DPoP proofs' jtis
+        # DPoP proofs' jtis: this process's, or every replica's (Redis) when shared.
+        self._replay: Replays = replay if replay is not None else ReplayCache()
         # DPoP nonces derive from this key: shared (the state directory's) so that replicas
         # and a restarted gateway accept each other's, else this process's own.
         self._nonce_key = nonce_key or secrets.token_bytes(32)
         self._anonymous = Principal(tenant=auth.tenant, agent=auth.agent)
-        # The replay cache starts empty: proofs made before this process started (beyond the
-        # clock-skew leeway) may have been used with a previous one, so they are refused.
-        self._started = time.time()
 
     @property
     def enabled(self) -> bool:
@@ -130,7 +129,8 @@ class Authenticator:
             exchange.denial = exc
             exchange.response_headers.extend(self.challenge(exc, resource, headers))
             return
-        except (Overloaded, IssuerUnavailable) as exc:  # replay cache full, or keys out of reach
+        # The replay cache full or out of reach (shared state down), or keys out of reach.
+        except (Overloaded, IssuerUnavailable, StateUnavailable) as exc:
             exchange.denial = exc
             exchange.response_headers.append((b"retry-after", b"1"))
             return
@@ -159,7 +159,7 @@ class Authenticator:
             raise TokenError("suspended", f"agent {shown(principal.agent)} is {reason}")
         if agent.tenant != principal.tenant:
             raise TokenError("wrong_audience", "the token's tenant is not the agent's tenant")
-        self._check_binding(scheme, token, principal, agent, headers, method, url, now)
+        await self._check_binding(scheme, token, principal, agent, headers, method, url, now)
         # An in-memory note; the gateway's background work writes it to the registry.
         self._agents.note_use(agent.id, now)
         if principal.environment != agent.environment:
@@ -230,7 +230,7 @@ class Authenticator:
             environment=claims.get("env") if isinstance(claims.get("env"), str) else None,
         )
 
-    def _check_binding(
+    async def _check_binding(
         self,
         scheme: str,
         token: str,
@@ -265,16 +265,21 @@ class Authenticator:
         )
         if nonce is not None and proof.nonce not in (nonce, self._nonce(now - 60)):
             raise TokenError("nonce", "the DPoP proof must carry the server's current nonce")
-        if proof.iat < self._started - dpop.LEEWAY:
-            raise TokenError(
-                "iat", "the DPoP proof was made before this gateway started; make a new one"
-            )
         if proof.jkt != principal.key_binding:
             raise TokenError(
                 "wrong_key", "the DPoP proof is signed by another key than the token's"
             )
         until = proof.iat + self._auth.dpop.max_age_seconds + dpop.LEEWAY
-        if not self._replay.first_use(f"{proof.jkt}:{proof.jti}", until, now):
+        fresh = await self._replay.first_use(f"{proof.jkt}:{proof.jti}", until, now)
+        # Asked after the use, atomically with it: a proof made before the cache (this
+        # process's, or a restarted or flushed Redis) began remembering may have been used.
+        if proof.iat < self._replay.remembers_since():
+            raise TokenError(
+                "iat",
+                "the DPoP proof was made before this gateway started remembering used proofs "
+                "(a restart); make a new one",
+            )
+        if not fresh:
             raise TokenError("replayed", "this DPoP proof was already used")
 
     def _nonce(self, now: float) -> str:

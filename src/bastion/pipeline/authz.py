@@ -28,7 +28,7 @@ from urllib.parse import unquote
 from bastion import methods
 from bastion.background import Jobs
 from bastion.config import Settings
-from bastion.errors import ArgumentMismatch, Overloaded, PolicyError
+from bastion.errors import ArgumentMismatch, Overloaded, PolicyError, StateUnavailable
 from bastion.pipeline.catalog import Lister, PolicyLoader, ResourceIndex
 from bastion.pipeline.exchange import Exchange
 from bastion.pipeline.route import requested_name
@@ -38,7 +38,7 @@ from bastion.policy.engine import CedarRequest, PolicyEngine, Verdict, Who
 from bastion.policy.redaction import paths, redact
 from bastion.policy.schema import LIST_ACTIONS, METHOD_ACTIONS
 from bastion.policy.source import parse_rate
-from bastion.state.memory import ReplayCache
+from bastion.state.memory import ReplayCache, Replays
 from bastion.state.rates import RateCounter
 from bastion.types import JSON, Decision, Era, Principal
 
@@ -94,6 +94,7 @@ class Authorizer:
         approvals: ApprovalStates | None = None,
         clock: Callable[[], float] = time.time,
         ticks: Callable[[], float] = time.monotonic,
+        used_states: Replays | None = None,
     ) -> None:
         self.settings = settings
         self.policy = settings.policy
@@ -102,7 +103,8 @@ class Authorizer:
         self.approvals = approvals or ApprovalStates(
             secrets.token_bytes(32), settings.policy.approval_timeout_seconds
         )
-        self._used_states = ReplayCache()
+        # Approval states used up: this process's, or every replica's (Redis) when shared.
+        self._used_states: Replays = used_states if used_states is not None else ReplayCache()
         self.history = History(clock)
         # Listing, reloading and learning URIs: background work, asked for by the pipeline.
         self.jobs = Jobs("catalog")
@@ -144,7 +146,14 @@ class Authorizer:
     # -- deciding ----------------------------------------------------------------------------
 
     async def authorize(self, exchange: Exchange) -> None:
-        """Set `exchange.decision`; a deny also sets `exchange.denial`."""
+        """Set `exchange.decision`; a deny also sets `exchange.denial`, and so does shared
+        state (rates, used approvals) that cannot be asked: refused, never guessed (503)."""
+        try:
+            await self._authorize(exchange)
+        except StateUnavailable as exc:
+            exchange.denial = exc
+
+    async def _authorize(self, exchange: Exchange) -> None:
         engine = self.engine
         principal = exchange.principal
         assert engine is not None and principal is not None  # noqa: S101 - started, authn ran
@@ -159,7 +168,7 @@ class Authorizer:
             return
         verdict = engine.decide(request)
         if verdict.allowed and "approval" in verdict.obligations:
-            exchange.approval_state = self._approval_state(exchange, principal)
+            exchange.approval_state = await self._approval_state(exchange, principal)
         if verdict.allowed and "rate" in verdict.obligations:
             verdict = await self._limit(exchange, principal, request.action, verdict)
         exchange.decision = Decision(
@@ -289,7 +298,7 @@ class Authorizer:
                     named.add(_NO_TENANT)
         return sorted(named)
 
-    def _approval_state(
+    async def _approval_state(
         self, exchange: Exchange, principal: Principal
     ) -> ApprovalState | str | None:
         """The approval a 2026-07-28 retry brings, verified here and used up: integrity,
@@ -304,14 +313,20 @@ class Authorizer:
         place = (exchange.route, *((target.upstream, str(target.name)) if target else ()))
         call = call_digest(principal.binding_key(), exchange.method, exchange.params, place)
         exchange.approval_call = call
-        found = self.approvals.verify(exchange.params.get("requestState"), call, self._clock())
+        now = self._clock()
+        found = self.approvals.verify(exchange.params.get("requestState"), call, now)
         if not isinstance(found, ApprovalState):
             return found
         try:
-            if not self._used_states.first_use(found.nonce, found.expires_at):
-                return "the approval was already used"
+            fresh = await self._used_states.first_use(found.nonce, found.expires_at, now)
         except Overloaded:  # refused, and recorded as such, rather than forgetting a live one
             return "the gateway holds too many pending approvals; call again shortly"
+        # Issued before the used states were remembered (a restarted or flushed Redis, whose
+        # replicas share the signing key): it may have been used already.
+        if found.expires_at - self.approvals.lifetime < self._used_states.remembers_since():
+            return "the approval was issued before the gateway's memory of used ones began"
+        if not fresh:
+            return "the approval was already used"
         return found
 
     async def _limit(

@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Mapping
 from secrets import token_bytes
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from bastion import methods, rpc
 from bastion.audit import AuditWriter
@@ -48,9 +48,15 @@ from bastion.pipeline.session import ClientSession, SessionStore, session_hash
 from bastion.pipeline.trail import Trail
 from bastion.policy.approval import ApprovalStates
 from bastion.state.rates import MemoryRateCounter, RateCounter
+from bastion.state.sessions import RedisSessionRecords
+from bastion.state.shared import RedisRateCounter, RedisReplays
+from bastion.state.shared_approvals import RedisPendingApprovals
 from bastion.types import JSON, Era, Principal
 from bastion.upstream.base import Answer
 from bastion.upstream.pool import Upstreams
+
+if TYPE_CHECKING:  # the redis client is imported only when a gateway shares its state
+    from bastion.state.redis import RedisState
 
 log = logging.getLogger("bastion.pipeline")
 
@@ -77,24 +83,42 @@ class Pipeline:
         rates: RateCounter | None = None,
         nonce_key: bytes | None = None,
         trust: Trust | None = None,
+        shared: RedisState | None = None,
+        approval_key: bytes | None = None,
     ) -> None:
         self.settings = settings
         self.trail = Trail(settings, audit)
         self.agents = agents
         self.keys = keys
+        # With shared state, replays, rates and held calls are every replica's (Redis).
         self.authn = Authenticator(
-            settings.auth, settings.base_url(), agents, keys, nonce_key=nonce_key
+            settings.auth,
+            settings.base_url(),
+            agents,
+            keys,
+            replay=RedisReplays(shared, "dpop") if shared else None,
+            nonce_key=nonce_key,
         )
         self.credentials = Credentials(settings, cast("CurrentKey | None", keys), secrets)
         # Ending a session ends its upstream sessions, each DELETE with a fresh credential.
+        # With shared state, any replica serves any session: recorded in Redis, re-attached
+        # to the same upstream sessions by the replica a request lands on.
         self.sessions = SessionStore(
             settings.limits,
             lambda principal, upstream: self.credentials.headers(principal, upstream, "close"),
+            RedisSessionRecords(shared, settings.limits.session_idle_seconds) if shared else None,
+            upstreams.attach_channel,
         )
         self.dispatcher = Dispatcher(upstreams, self.credentials)
-        # One key per process signs approval states: a restart voids pending approvals.
-        approvals = ApprovalStates(token_bytes(32), settings.policy.approval_timeout_seconds)
-        self.authz = Authorizer(settings, self._listing, rates or MemoryRateCounter(), approvals)
+        # One key per process signs approval states (a restart voids pending approvals),
+        # unless replicas share one (`approval_key`): a state issued by A verifies on B.
+        approvals = ApprovalStates(
+            approval_key or token_bytes(32), settings.policy.approval_timeout_seconds
+        )
+        if rates is None:
+            rates = RedisRateCounter(shared) if shared else MemoryRateCounter()
+        used = RedisReplays(shared, "approval-state") if shared else None
+        self.authz = Authorizer(settings, self._listing, rates, approvals, used_states=used)
         self.dispatcher.visible = self.authz.visible
         self.dispatcher.catalogued = self.authz.relist
         # A listen naming an unseen URI: learnt as the gateway, never with the caller's token.
@@ -111,7 +135,8 @@ class Pipeline:
             rules = {name: upstream.inspect for name, upstream in settings.upstreams.items()}
             self.screen = Screen(rules, trust)
         self.dispatcher.lists.screen = self.screen
-        self.approval = Approval(settings, approvals, audit, self.authz.history)
+        held = RedisPendingApprovals(shared) if shared else None
+        self.approval = Approval(settings, approvals, audit, self.authz.history, held)
         self.inspection = Inspection(
             settings, self.authz.history, agents.tenants if agents is not None else None
         )
@@ -180,7 +205,7 @@ class Pipeline:
         )
         if exchange.denial is None:
             try:
-                exchange.session = self._session(exchange, route)
+                exchange.session = await self._session(exchange, route)
             except BastionError as exc:
                 exchange.denial = exc
         if exchange.denial is not None:
@@ -240,8 +265,8 @@ class Pipeline:
             exchange.session = session
             return
         if exchange.session_id is None:
-            return
-        session = self._session(exchange, route)
+            return  # 2026-07-28: stateless, the shared state is never asked
+        session = await self._session(exchange, route)
         exchange.session = session
         version = exchange.headers.get("mcp-protocol-version")
         if version is not None and version != session.protocol_version:
@@ -296,7 +321,7 @@ class Pipeline:
         if "method" not in exchange.message:
             await self.dispatcher.deliver(session, exchange.message)
         elif exchange.method == methods.INITIALIZED:
-            session.initialized = True
+            await self.sessions.initialized(session)
         else:
             await self.dispatcher.notify(session, exchange.message)
 
@@ -306,6 +331,7 @@ class Pipeline:
         assert session is not None  # noqa: S101 - the session stage opened it
         try:
             body = await self.dispatcher.initialize(exchange, route)
+            await self.sessions.sync(session)  # other replicas join the same upstream sessions
         except BaseException:
             await self.sessions.discard(session)
             exchange.session = None
@@ -320,6 +346,8 @@ class Pipeline:
         engine = self.authz.engine
         exchange.forward_headers = mirror.rebuild(exchange, engine.catalog if engine else None)
         answer = await self.dispatcher.run(exchange, route)
+        if exchange.session is not None:  # an upstream session reopened: recorded for all
+            await self.sessions.sync(exchange.session)
         answer = self.approval.after(exchange, answer)
         target = exchange.target
         upstreams = (target.upstream,) if target is not None else route.upstreams
@@ -362,16 +390,17 @@ class Pipeline:
                     return
         await self.authz.authorize(exchange)
 
-    def _session(self, exchange: Exchange, route: Route) -> ClientSession:
-        """The caller's own session; anyone else's is "not found", as an unknown one is."""
+    async def _session(self, exchange: Exchange, route: Route) -> ClientSession:
+        """The caller's own session (re-attached when another replica opened it); anyone
+        else's is "not found", as an unknown one is."""
         assert exchange.principal is not None and exchange.session_id is not None  # noqa: S101
         session_id = exchange.session_id
         if self.agents is not None and self.agents.session_killed(session_hash(session_id)):
             raise SessionNotFound("session not found; send initialize to start a new session")
         try:
-            return self.sessions.get(session_id, exchange.principal, route.name)
+            return await self.sessions.find(session_id, exchange.principal, route.name)
         except SessionNotFound:
-            owner = self.sessions.owner(session_id)
+            owner = await self.sessions.owner(session_id)
             if owner is not None and owner.binding_key() != exchange.principal.binding_key():
                 exchange.foreign_session = True
                 if owner.tenant != exchange.principal.tenant:
@@ -390,6 +419,6 @@ class Pipeline:
                 log.warning(
                     "ending session of agent %r (revoked or killed)", session.principal.agent
                 )
-                await self.sessions.remove(session.id)
+                await self.sessions.remove(session.id, strict=False)
             if not usable:
                 self.credentials.forget_agent(session.principal.agent)

@@ -1,190 +1,43 @@
-"""Legacy-era client sessions: ownership, upstream channels, streams kept for resumption.
+"""Legacy-era client sessions: ownership, quotas, idle expiry, and (with shared state) the
+record every replica serves a session from.
 
 A session belongs to the principal that opened it; anyone else presenting its id is told it does
-not exist, exactly as for an unknown id. Sessions are never authentication.
+not exist, exactly as for an unknown id. Sessions are never authentication. One session as a
+replica holds it is a `ClientSession` (client_session.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-import itertools
 import logging
 import secrets
 import time
-from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 
 from bastion.config import Limits
-from bastion.errors import SessionNotFound, SessionQuotaExceeded
+from bastion.errors import BastionError, SessionNotFound, SessionQuotaExceeded
+from bastion.pipeline.buffer import GONE, SharedEvents, Stream
+from bastion.pipeline.client_session import ClientSession, CloseCredentials
+from bastion.state.sessions import Quota, SessionRecords, record_owner, session_record
 from bastion.types import JSON, Principal
 from bastion.upstream.base import Channel
+from bastion.upstream.http import LegacyHttpChannel
+
+__all__ = [
+    "Attach",
+    "ClientSession",
+    "CloseCredentials",
+    "SessionStore",
+    "Stream",
+    "session_hash",
+]
 
 log = logging.getLogger("bastion.session")
-
-_MAX_PENDING_SERVER_REQUESTS = 1024
-_CLOSE_SECONDS = 5.0  # to end one upstream session: its credential, then its DELETE
-
-# The credential headers that end a principal's session with an upstream.
-CloseCredentials = Callable[[Principal, str], Awaitable[Mapping[str, str]]]
-
-
-class Stream:
-    """An SSE stream's events, kept so a client can resume with Last-Event-ID."""
-
-    def __init__(self, stream_id: str, keep: int) -> None:
-        self.id = stream_id
-        self._events: deque[tuple[int, bytes]] = deque(maxlen=max(keep, 1))
-        self._seq = 0
-        self.closed = False
-        self._changed = asyncio.Event()
-        self.attached = False
-
-    def append(self, data: bytes) -> None:
-        """Add an event."""
-        self._seq += 1
-        self._events.append((self._seq, data))
-        self._changed.set()
-
-    def close(self) -> None:
-        """No more events will come."""
-        self.closed = True
-        self._changed.set()
-
-    def wake(self) -> None:
-        """Wake a writer waiting on this stream (its client went away)."""
-        self._changed.set()
-
-    def event_id(self, seq: int) -> str:
-        """The SSE id of event `seq` (unique across the session's streams)."""
-        return f"{self.id}-{seq}"
-
-    def since(self, seq: int) -> list[tuple[int, bytes]]:
-        """Events after `seq` that are still kept."""
-        return [(s, data) for s, data in self._events if s > seq]
-
-    def final(self) -> JSON | None:
-        """The last message of a closed stream (an answer's response); None while open."""
-        if not self.closed or not self._events:
-            return None
-        try:
-            message = orjson.loads(self._events[-1][1])
-        except orjson.JSONDecodeError:
-            return None
-        return message if isinstance(message, dict) else None
-
-    @property
-    def last(self) -> int:
-        """The newest event's sequence number."""
-        return self._seq
-
-    async def wait(self, seq: int, limit: float) -> None:
-        """Return when an event after `seq` exists, the stream closed, or `limit` seconds passed."""
-        while self._seq <= seq and not self.closed:
-            self._changed.clear()
-            try:
-                async with asyncio.timeout(limit):
-                    await self._changed.wait()
-            except TimeoutError:
-                return
-
-
-@dataclass(eq=False)
-class ClientSession:
-    """One client's legacy-era session with a route."""
-
-    id: str
-    principal: Principal
-    route: str
-    protocol_version: str
-    hello: JSON
-    keep_events: int
-    channels: dict[str, Channel] = field(default_factory=dict)
-    streams: dict[str, Stream] = field(default_factory=dict)
-    server_requests: dict[str, tuple[str, Any]] = field(default_factory=dict)
-    asks: dict[str, asyncio.Future[JSON]] = field(default_factory=dict)  # the gateway's own
-    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
-    initialized: bool = False
-    listening: bool = False
-    last_seen: float = field(default_factory=time.monotonic)
-    _counter: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
-    _open_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    def __post_init__(self) -> None:
-        self.streams["0"] = Stream("0", self.keep_events)  # the standalone GET stream
-
-    def new_stream(self) -> Stream:
-        """A stream for one POST's SSE answer; the oldest finished ones are forgotten."""
-        stream = Stream(str(next(self._counter)), self.keep_events)
-        self.streams[stream.id] = stream
-        finished = [k for k, s in self.streams.items() if s.closed and k != "0"]
-        for key in finished[: max(0, len(self.streams) - 64)]:
-            del self.streams[key]
-        return stream
-
-    def map_server_request(self, upstream: str, message: JSON) -> JSON:
-        """Give a server→client request a gateway id, remembering whose it was."""
-        gateway_id = f"bastion-{next(self._counter)}"
-        if len(self.server_requests) >= _MAX_PENDING_SERVER_REQUESTS:
-            # A client that never answers must not grow the session without bound.
-            del self.server_requests[next(iter(self.server_requests))]
-        self.server_requests[gateway_id] = (upstream, message["id"])
-        out = dict(message)
-        out["id"] = gateway_id
-        return out
-
-    def ask(self) -> tuple[str, asyncio.Future[JSON]]:
-        """An id for a request the gateway itself sends the client, and where its answer
-        will arrive."""
-        gateway_id = f"bastion-ask-{next(self._counter)}"
-        if len(self.asks) >= _MAX_PENDING_SERVER_REQUESTS:
-            _, oldest = self.asks.popitem()
-            oldest.cancel()
-        future: asyncio.Future[JSON] = asyncio.get_running_loop().create_future()
-        self.asks[gateway_id] = future
-        return gateway_id, future
-
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        """Run a task the session owns; closing the session cancels it."""
-        task = asyncio.create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return task
-
-    def busy(self) -> bool:
-        """Whether a client is reading one of the session's streams or an answer is still
-        arriving: such a session is in use, however long ago its last request came."""
-        return any(s.attached or (s.id != "0" and not s.closed) for s in self.streams.values())
-
-    async def close(self, credentials: CloseCredentials | None = None) -> None:
-        """Cancel the session's tasks and end its upstream sessions, each with the credential
-        `credentials` gives for its upstream (an upstream that checks every request would
-        refuse the DELETE without one, and keep the session)."""
-        for task in list(self.tasks):
-            task.cancel()
-        for task in list(self.tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        for stream in self.streams.values():
-            stream.close()
-        channels = list(self.channels.items())
-        await asyncio.gather(*(self._end(name, ch, credentials) for name, ch in channels))
-
-    async def _end(
-        self, upstream: str, channel: Channel, credentials: CloseCredentials | None
-    ) -> None:
-        """End one upstream session, best effort and bounded in time."""
-        try:
-            async with asyncio.timeout(_CLOSE_SECONDS):
-                headers = await credentials(self.principal, upstream) if credentials else {}
-                await channel.close(headers)
-        except Exception as exc:  # the upstream may be gone; ending the client's session goes on
-            log.info("upstream %r: ending its session failed: %r", upstream, exc)
 
 
 def session_hash(session_id: str) -> str:
@@ -192,19 +45,38 @@ def session_hash(session_id: str) -> str:
     return hashlib.sha256(session_id.encode()).hexdigest()
 
 
+# Joins one upstream of a session another replica opened: (upstream, hello, tenant, the
+# upstream session as recorded, or None when it had not opened) → the channel.
+Attach = Callable[[str, JSON, str, JSON | None], Awaitable[Channel]]
+
+
 class SessionStore:
-    """In-memory sessions of one process, bounded in idle time and in number: in all
+    """Sessions of one process, bounded in idle time and in number: in all
     (`limits.max_sessions`), per agent and per tenant.
 
     One principal never pushes out another: at a bound, only the asker's own sessions that
     have been idle for `limits.session_reclaim_seconds` (and have no stream open) are ended to
     make room; otherwise the new session is refused with `SessionQuotaExceeded`.
+
+    With `records` (shared state), every session is also recorded for every replica: one this
+    process does not hold is re-attached from its record (`find`), one ended anywhere is ended
+    everywhere, and its idle expiry is the record's; the quotas count the fleet's sessions
+    (only this process's own idle ones are ended to make room).
     """
 
-    def __init__(self, limits: Limits, credentials: CloseCredentials | None = None) -> None:
+    def __init__(
+        self,
+        limits: Limits,
+        credentials: CloseCredentials | None = None,
+        records: SessionRecords | None = None,
+        attach: Attach | None = None,
+    ) -> None:
         self._sessions: dict[str, ClientSession] = {}
         self._limits = limits
         self._credentials = credentials
+        self.records = records
+        self._attach = attach
+        self._loading: dict[str, asyncio.Lock] = {}
         self._per_agent: Counter[tuple[str, str]] = Counter()
         self._per_tenant: Counter[str] = Counter()
         # Each principal's sessions (by binding key), where room for its next one comes from.
@@ -227,7 +99,8 @@ class SessionStore:
 
     async def open(self, session: ClientSession) -> SessionQuotaExceeded | None:
         """Keep a new session if its principal's quotas allow, ending the principal's own idle
-        sessions to make room; else keep nothing and return the quota that refuses it.
+        sessions to make room; else keep nothing and return the quota that refuses it. With
+        shared state it is recorded for every replica (StateUnavailable when it cannot be).
 
         The check and the insertion happen with no await between them, so concurrent opens
         cannot together pass a quota.
@@ -238,7 +111,9 @@ class SessionStore:
         if refusal is None:
             self._put(session)
         for old in ended:
-            await old.close(self._credentials)
+            await self._end(old)
+        if refusal is None and self.records is not None:
+            refusal = await self._record(session)
         return refusal
 
     async def add(self, session: ClientSession) -> None:
@@ -248,26 +123,83 @@ class SessionStore:
             raise refusal
 
     def get(self, session_id: str, principal: Principal, route: str) -> ClientSession:
-        """The caller's session; someone else's or an unknown id are both 'not found'."""
+        """The caller's session held here; someone else's or an unknown id are both 'not
+        found'."""
         session = self._sessions.get(session_id)
-        if (
-            session is None
-            or session.route != route
-            or session.principal.binding_key() != principal.binding_key()
-        ):
+        if session is None or not _owns(session.principal, session.route, principal, route):
             if session is not None:
                 log.warning("session %s… presented by another principal or route", session_id[:6])
-            raise SessionNotFound("session not found; send initialize to start a new session")
+            raise SessionNotFound(GONE)
         session.last_seen = time.monotonic()
         return session
 
-    def owner(self, session_id: str) -> Principal | None:
+    async def find(self, session_id: str, principal: Principal, route: str) -> ClientSession:
+        """The caller's session, held here or (with shared state) re-attached from its record;
+        someone else's, an unknown id, or one ended on any replica are all 'not found'. Raises
+        StateUnavailable when the shared state cannot say."""
+        if self.records is None:
+            return self.get(session_id, principal, route)
+        if session_id in self._sessions:
+            session = self.get(session_id, principal, route)
+            await self._confirm(session)
+            return session
+        lock = self._loading.setdefault(session_id, asyncio.Lock())
+        try:
+            async with lock:  # concurrent first requests on this replica re-attach once
+                if session_id not in self._sessions:
+                    await self._reattach(session_id, principal, route)
+        finally:
+            if not lock.locked():
+                self._loading.pop(session_id, None)
+        return self.get(session_id, principal, route)
+
+    async def owner(self, session_id: str) -> Principal | None:
         """Who opened the session (for the audit trail only: never an answer to a client)."""
         session = self._sessions.get(session_id)
-        return session.principal if session is not None else None
+        if session is not None:
+            return session.principal
+        if self.records is None:
+            return None
+        fields = await self.records.load(session_hash(session_id))
+        return record_owner(fields["record"])[0] if fields is not None else None
 
-    async def remove(self, session_id: str) -> bool:
-        """End a session and its upstream sessions; False when there was none."""
+    async def initialized(self, session: ClientSession) -> None:
+        """The client said `notifications/initialized`; every replica hears it."""
+        session.initialized = True
+        if self.records is not None:
+            await self.records.put(session_hash(session.id), {"initialized": b"1"})
+
+    async def sync(self, session: ClientSession) -> None:
+        """Record the session's upstream sessions that opened or were reopened since last
+        recorded, so another replica joins the same ones (no I/O when none changed)."""
+        if self.records is None:
+            return
+        changed = {
+            name: attachment
+            for name, attachment in session.attachments().items()
+            if session.recorded.get(name) != attachment
+        }
+        if not changed:
+            return
+        fields = {f"up:{name}": orjson.dumps(a) for name, a in changed.items()}
+        await self.records.put(session_hash(session.id), fields)
+        session.recorded.update(changed)
+
+    async def remove(self, session_id: str, strict: bool = True) -> bool:
+        """End a session (for every replica) and its upstream sessions; False when there was
+        none here. With the shared state out of reach, `strict` raises StateUnavailable and
+        ends nothing (a client's DELETE, retried later); else the session is ended here all
+        the same (a registry change: every replica refuses the agent or the killed session
+        by the registry, and the record expires)."""
+        if self.records is not None:
+            held = self._sessions.get(session_id)
+            quotas = self._quotas(held.principal) if held is not None else []
+            try:
+                await self.records.delete(session_hash(session_id), quotas)
+            except BastionError as exc:
+                if strict:
+                    raise
+                log.warning("session record not removed (it expires): %s", exc.message)
         session = self._take(session_id)
         if session is None:
             return False
@@ -277,19 +209,134 @@ class SessionStore:
     async def discard(self, session: ClientSession) -> None:
         """End a session whether or not it was kept (an initialize that failed half-way)."""
         self._take(session.id)
-        await session.close(self._credentials)
+        await self._end(session)
 
     async def expire(self) -> int:
-        """End sessions idle for longer than the limit; return how many."""
+        """End sessions idle here for longer than the limit; return how many. With shared
+        state, one another replica kept using is only let go of here."""
         stale = self._take_idle(time.monotonic())
         for session in stale:
-            await session.close(self._credentials)
+            if self.records is not None and await self._alive_elsewhere(session):
+                await session.detach()
+            else:
+                await session.close(self._credentials)
         return len(stale)
 
     async def close(self) -> None:
-        """End every session."""
+        """End every session this process holds; with shared state, only let go of them
+        (they live on for the other replicas)."""
         for sid in list(self._sessions):
-            await self.remove(sid)
+            session = self._take(sid)
+            if session is None:
+                continue
+            if self.records is not None:
+                await session.detach()
+            else:
+                await session.close(self._credentials)
+
+    # -- shared state -----------------------------------------------------------------------
+
+    async def _record(self, session: ClientSession) -> SessionQuotaExceeded | None:
+        """Record a session kept here for every replica, within the quotas counted over the
+        fleet; else take it out again and return the quota that refuses it."""
+        assert self.records is not None  # noqa: S101 - only with shared state
+        digest = session_hash(session.id)
+        session.share(SharedEvents(self.records, digest, session.keep_events))
+        record = session_record(
+            session.principal, session.route, session.protocol_version, session.hello
+        )
+        try:
+            refused, held = await self.records.create(
+                digest, record, self._quotas(session.principal)
+            )
+        except BaseException:
+            self._take(session.id)
+            raise
+        if refused == 0:
+            return None
+        self._take(session.id)
+        quota = ("agent", "tenant", "gateway")[refused - 1]
+        refusal = self._refusal(quota, session.principal, held)
+        log.info("session refused over the fleet: %s", refusal.message)
+        return refusal
+
+    async def _confirm(self, session: ClientSession) -> None:
+        """The session held here still exists for the fleet (DELETE, kill or expiry on
+        another replica end it here too); its shared expiry is restarted now and then."""
+        assert self.records is not None  # noqa: S101 - only with shared state
+        now = time.monotonic()
+        # The record's expiry is restarted at most this often (a read, not a write, between).
+        every = min(self._limits.session_idle_seconds / 4, 30.0)
+        refresh = now - session.refreshed >= every
+        quotas = self._quotas(session.principal)
+        if not await self.records.alive(session_hash(session.id), refresh, quotas):
+            log.info("session %s… was ended on another replica", session.id[:6])
+            self._take(session.id)
+            await session.detach()
+            raise SessionNotFound(GONE)
+        if refresh:
+            session.refreshed = now
+
+    async def _reattach(self, session_id: str, principal: Principal, route: str) -> None:
+        """Rebuild a session another replica opened from its record, when it is the caller's
+        (binding and route as `get` checks them; else 'not found' and nothing is built)."""
+        assert self.records is not None  # noqa: S101 - only with shared state
+        digest = session_hash(session_id)
+        fields = await self.records.load(digest)
+        if fields is None:
+            raise SessionNotFound(GONE)
+        owner, record = record_owner(fields["record"])
+        if not _owns(owner, str(record.get("route")), principal, route):
+            log.warning("session %s… presented by another principal or route", session_id[:6])
+            raise SessionNotFound(GONE)
+        found = record.get("hello")
+        hello: JSON = found if isinstance(found, dict) else {}
+        session = ClientSession(
+            id=session_id,
+            principal=owner,
+            route=route,
+            protocol_version=str(record.get("version")),
+            hello=hello,
+            keep_events=self._limits.sse_replay_events,
+            initialized=fields.get("initialized") == b"1",
+        )
+        session.share(
+            SharedEvents(self.records, digest, session.keep_events),
+            counter_start=secrets.randbelow(1 << 40) + (1 << 20),
+        )
+        for key, value in fields.items():
+            if key.startswith("up:") and self._attach is not None:
+                name, attachment = key[3:], orjson.loads(value)
+                channel = await self._attach(name, hello, owner.tenant, attachment)
+                listened = fields.get(f"listen:{name}")
+                if isinstance(channel, LegacyHttpChannel) and listened is not None:
+                    channel.listened = listened.decode()
+                session.channels[name] = channel
+                session.recorded[name] = attachment
+        self._put(session)  # admitted by the fleet when it opened: no quota is asked again
+        log.info("session %s… re-attached from the shared state", session_id[:6])
+
+    async def _alive_elsewhere(self, session: ClientSession) -> bool:
+        """Whether another replica kept the session alive (this one did not use it for the
+        whole idle limit, so only another can have); True when the store cannot say, so
+        nothing is ended on a guess."""
+        assert self.records is not None  # noqa: S101 - only with shared state
+        try:
+            return await self.records.alive(session_hash(session.id), False)
+        except BastionError as exc:
+            log.warning("idle session kept upstream: %s", exc.message)
+            return True
+
+    async def _end(self, session: ClientSession) -> None:
+        """End a session taken out of the store: its record (best effort: it expires anyway)
+        and its upstream sessions."""
+        if self.records is not None and session.shared is not None:
+            try:
+                quotas = self._quotas(session.principal)
+                await self.records.delete(session_hash(session.id), quotas)
+            except BastionError as exc:
+                log.warning("session record not removed (it expires): %s", exc.message)
+        await session.close(self._credentials)
 
     # -- quotas -----------------------------------------------------------------------------
 
@@ -313,11 +360,23 @@ class SessionStore:
         return None
 
     def _over(self, principal: Principal) -> SessionQuotaExceeded | None:
-        """The first quota one more session of `principal` would pass, or None."""
+        """The first quota one more session of `principal` would pass here, or None."""
+        limits = self._limits
+        held = self._per_agent[(principal.tenant, principal.agent)]
+        if held >= limits.max_sessions_per_agent:
+            return self._refusal("agent", principal, held)
+        held = self._per_tenant[principal.tenant]
+        if held >= limits.max_sessions_per_tenant:
+            return self._refusal("tenant", principal, held)
+        if len(self._sessions) >= limits.max_sessions:
+            return self._refusal("gateway", principal, len(self._sessions))
+        return None
+
+    def _refusal(self, quota: str, principal: Principal, held: int) -> SessionQuotaExceeded:
+        """The refusal of a session over `quota` (agent, tenant or gateway), `held` counted."""
         limits = self._limits
         agent, tenant = principal.agent, principal.tenant
-        held = self._per_agent[(tenant, agent)]
-        if held >= limits.max_sessions_per_agent:
+        if quota == "agent":
             return SessionQuotaExceeded(
                 "agent",
                 limits.max_sessions_per_agent,
@@ -326,23 +385,29 @@ class SessionStore:
                 f"DELETE) or retry once one has been idle for "
                 f"{limits.session_reclaim_seconds:g} s",
             )
-        held = self._per_tenant[tenant]
-        if held >= limits.max_sessions_per_tenant:
+        if quota == "tenant":
             return SessionQuotaExceeded(
                 "tenant",
                 limits.max_sessions_per_tenant,
                 f"session quota reached: tenant {tenant!r} has {held} open sessions, the most "
                 "limits.max_sessions_per_tenant allows; end one (HTTP DELETE) and retry",
             )
-        if len(self._sessions) >= limits.max_sessions:
-            return SessionQuotaExceeded(
-                "gateway",
-                limits.max_sessions,
-                f"session limit reached: the gateway holds {len(self._sessions)} sessions, "
-                "the most limits.max_sessions allows, and none of yours is idle enough to "
-                "end for a new one; retry later",
-            )
-        return None
+        return SessionQuotaExceeded(
+            "gateway",
+            limits.max_sessions,
+            f"session limit reached: the gateway holds {held} sessions, "
+            "the most limits.max_sessions allows, and none of yours is idle enough to "
+            "end for a new one; retry later",
+        )
+
+    def _quotas(self, principal: Principal) -> list[Quota]:
+        """The quotas a session of `principal` counts in over the fleet, in `_over`'s order."""
+        limits = self._limits
+        return [
+            (f"agent:{principal.tenant}:{principal.agent}", limits.max_sessions_per_agent),
+            (f"tenant:{principal.tenant}", limits.max_sessions_per_tenant),
+            ("gateway", limits.max_sessions),
+        ]
 
     def _reclaimable(self, principal: Principal, now: float) -> ClientSession | None:
         """The principal's own least recently used session that may be ended for its next
@@ -387,3 +452,8 @@ def _decrement(counter: Counter[Any], key: Any) -> None:
     counter[key] -= 1
     if counter[key] <= 0:
         del counter[key]
+
+
+def _owns(owner: Principal, owner_route: str, principal: Principal, route: str) -> bool:
+    """Whether a session opened by `owner` on `owner_route` is `principal`'s on `route`."""
+    return owner_route == route and owner.binding_key() == principal.binding_key()

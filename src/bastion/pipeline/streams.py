@@ -154,7 +154,9 @@ class Streams:
                     message = checked
                 if "method" in message and "id" in message:
                     message = session.map_server_request(upstream, message)
-                stream.append(orjson.dumps(message))
+                    await session.save_requests()
+                await stream.put(orjson.dumps(message))  # stored for every replica first
+                await session.save_listened(upstream)
         except BastionError as exc:
             log.info("server stream of %r for a session ended: %s", upstream, exc.message)
 
@@ -166,7 +168,8 @@ class Streams:
             if not asked.done():
                 asked.set_result(message)
             return
-        mapped = session.server_requests.pop(str(message.get("id")), None)
+        # With shared state, the replica that relayed the request may be another one.
+        mapped = await session.take_request(str(message.get("id")))
         if mapped is None:
             raise InvalidParams(f"no server request with id {shown(message.get('id'))} is pending")
         upstream, upstream_id = mapped

@@ -6,7 +6,9 @@ and when the trail cannot be written the call is refused (fail closed). The outc
 authentications are recorded too.
 
 Every record also goes through the anomaly detectors (`bastion.audit.detect`); an alert is
-written to the trail as an `alert` record, counted, and may suspend the agent.
+written to the trail as an `alert` record, counted, and may suspend the agent. When the trail
+is shared by replicas, the detectors run once for the whole fleet instead (audit/fleet.py) and
+this process's are off (`leave_detection`).
 """
 
 from __future__ import annotations
@@ -53,6 +55,11 @@ class Trail:
     def enabled(self) -> bool:
         """Whether records are written at all."""
         return self._writer is not None
+
+    @property
+    def writable(self) -> bool:
+        """Whether records are written and the trail takes them now."""
+        return self._writer is not None and self._writer.healthy
 
     def check(self) -> None:
         """Refuse to serve while the trail cannot be written (fail closed)."""
@@ -111,6 +118,11 @@ class Trail:
         await self._writer.append(record, False)
         await self._watch(record)
 
+    def leave_detection(self) -> None:
+        """Run no detectors here: the fleet's leader runs them over every replica's records
+        (each replica's own would see a share of the traffic, and alert once per replica)."""
+        self.detectors = None
+
     def warm(self, records: Iterable[AuditRecord]) -> int:
         """Rebuild the detectors' baselines from history (no alerts); how many were read."""
         count = 0
@@ -127,13 +139,15 @@ class Trail:
         for alert in self.detectors.observe(record):
             await self._raise(alert)
 
-    async def alert(self, alert: Alert) -> None:
+    async def alert(self, alert: Alert, *, durable: bool = False) -> None:
         """An alert raised outside the detectors (an upstream caught leaking, a changed tool
-        definition, a claimed URI): logged, counted, and written to the trail when there is
-        one. Never raises: the alert is the operator's, the request goes on."""
-        await self._raise(alert)
+        definition, a claimed URI, the fleet's detectors): logged, counted, and written to the
+        trail when there is one; `durable` returns once its record is committed (the fleet's
+        leader: whoever leads next must see which alerts were raised). Never raises: the alert
+        is the operator's, the request goes on."""
+        await self._raise(alert, durable)
 
-    async def _raise(self, alert: Alert) -> None:
+    async def _raise(self, alert: Alert, durable: bool = False) -> None:
         """An alert: logged, written to the trail, counted, and the agent suspended if due."""
         log.warning("alert %s (%s): %s", alert.rule, alert.severity, alert.message)
         if self.alerted is not None:
@@ -150,7 +164,7 @@ class Trail:
         if self._writer is None:
             return
         try:
-            await self._writer.append(record, False)
+            await self._writer.append(record, durable)
         except AuditUnavailable as exc:
             log.error("alert %s could not be written to the trail: %s", alert.rule, exc.message)
 

@@ -8,4 +8,7 @@ __all__ = [
     "rates",
     "redis",
     "secrets",
+    "sessions",
+    "shared",
+    "shared_approvals",
 ]

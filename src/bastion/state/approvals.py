@@ -1,15 +1,16 @@
 """Pending approvals: calls held until a person decides, behind a small port.
 
 ```
-PendingApprovals (port)          add · get · list · decide · end · wait
-└── MemoryPendingApprovals       one process; bounded (Overloaded, never forgetting a live one)
+PendingApprovals (port)          add · get · list · close · wait
+├── MemoryPendingApprovals       one process; bounded (Overloaded, never forgetting a live one)
+└── RedisPendingApprovals        every replica's (`shared_approvals`), bounded the same way
 ```
 
 An item holds exactly what the approver is shown, the digest of the call it releases, who
 asked, until when, its status and, once decided, by whom, on which channel, when and why.
 Status moves once, from `pending` to `approved`, `denied`, `expired` or `abandoned`; the
-port does that compare-and-set, so two deciders never both win. A Redis implementation
-comes with the scale-out work.
+port does that compare-and-set, so two deciders never both win (in Redis, atomically on the
+server, whichever replicas they decide through).
 """
 
 from __future__ import annotations

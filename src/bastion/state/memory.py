@@ -1,15 +1,46 @@
-"""In-memory state for one process: replay caches and TTL-bounded caches."""
+"""In-memory state for one process: replay caches and TTL-bounded caches.
+
+```
+Replays (port)        first_use · remembers_since: a replay cache, here or shared
+├── ReplayCache       this process's (below)
+└── RedisReplays      every replica's (`bastion.state.shared`)
+```
+"""
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from bastion.errors import Overloaded
 
+__all__ = [
+    "SKEW_LEEWAY",
+    "ReplayCache",
+    "Replays",
+    "TtlCache",
+]
+
 V = TypeVar("V")
+# Seconds of clock skew allowed around a process start (the DPoP and assertion leeway).
+SKEW_LEEWAY = 5.0
+
+
+class Replays(Protocol):
+    """The replay port: ids (DPoP proof and assertion `jti`s, approval-state nonces) used at
+    most once within their lifetime, and since when the ids are remembered at all."""
+
+    async def first_use(self, key: str, expires_at: float, now: float | None = None) -> bool:
+        """True the first time `key` is presented; False for a replay. Raises `Overloaded`
+        (full) or `StateUnavailable` (a shared store that cannot answer): never a guess."""
+        ...
+
+    def remembers_since(self) -> float:
+        """Ids made before this time may have been used while they were not remembered (a
+        restart, a flushed store): callers refuse them. Current as of the last `first_use`."""
+        ...
 
 
 class ReplayCache:
@@ -27,8 +58,15 @@ class ReplayCache:
     def __init__(self, max_entries: int = 1_000_000) -> None:
         self._seen: OrderedDict[int, float] = OrderedDict()
         self._max = max_entries
+        # Empty at start: what was made before (beyond the clock-skew leeway) may have been
+        # used with a previous process, so it is refused.
+        self._since = time.time() - SKEW_LEEWAY
 
-    def first_use(self, key: str, expires_at: float, now: float | None = None) -> bool:
+    def remembers_since(self) -> float:
+        """This process's start, less the clock-skew leeway."""
+        return self._since
+
+    async def first_use(self, key: str, expires_at: float, now: float | None = None) -> bool:
         """True the first time `key` is presented; False for a replay. Raises `Overloaded`
         when the cache is full of ids that have not expired."""
         now = time.time() if now is None else now

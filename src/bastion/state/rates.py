@@ -1,8 +1,10 @@
 """The rate counter port, and its in-memory adapter.
 
 Counters are sliding windows approximated by two fixed windows (the previous one weighted by
-how much of it still overlaps): memory per key is two integers, and a burst at a window edge
-cannot double the limit. A shared adapter (Redis) implements the same two calls.
+how much of it still overlaps, rounded up): memory per key is two integers, a burst at a
+window edge cannot double the limit, and calls made in a quick run across an edge are never
+let through one more time than the limit. `bastion.state.shared.RedisRateCounter`
+implements the same two calls for every replica at once.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class MemoryRateCounter:
     def _count(self, state: tuple[float, int, int], window: float, now: float) -> int:
         start, current, previous = state
         overlap = 1.0 - (now - start) / window
-        return current + math.floor(previous * overlap)
+        return current + math.ceil(previous * overlap)
 
     async def peek(self, key: str, window: float) -> int:
         """Events counted for `key` over the last `window` seconds."""

@@ -1,9 +1,12 @@
-"""The Streamable HTTP front (plain ASGI), its header checks, and the HTTP/1.1 server it runs on."""
+"""The Streamable HTTP front (plain ASGI), its header checks, and the HTTP/1.1 server it runs on
+(over TLS when configured)."""
 
 __all__ = [
     "checks",
     "client_ip",
     "delivery",
     "front",
+    "response",
     "server",
+    "tls",
 ]

@@ -28,8 +28,9 @@ import orjson
 from bastion import rpc, sse
 from bastion.asgi import Message, Receive, Send
 from bastion.errors import BastionError, MethodNotFound, UpstreamError
+from bastion.pipeline.buffer import SharedEvents, Stream
 from bastion.pipeline.exchange import Exchange
-from bastion.pipeline.session import ClientSession, Stream
+from bastion.pipeline.session import ClientSession
 from bastion.types import JSON, UPSTREAM_STATUS, Era
 from bastion.upstream.base import Answer
 
@@ -46,6 +47,7 @@ __all__ = [
     "send_json",
     "send_plain",
     "session_headers",
+    "write_shared",
     "write_stream",
 ]
 
@@ -57,6 +59,8 @@ SSE_HEADERS = [
     (b"cache-control", b"no-cache, no-transform"),
     (b"x-accel-buffering", b"no"),
 ]
+# How often a stream another replica feeds is read again from the shared state.
+_POLL_SECONDS = 0.25
 _ANSWER_FAILED = "the gateway failed while answering; its log has the details"
 _RELAY_FAILED = "the gateway failed while relaying this answer; its log has the details"
 
@@ -125,10 +129,16 @@ async def deliver(
         ended.reply = stream.final()
         return
     # Legacy: the session owns the pump, so the answer survives a dropped connection and
-    # the client can resume it with Last-Event-ID.
-    stream = session.new_stream()
-    stream.append(encode(first))
-    session.spawn(pump(answer.rest, stream, exchange.id))
+    # the client can resume it with Last-Event-ID (on any replica, with shared state: each
+    # event is stored there before the client is sent it).
+    try:
+        stream = await session.open_stream()
+        await session.save_requests()
+        await stream.put(encode(first))
+    except BaseException:
+        await answer.close()
+        raise
+    session.spawn(pump(answer.rest, stream, exchange.id, session))
     await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + extra})
     if session.protocol_version >= "2025-11-25":
         priming = sse.encode_priming(stream.event_id(0))
@@ -204,21 +214,95 @@ async def write_stream(
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def pump(replies: AsyncGenerator[JSON, None], stream: Stream, id_: Any) -> None:
+async def pump(
+    replies: AsyncGenerator[JSON, None],
+    stream: Stream,
+    id_: Any,
+    session: ClientSession | None = None,
+) -> None:
     """Move an upstream answer into a kept stream, whether or not a client is reading; a
-    failure on the way ends the stream with an error response rather than none."""
+    failure on the way ends the stream with an error response rather than none. A server
+    request on the way is saved for every replica before the client can see it."""
     try:
         async for message in replies:
             message.pop(UPSTREAM_STATUS, None)
-            stream.append(encode(message))
+            if session is not None:
+                await session.save_requests()
+            await stream.put(encode(message))
     except BastionError as exc:
-        stream.append(rpc.dumps(rpc.error(id_, exc)))
+        await _last_word(stream, rpc.dumps(rpc.error(id_, exc)))
     except Exception:
         log.exception("relaying a streamed answer failed")
-        stream.append(rpc.dumps(rpc.error(id_, BastionError(_RELAY_FAILED))))
+        await _last_word(stream, rpc.dumps(rpc.error(id_, BastionError(_RELAY_FAILED))))
     finally:
         await replies.aclose()
-        stream.close()
+        await stream.end()
+
+
+async def _last_word(stream: Stream, data: bytes) -> None:
+    """The error response ending a broken stream: stored for every replica when it can be,
+    else at least sent by this one (the shared state may be what broke)."""
+    try:
+        await stream.put(data)
+    except BastionError:
+        stream.append(data)
+
+
+async def write_shared(
+    send: Send,
+    shared: SharedEvents,
+    stream_id: str,
+    replay: tuple[list[tuple[int, bytes]], bool],
+    after: int,
+    local: Stream | None,
+    receive: Receive,
+    keepalive: float,
+) -> None:
+    """Resume a session's stream from the shared state: `replay` (the events after `after`
+    that any replica stored, and whether the stream closed, as `shared.since` read them),
+    then live ones until it closes or the client goes. A POST's stream this replica pumps is
+    followed here; the standalone stream (any replica listening upstream may feed it) and a
+    stream another replica pumps are read from the store, at once when this replica added
+    to it, else every `_POLL_SECONDS`."""
+    events, closed = replay
+    after = await _send_events(send, stream_id, events, after)
+    if local is not None and stream_id != "0":
+        await write_stream(send, local, after, receive, keepalive)
+        return
+    woken = local if local is not None else Stream("", 1)
+    gone = asyncio.Event()
+    watcher = asyncio.create_task(_watch_disconnect(receive, gone, woken))
+    loop = asyncio.get_running_loop()
+    spoke, mark = loop.time(), woken.last
+    try:
+        while not closed and not gone.is_set() and not woken.closed:
+            await woken.wait(mark, _POLL_SECONDS)
+            mark = woken.last  # what the read below covers of this replica's own events
+            events, closed = await shared.since(stream_id, after)
+            if events:
+                after = await _send_events(send, stream_id, events, after)
+                spoke = loop.time()
+            elif loop.time() - spoke >= keepalive and not gone.is_set():
+                await send({"type": "http.response.body", "body": sse.KEEPALIVE, "more_body": True})
+                spoke = loop.time()
+    except (OSError, BastionError):
+        pass  # the client went, or the shared state did: the client resumes later
+    finally:
+        woken.attached = False
+        watcher.cancel()
+    with contextlib.suppress(OSError):
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _send_events(
+    send: Send, stream_id: str, events: list[tuple[int, bytes]], after: int
+) -> int:
+    """Send stored events of a stream; the number of the last one sent (else `after`)."""
+    for number, data in events:
+        body = sse.encode(data, f"{stream_id}-{number}")
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+        after = number
+    return after
 
 
 def encode(message: JSON) -> bytes:

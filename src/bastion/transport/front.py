@@ -52,6 +52,7 @@ from bastion.transport.delivery import (
     send_json,
     send_plain,
     session_headers,
+    write_shared,
     write_stream,
 )
 from bastion.types import JSON, LEGACY_VERSIONS, MODERN_VERSION, Era
@@ -398,15 +399,18 @@ class Front:
         checks.check_get_accept(headers.get("accept"))
         session = await self._session("GET", route, headers)
         last = headers.get("last-event-id")
+        if session.shared is not None:
+            await self._get_shared(receive, send, route, session, last)
+            return
         stream, after = session.streams["0"], 0
         if last is not None:
             stream_id, _, seq = last.rpartition("-")
             found = session.streams.get(stream_id)
-            if found is None or not seq.isdigit():
+            if found is None or not _decimal(seq):
                 raise InvalidRequest(f"Last-Event-ID {shown(last)} names no stream of this session")
             stream, after = found, int(seq)
         elif stream.attached:
-            await send_plain(send, 409, b'{"error":"this session already has an open GET stream"}')
+            await send_plain(send, 409, _GET_OPEN)
             return
         stream.attached = True
         if stream.id == "0":
@@ -427,6 +431,46 @@ class Front:
         )
         await write_stream(send, stream, after, receive, self.keepalive)
 
+    async def _get_shared(
+        self,
+        receive: Receive,
+        send: Send,
+        route: Route,
+        session: ClientSession,
+        last: str | None,
+    ) -> None:
+        """A GET of a session every replica may serve: what any replica stored of the named
+        stream (the standalone one without Last-Event-ID) is replayed, then live events."""
+        assert session.shared is not None  # noqa: S101 - only for shared sessions
+        stream_id, after = "0", 0
+        if last is not None:
+            stream_id, _, seq = last.rpartition("-")
+            if not _decimal(stream_id) or not _decimal(seq) or len(seq) > 18:
+                raise InvalidRequest(f"Last-Event-ID {shown(last)} names no stream of this session")
+            after = int(seq)
+        # Read before answering: with the shared state out of reach the GET is refused (503).
+        replay = await session.shared.since(stream_id, after)
+        local = session.streams.get(stream_id)
+        if stream_id == "0" and local is not None:
+            if last is None and local.attached:
+                await send_plain(send, 409, _GET_OPEN)
+                return
+            local.attached = True
+            # This replica feeds the stream now, whichever started it.
+            self.pipeline.dispatcher.start_listening(session, route)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": SSE_HEADERS + session_headers(session),
+            }
+        )
+        priming = sse.encode_priming(f"{stream_id}-{after}")
+        await send({"type": "http.response.body", "body": priming, "more_body": True})
+        await write_shared(
+            send, session.shared, stream_id, replay, after, local, receive, self.keepalive
+        )
+
     async def _delete(self, send: Send, route: Route, headers: dict[str, str]) -> None:
         session = await self._session("DELETE", route, headers)
         await self.pipeline.sessions.remove(session.id)
@@ -438,6 +482,7 @@ class _MethodNotAllowed(Exception):
 
 
 _GONE = "the client went away before the answer was sent"
+_GET_OPEN = b'{"error":"this session already has an open GET stream"}'
 _CANCELLED = "the request was cancelled before it was answered"
 
 
@@ -487,6 +532,12 @@ def _describe(exchange: Exchange, size: int, trace: RequestTrace) -> None:
     exchange.trace = trace
     exchange.trace_id = trace.trace_id
     trace.bind(exchange)
+
+
+def _decimal(text: str) -> bool:
+    """Whether a part of Last-Event-ID is a plain number: ASCII digits only (`isdigit` alone
+    admits the Latin-1 superscripts '²³¹', which `int` refuses: a 500, not a 400)."""
+    return text.isascii() and text.isdigit()
 
 
 def _has_modern_meta(message: Any) -> bool:

@@ -6,6 +6,12 @@ whole response goes out in one write and a request needs no task of its own beyo
 It serves exactly what the gateway needs: one request at a time per connection (pipelined
 requests wait their turn), bodies buffered up to a limit, responses with Content-Length or
 chunked, Expect: 100-continue, and bounded waits everywhere (slow headers, idle keep-alive).
+
+TLS (transport/tls.py) is the event loop's: the server listens with the context it is given.
+A shutdown drains (`drain`): every answer from then on closes its connection, idle connections
+close at once, open GET event streams get a `retry:` hint and a clean end (the client resumes
+with Last-Event-ID, through the balancer, on another replica), answers in progress get until
+the deadline, and what is left then is cut.
 """
 
 from __future__ import annotations
@@ -13,49 +19,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections import deque
-from http import HTTPStatus
 from typing import cast
 
 import httptools
 
-from bastion.asgi import ASGIApp, Message
+from bastion.asgi import ASGIApp
+from bastion.transport.response import Request, Response, head
 
 log = logging.getLogger("bastion.server")
 
 MAX_HEAD_BYTES = 64 * 1024
-_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
-
-
-class _Request:
-    """One parsed request waiting for, or in, the app."""
-
-    __slots__ = (
-        "body",
-        "complete",
-        "expect_continue",
-        "headers",
-        "keep_alive",
-        "method",
-        "overflow",
-        "path",
-        "query",
-        "size",
-        "version",
-    )
-
-    def __init__(self) -> None:
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.body: list[bytes] = []
-        self.size = 0
-        self.overflow = False
-        self.complete = False
-        self.keep_alive = True
-        self.expect_continue = False
-        self.method = "GET"
-        self.path = "/"
-        self.query = b""
-        self.version = "1.1"
 
 
 class _Connection(asyncio.Protocol):
@@ -68,8 +43,8 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._client: tuple[str, int] | None = None
         self._local: tuple[str, int] | None = None
-        self._current: _Request | None = None
-        self._queue: deque[_Request] = deque()
+        self._current: Request | None = None
+        self._queue: deque[Request] = deque()
         self._head_bytes = 0
         self._head_too_large = False
         self._url = b""
@@ -79,6 +54,7 @@ class _Connection(asyncio.Protocol):
         self._writable.set()
         self._changed = asyncio.Event()  # body complete or connection lost
         self._timer: asyncio.TimerHandle | None = None
+        self.response: Response | None = None  # the answer in progress
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -106,6 +82,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._server.connections.discard(self)
+        self._server.quiet.set()
         if not self._server.connections:
             self._server.drained.set()
         self._writable.set()
@@ -121,7 +98,7 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks ----------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self._current = _Request()
+        self._current = Request()
         self._url = b""
         self._head_bytes = 0
         if self._task is None:
@@ -193,7 +170,7 @@ class _Connection(asyncio.Protocol):
         self._changed.set()
         self._enqueue(request)
 
-    def _enqueue(self, request: _Request) -> None:
+    def _enqueue(self, request: Request) -> None:
         self._queue.append(request)
         if self._task is None:
             self._disarm()
@@ -217,17 +194,19 @@ class _Connection(asyncio.Protocol):
                 self._arm(self._server.keepalive_timeout)
         finally:
             self._task = None
+            self.response = None
             if self._queue and not self._closed:
                 self._task = self._loop.create_task(self._serve())
+            self._server.quiet.set()
 
-    async def _run(self, request: _Request) -> bool:
-        response = _Response(self, request)
+    async def _run(self, request: Request) -> bool:
+        response = self.response = Response(self, request)
         scope = {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},
             "http_version": request.version,
             "method": request.method,
-            "scheme": "http",
+            "scheme": self._server.scheme,
             "path": request.path,
             "raw_path": request.path.encode("latin-1"),
             "query_string": request.query,
@@ -247,7 +226,8 @@ class _Connection(asyncio.Protocol):
             return False
         if not response.finished:
             return False
-        return request.keep_alive and request.complete and not response.must_close
+        keep = request.keep_alive and request.complete and not response.must_close
+        return keep and not self._server.draining
 
     def write(self, data: bytes) -> None:
         """Write to the client (ignored once the connection is gone)."""
@@ -268,10 +248,20 @@ class _Connection(asyncio.Protocol):
         """Whether the client went away."""
         return self._closed
 
+    @property
+    def draining(self) -> bool:
+        """Whether the server is shutting down (every answer closes its connection)."""
+        return self._server.draining
+
+    @property
+    def busy(self) -> bool:
+        """Whether an answer is in progress on this connection, still open."""
+        return self._task is not None and not self._closed
+
     def _reject(self, status: int, detail: bytes) -> None:
         body = b'{"error":"' + detail + b'"}'
         self.write(
-            _head(
+            head(
                 status,
                 [
                     (b"content-type", b"application/json"),
@@ -283,10 +273,17 @@ class _Connection(asyncio.Protocol):
         )
         self._close()
 
+    def close(self) -> None:
+        """Close the connection now (the app's next send fails, its receive disconnects)."""
+        self._close()
+
     def _close(self) -> None:
         if self._transport is not None and not self._closed:
             self._transport.close()
         self._closed = True
+        # The app learns at once (a disconnect, a failed send), not when the socket is gone.
+        self._changed.set()
+        self._writable.set()
 
     def _arm(self, seconds: float) -> None:
         self._disarm()
@@ -308,100 +305,24 @@ class _Connection(asyncio.Protocol):
         else:
             self._queue.clear()
 
-
-class _Response:
-    """The ASGI receive/send pair for one request."""
-
-    def __init__(self, conn: _Connection, request: _Request) -> None:
-        self._conn = conn
-        self._request = request
-        self._delivered = False
-        self._status = 200
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._chunked = False
-        self._head_sent = False
-        self.started = False
-        self.finished = False
-        self.must_close = False
-
-    async def receive(self) -> Message:
-        request = self._request
-        if not self._delivered:
-            while not request.complete and not self._conn.closed:
-                await self._conn.wait_change()
-            if self._conn.closed and not request.complete:
-                return {"type": "http.disconnect"}
-            self._delivered = True
-            return {"type": "http.request", "body": b"".join(request.body), "more_body": False}
-        while not self._conn.closed:
-            await self._conn.wait_change()
-        return {"type": "http.disconnect"}
-
-    async def send(self, message: Message) -> None:
-        if self._conn.closed:
-            raise ConnectionResetError("the client closed the connection")
-        kind = message["type"]
-        if kind == "http.response.start":
-            self._status = int(message["status"])
-            self._headers = list(message.get("headers", []))
-            self.started = True
-            return
-        if kind != "http.response.body" or self.finished:
-            return
-        body: bytes = message.get("body", b"")
-        more = bool(message.get("more_body", False))
-        if not self._head_sent:
-            self._write_head(body, more)
-            return
-        if self._chunked:
-            data = (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + (
-                b"" if more else b"0\r\n\r\n"
-            )
-            self._conn.write(data)
+    def wind_down(self) -> None:
+        """The server drains: close now if idle, end an open GET event stream with the hint
+        to reconnect, else close after the answer in progress."""
+        response = self.response
+        if response is not None and response.listening:
+            response.hang_up()
         else:
-            self._conn.write(body)
-        if not more:
-            self.finished = True
-        await self._conn.drain()
+            self.shutdown()
 
-    def _write_head(self, body: bytes, more: bool) -> None:
-        self._head_sent = True
-        names = {name.lower() for name, _ in self._headers}
-        headers = self._headers
-        if b"content-length" not in names:
-            if more:
-                self._chunked = True
-                headers = [*headers, (b"transfer-encoding", b"chunked")]
-            else:
-                headers = [*headers, (b"content-length", str(len(body)).encode())]
-        if not self._request.keep_alive or not self._request.complete:
-            self.must_close = True
-            headers = [*headers, (b"connection", b"close")]
-        if self._chunked:
-            payload = b"%x\r\n%s\r\n" % (len(body), body) if body else b""
-        else:
-            payload = body
-        self._conn.write(_head(self._status, headers) + payload)
-        if not more:
-            self.finished = True
-
-    async def send_error(self, status: int) -> None:
-        """Answer a request the app failed on, without detail."""
-        body = b'{"error":"internal error"}'
-        self.must_close = True
-        self._headers = [(b"content-type", b"application/json")]
-        self._status = status
-        self._write_head(body, False)
-
-
-def _head(status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
-    lines = [b"HTTP/1.1 %d %s" % (status, _REASONS.get(status, b"Unknown"))]
-    lines += [name + b": " + value for name, value in headers]
-    return b"\r\n".join(lines) + b"\r\n\r\n"
+    def cut(self) -> None:
+        """The drain's deadline passed: end an event stream with the hint, close the rest."""
+        if self.response is not None and self.response.streaming:
+            self.response.hang_up()
+        self._close()
 
 
 class HttpServer:
-    """Serves an ASGI app over HTTP/1.1 until asked to stop."""
+    """Serves an ASGI app over HTTP/1.1 (over TLS when given a context) until asked to stop."""
 
     def __init__(
         self,
@@ -409,22 +330,55 @@ class HttpServer:
         max_body: int,
         keepalive_timeout: float = 75.0,
         header_timeout: float = 30.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.app = app
         self.max_body = max_body
         self.keepalive_timeout = keepalive_timeout
         self.header_timeout = header_timeout
+        self.tls = tls
+        self.scheme = "https" if tls is not None else "http"
         self.connections: set[_Connection] = set()
         self.drained = asyncio.Event()
+        self.quiet = asyncio.Event()  # set whenever an answer ends or a connection goes
+        self.draining = False
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
         """Listen; return the bound port."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _Connection(self), host, port, reuse_address=True, backlog=1024
+            lambda: _Connection(self),
+            host,
+            port,
+            reuse_address=True,
+            backlog=1024,
+            ssl=self.tls,
+            # A handshake is part of a request's head: as long to arrive, at most.
+            ssl_handshake_timeout=self.header_timeout if self.tls is not None else None,
         )
         return int(self._server.sockets[0].getsockname()[1])
+
+    async def drain(self, seconds: float) -> int:
+        """Begin a shutdown, still listening (a health check sees the gateway not ready):
+        from now on every answer closes its connection, idle connections close, GET event
+        streams are told to reconnect elsewhere; answers in progress get `seconds` to end.
+        Return how many were cut at the deadline (0 when all ended in time)."""
+        self.draining = True
+        for conn in list(self.connections):
+            conn.wind_down()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                while self._busy():
+                    self.quiet.clear()
+                    await self.quiet.wait()
+        busy = self._busy()
+        for conn in busy:
+            conn.cut()
+        return len(busy)
+
+    def _busy(self) -> list[_Connection]:
+        return [conn for conn in self.connections if conn.busy]
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting, let answers in progress finish (up to `grace` s), close the rest."""

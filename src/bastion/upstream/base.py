@@ -105,8 +105,8 @@ class Channel(Protocol):
 class IdMap:
     """Gives outgoing requests ids unique on one upstream connection and maps them back."""
 
-    def __init__(self) -> None:
-        self._counter = itertools.count(1)
+    def __init__(self, start: int = 1) -> None:
+        self._counter = itertools.count(start)
 
     def outgoing(self, message: JSON) -> tuple[JSON, int]:
         """A copy of `message` carrying a fresh id, and that id."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
@@ -329,6 +330,36 @@ class LegacyHttpChannel:
         self._lock = asyncio.Lock()
         self.initialized: JSON | None = None
         self.inflight: dict[Any, Any] = {}
+        # The upstream's id of the last event its GET stream sent: a listen after a break (on
+        # this replica or another) resumes from there, missing nothing the upstream kept.
+        self.listened: str | None = None
+
+    @classmethod
+    def attached(cls, client: HttpClient, hello: JSON, attachment: JSON) -> LegacyHttpChannel:
+        """A channel joined to an upstream session another replica opened (`attachment`, as
+        `attachment()` gave it): no new handshake; reopened, as any, if the upstream forgot
+        the session."""
+        channel = cls(client, hello)
+        session_id = attachment.get("session")
+        result = attachment.get("initialized")
+        channel._session_id = session_id if isinstance(session_id, str) else None
+        channel._version = str(attachment.get("version") or channel._version)
+        channel.initialized = result if isinstance(result, dict) else None
+        # Request ids another replica used in this upstream session must not come back: an
+        # upstream may still be answering one of them.
+        channel._ids = IdMap(secrets.randbelow(1 << 40) + (1 << 20))
+        return channel
+
+    def attachment(self) -> JSON | None:
+        """What another replica needs to join this upstream session (None before it opened):
+        its id, negotiated version and InitializeResult."""
+        if self.initialized is None:
+            return None
+        return {
+            "session": self._session_id,
+            "version": self._version,
+            "initialized": self.initialized,
+        }
 
     def _headers(self, extra: Mapping[str, str]) -> dict[str, str]:
         headers = {"MCP-Protocol-Version": self._version, **extra}
@@ -435,14 +466,19 @@ class LegacyHttpChannel:
                 )
 
     async def listen(self, headers: Mapping[str, str]) -> AsyncIterator[JSON]:
-        """Open the session's GET stream; nothing when the upstream offers none (405)."""
+        """Open the session's GET stream (from `listened`, when set); nothing when the
+        upstream offers none (405)."""
         await self.open(headers)
         all_headers = {"Accept": "text/event-stream", **self._headers(headers)}
+        if self.listened is not None:
+            all_headers["Last-Event-ID"] = self.listened
         response = await self._client.send("GET", all_headers, long_lived=True)
         async with response:
             if response.status != 200:
                 return
-            async for message in self._client.read_events(response):
+            decoder = Decoder()
+            async for message in self._client.read_events(response, decoder):
+                self.listened = decoder.last_id or self.listened
                 yield message
 
     async def close(self, headers: Mapping[str, str] | None = None) -> None:

@@ -110,6 +110,22 @@ class Upstreams:
             return ModernHttpChannel(client)
         return LegacyHttpChannel(client, hello)
 
+    async def attach_channel(
+        self, name: str, hello: JSON, tenant: str, attachment: JSON | None
+    ) -> Channel:
+        """A channel for a legacy client session another replica opened: joined to the same
+        upstream session over HTTP (`attachment`); over stdio, this replica's process for the
+        tenant; without an attachment (the upstream had not opened), a new one, as
+        `session_channel` gives."""
+        upstream = self.settings.upstreams[name]
+        if (
+            attachment is None
+            or isinstance(upstream, StdioUpstream)
+            or upstream.protocol == "modern"
+        ):
+            return await self.session_channel(name, hello, tenant)
+        return LegacyHttpChannel.attached(self._http[name], hello, attachment)
+
     async def stateless_channel(self, name: str, tenant: str) -> Channel:
         """A channel for 2026-07-28 requests: stateless when the upstream is modern, else a
         legacy session pooled per tenant (never shared across tenants)."""

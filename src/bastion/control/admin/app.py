@@ -36,7 +36,6 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
@@ -63,8 +62,9 @@ from bastion.control.governance.inventory import build_inventory, read_usage
 from bastion.control.governance.offboard import offboard_owner
 from bastion.control.governance.offboard import records as offboard_records
 from bastion.control.registry.agents import Agent, AgentStatus
-from bastion.control.registry.store import SqliteRegistry, registry_call
-from bastion.control.registry.trust import SqliteTrustStore
+from bastion.control.registry.locator import RegistryLocator, registry_call, trust_call
+from bastion.control.registry.store import SqlRegistry
+from bastion.control.registry.trust import SqlTrustStore
 from bastion.errors import AuditUnavailable, BadRequest, BastionError, NotAvailable, shown
 from bastion.inspect.pins import KINDS
 from bastion.pipeline.chain import Pipeline
@@ -87,8 +87,8 @@ def admin_app(
     pipeline: Pipeline,
     writer: AuditWriter | None,
     token: str,
-    registry: Path | None,
-    trust: Path | None = None,
+    registry: RegistryLocator | None,
+    trust: RegistryLocator | None = None,
 ) -> ASGIApp:
     """The guarded admin application for the front to mount at `PREFIX`."""
     return AdminGuard(AdminApi(settings, pipeline, writer, registry, trust).app(), token)
@@ -102,8 +102,8 @@ class AdminApi:
         settings: Settings,
         pipeline: Pipeline,
         writer: AuditWriter | None,
-        registry: Path | None,
-        trust: Path | None = None,
+        registry: RegistryLocator | None,
+        trust: RegistryLocator | None = None,
     ) -> None:
         self._settings = settings
         self._pipeline = pipeline
@@ -283,7 +283,7 @@ class AdminApi:
             return False
         return True
 
-    async def _registry_call(self, work: Callable[[SqliteRegistry], T]) -> T:
+    async def _registry_call(self, work: Callable[[SqlRegistry], T]) -> T:
         return await registry_call(self._registry, work)
 
     # --- upstream trust: pins and quarantines --------------------------------------------------
@@ -344,16 +344,8 @@ class AdminApi:
         log.warning("admin released upstream %r from quarantine: %s", upstream, reason)
         return _json(200, {"quarantine": released.to_dict(), "audited": audited})
 
-    async def _trust_call(self, work: Callable[[SqliteTrustStore], T]) -> T:
-        path = self._trust
-        if path is None:
-            raise NotAvailable("this gateway keeps no pins (no registry store)")
-
-        def run() -> T:
-            with SqliteTrustStore(path, create=False) as store:
-                return work(store)
-
-        return await asyncio.to_thread(run)
+    async def _trust_call(self, work: Callable[[SqlTrustStore], T]) -> T:
+        return await trust_call(self._trust, work)
 
     async def _record(
         self, method: str, detail: dict[str, Any], reason: str | None, request: Request

@@ -32,7 +32,7 @@ from bastion.audit.read import parse_time
 from bastion.config import Settings
 from bastion.control.admin import params as ask
 from bastion.control.governance import reviewer
-from bastion.control.governance.reviews import Review, SqliteReviewStore
+from bastion.control.governance.reviews import Review
 from bastion.errors import AuditUnavailable, BadRequest, shown
 from bastion.pipeline.chain import Pipeline
 
@@ -79,7 +79,7 @@ class ReviewApi:
 
         def run() -> Review:
             found = reviewer.findings(self._settings, start, now)
-            with SqliteReviewStore(reviewer.registry_file(self._settings)) as store:
+            with reviewer.review_store(self._settings) as store:
                 return store.start(found, {"since": since}, by, now)
 
         review = await asyncio.to_thread(run)
@@ -121,7 +121,7 @@ class ReviewApi:
         review_id = request.path_params["review_id"]
 
         def run() -> Review:
-            with SqliteReviewStore(reviewer.registry_file(self._settings)) as store:
+            with reviewer.review_store(self._settings) as store:
                 return store.close_review(review_id, by, time.time())
 
         review = await asyncio.to_thread(run)
@@ -146,7 +146,7 @@ class ReviewApi:
 
     async def _get(self, review_id: str) -> Review:
         def run() -> Review:
-            with SqliteReviewStore(reviewer.registry_file(self._settings)) as store:
+            with reviewer.review_store(self._settings) as store:
                 return store.get(review_id)
 
         return await asyncio.to_thread(run)

@@ -27,7 +27,7 @@ from rich.text import Text
 
 from bastion.config import load as load_config
 from bastion.control.registry.agents import Agent, AgentStatus
-from bastion.control.registry.store import SqliteRegistry
+from bastion.control.registry.locator import RegistryLocator, locate
 from bastion.errors import BastionError, ConfigError, InputError, TokenError
 from bastion.identity.keys import thumbprint
 
@@ -49,14 +49,21 @@ class Environment(enum.StrEnum):
 
 
 def _registry_file(value: Path) -> Path:
-    """`--config FILE.yaml` names the registry through the config's state_dir."""
-    if value.suffix not in (".yaml", ".yml"):
-        return value
+    """`--config FILE.yaml` names the registry through the config (`registry.store`): the
+    config must parse and its `registry.dsn` reference resolve; `registry_at` opens it."""
     try:
-        settings = load_config(value)
+        registry_at(value)
     except ConfigError as exc:
         raise typer.BadParameter("; ".join(exc.problems)) from exc
-    return Path(settings.state_dir) / "registry.db"
+    return value
+
+
+def registry_at(value: Path) -> RegistryLocator:
+    """The registry `--config` names: the config's (its state_dir's SQLite file, or its
+    PostgreSQL database), or the SQLite file given as `--registry`."""
+    if value.suffix in (".yaml", ".yml"):
+        return locate(load_config(value))
+    return RegistryLocator(path=value)
 
 
 RegistryPath = Annotated[
@@ -65,8 +72,8 @@ RegistryPath = Annotated[
         "--config",
         "-c",
         "--registry",
-        help="The gateway's config file (its state_dir holds the registry), or the registry's "
-        "SQLite file.",
+        help="The gateway's config file (its registry: the SQLite file of its state_dir, or "
+        "its PostgreSQL database), or the registry's SQLite file.",
         callback=_registry_file,
     ),
 ]
@@ -129,7 +136,7 @@ def add(
             status=AgentStatus.ACTIVE,
             created_at=now,
         )
-        with SqliteRegistry(registry) as store:
+        with registry_at(registry).registry(create=True) as store:
             store.add(agent)
     typer.echo(f"added agent {agent.id!r} to tenant {agent.tenant!r} ({_keys_summary(agent)})")
 
@@ -142,7 +149,7 @@ def list_(
     as_json: AsJson = False,
 ) -> None:
     """List agents, by tenant and id."""
-    with _reported(), SqliteRegistry(registry, create=False) as store:
+    with _reported(), registry_at(registry).registry() as store:
         agents = store.list(tenant=tenant, status=status)
     if as_json:
         typer.echo(json.dumps([agent.to_dict() for agent in agents], indent=2))
@@ -174,7 +181,7 @@ def show(
     as_json: AsJson = False,
 ) -> None:
     """Show one agent, keys included."""
-    with _reported(), SqliteRegistry(registry, create=False) as store:
+    with _reported(), registry_at(registry).registry() as store:
         agent = store.get(agent_id)
     if as_json:
         typer.echo(json.dumps(agent.to_dict(), indent=2))
@@ -217,13 +224,13 @@ def rotate_key(
     """Replace an agent's public keys (list the old key too in a JWKS for an overlap)."""
     with _reported():
         jwks = _read_keys(jwks_file, public_key_pem)
-        with SqliteRegistry(registry, create=False) as store:
+        with registry_at(registry).registry() as store:
             agent = store.rotate_key(agent_id, jwks)
     typer.echo(f"rotated the keys of agent {agent.id!r} ({_keys_summary(agent)})")
 
 
 def _set_status(registry: Path, agent_id: str, status: AgentStatus, reason: str | None) -> None:
-    with _reported(), SqliteRegistry(registry, create=False) as store:
+    with _reported(), registry_at(registry).registry() as store:
         agent = store.set_status(agent_id, status, reason)
     verb = {"active": "resumed", "suspended": "suspended", "offboarded": "offboarded"}[status]
     typer.echo(f"{verb} agent {agent.id!r}" + (f": {reason}" if reason else ""))

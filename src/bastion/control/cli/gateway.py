@@ -22,6 +22,7 @@ from bastion.control.cli.discovery import announce, withdraw
 from bastion.errors import BastionError, ConfigError, PolicyLoadError
 from bastion.policy.build import sources_of
 from bastion.policy.source import load_policies
+from bastion.transport.tls import load_context
 
 log = logging.getLogger("bastion")
 
@@ -37,9 +38,24 @@ def load_settings(path: Path) -> config.Settings:
         raise typer.Exit(1) from exc
 
 
+def check_tls(settings: config.Settings, path: Path) -> None:
+    """Load the listener's certificate and key once, so a bad file stops `serve` and
+    `check-config` with its name before anything starts; exit status 1 when invalid."""
+    if settings.listen.tls is None:
+        return
+    try:
+        load_context(settings.listen.tls)
+    except ConfigError as exc:
+        typer.echo(f"{path}: {len(exc.problems)} problem(s) in the configuration:", err=True)
+        for problem in exc.problems:
+            typer.echo(f"  {problem}", err=True)
+        raise typer.Exit(1) from exc
+
+
 def check_config(file: Path = typer.Argument(..., help="The YAML configuration file.")) -> None:
     """Validate a configuration file: exit 0 when valid, else 1 with every problem and its line."""
     settings = load_settings(file)
+    check_tls(settings, file)
     if settings.auth.mode == "none" and not settings.is_loopback():
         typer.echo(
             f"{file}: listen.host: auth: none is only allowed on a loopback address, "
@@ -76,6 +92,7 @@ def serve(
         update={k: v for k, v in (("host", host), ("port", port)) if v is not None}
     )
     settings = settings.model_copy(update={"listen": listen})
+    check_tls(settings, config_file)
     if settings.auth.mode == "none":
         if not settings.is_loopback():
             typer.echo(
@@ -125,7 +142,8 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def _banner(settings: config.Settings, config_file: Path) -> str:
-    base = f"http://{settings.listen.host}:{settings.listen.port}"
+    scheme = "https" if settings.listen.tls is not None else "http"
+    base = f"{scheme}://{settings.listen.host}:{settings.listen.port}"
     lines = [
         "",
         f"Bastion is ready on {base}",

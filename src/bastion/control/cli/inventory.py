@@ -29,7 +29,7 @@ from bastion.control.governance.inventory import (
     read_usage,
 )
 from bastion.control.registry.agents import Agent
-from bastion.control.registry.store import SqliteRegistry
+from bastion.control.registry.locator import open_registry
 from bastion.errors import BastionError, InputError
 from bastion.policy.engine import PolicyEngine
 
@@ -84,8 +84,7 @@ def registry_agents(settings: Settings) -> list[Agent]:
     """Every agent in the config's registry; none under `auth: none` (no identities)."""
     if settings.auth.mode == "none":
         return []
-    path = Path(settings.state_dir) / "registry.db"
-    with SqliteRegistry(path, create=False) as registry:
+    with open_registry(settings) as registry:
         return registry.list()
 
 

@@ -21,7 +21,7 @@ from bastion.config import load as load_config
 from bastion.control.cli.inventory import registry_agents
 from bastion.control.governance.offboard import offboard_owner, records, write_records
 from bastion.control.registry.agents import AgentStatus
-from bastion.control.registry.store import SqliteRegistry
+from bastion.control.registry.locator import open_registry
 from bastion.errors import BastionError, InputError
 
 __all__ = ["app"]
@@ -81,7 +81,7 @@ def offboard(
         settings = load_config(config_file)
         if settings.auth.mode == "none":
             raise InputError(f"{config_file}: auth.mode is 'none'; there are no agents")
-        with SqliteRegistry(Path(settings.state_dir) / "registry.db", create=False) as store:
+        with open_registry(settings) as store:
             done = offboard_owner(store, owner, new_owner=reassign, reason=reason)
     except BastionError as exc:
         _fail(exc.message)

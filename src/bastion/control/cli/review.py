@@ -31,7 +31,7 @@ from bastion.config import Settings
 from bastion.config import load as load_config
 from bastion.control.governance import reviewer
 from bastion.control.governance.review import Finding
-from bastion.control.governance.reviews import Review, SqliteReviewStore
+from bastion.control.governance.reviews import Review
 from bastion.errors import AuditUnavailable, BastionError, ConfigError
 
 __all__ = ["app"]
@@ -99,7 +99,7 @@ def start(
         now = time.time()
         found = reviewer.findings(settings, parse_time(since, now, "--since"), now)
         who = by or _user()
-        with SqliteReviewStore(reviewer.registry_file(settings)) as store:
+        with reviewer.review_store(settings) as store:
             opened = store.start(found, {"since": since}, who, now)
         audited = _audit(
             settings, reviewer.record("start", opened, who, route="cli", findings=len(found))
@@ -137,7 +137,7 @@ def close(config: ConfigPath = _DEFAULT, by: By = None, review_id: ReviewId = No
     with _reported():
         settings = _load(config)
         who = by or _user()
-        with SqliteReviewStore(reviewer.registry_file(settings)) as store:
+        with reviewer.review_store(settings) as store:
             current = store.current() if review_id is None else store.get(review_id)
             closed = store.close_review(current.id, who, time.time())
         audited = _audit(
@@ -157,7 +157,7 @@ def export(
     """The report of a review (default: the open one) for auditors."""
     with _reported():
         settings = _load(config)
-        with SqliteReviewStore(reviewer.registry_file(settings)) as store:
+        with reviewer.review_store(settings) as store:
             found = store.current() if review_id is None else store.get(review_id)
     text = _report(found, format_)
     if output is None:

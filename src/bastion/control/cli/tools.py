@@ -22,8 +22,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from bastion.control.cli.agents import RegistryPath
-from bastion.control.registry.trust import SqliteTrustStore
+from bastion.control.cli.agents import RegistryPath, registry_at
+from bastion.control.registry.trust import SqlTrustStore
 from bastion.errors import BastionError
 from bastion.inspect.pins import KINDS
 
@@ -62,7 +62,7 @@ def list_pins(
     with _reported():
         if state not in (None, "approved", "pending"):
             raise typer.BadParameter("expected approved or pending", param_hint="--state")
-        with SqliteTrustStore(registry, create=False) as store:
+        with SqlTrustStore(registry_at(registry).database()) as store:
             pins = store.pins(state, upstream)
     if as_json:
         typer.echo(json.dumps([pin.to_dict() for pin in pins], indent=2))
@@ -94,7 +94,7 @@ def diff(
     as_json: AsJson = False,
 ) -> None:
     """What changed: the pin against each pending version, field by field."""
-    with _reported(), SqliteTrustStore(registry, create=False) as store:
+    with _reported(), SqlTrustStore(registry_at(registry).database()) as store:
         _check_kind(kind)
         versions = store.versions(upstream, kind, name)
     if as_json:
@@ -125,7 +125,7 @@ def approve(
     by: Annotated[str | None, typer.Option(help="Who approves (default: your login).")] = None,
 ) -> None:
     """Make the pending version the pin: listed and callable again on every gateway."""
-    with _reported(), SqliteTrustStore(registry, create=False) as store:
+    with _reported(), SqlTrustStore(registry_at(registry).database()) as store:
         _check_kind(kind)
         pin = store.approve(upstream, kind, name, digest, by or _operator())
     typer.echo(f"approved {kind} {name!r} of upstream {upstream!r}: {pin.digest}")
@@ -138,7 +138,7 @@ def list_quarantines(
     as_json: AsJson = False,
 ) -> None:
     """Quarantined upstreams: why and since when."""
-    with _reported(), SqliteTrustStore(registry, create=False) as store:
+    with _reported(), SqlTrustStore(registry_at(registry).database()) as store:
         found = store.quarantines(active=not every)
     if as_json:
         typer.echo(json.dumps([q.to_dict() for q in found], indent=2))
@@ -160,7 +160,7 @@ def release(
     by: Annotated[str | None, typer.Option(help="Who releases (default: your login).")] = None,
 ) -> None:
     """Put a quarantined upstream back in service for every tenant."""
-    with _reported(), SqliteTrustStore(registry, create=False) as store:
+    with _reported(), SqlTrustStore(registry_at(registry).database()) as store:
         released = store.release(upstream, by or _operator())
     typer.echo(f"released upstream {upstream!r} (quarantined for: {released.reason})")
 

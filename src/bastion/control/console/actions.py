@@ -14,7 +14,6 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 from starlette.requests import Request
@@ -24,11 +23,11 @@ from bastion.config import Settings
 from bastion.control.cli.agents import jwk_from_pem
 from bastion.control.console.sessions import Person
 from bastion.control.governance import reviewer
-from bastion.control.governance.reviews import SqliteReviewStore
 from bastion.control.registry.agents import AgentStatus
-from bastion.control.registry.store import SqliteRegistry, registry_call
-from bastion.control.registry.trust import SqliteTrustStore
-from bastion.errors import AuditUnavailable, BadRequest, InputError, NotAvailable
+from bastion.control.registry.locator import RegistryLocator, registry_call, trust_call
+from bastion.control.registry.store import SqlRegistry
+from bastion.control.registry.trust import SqlTrustStore
+from bastion.errors import AuditUnavailable, BadRequest, InputError
 from bastion.pipeline.chain import Pipeline
 
 __all__ = ["Acts"]
@@ -51,8 +50,8 @@ class Acts:
         settings: Settings,
         pipeline: Pipeline,
         writer: AuditWriter | None,
-        registry: Path | None,
-        trust: Path | None,
+        registry: RegistryLocator | None,
+        trust: RegistryLocator | None,
     ) -> None:
         self._settings = settings
         self._pipeline = pipeline
@@ -126,7 +125,7 @@ class Acts:
         await self.audit("agents/rotate_key", person, "allow", None, detail, request, agent.tenant)
         return f"Agent {agent.id} now has {len(kids)} key(s): {', '.join(kids)}."
 
-    async def _registry_call(self, work: Callable[[SqliteRegistry], T]) -> T:
+    async def _registry_call(self, work: Callable[[SqlRegistry], T]) -> T:
         return await registry_call(self._registry, work)
 
     # -- upstream trust ------------------------------------------------------------------------
@@ -154,16 +153,8 @@ class Acts:
         )
         return f"Released {upstream} from quarantine."
 
-    async def _trust_call(self, work: Callable[[SqliteTrustStore], T]) -> T:
-        path = self._trust
-        if path is None:
-            raise NotAvailable("this gateway keeps no pins (no registry store)")
-
-        def run() -> T:
-            with SqliteTrustStore(path, create=False) as store:
-                return work(store)
-
-        return await asyncio.to_thread(run)
+    async def _trust_call(self, work: Callable[[SqlTrustStore], T]) -> T:
+        return await trust_call(self._trust, work)
 
     # -- access reviews ------------------------------------------------------------------------
 
@@ -173,7 +164,7 @@ class Acts:
 
         def run() -> Any:
             found = reviewer.findings(self._settings, now - 30 * 86400, now)
-            with SqliteReviewStore(reviewer.registry_file(self._settings)) as store:
+            with reviewer.review_store(self._settings) as store:
                 return store.start(found, {"since": "30d"}, person.actor, now)
 
         review = await asyncio.to_thread(run)
@@ -200,7 +191,7 @@ class Acts:
         """Close the open review (all its findings decided)."""
 
         def run() -> Any:
-            with SqliteReviewStore(reviewer.registry_file(self._settings)) as store:
+            with reviewer.review_store(self._settings) as store:
                 return store.close_review(store.current().id, person.actor, time.time())
 
         review = await asyncio.to_thread(run)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -47,6 +46,7 @@ from bastion.control.console.explain import explain
 from bastion.control.console.oidc import OidcClient
 from bastion.control.console.sessions import Session, may
 from bastion.control.console.web import HERE, PREFIX, SecurityHeaders, Templates
+from bastion.control.registry.locator import RegistryLocator
 from bastion.errors import BastionError
 from bastion.pipeline.chain import Pipeline
 from bastion.policy.lint import lint
@@ -72,8 +72,8 @@ async def console_app(
     pipeline: Pipeline,
     writer: AuditWriter | None,
     token: str | None,
-    registry: Path | None,
-    trust: Path | None,
+    registry: RegistryLocator | None,
+    trust: RegistryLocator | None,
 ) -> ASGIApp:
     """The console for the front to mount at `PREFIX` (its OIDC secret resolved here)."""
     console = settings.console
@@ -95,8 +95,8 @@ class Console:
         pipeline: Pipeline,
         writer: AuditWriter | None,
         token: str | None,
-        registry: Path | None,
-        trust: Path | None,
+        registry: RegistryLocator | None,
+        trust: RegistryLocator | None,
         oidc: OidcClient | None,
     ) -> None:
         self._settings = settings

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from bastion.audit import AuditRecord, Query
@@ -19,10 +18,10 @@ from bastion.audit.store import AuditStore
 from bastion.audit.trail import open_trail_reader
 from bastion.config import Settings
 from bastion.control.console.charts import SERIES, bar_chart, count_hourly
-from bastion.control.governance.reviews import Review, SqliteReviewStore
+from bastion.control.governance.reviews import Review, ReviewStore
 from bastion.control.registry.agents import Agent
-from bastion.control.registry.store import SqliteRegistry
-from bastion.control.registry.trust import SqliteTrustStore
+from bastion.control.registry.locator import RegistryLocator
+from bastion.control.registry.trust import SqlTrustStore
 from bastion.errors import NotAvailable, RegistryNotFound
 
 __all__ = [
@@ -143,19 +142,19 @@ def _pretty(record: str) -> str:
     return orjson.dumps(orjson.loads(record), option=orjson.OPT_INDENT_2).decode()
 
 
-def agents(registry: Path | None) -> list[Agent]:
+def agents(registry: RegistryLocator | None) -> list[Agent]:
     """Every registered agent, by tenant and id."""
     if registry is None:
         raise NotAvailable("identity is off (auth.mode: none); there is no agent registry")
-    with SqliteRegistry(registry, create=False) as store:
+    with registry.registry() as store:
         return store.list()
 
 
-def trust(path: Path | None) -> dict[str, Any]:
+def trust(locator: RegistryLocator | None) -> dict[str, Any]:
     """Pending definitions with their diffs, and the quarantines in force."""
-    if path is None:
+    if locator is None:
         return {"pending": [], "quarantines": [], "approved": 0}
-    with SqliteTrustStore(path, create=False) as store:
+    with SqlTrustStore(locator.database()) as store:
         pending = store.pins("pending")
         keys = sorted({(p.upstream, p.kind, p.name) for p in pending})
         versions = [store.versions(*key) for key in keys]
@@ -166,11 +165,11 @@ def trust(path: Path | None) -> dict[str, Any]:
         }
 
 
-def reviews(settings: Settings, registry: Path | None) -> Review | None:
+def reviews(settings: Settings, registry: RegistryLocator | None) -> Review | None:
     """The open review, else the last one, else None."""
     if registry is None:
         return None
-    with SqliteReviewStore(registry) as store:
+    with ReviewStore(registry.database(create=True)) as store:
         try:
             return store.current()
         except RegistryNotFound:

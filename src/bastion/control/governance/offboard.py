@@ -22,7 +22,7 @@ from bastion.audit.record import AuditRecord
 from bastion.audit.trail import open_trail_writer
 from bastion.config import Settings
 from bastion.control.registry.agents import Agent, AgentStatus, check_text
-from bastion.control.registry.store import SqliteRegistry
+from bastion.control.registry.store import SqlRegistry
 from bastion.errors import RegistryInvalid, RegistryNotFound, shown
 
 __all__ = [
@@ -61,7 +61,7 @@ class Offboarding:
 
 
 def offboard_owner(
-    registry: SqliteRegistry,
+    registry: SqlRegistry,
     owner: str,
     *,
     new_owner: str | None = None,

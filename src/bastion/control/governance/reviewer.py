@@ -31,9 +31,9 @@ from bastion.background import Refresher
 from bastion.config import Settings
 from bastion.control.governance import inventory
 from bastion.control.governance.review import DAY, AgentReach, Facts, Finding, find, grant_uses
-from bastion.control.governance.reviews import VERDICTS, Decision, Review, SqliteReviewStore
+from bastion.control.governance.reviews import VERDICTS, Decision, Review, ReviewStore
 from bastion.control.registry.agents import AgentStatus, check_text
-from bastion.control.registry.store import SqliteRegistry
+from bastion.control.registry.locator import locate, open_registry
 from bastion.errors import BastionError, RegistryConflict, RegistryInvalid, shown
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "gather",
     "record",
     "registry_file",
+    "review_store",
     "report_json",
     "report_markdown",
     "review_due",
@@ -61,11 +62,21 @@ def registry_file(settings: Settings) -> Path:
     return state / "registry.db"
 
 
+def review_store(settings: Settings) -> ReviewStore:
+    """The review store of a configuration, beside its registry (`registry.store`: the
+    SQLite file of `state_dir`, created as the gateway does at its first start, or the
+    PostgreSQL database)."""
+    locator = locate(settings)
+    if locator.path is not None:
+        registry_file(settings)  # the state folder, created (0700) when missing
+    return ReviewStore(locator.database(create=True))
+
+
 def gather(settings: Settings, since: float, now: float) -> Facts:
     """The facts of a review (blocking I/O): agents and their key and status times from the
     registry, each grant's permitted and called tools (the inventory's reach when the policy
     catalog is there, else the grants' own tool lists) and the upstreams' credentials."""
-    with SqliteRegistry(registry_file(settings)) as registry:
+    with open_registry(settings, create=True) as registry:
         agents = registry.list()
         times = registry.lifecycle()
     try:
@@ -131,7 +142,7 @@ def decide(
     if verdict == "keep" or reason is not None:
         check_text("reason", reason, 500)
     check_text("by", by, 200)
-    with SqliteReviewStore(registry_file(settings)) as store:
+    with review_store(settings) as store:
         review = store.current() if review_id is None else store.get(review_id)
         if review.status != "open":
             raise RegistryConflict(f"review {review.id} is closed")
@@ -158,7 +169,7 @@ def _revoke(settings: Settings, finding: Finding, reason: str) -> str:
             f"to do in the config file: upstreams.{finding.subject}.credentials.mode: mint or "
             "token_exchange (the gateway does not write its config file)"
         )
-    with SqliteRegistry(registry_file(settings), create=False) as registry:
+    with open_registry(settings) as registry:
         agent = registry.get(finding.subject)
         if agent.status is AgentStatus.OFFBOARDED:
             return f"agent {agent.id} was offboarded already"
@@ -299,9 +310,9 @@ class ReviewReminder:
         return False
 
     def _due(self, now: float) -> float | None:
-        with SqliteReviewStore(registry_file(self._settings)) as store:
+        with review_store(self._settings) as store:
             last = store.last_closed_at()
-        with SqliteRegistry(registry_file(self._settings)) as registry:
+        with open_registry(self._settings, create=True) as registry:
             oldest = min((a.created_at for a in registry.list()), default=None)
         return review_due(last, oldest, self._settings.governance.review_every_days, now)
 

@@ -1,5 +1,6 @@
-"""Access review sessions in the registry's SQLite file: started, decided finding by finding,
-closed (reviewer.py carries the decisions out and renders the report).
+"""Access review sessions beside the registry's agents (SQLite or PostgreSQL): started,
+decided finding by finding, closed (reviewer.py carries the decisions out and renders the
+report).
 
 At most one review is open at a time; a finding is decided once; a review closes only once
 every finding was decided. The findings are stored when the review starts, so the report says
@@ -9,7 +10,6 @@ what was found then, whatever changed since.
 from __future__ import annotations
 
 import json
-import sqlite3
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -20,12 +20,13 @@ from typing import Any, Literal
 from bastion.control.governance.review import Finding
 from bastion.control.registry.agents import check_text
 from bastion.control.registry.store import RegistryTables
-from bastion.errors import RegistryConflict, RegistryNotFound, RegistryUnavailable, shown
+from bastion.errors import RegistryConflict, RegistryNotFound, shown
 
 __all__ = [
     "VERDICTS",
     "Decision",
     "Review",
+    "ReviewStore",
     "SqliteReviewStore",
     "Verdict",
 ]
@@ -91,9 +92,9 @@ _SELECT = """SELECT id, started_at, started_by, status, params, findings, closed
     FROM reviews"""
 
 
-class SqliteReviewStore(RegistryTables):
-    """Reviews in the registry's SQLite file (its migration is the registry's). Blocking: the
-    gateway calls it from worker threads, the CLI directly."""
+class ReviewStore(RegistryTables):
+    """Reviews beside the registry's agents, on SQLite or PostgreSQL (the schema is the
+    registry's). Blocking: the gateway calls it from worker threads, the CLI directly."""
 
     def start(
         self, findings: Sequence[Finding], params: dict[str, Any], by: str, now: float
@@ -103,11 +104,11 @@ class SqliteReviewStore(RegistryTables):
         stamp = datetime.fromtimestamp(now, UTC).strftime("%Y%m%d")
         review = Review(f"{stamp}-{uuid.uuid4().hex[:8]}", now, by, "open", params, tuple(findings))
         rows = json.dumps([f.to_dict() for f in findings], sort_keys=True)
-        with self._write():
-            found = self._db.execute("SELECT id FROM reviews WHERE status = 'open'").fetchone()
+        with self.db.write():
+            found = self.db.one("SELECT id FROM reviews WHERE status = 'open'")
             if found:
                 raise RegistryConflict(f"review {found[0]} is open; close it first")
-            self._db.execute(
+            self.db.run(
                 "INSERT INTO reviews (id, started_at, started_by, status, params, findings) "
                 "VALUES (?, ?, ?, 'open', ?, ?)",
                 (review.id, now, by, json.dumps(params, sort_keys=True), rows),
@@ -116,39 +117,31 @@ class SqliteReviewStore(RegistryTables):
 
     def get(self, review_id: str) -> Review:
         """The review with this id; `RegistryNotFound` when there is none."""
-        with self._lock, self._guard():
-            row = self._db.execute(_SELECT + " WHERE id = ?", (review_id,)).fetchone()
-            if row is None:
-                raise RegistryNotFound(f"no review {shown(review_id)}")
-            return self._review(row)
+        with self.db.read():
+            return self._by_id(review_id)
 
     def current(self) -> Review:
         """The open review; `RegistryNotFound` when none is."""
-        with self._lock, self._guard():
-            row = self._db.execute(_SELECT + " WHERE status = 'open'").fetchone()
+        with self.db.read():
+            row = self.db.one(_SELECT + " WHERE status = 'open'")
             if row is None:
                 raise RegistryNotFound("no review is open; start one (bastion review start)")
             return self._review(row)
 
     def last_closed_at(self) -> float | None:
         """When the most recent review was closed; None when none ever was."""
-        with self._lock, self._guard():
-            row = self._db.execute("SELECT max(closed_at) FROM reviews").fetchone()
-        return None if row[0] is None else float(row[0])
+        with self.db.read():
+            row = self.db.one("SELECT max(closed_at) FROM reviews")
+        return None if row is None or row[0] is None else float(row[0])
 
     def decide(self, review_id: str, decision: Decision) -> None:
         """Store a decision on an open review's finding, once (`RegistryConflict` else)."""
-        with self._write():
-            row = self._db.execute(_SELECT + " WHERE id = ?", (review_id,)).fetchone()
-            if row is None:
-                raise RegistryNotFound(f"no review {shown(review_id)}")
-            review = self._review(row)
-            if review.status != "open":
-                raise RegistryConflict(f"review {review_id} is closed")
+        with self.db.write():
+            review = self._open(review_id, "")
             review.finding(decision.finding_id)
             if any(d.finding_id == decision.finding_id for d in review.decisions):
                 raise RegistryConflict(f"finding {decision.finding_id} was decided already")
-            self._db.execute(
+            self.db.run(
                 "INSERT INTO review_decisions VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (review_id, *astuple_decision(decision)),
             )
@@ -156,30 +149,37 @@ class SqliteReviewStore(RegistryTables):
     def close_review(self, review_id: str, by: str, now: float) -> Review:
         """Close an open review once every finding was decided."""
         check_text("by", by, 200)
-        with self._write():
-            row = self._db.execute(_SELECT + " WHERE id = ?", (review_id,)).fetchone()
-            if row is None:
-                raise RegistryNotFound(f"no review {shown(review_id)}")
-            review = self._review(row)
-            if review.status != "open":
-                raise RegistryConflict(f"review {review_id} is closed already")
+        with self.db.write():
+            review = self._open(review_id, " already")
             left = review.undecided()
             if left:
                 raise RegistryConflict(
                     f"{len(left)} findings are undecided (first: {left[0]}); decide each"
                 )
-            self._db.execute(
+            self.db.run(
                 "UPDATE reviews SET status = 'closed', closed_at = ?, closed_by = ? WHERE id = ?",
                 (now, by, review_id),
             )
         return replace(review, status="closed", closed_at=now, closed_by=by)
 
+    def _by_id(self, review_id: str) -> Review:
+        row = self.db.one(_SELECT + " WHERE id = ?", (review_id,))
+        if row is None:
+            raise RegistryNotFound(f"no review {shown(review_id)}")
+        return self._review(row)
+
+    def _open(self, review_id: str, already: str) -> Review:
+        review = self._by_id(review_id)
+        if review.status != "open":
+            raise RegistryConflict(f"review {review_id} is closed{already}")
+        return review
+
     def _review(self, row: Sequence[Any]) -> Review:
-        decisions = self._db.execute(
+        decisions = self.db.all(
             "SELECT finding_id, decision, reason, by, at, effect FROM review_decisions "
             "WHERE review_id = ? ORDER BY at, finding_id",
             (row[0],),
-        ).fetchall()
+        )
         return Review(
             id=row[0], started_at=row[1], started_by=row[2], status=row[3],
             params=json.loads(row[4]),
@@ -188,67 +188,16 @@ class SqliteReviewStore(RegistryTables):
             closed_at=row[6], closed_by=row[7],
         )  # fmt: skip
 
-    def _write(self) -> _Transaction:
-        return _Transaction(self)
 
-    def _guard(self) -> _Guard:
-        return _Guard(self.path)
+class SqliteReviewStore(ReviewStore):
+    """Reviews in the registry's SQLite file (its migration is the registry's)."""
+
+    def __init__(self, path: str | Path, *, create: bool = True) -> None:
+        super().__init__(Path(path), create=create)
+        self.path = Path(path)
 
 
 def astuple_decision(decision: Decision) -> tuple[object, ...]:
     """A decision's columns after the review id, in the table's order."""
     d = decision
     return (d.finding_id, d.decision, d.reason, d.by, d.at, d.effect)
-
-
-class _Guard:
-    """Turn sqlite3 errors into `RegistryUnavailable` at the adapter's edge."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, _: object, exc: BaseException | None, __: object) -> None:
-        if isinstance(exc, sqlite3.IntegrityError):  # the one-open-review index, a race
-            raise RegistryConflict("another review was opened or decided at the same time")
-        if isinstance(exc, sqlite3.Error):
-            raise RegistryUnavailable(f"registry {self._path}: {exc}") from exc
-
-
-class _Transaction:
-    """The store's lock and one IMMEDIATE transaction: committed on success, else rolled
-    back; sqlite3 errors translated."""
-
-    def __init__(self, store: SqliteReviewStore) -> None:
-        self._lock = store._lock  # noqa: SLF001 - the store's own helper
-        self._db = store._db  # noqa: SLF001
-        self._guard = _Guard(store.path)
-
-    def __enter__(self) -> None:
-        self._lock.acquire()
-        try:
-            with self._guard:
-                self._db.execute("BEGIN IMMEDIATE")
-        except BaseException:
-            self._lock.release()
-            raise
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, _: object
-    ) -> None:
-        try:
-            with self._guard:
-                if exc_type is not None:
-                    self._db.execute("ROLLBACK")
-                    if isinstance(exc, sqlite3.Error):
-                        raise exc
-                    return
-                try:
-                    self._db.execute("COMMIT")
-                except sqlite3.Error:
-                    self._db.execute("ROLLBACK")
-                    raise
-        finally:
-            self._lock.release()

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from bastion import config
 from bastion.control.probe.types import Case
 from bastion.control.registry.agents import Agent, AgentStatus
-from bastion.control.registry.store import SqliteRegistry
+from bastion.control.registry.locator import open_registry
 from bastion.errors import BastionError, InputError, RegistryNotFound
 from bastion.identity.keys import SigningKey
 from bastion.identity.keys import generate as generate_key
@@ -65,7 +65,7 @@ class Roster:
         self.cross_budget = _budget(alerts.enabled, alerts.cross_tenant)
         self.deny_budget = _budget(alerts.enabled, alerts.denial_burst)
         try:
-            self.registry = SqliteRegistry(self.state / "registry.db", create=False)
+            self.registry = open_registry(settings)
         except BastionError as exc:
             raise InputError(f"cannot open the registry of {self.state}: {exc.message}") from exc
 

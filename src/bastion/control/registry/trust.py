@@ -1,51 +1,46 @@
-"""Upstream trust in the registry store: definition pins and quarantines, and the gateway's
-in-memory view of them.
+"""Upstream trust: the gateway's in-memory view of the pins and quarantines in the registry's
+store (pins.py), the `Trust` port of the request path (bastion.inspect.trust).
 
-```
-SqliteTrustStore  tables `pins` and `quarantines` in the registry's SQLite file (its
-                  migration is the registry's), one `trust_revision` row bumped by every change
-TrustView         the `Trust` port of the request path (bastion.inspect.trust): reads an
-                  immutable snapshot, queues writes; `watch` (a refresher the gateway runs)
-                  writes the queue, reloads when the revision moved and raises the alerts
-```
-
-A pin row is one version of one definition: `approved` (the pin; at most one per name) or
-`pending` (offered since, waiting for an operator). Approving a pending version replaces the
-pin. The CLI and the admin API change the store; every gateway sharing it sees the change
-within `POLL_SECONDS`.
+`TrustView` reads an immutable snapshot and queues writes; `watch` (a refresher the gateway
+runs) writes the queue, reloads when the store's revision moved and raises the alerts: a
+changed definition withheld, and the operators' approvals and releases made through any
+gateway or the CLI, seen within `POLL_SECONDS`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import builtins
-import json
 import logging
-import sqlite3
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from bastion.audit.detect import Alert
 from bastion.background import Refresher
-from bastion.control.registry.store import RegistryTables
-from bastion.errors import (
-    RegistryConflict,
-    RegistryInvalid,
-    RegistryNotFound,
-    RegistryUnavailable,
-    shown,
+from bastion.control.registry.pins import (
+    PinRecord,
+    QuarantineRecord,
+    SqliteTrustStore,
+    SqlTrustStore,
+    TrustSnapshot,
 )
-from bastion.inspect.pins import KINDS, Kind, diff, digest
+from bastion.inspect.pins import Kind, diff, digest
 from bastion.inspect.trust import PinState
 from bastion.types import JSON
 
-__all__ = ["PinRecord", "QuarantineRecord", "SqliteTrustStore", "TrustSnapshot", "TrustView"]
+# The store's names stay importable from here (where they were before pins.py).
+__all__ = [
+    "PinRecord",
+    "QuarantineRecord",
+    "SqlTrustStore",
+    "SqliteTrustStore",
+    "TrustSnapshot",
+    "TrustView",
+]
 
 log = logging.getLogger("bastion.alerts")
 
@@ -54,245 +49,6 @@ _MAX_QUEUE = 1000  # writes waiting at most; beyond, a definition is queued at i
 _MAX_NAMES = 10_000  # definitions remembered per upstream and kind
 _MAX_FLAGS = 100_000  # (upstream, kind, name, digest, rule) alerted, remembered
 _Key = tuple[str, str, str]  # (upstream, kind, name)
-
-_SELECT_PINS = """SELECT upstream, kind, name, digest, definition, state, first_seen,
-    approved_by, approved_at FROM pins
-    WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR upstream = ?2)
-    AND (?3 IS NULL OR kind = ?3) AND (?4 IS NULL OR name = ?4)
-    ORDER BY upstream, kind, name, state, first_seen"""
-
-
-@dataclass(frozen=True)
-class PinRecord:
-    """One version of one definition: the pin (`approved`) or an offered one (`pending`)."""
-
-    upstream: str
-    kind: str
-    name: str
-    digest: str
-    definition: JSON
-    state: str
-    first_seen: float
-    approved_by: str | None = None
-    approved_at: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """As JSON for the CLI and the admin API."""
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class QuarantineRecord:
-    """An upstream taken out of service: why, since when, and its release once released."""
-
-    upstream: str
-    reason: str
-    since: float
-    released_at: float | None = None
-    released_by: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """As JSON for the CLI and the admin API."""
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class TrustSnapshot:
-    """What the request path judges by: replaced whole, never changed."""
-
-    version: int = -1
-    approved: Mapping[_Key, str] = field(default_factory=dict)  # key → pinned digest
-    approvers: Mapping[_Key, str | None] = field(default_factory=dict)  # None: first seen
-    pending: Mapping[_Key, frozenset[str]] = field(default_factory=dict)
-    quarantined: Mapping[str, str] = field(default_factory=dict)  # upstream → reason
-
-
-class SqliteTrustStore(RegistryTables):
-    """Pins and quarantines in the registry's SQLite file. Blocking: the gateway calls it
-    from worker threads, the CLI directly."""
-
-    # --- reads ---
-
-    def version(self) -> int:
-        """The trust revision: moves with every committed change."""
-        with self._lock, self._guard():
-            return int(self._db.execute("SELECT value FROM trust_revision").fetchone()[0])
-
-    def snapshot(self) -> TrustSnapshot:
-        """Pinned and pending digests and active quarantines, in one transaction."""
-        with self._lock, self._guard(), self._transaction("BEGIN"):
-            version = int(self._db.execute("SELECT value FROM trust_revision").fetchone()[0])
-            rows = self._db.execute(
-                "SELECT upstream, kind, name, digest, state, approved_by FROM pins"
-            )
-            approved: dict[_Key, str] = {}
-            approvers: dict[_Key, str | None] = {}
-            pending: dict[_Key, set[str]] = {}
-            for upstream, kind, name, found, state, by in rows.fetchall():
-                if state == "approved":
-                    approved[(upstream, kind, name)] = found
-                    approvers[(upstream, kind, name)] = by
-                else:
-                    pending.setdefault((upstream, kind, name), set()).add(found)
-            held = self._db.execute(
-                "SELECT upstream, reason FROM quarantines WHERE released_at IS NULL"
-            ).fetchall()
-        return TrustSnapshot(
-            version,
-            approved,
-            approvers,
-            {key: frozenset(digests) for key, digests in pending.items()},
-            {upstream: reason for upstream, reason in held},
-        )
-
-    def pins(
-        self,
-        state: str | None = None,
-        upstream: str | None = None,
-        kind: str | None = None,
-        name: str | None = None,
-    ) -> builtins.list[PinRecord]:
-        """Pin rows, optionally of one state, upstream, kind and name."""
-        with self._lock, self._guard():
-            rows = self._db.execute(_SELECT_PINS, (state, upstream, kind, name)).fetchall()
-        return [_pin(row) for row in rows]
-
-    def quarantines(self, active: bool = True) -> builtins.list[QuarantineRecord]:
-        """Quarantines in force (or every one ever, with `active` off), oldest first."""
-        with self._lock, self._guard():
-            rows = self._db.execute(
-                "SELECT upstream, reason, since, released_at, released_by FROM quarantines "
-                "WHERE (? = 0 OR released_at IS NULL) ORDER BY since, id",
-                (int(active),),
-            ).fetchall()
-        return [QuarantineRecord(*row) for row in rows]
-
-    def versions(self, upstream: str, kind: str, name: str) -> dict[str, Any]:
-        """The pin of one definition and each pending version with its diff from the pin:
-        what an operator reads before approving (`bastion tools diff`)."""
-        _check_kind(kind)
-        rows = self.pins(None, upstream, kind, name)
-        if not rows:
-            raise RegistryNotFound(
-                f"no {kind} {shown(name)} of upstream {shown(upstream)} was ever seen"
-            )
-        pin = next((r for r in rows if r.state == "approved"), None)
-        old = pin.definition if pin is not None else None
-        return {
-            "pinned": pin.to_dict() if pin is not None else None,
-            "pending": [
-                {**r.to_dict(), "diff": diff(_kind(kind), old, r.definition)}
-                for r in rows
-                if r.state == "pending"
-            ],
-        }
-
-    # --- writes ---
-
-    def offer(
-        self, upstream: str, kind: str, name: str, found: str, definition: JSON, when: float
-    ) -> tuple[str, PinRecord | None]:
-        """Record a definition seen by a gateway: pinned when the name has no pin yet
-        (first seen wins, across every gateway sharing the store), else pending. Returns
-        what it became (`approved`, `pending`, or `known` when that version was recorded
-        already) and the pin it differs from (None when it is the pin)."""
-        with self._lock, self._guard(), self._transaction("BEGIN IMMEDIATE"):
-            key = (upstream, kind, name)
-            rows = self._db.execute(_SELECT_PINS, ("approved", *key)).fetchall()
-            pin = _pin(rows[0]) if rows else None
-            if pin is not None and pin.digest == found:
-                return "known", None
-            exists = self._db.execute(
-                "SELECT 1 FROM pins WHERE upstream = ? AND kind = ? AND name = ? AND digest = ?",
-                (*key, found),
-            ).fetchone()
-            if exists:
-                return "known", pin
-            state = "pending" if pin is not None else "approved"
-            self._db.execute(
-                "INSERT INTO pins (upstream, kind, name, digest, definition, state, first_seen) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (*key, found, _dumps(definition), state, when),
-            )
-            self._bump()
-            return state, pin
-
-    def approve(self, upstream: str, kind: str, name: str, found: str | None, by: str) -> PinRecord:
-        """Make a pending version the pin (the only pending one when `found` is None)."""
-        _check_kind(kind)
-        with self._lock, self._guard(), self._transaction("BEGIN IMMEDIATE"):
-            key = (upstream, kind, name)
-            pending = [_pin(r) for r in self._db.execute(_SELECT_PINS, ("pending", *key))]
-            chosen = [p for p in pending if found is None or p.digest == found]
-            if not chosen:
-                raise RegistryNotFound(
-                    f"no pending version of {kind} {shown(name)} of upstream {shown(upstream)}"
-                    + (f" with digest {shown(found)}" if found else "")
-                )
-            if len(chosen) > 1:
-                raise RegistryConflict(
-                    f"{len(chosen)} pending versions of {kind} {name!r}: name one with --digest "
-                    f"({', '.join(p.digest[:19] for p in chosen)})"
-                )
-            now = time.time()
-            self._db.execute(
-                "DELETE FROM pins WHERE upstream = ? AND kind = ? AND name = ? "
-                "AND state = 'approved'",
-                key,
-            )
-            self._db.execute(
-                "UPDATE pins SET state = 'approved', approved_by = ?, approved_at = ? "
-                "WHERE upstream = ? AND kind = ? AND name = ? AND digest = ?",
-                (by, now, *key, chosen[0].digest),
-            )
-            self._bump()
-        return PinRecord(**{**asdict(chosen[0]), "state": "approved", "approved_by": by,
-                            "approved_at": now})  # fmt: skip
-
-    def quarantine(self, upstream: str, reason: str, when: float) -> bool:
-        """Take an upstream out of service; False when it already is."""
-        with self._lock, self._guard(), self._transaction("BEGIN IMMEDIATE"):
-            held = self._db.execute(
-                "SELECT 1 FROM quarantines WHERE upstream = ? AND released_at IS NULL",
-                (upstream,),
-            ).fetchone()
-            if held:
-                return False
-            self._db.execute(
-                "INSERT INTO quarantines (upstream, reason, since) VALUES (?, ?, ?)",
-                (upstream, reason[:500], when),
-            )
-            self._bump()
-            return True
-
-    def release(self, upstream: str, by: str) -> QuarantineRecord:
-        """Put a quarantined upstream back in service; `RegistryNotFound` when it is not."""
-        if not by.strip():
-            raise RegistryInvalid("by: expected who releases the upstream")
-        with self._lock, self._guard(), self._transaction("BEGIN IMMEDIATE"):
-            row = self._db.execute(
-                "SELECT id, upstream, reason, since FROM quarantines "
-                "WHERE upstream = ? AND released_at IS NULL",
-                (upstream,),
-            ).fetchone()
-            if row is None:
-                raise RegistryNotFound(f"upstream {shown(upstream)} is not quarantined")
-            now = time.time()
-            self._db.execute(
-                "UPDATE quarantines SET released_at = ?, released_by = ? WHERE id = ?",
-                (now, by[:200], row[0]),
-            )
-            self._bump()
-        return QuarantineRecord(row[1], row[2], row[3], now, by[:200])
-
-    def _bump(self) -> None:
-        self._db.execute("UPDATE trust_revision SET value = value + 1")
-
-    def _transaction(self, begin: str) -> _Transaction:
-        return _Transaction(self._db, begin)
-
-    def _guard(self) -> _Translate:
-        return _Translate(self.path)
 
 
 @dataclass(frozen=True)
@@ -308,11 +64,11 @@ Alerting = Callable[[Alert], Awaitable[None]]
 
 
 class TrustView:
-    """The `Trust` port over a `SqliteTrustStore`: in-memory reads on the request path,
+    """The `Trust` port over a `SqlTrustStore`: in-memory reads on the request path,
     writes queued to `watch`, which also reloads the snapshot when the store changed and
     raises the alerts (`alerts`, set by the gateway to its trail's)."""
 
-    def __init__(self, store: SqliteTrustStore, *, poll: float = POLL_SECONDS) -> None:
+    def __init__(self, store: SqlTrustStore, *, poll: float = POLL_SECONDS) -> None:
         self._store = store
         self._snap = store.snapshot()
         # Moves whenever what `check`, `seen` or `quarantined` answer could move: a verdict
@@ -403,9 +159,9 @@ class TrustView:
     # --- background ---
 
     @property
-    def path(self) -> Path:
-        """The registry file the store is in (for the admin API and the CLI)."""
-        return self._store.path
+    def where(self) -> str:
+        """The store the pins are in (a SQLite file or a PostgreSQL server), for messages."""
+        return self._store.where
 
     @property
     def version(self) -> int:
@@ -517,61 +273,6 @@ def _changed(offer: _Offer, pin: PinRecord | None) -> Alert:
 def _alert(rule: str, severity: Any, message: str, facts: dict[str, Any]) -> Alert:
     # The gateway itself noticed it, on no caller's request: no tenant, the gateway as agent.
     return Alert(rule, severity, None, "bastion", message, uuid.uuid4().hex, time.time(), facts)
-
-
-def _pin(row: Any) -> PinRecord:
-    return PinRecord(
-        upstream=row[0], kind=row[1], name=row[2], digest=row[3], definition=json.loads(row[4]),
-        state=row[5], first_seen=row[6], approved_by=row[7], approved_at=row[8],
-    )  # fmt: skip
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise RegistryInvalid(f"kind: expected one of {', '.join(KINDS)}, found {shown(kind)}")
-
-
-def _kind(kind: str) -> Kind:
-    _check_kind(kind)
-    return kind  # type: ignore[return-value]  # checked against KINDS just above
-
-
-def _dumps(value: object) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
-
-
-class _Transaction:
-    """BEGIN on enter; COMMIT on success, ROLLBACK on any exception."""
-
-    def __init__(self, db: sqlite3.Connection, begin: str) -> None:
-        self._db, self._begin = db, begin
-
-    def __enter__(self) -> None:
-        self._db.execute(self._begin)
-
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        if exc_type is not None:
-            self._db.execute("ROLLBACK")
-            return
-        try:
-            self._db.execute("COMMIT")
-        except sqlite3.Error:
-            self._db.execute("ROLLBACK")
-            raise
-
-
-class _Translate:
-    """Turn sqlite3 errors into `RegistryUnavailable` at the adapter's edge."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, _: object, exc: BaseException | None, __: object) -> None:
-        if isinstance(exc, sqlite3.Error):
-            raise RegistryUnavailable(f"registry {self._path}: {exc}") from exc
 
 
 def _as_read(definition: JSON) -> bytes | None:

@@ -23,12 +23,19 @@ from urllib.parse import urlsplit
 from bastion.config import Settings, TrustedIssuer
 from bastion.control.registry.agents import Agent
 from bastion.control.registry.view import RegistryView
-from bastion.errors import IssuerUnavailable, OAuthError, Overloaded, TokenError, shown
+from bastion.errors import (
+    IssuerUnavailable,
+    OAuthError,
+    Overloaded,
+    StateUnavailable,
+    TokenError,
+    shown,
+)
 from bastion.identity import dpop
 from bastion.identity.jwt import Expect, mint, unverified_claims, verify
 from bastion.identity.keys import KeySet
 from bastion.state.keystore import FileKeyStore
-from bastion.state.memory import ReplayCache
+from bastion.state.memory import ReplayCache, Replays
 from bastion.upstream.issuers import IssuerDirectory
 
 # Protocol identifiers (RFC 7523, RFC 8693), not secrets.
@@ -60,12 +67,11 @@ class TokenService:
     spiffe: Mapping[str, KeySet]
     resources: frozenset[str]
     # Client assertions' and DPoP proofs' jtis, apart: their lifetimes differ, and the cache
-    # drops expired ids from its oldest end only.
-    replay: ReplayCache = field(default_factory=ReplayCache)
-    proof_replay: ReplayCache = field(default_factory=ReplayCache)
-    # The caches start empty: what was made before this process started (beyond the skew
-    # leeway) may have been used with a previous one, so it is refused.
-    started: float = field(default_factory=time.time)
+    # drops expired ids from its oldest end only. This process's, or every replica's (Redis).
+    # What was made before a cache began remembering (its process started, or a shared store
+    # restarted) may have been used already, so it is refused.
+    replay: Replays = field(default_factory=ReplayCache)
+    proof_replay: Replays = field(default_factory=ReplayCache)
 
     @property
     def issuer(self) -> str:
@@ -103,7 +109,7 @@ class TokenService:
         grant = form.get("grant_type")
         if grant == "client_credentials":
             agent = await self._client(form, now)
-            return self._issue(agent, None, form, dpop_proof, now)
+            return await self._issue(agent, None, form, dpop_proof, now)
         if grant == TOKEN_EXCHANGE:
             return await self._exchange(form, dpop_proof, now)
         raise OAuthError("unsupported_grant_type", f"grant_type {shown(grant)} is not supported")
@@ -121,7 +127,7 @@ class TokenService:
                 401,
             )
         await self._seen(assertion)
-        agent = self.authenticate_agent(assertion, now)
+        agent = await self.authenticate_agent(assertion, now)
         if form.get("client_id") not in (None, agent.id):
             raise OAuthError("invalid_client", "client_id does not match the assertion", 401)
         return agent
@@ -144,13 +150,13 @@ class TokenService:
         if not known:
             await self.agents.watch.ask(_UNKNOWN_AGENT_WAIT)
 
-    def authenticate_agent(self, assertion: str, now: float) -> Agent:
+    async def authenticate_agent(self, assertion: str, now: float) -> Agent:
         """The registered, usable agent that signed this assertion (or its JWT-SVID)."""
         try:
             claims = unverified_claims(assertion)
             subject = str(claims.get("sub", ""))
             if subject.startswith("spiffe://"):
-                return self._svid_agent(assertion, subject, now)
+                return await self._svid_agent(assertion, subject, now)
             issuer = claims.get("iss")
             agent = self.agents.agent(issuer) if isinstance(issuer, str) else None
             if agent is None:
@@ -168,14 +174,14 @@ class TokenService:
             verified = verify(assertion, keys, expect, now)
             if verified.get("sub") != agent.id:
                 raise TokenError("wrong_issuer", "the assertion's sub must equal its iss")
-            self._check_assertion(verified, now, f"agent:{agent.id}")
+            await self._check_assertion(verified, now, f"agent:{agent.id}")
         except TokenError as exc:
             raise OAuthError(
                 "invalid_client", f"client assertion refused: {exc.message}", 401
             ) from exc
         return self._usable(agent, now)
 
-    def _svid_agent(self, svid: str, spiffe_id: str, now: float) -> Agent:
+    async def _svid_agent(self, svid: str, spiffe_id: str, now: float) -> Agent:
         domain = spiffe_id.removeprefix("spiffe://").split("/", 1)[0]
         keys = self.spiffe.get(domain)
         if keys is None:
@@ -188,10 +194,10 @@ class TokenService:
         agent = self.agents.agent_by_spiffe_id(spiffe_id)
         if agent is None:
             raise TokenError("unknown_kid", f"no agent is registered for {spiffe_id}")
-        self._check_assertion(verified, now, f"svid:{spiffe_id}")
+        await self._check_assertion(verified, now, f"svid:{spiffe_id}")
         return agent
 
-    def _check_assertion(self, claims: dict[str, Any], now: float, who: str) -> None:
+    async def _check_assertion(self, claims: dict[str, Any], now: float, who: str) -> None:
         if not self.assertion_audience_ok(claims.get("aud")):
             raise TokenError(
                 "wrong_audience",
@@ -203,12 +209,15 @@ class TokenService:
         limit = self.settings.auth.assertion_max_lifetime_seconds
         if exp - issued > limit:
             raise TokenError("expired", f"assertions may live at most {limit} s")
-        if issued < self.started - _ASSERTION_LEEWAY:
-            raise TokenError(
-                "iat", "the assertion was made before this server started; make a new one"
-            )
         jti = claims.get("jti")
-        if jti is not None and not self._first_use(self.replay, f"{who}:{jti}", exp + 60, now):
+        fresh = jti is None or await self._first_use(self.replay, f"{who}:{jti}", exp + 60, now)
+        if issued < self.replay.remembers_since():
+            raise TokenError(
+                "iat",
+                "the assertion was made before this server started remembering used ones "
+                "(a restart); make a new one",
+            )
+        if not fresh:
             raise TokenError("replayed", "this assertion was already used")
 
     def assertion_audience_ok(self, aud: Any) -> bool:
@@ -253,7 +262,7 @@ class TokenService:
                 f"actor_token (the agent's signed assertion, type {TOKEN_TYPE_JWT}) is required",
             )
         await self._seen(actor)
-        agent = self.authenticate_agent(actor, now)
+        agent = await self.authenticate_agent(actor, now)
         user = await self._subject(subject_token, now)
         tenant = user.get("__tenant")
         if tenant != agent.tenant:
@@ -262,7 +271,7 @@ class TokenService:
                 f"agent {agent.id!r} is registered for tenant {agent.tenant!r}, "
                 f"not for the user's tenant {shown(tenant)}",
             )
-        return self._issue(agent, user, form, dpop_proof, now)
+        return await self._issue(agent, user, form, dpop_proof, now)
 
     async def _subject(self, token: str, now: float) -> dict[str, Any]:
         try:
@@ -315,7 +324,7 @@ class TokenService:
 
     # -- the token --------------------------------------------------------------------------
 
-    def _issue(
+    async def _issue(
         self,
         agent: Agent,
         user: dict[str, Any] | None,
@@ -346,7 +355,7 @@ class TokenService:
                 actor["act"] = user["act"]  # multi-hop: the earlier actors nest inside
             claims["act"] = actor
             claims["roles"] = [r for r in user.get("__roles", []) if isinstance(r, str)]
-        jkt = self._dpop(agent, dpop_proof, now)
+        jkt = await self._dpop(agent, dpop_proof, now)
         if jkt is not None:
             claims["cnf"] = {"jkt": jkt}
         token = mint(self.keys.current(), claims, typ="at+jwt")
@@ -390,7 +399,7 @@ class TokenService:
             granted = narrowed
         return " ".join(sorted(granted))
 
-    def _dpop(self, agent: Agent, proof: str | None, now: float) -> str | None:
+    async def _dpop(self, agent: Agent, proof: str | None, now: float) -> str | None:
         if proof is None:
             if agent.require_dpop:
                 raise OAuthError(
@@ -406,20 +415,26 @@ class TokenService:
                 now=now,
                 max_age=self.settings.auth.dpop.max_age_seconds,
             )
-            if checked.iat < self.started - dpop.LEEWAY:
-                raise TokenError("iat", "it was made before this server started; make a new one")
         except TokenError as exc:
             raise OAuthError("invalid_dpop_proof", f"DPoP proof refused: {exc.message}") from exc
         until = checked.iat + self.settings.auth.dpop.max_age_seconds + dpop.LEEWAY
         key = f"dpop:{checked.jkt}:{checked.jti}"
-        if not self._first_use(self.proof_replay, key, until, now):
+        fresh = await self._first_use(self.proof_replay, key, until, now)
+        if checked.iat < self.proof_replay.remembers_since():
+            raise OAuthError(
+                "invalid_dpop_proof",
+                "DPoP proof refused: it was made before this server started remembering used "
+                "ones (a restart); make a new one",
+            )
+        if not fresh:
             raise OAuthError("invalid_dpop_proof", "this DPoP proof was already used")
         return checked.jkt
 
-    def _first_use(self, cache: ReplayCache, key: str, until: float, now: float) -> bool:
+    async def _first_use(self, cache: Replays, key: str, until: float, now: float) -> bool:
         try:
-            return cache.first_use(key, until, now)
-        except Overloaded as exc:  # full of live ids: refuse rather than forget one
+            return await cache.first_use(key, until, now)
+        # Full of live ids, or the shared store out of reach: refuse rather than guess.
+        except (Overloaded, StateUnavailable) as exc:
             raise OAuthError("temporarily_unavailable", exc.message, 503) from exc
 
 

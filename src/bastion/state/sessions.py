@@ -1,0 +1,312 @@
+"""Legacy client sessions as every replica sees them: their records and SSE event buffers.
+
+```
+SessionRecords (port)          what a replica needs to serve a session it did not open
+└── RedisSessionRecords        one hash per session, one capped list per SSE stream
+      session:<hash>                 record, initialized, up:<upstream>, streams, seq:<stream>,
+                                     closed:<stream>  (expires after the idle limit)
+      session:<hash>:events:<id>     "<seq> <event>" entries, the newest `keep` of them
+      sessions:<quota>               digests scored by expiry: a quota counted over the fleet
+```
+
+The in-memory behaviour (one process) needs no records at all: the session store keeps its
+sessions itself and passes no `SessionRecords`. Keys are named by the session's digest
+(`session_hash`), never by its id, which is a bearer of the session. Every write is guarded by
+the session still existing, so nothing resurrects a session another replica ended. Every
+failure of Redis becomes `StateUnavailable` (503): a session is never served from a guess.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import orjson
+
+from bastion.types import JSON, Principal
+
+if TYPE_CHECKING:  # the redis client is imported only when a gateway shares its state
+    from bastion.state.redis import RedisState
+
+__all__ = [
+    "RedisSessionRecords",
+    "SessionRecords",
+    "record_owner",
+    "session_record",
+]
+
+# A new session, within every quota counted over the fleet: each quota is a sorted set of
+# session digests scored by when they expire (the server's clock), so expired sessions stop
+# counting without anyone removing them. Returns {0, 0}, or {which quota refused, held}.
+_CREATE = """
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+for i = 2, #KEYS do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ms)
+  local held = redis.call('ZCARD', KEYS[i])
+  if held >= tonumber(ARGV[i + 2]) then return {i - 1, held} end
+end
+for i = 2, #KEYS do
+  redis.call('ZADD', KEYS[i], ms + ttl, ARGV[3])
+  redis.call('PEXPIRE', KEYS[i], ttl)
+end
+redis.call('HSET', KEYS[1], 'record', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ttl)
+return {0, 0}
+"""
+# Restart a session's expiry, in its quotas too; 0 when it is gone.
+_REFRESH = """
+if redis.call('PEXPIRE', KEYS[1], ARGV[1]) == 0 then return 0 end
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+for i = 2, #KEYS do
+  redis.call('ZADD', KEYS[i], 'XX', ms + tonumber(ARGV[1]), ARGV[2])
+  redis.call('PEXPIRE', KEYS[i], ARGV[1])
+end
+return 1
+"""
+# Only while the session exists: a write never brings back one that was ended elsewhere.
+_PUT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+# The next stream id of a session (ids never collide across replicas); 0 when it is gone.
+_NEXT_STREAM = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return redis.call('HINCRBY', KEYS[1], 'streams', 1)
+"""
+# Store one event, numbered by the session's counter for its stream; 0 when it is gone.
+_APPEND = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local seq = redis.call('HINCRBY', KEYS[1], 'seq:' .. ARGV[1], 1)
+redis.call('RPUSH', KEYS[2], seq .. ' ' .. ARGV[2])
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return seq
+"""
+
+# A stream's events after ARGV[2] (only those: a reader polling an idle stream must not pull
+# the whole buffer each time; the kept entries are consecutive numbers ending at the stream's
+# counter). Returns {exists, closed, kept, entries}.
+_SINCE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, 0, {}} end
+local last = tonumber(redis.call('HGET', KEYS[1], 'seq:' .. ARGV[1]) or '0')
+local closed = redis.call('HEXISTS', KEYS[1], 'closed:' .. ARGV[1])
+local kept = redis.call('LLEN', KEYS[2])
+local wanted = math.min(last - tonumber(ARGV[2]), kept)
+local entries = {}
+if wanted > 0 then entries = redis.call('LRANGE', KEYS[2], -wanted, -1) end
+return {1, closed, kept, entries}
+"""
+
+
+# A quota counted over the fleet: (what it counts, e.g. "tenant:acme", its limit).
+Quota = tuple[str, int]
+
+
+class SessionRecords(Protocol):
+    """Where sessions are recorded for every replica (the port; Redis implements it)."""
+
+    async def create(
+        self, session_hash: str, record: bytes, quotas: Sequence[Quota]
+    ) -> tuple[int, int]:
+        """Record a new session within every quota: (0, 0), or (which quota refused it,
+        counting from 1, and how many sessions it holds)."""
+        ...
+
+    async def load(self, session_hash: str) -> dict[str, bytes] | None:
+        """A session's fields, or None when there is no such session (any more)."""
+        ...
+
+    async def alive(self, session_hash: str, refresh: bool, quotas: Sequence[Quota] = ()) -> bool:
+        """Whether the session still exists; `refresh` restarts its idle expiry (in the
+        quotas it counts in too)."""
+        ...
+
+    async def put(self, session_hash: str, fields: dict[str, bytes]) -> bool:
+        """Set fields of an existing session; False when it is gone."""
+        ...
+
+    async def take(self, session_hash: str, name: str) -> bytes | None:
+        """A field of the session, removed as it is read (None when there is none)."""
+        ...
+
+    async def delete(self, session_hash: str, quotas: Sequence[Quota] = ()) -> bool:
+        """End a session for every replica (no longer counted in `quotas`); False when there
+        was none."""
+        ...
+
+    async def next_stream(self, session_hash: str) -> int:
+        """A new stream id for the session (unique across replicas); 0 when it is gone."""
+        ...
+
+    async def append(self, session_hash: str, stream: str, data: bytes, keep: int) -> int:
+        """Store an event of a stream; its sequence number (0 when the session is gone)."""
+        ...
+
+    async def end_stream(self, session_hash: str, stream: str) -> None:
+        """Mark a stream closed: no event will follow."""
+        ...
+
+    async def since(
+        self, session_hash: str, stream: str, seq: int
+    ) -> tuple[list[tuple[int, bytes]], bool]:
+        """A stream's kept events after `seq`, and whether it is closed."""
+        ...
+
+
+class RedisSessionRecords:
+    """Session records and event buffers in Redis, expiring after `idle_seconds` unused."""
+
+    def __init__(self, state: RedisState, idle_seconds: float) -> None:
+        self._state = state
+        self._ttl_ms = max(int(idle_seconds * 1000), 1)
+        self._create = state.script(_CREATE)
+        self._refresh = state.script(_REFRESH)
+        self._put = state.script(_PUT)
+        self._next = state.script(_NEXT_STREAM)
+        self._append = state.script(_APPEND)
+        self._since = state.script(_SINCE)
+
+    def _key(self, session_hash: str) -> str:
+        return self._state.key("session", session_hash)
+
+    def _events(self, session_hash: str, stream: str) -> str:
+        return self._state.key("session", session_hash, "events", stream)
+
+    def _quota(self, quota: Quota) -> str:
+        return self._state.key("sessions", quota[0])
+
+    async def create(
+        self, session_hash: str, record: bytes, quotas: Sequence[Quota]
+    ) -> tuple[int, int]:
+        """Record a new session, expiring after the idle limit, unless one of `quotas` is
+        full over the fleet (checked and counted atomically)."""
+        keys = [self._key(session_hash), *(self._quota(q) for q in quotas)]
+        args = [record, self._ttl_ms, session_hash, *(limit for _, limit in quotas)]
+        refused, held = await self._state.run(
+            "record a session", self._create(keys=keys, args=args)
+        )
+        return int(refused), int(held)
+
+    async def load(self, session_hash: str) -> dict[str, bytes] | None:
+        """A session's fields, or None when there is none."""
+        fields: dict[Any, Any] = await self._state.run(
+            "read a session", self._state.client.hgetall(self._key(session_hash))
+        )
+        if not fields or b"record" not in fields:
+            return None
+        return {k.decode(): v for k, v in fields.items()}
+
+    async def alive(self, session_hash: str, refresh: bool, quotas: Sequence[Quota] = ()) -> bool:
+        """Whether the session exists (one round trip); `refresh` restarts its expiry."""
+        key = self._key(session_hash)
+        if refresh:
+            keys = [key, *(self._quota(q) for q in quotas)]
+            found = self._refresh(keys=keys, args=[self._ttl_ms, session_hash])
+            return bool(await self._state.run("refresh a session", found))
+        return bool(await self._state.run("check a session", self._state.client.exists(key)))
+
+    async def put(self, session_hash: str, fields: dict[str, bytes]) -> bool:
+        """Set fields of the session unless it is gone."""
+        args: list[bytes | str] = []
+        for name, value in fields.items():
+            args += [name, value]
+        done = await self._state.run(
+            "update a session", self._put(keys=[self._key(session_hash)], args=args)
+        )
+        return bool(done)
+
+    async def take(self, session_hash: str, name: str) -> bytes | None:
+        """A field of the session, removed as it is read: one reader gets it."""
+        pipe = self._state.client.pipeline(transaction=True)
+        pipe.hget(self._key(session_hash), name)
+        pipe.hdel(self._key(session_hash), name)
+        found, _ = await self._state.run("read a session", pipe.execute())
+        return bytes(found) if found is not None else None
+
+    async def delete(self, session_hash: str, quotas: Sequence[Quota] = ()) -> bool:
+        """End the session everywhere (its standalone stream's events with it; other streams'
+        events expire on their own and cannot be read without the session)."""
+        pipe = self._state.client.pipeline(transaction=True)
+        pipe.delete(self._key(session_hash), self._events(session_hash, "0"))
+        for quota in quotas:
+            pipe.zrem(self._quota(quota), session_hash)
+        removed = await self._state.run("end a session", pipe.execute())
+        return bool(removed[0])
+
+    async def next_stream(self, session_hash: str) -> int:
+        """A new stream id, from the session's counter."""
+        found = await self._state.run(
+            "open a stream", self._next(keys=[self._key(session_hash)], args=[])
+        )
+        return int(found)
+
+    async def append(self, session_hash: str, stream: str, data: bytes, keep: int) -> int:
+        """Store one event (the newest `keep` of the stream are kept)."""
+        keys = [self._key(session_hash), self._events(session_hash, stream)]
+        seq = await self._state.run(
+            "store a stream event",
+            self._append(keys=keys, args=[stream, data, max(keep, 1), self._ttl_ms]),
+        )
+        return int(seq)
+
+    async def end_stream(self, session_hash: str, stream: str) -> None:
+        """Mark the stream closed."""
+        await self.put(session_hash, {f"closed:{stream}": b"1"})
+
+    async def since(
+        self, session_hash: str, stream: str, seq: int
+    ) -> tuple[list[tuple[int, bytes]], bool]:
+        """The stream's kept events after `seq` (oldest first) and whether it closed; a
+        session that is gone, or a stream it never had, reads as closed without events."""
+        keys = [self._key(session_hash), self._events(session_hash, stream)]
+        found = self._since(keys=keys, args=[stream, str(seq)])
+        exists, closed, kept, entries = await self._state.run("read a stream", found)
+        if not exists or (stream != "0" and not kept):
+            return [], True  # a POST's stream stores its first event as it opens
+        events: list[tuple[int, bytes]] = []
+        for entry in entries:
+            number, _, data = bytes(entry).partition(b" ")
+            if number.isdigit() and int(number) > seq:
+                events.append((int(number), data))
+        return events, bool(closed)
+
+
+def session_record(principal: Principal, route: str, version: str, hello: JSON) -> bytes:
+    """What another replica needs to serve a session: its owner (every field of the
+    principal that opened it), route, negotiated version and the client's hello."""
+    owner = {
+        "tenant": principal.tenant,
+        "agent": principal.agent,
+        "user": principal.user,
+        "scopes": sorted(principal.scopes),
+        "roles": sorted(principal.roles),
+        "delegation": list(principal.delegation),
+        "token_id": principal.token_id,
+        "expires_at": principal.expires_at,
+        "key_binding": principal.key_binding,
+        "environment": principal.environment,
+    }
+    return orjson.dumps({"principal": owner, "route": route, "version": version, "hello": hello})
+
+
+def record_owner(raw: bytes) -> tuple[Principal, JSON]:
+    """The owner a session record names, and the record."""
+    record = orjson.loads(raw)
+    p = record["principal"]
+    owner = Principal(
+        tenant=p["tenant"],
+        agent=p["agent"],
+        user=p.get("user"),
+        scopes=frozenset(p.get("scopes") or ()),
+        roles=frozenset(p.get("roles") or ()),
+        delegation=tuple(p.get("delegation") or ()),
+        token_id=p.get("token_id"),
+        expires_at=p.get("expires_at"),
+        key_binding=p.get("key_binding"),
+        environment=p.get("environment"),
+    )
+    return owner, record
