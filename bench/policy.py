@@ -131,11 +131,14 @@ def run_count(count: int, calls: int, workdir: Path) -> dict[str, list[float]]:
         "request": {
             "method": "tools/call",
             "route": "/mcp",
-            "environment": "production",
+            "environment": authz.settings.environment,
             "tenants": [{"__entity": {"type": "Bastion::Tenant", "id": tenant}}],
         },
     }
-    request = CedarRequest(Who("bot", tenant), tool, ("Tool", tool), context)
+    # The gateway's own environment, as authz gives a caller without one (`auth: none`): the
+    # built-in environment-separation forbid refuses any other.
+    who = Who("bot", tenant, environment=authz.settings.environment)
+    request = CedarRequest(who, tool, ("Tool", tool), context)
     verdict = engine.decide(request)
     assert verdict.allowed, verdict
 

@@ -19,7 +19,7 @@ import bastion
 from bastion import errors
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-LEAVES = ("errors", "types", "asgi", "rpc", "sse", "wire")
+LEAVES = ("errors", "types", "asgi", "ids", "rpc", "sse", "wire")
 # The config package re-exports its sections' names; each section exports what it defines.
 CONFIG_SECTIONS = tuple(
     f"config.{name}"

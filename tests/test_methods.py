@@ -16,7 +16,7 @@ from tests.conftest import GatewayProcess, legacy_session, modern_body, modern_h
 
 from bastion import methods
 from bastion.methods import KNOWN_METHODS, METHODS, Routing, Sender
-from bastion.observe.metrics import method_label
+from bastion.observe.metrics import Metrics, method_label
 from bastion.policy.schema import LIST_ACTIONS, METHOD_ACTIONS, STUB
 from bastion.types import Era
 
@@ -121,6 +121,24 @@ def test_metrics_label_known_methods_only() -> None:
     assert all(method_label(name) == name for name in KNOWN_METHODS)
     assert method_label("tools/cal") == "other"
     assert method_label("notifications/initialized") == "other"
+
+
+def test_a_flood_of_invented_methods_keeps_the_metrics_bounded() -> None:
+    # The labelled children are cached for speed; a client names the method, so the cache
+    # must be keyed by the label, or every invented method would stay in memory for good.
+    metrics = Metrics()
+    for n in range(500):
+        metrics.answered("/mcp", f"x/{n}", "ok", 0.001, 0.002)
+    metrics.answered("/mcp", "tools/call", "ok", 0.001, 0.002)
+    series = {
+        sample.labels["method"]
+        for family in metrics.registry.collect()
+        if family.name == "bastion_requests"
+        for sample in family.samples
+        if sample.name == "bastion_requests_total"
+    }
+    assert series == {"other", "tools/call"}
+    assert len(metrics._answers) == 2  # noqa: SLF001 - the cache is what could grow
 
 
 # -- no literals elsewhere -----------------------------------------------------------------

@@ -10,6 +10,7 @@ __all__ = [
     "control",
     "errors",
     "identity",
+    "ids",
     "inspect",
     "methods",
     "observe",

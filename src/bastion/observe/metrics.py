@@ -47,8 +47,12 @@ class Metrics:
             buckets=_BUCKETS,
             registry=self.registry,
         )
-        # (route, stage) -> histogram child: labels() takes a lock and validates on every call.
+        # Label values -> child, per metric: labels() takes a lock and validates on every call,
+        # and every label here has a bounded set of values (routes, stages, known methods,
+        # gateway codes).
         self._stages: dict[tuple[str, str], Histogram] = {}
+        self._answers: dict[tuple[str, str, str], Counter] = {}
+        self._verdicts: dict[tuple[str, bool], Counter] = {}
         self._upstream_errors = Counter(
             "bastion_upstream_errors",
             "Upstream failures, by upstream and error code",
@@ -94,7 +98,11 @@ class Metrics:
     ) -> None:
         """One request answered: `admitted` and `total` seconds since it arrived, and the
         seconds it spent in each stage that ran."""
-        self._requests.labels(route, method_label(method), outcome).inc()
+        key = (route, method_label(method), outcome)  # the label: a client names the method
+        counted = self._answers.get(key)
+        if counted is None:
+            counted = self._answers[key] = self._requests.labels(*key)
+        counted.inc()
         self._stage(route, "admission").observe(admitted)
         self._stage(route, "total").observe(total)
         if stages:
@@ -109,7 +117,11 @@ class Metrics:
 
     def decided(self, route: str, allowed: bool) -> None:
         """One authorization decision."""
-        self._decisions.labels(route, "allow" if allowed else "deny").inc()
+        counted = self._verdicts.get((route, allowed))
+        if counted is None:
+            verdict = "allow" if allowed else "deny"
+            counted = self._verdicts[(route, allowed)] = self._decisions.labels(route, verdict)
+        counted.inc()
 
     def upstream_failed(self, upstream: str, code: str) -> None:
         """One upstream failure (timeout, unreachable, garbage)."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import secrets
 import time
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
@@ -30,6 +29,7 @@ from opentelemetry import trace as otel
 from bastion.asgi import Message, Send
 from bastion.config import Traces
 from bastion.errors import BastionError
+from bastion.ids import random_hex
 from bastion.observe.metrics import method_label
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ def incoming(headers: Mapping[str, str], message: Any) -> tuple[str, str, int, s
 def new_id(size: int) -> str:
     """A random, non-zero trace id (16 bytes) or span id (8 bytes), in lower-case hex."""
     while True:
-        value = secrets.token_hex(size)
+        value = random_hex(size)
         if value.strip("0"):
             return value
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bastion.errors import BastionError
+from bastion.ids import random_hex
 from bastion.methods import TOOLS_CALL
 from bastion.observe.metrics import method_label
 from bastion.types import JSON, Decision, Era, Principal, Target
@@ -38,7 +38,7 @@ class Exchange:
     forward_headers: dict[str, str] = field(default_factory=dict)
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: str = field(default_factory=lambda: random_hex(16))
     trace_id: str | None = None
     trace: RequestTrace | None = None  # None for the gateway's own calls (catalog, index)
     request_bytes: int = 0
@@ -55,6 +55,7 @@ class Exchange:
     # record is due; when the stages before the upstream finished; the HTTP status of an
     # error the gateway answers itself (None: the answer's own).
     recorded: bool = False
+    args_digest: str | None = None  # the trail's digest of the arguments, made once
     admitted: float = 0.0
     http_status: int | None = None
     # The HTTP request it came in: headers (lower-case names), method and URL, and the legacy

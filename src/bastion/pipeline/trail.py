@@ -94,19 +94,19 @@ class Trail:
         the error it sent instead, or None when it could send nothing)."""
         if self._writer is None:
             return
-        record = self._record(exchange, route, "outcome")
         result = answer.get("result") if answer is not None else None
-        detail = record.detail if failure is None else {**record.detail, "failure": failure}
         size, result_digest = _measure(answer, result)
         outcome = outcome_of(exchange.denial is not None, answer, failure)
-        record = _replace(
-            record,
+        record = self._record(
+            exchange,
+            route,
+            "outcome",
             outcome="blocked" if exchange.blocked and outcome != "denied" else outcome,
             latency_ms=round((time.perf_counter() - exchange.started) * 1000, 3),
             response_bytes=size,
             result_digest=result_digest,
             credential_id=exchange.credential_id,
-            detail=detail,
+            failure=failure,
         )
         await self._writer.append(record, False)
 
@@ -168,7 +168,18 @@ class Trail:
         except AuditUnavailable as exc:
             log.error("alert %s could not be written to the trail: %s", alert.rule, exc.message)
 
-    def _record(self, exchange: Exchange, route: Route, phase: str) -> AuditRecord:
+    def _record(
+        self,
+        exchange: Exchange,
+        route: Route,
+        phase: str,
+        *,
+        failure: str | None = None,
+        outcome: str | None = None,
+        **measured: Any,
+    ) -> AuditRecord:
+        """The record of `exchange` at `phase`; an outcome record also gets what was
+        `measured` of the answer, and `failure` in its detail."""
         principal = exchange.principal
         params = exchange.params
         arguments: Any = (
@@ -193,7 +204,7 @@ class Trail:
             server=target.upstream if target else None,
             tool_original=target.name if target and exchange.method == methods.TOOLS_CALL else None,
             tool_exposed=params.get("name") if exchange.method == methods.TOOLS_CALL else None,
-            args_digest=digest(arguments) if arguments else None,
+            args_digest=self._args_digest(exchange, arguments),
             args=arguments
             if self._audit.record_arguments and isinstance(arguments, dict)
             else None,
@@ -209,9 +220,20 @@ class Trail:
             obligations=dict(decision.obligations) if decision else {},
             upstream=self._upstreams.get(target.upstream) if target else None,
             request_bytes=exchange.request_bytes or None,
-            outcome="denied" if phase == "authn" else None,
-            detail=_detail(exchange),
+            outcome="denied" if phase == "authn" else outcome,  # type: ignore[arg-type]
+            detail=_detail(exchange, failure),
+            **measured,
         )
+
+    @staticmethod
+    def _args_digest(exchange: Exchange, arguments: Any) -> str | None:
+        """The arguments' digest, made once per exchange (the decision and the outcome record
+        name the same arguments: the arguments as received)."""
+        if not arguments:
+            return None
+        if exchange.args_digest is None:
+            exchange.args_digest = digest(arguments)
+        return exchange.args_digest
 
 
 def error_code(answer: JSON | None) -> str | None:
@@ -252,8 +274,9 @@ def _replace(record: AuditRecord, **changes: Any) -> AuditRecord:
     return replace(record, **changes)
 
 
-def _detail(exchange: Exchange) -> dict[str, Any]:
-    """What else the trail keeps: the failed check, and any reach across a tenant line."""
+def _detail(exchange: Exchange, failure: str | None = None) -> dict[str, Any]:
+    """What else the trail keeps: the failed check, any reach across a tenant line, and why
+    the gateway could not answer as it meant to (`failure`)."""
     detail: dict[str, Any] = {}
     denial = exchange.denial
     if denial is not None and denial.data:
@@ -269,4 +292,6 @@ def _detail(exchange: Exchange) -> dict[str, Any]:
         if exchange.answer_tenants:
             inspection["foreign_tenants"] = list(exchange.answer_tenants)
         detail["inspection"] = inspection
+    if failure is not None:
+        detail["failure"] = failure
     return detail
