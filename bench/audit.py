@@ -23,7 +23,8 @@ import uvloop
 
 from bastion.audit import AuditRecord
 from bastion.audit.detect import Detectors
-from bastion.audit.writer import WriterOptions, open_writer
+from bastion.audit.trail import open_writer
+from bastion.audit.writer import WriterOptions
 from bastion.config import Alerts
 
 

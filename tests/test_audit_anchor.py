@@ -32,8 +32,8 @@ from bastion.audit.chain import link
 from bastion.audit.keys import DB_FILE, audit_dir, load_checkpoint_key
 from bastion.audit.seal import sign_checkpoint
 from bastion.audit.store import SqliteAuditStore
-from bastion.audit.trail import open_trail_writer
-from bastion.audit.writer import AuditWriter, WriterOptions, open_writer
+from bastion.audit.trail import open_trail_writer, open_writer
+from bastion.audit.writer import AuditWriter, WriterOptions
 from bastion.config import load
 from bastion.control.audit.forward import open_forwarders
 from bastion.control.cli.audit import app

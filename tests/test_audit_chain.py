@@ -29,7 +29,8 @@ from bastion.audit.keys import (
 )
 from bastion.audit.seal import sign_checkpoint
 from bastion.audit.store import SqliteAuditStore
-from bastion.audit.writer import WriterOptions, open_writer
+from bastion.audit.trail import open_writer
+from bastion.audit.writer import WriterOptions
 from bastion.identity.keys import KeySet, SigningKey, generate
 
 

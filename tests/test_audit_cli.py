@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 from bastion.audit.chain import link
 from bastion.audit.keys import DB_FILE, audit_dir
 from bastion.audit.record import AuditRecord
-from bastion.audit.writer import WriterOptions, open_writer
+from bastion.audit.trail import open_writer
+from bastion.audit.writer import WriterOptions
 from bastion.control.cli.audit import app
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -31,7 +31,8 @@ from bastion.audit.chain import link
 from bastion.audit.keys import DB_FILE, audit_dir
 from bastion.audit.record import AuditRecord
 from bastion.audit.store import SqliteAuditStore
-from bastion.audit.writer import AuditWriter, WriterOptions, open_writer
+from bastion.audit.trail import open_writer
+from bastion.audit.writer import AuditWriter, WriterOptions
 from bastion.config import Sink, parse
 from bastion.control.audit.forward import Forwarder, HttpDelivery, JsonlDelivery, SyslogDelivery
 

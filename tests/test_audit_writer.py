@@ -26,7 +26,8 @@ from bastion.audit.chain import Entry
 from bastion.audit.keys import DB_FILE, audit_dir, claim_writer_id, load_checkpoint_key
 from bastion.audit.seal import Checkpoint
 from bastion.audit.store import SqliteAuditStore
-from bastion.audit.writer import AuditWriter, WriterOptions, open_writer
+from bastion.audit.trail import open_writer
+from bastion.audit.writer import AuditWriter, WriterOptions
 from bastion.errors import AuditUnavailable
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -243,7 +244,8 @@ async def test_unserializable_record_fails_at_its_caller(tmp_path: Path) -> None
 
 CHILD = """
 import asyncio, sys
-from bastion.audit.writer import WriterOptions, open_writer
+from bastion.audit.writer import WriterOptions
+from bastion.audit.trail import open_writer
 from tests.test_audit_record import sample
 
 async def main(state_dir):
@@ -431,7 +433,8 @@ def test_write_ahead_rotates_empties_and_skips_a_torn_line(tmp_path: Path) -> No
 
 CHILD_AHEAD = """
 import asyncio, sys
-from bastion.audit.writer import WriterOptions, open_writer
+from bastion.audit.writer import WriterOptions
+from bastion.audit.trail import open_writer
 from tests.test_audit_record import sample
 
 async def main(state_dir):

@@ -20,8 +20,8 @@ from bastion import config
 from bastion.audit.detect import Alert
 from bastion.inspect.content import strings, withhold
 from bastion.inspect.tenants import TenantGuard
-from bastion.pipeline.authz import History, history_key
 from bastion.pipeline.exchange import Exchange
+from bastion.pipeline.history import History, history_key
 from bastion.pipeline.inspection import Inspection
 from bastion.types import JSON, MODERN_VERSION, Era, Principal, Target
 from bastion.upstream.base import Answer

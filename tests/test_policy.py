@@ -22,6 +22,7 @@ from bastion.background import Background
 from bastion.errors import PolicyError, PolicyLoadError
 from bastion.pipeline.authz import Authorizer
 from bastion.pipeline.exchange import Exchange
+from bastion.pipeline.tenancy import TenantNames
 from bastion.state.rates import MemoryRateCounter
 from bastion.types import Era, Principal, Target
 
@@ -528,8 +529,9 @@ def test_tenant_binding_sees_through_spellings(authz: Authorizer, task_id: str) 
     ],
 )
 def test_tenant_named_by_a_uri_whatever_its_spelling(authz: Authorizer, uri: str) -> None:
-    assert "globex" in authz._tenants("workspace", {"uri": uri})
-    assert authz._tenants("workspace", {"uri": "workspace://ACME/t1"}) == ["acme"]
+    names = TenantNames(authz.settings)
+    assert "globex" in names.named("workspace", {"uri": uri})
+    assert names.named("workspace", {"uri": "workspace://ACME/t1"}) == ["acme"]
 
 
 @pytest.mark.parametrize(
@@ -546,7 +548,7 @@ def test_tenant_named_by_a_uri_whatever_its_spelling(authz: Authorizer, uri: str
 def test_the_client_address_policy_sees(client: str, address: str) -> None:
     """A deny-list on 203.0.113.0/24 was passed by a proxied client: the bare forwarded
     address became 0.0.0.0."""
-    from bastion.pipeline.authz import _ip
+    from bastion.pipeline.tenancy import client_ip as _ip
 
     assert _ip(client) == address
 

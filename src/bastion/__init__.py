@@ -16,6 +16,7 @@ __all__ = [
     "observe",
     "pipeline",
     "policy",
+    "postgres",
     "rpc",
     "sse",
     "state",

@@ -15,7 +15,8 @@ from bastion.audit.chain import Entry, Finding, Problem, VerifyReport, verify
 from bastion.audit.record import SCHEMA_VERSION, AuditRecord, digest
 from bastion.audit.seal import Checkpoint
 from bastion.audit.store import AuditStore, Query, SqliteAuditStore
-from bastion.audit.writer import AuditWriter, WriterOptions, open_writer
+from bastion.audit.trail import open_writer
+from bastion.audit.writer import AuditWriter, WriterOptions
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -44,10 +44,9 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from bastion.audit.detect import Alert, Detectors
-from bastion.audit.postgres import _DEFAULTS, _describe
+from bastion.audit.postgres import audit_server
 from bastion.audit.record import AuditRecord
 from bastion.audit.trail import resolve_dsn
 from bastion.config import Alerts, Settings
@@ -234,16 +233,8 @@ class _Link:
     """The leader's connection: the lock, the cursor and the reads; thread-safe."""
 
     def __init__(self, dsn: str) -> None:
-        try:
-            params = conninfo_to_dict(dsn)
-        except psycopg.Error:
-            raise AuditUnavailable("audit.dsn is not a PostgreSQL DSN") from None
-        self.where = _describe(params)
-        settings = {**_DEFAULTS, "application_name": "bastion-fleet-detectors"}
-        self._conninfo = make_conninfo(
-            "", **{**settings, **{k: v for k, v in params.items() if v is not None}}
-        )
-        self._password = str(params.get("password") or "")
+        self._server = audit_server(dsn, "bastion-fleet-detectors")
+        self.where = self._server.where
         self._lock = threading.Lock()
         self._conn: psycopg.Connection[Any] | None = None
         self._leading = False
@@ -339,7 +330,7 @@ class _Link:
         if self._conn is not None and not self._conn.closed:
             return self._conn
         self._leading = False
-        conn = psycopg.connect(self._conninfo, autocommit=True)
+        conn = self._server.connect()
         try:
             # No statement may hold a worker thread (and the gateway's stop) for long.
             conn.execute("SET statement_timeout = '10s'")
@@ -379,9 +370,7 @@ class _Translate:
             link._conn.close()
             link._conn = None
             link._leading = False
-        detail = " ".join(str(exc).split())
-        if link._password:
-            detail = detail.replace(link._password, "***")
+        detail = link._server.detail(exc)
         raise AuditUnavailable(f"fleet detectors: {link.where}: {detail}") from exc
 
 

@@ -38,13 +38,14 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg.pq import TransactionStatus
 
 from bastion.audit.chain import Entry
 from bastion.audit.seal import Checkpoint
 from bastion.audit.store import SqlReads, Survives, _row
 from bastion.errors import AuditUnavailable
+from bastion.postgres import Server, bound_waits, close_if_interrupted
+
+__all__ = ["PostgresAuditStore", "audit_server"]
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS entries (
@@ -86,32 +87,14 @@ _INSERT_CHECKPOINT = """INSERT INTO checkpoints (writer_id, seq, hash, time, kid
 _APPEND_LOCK = (0x42415354, 0)
 _CLAIM_SPACE = 0x42415355
 _Item = TypeVar("_Item", Entry, Checkpoint)
-# Connection settings unless the DSN says otherwise: fail fast, notice a dead peer.
-_DEFAULTS = {
-    "connect_timeout": "5",
-    "application_name": "bastion-audit",
-    "keepalives": "1",
-    "keepalives_idle": "10",
-    "keepalives_interval": "5",
-    "keepalives_count": "3",
-    "tcp_user_timeout": "15000",
-}
 
 
 class PostgresAuditStore(SqlReads):
     """The audit store in a PostgreSQL database; thread-safe, one connection per instance."""
 
     def __init__(self, dsn: str, *, create: bool = True, survives: Survives = "power") -> None:
-        try:
-            params = conninfo_to_dict(dsn)
-        except psycopg.Error:
-            # libpq's message may quote the DSN, password and all.
-            raise AuditUnavailable("audit.dsn is not a PostgreSQL DSN") from None
-        self.where = _describe(params)
-        self._password = str(params.get("password") or "")
-        self._conninfo = make_conninfo(
-            "", **{**_DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
-        )
+        self._server = audit_server(dsn, "bastion-audit")
+        self.where = self._server.where
         self._lock = threading.Lock()
         self._conn: psycopg.Connection[Any] | None = None
         self._held: str | None = None  # the writer id this store's connection claims
@@ -197,7 +180,7 @@ class PostgresAuditStore(SqlReads):
         if self._conn is not None and not self._conn.closed:
             return self._conn
         self._conn = None
-        conn = psycopg.connect(self._conninfo, autocommit=True)
+        conn = self._server.connect()
         try:
             # power: the commit waits for the WAL flush, whatever the default; process: the
             # server holding the commit is enough (module docstring).
@@ -205,10 +188,7 @@ class PostgresAuditStore(SqlReads):
                 conn.execute("SET synchronous_commit = off")
             elif conn.execute("SHOW synchronous_commit").fetchone() == ("off",):
                 conn.execute("SET synchronous_commit = on")
-            # A replica cut off inside its append must not hold the others' appends for long:
-            # the server ends such a transaction, and a wait for the append lock gives up.
-            conn.execute("SET idle_in_transaction_session_timeout = '15s'")
-            conn.execute("SET lock_timeout = '10s'")
+            bound_waits(conn)  # a replica cut off inside its append holds the others briefly
             if self._held is not None and not _try_claim(conn, self._held):
                 raise AuditUnavailable(
                     f"audit writer id {self._held} was claimed in {self.where} by another "
@@ -267,25 +247,29 @@ class _Translate:
 
     def __exit__(self, _: object, exc: BaseException | None, __: object) -> None:
         store = self._store
-        conn = store._conn
-        if exc is not None and conn is not None and not conn.closed:
-            if conn.info.transaction_status != TransactionStatus.IDLE:
-                conn.close()  # interrupted mid-statement: start over on a fresh connection
+        if exc is not None:
+            close_if_interrupted(store._conn)
         if isinstance(exc, psycopg.Error):
-            detail = " ".join(str(exc).split())
-            if store._password:
-                detail = detail.replace(store._password, "***")
+            detail = store._server.detail(exc)
             raise AuditUnavailable(
                 f"cannot {self._verb} the audit store {store.where}: {detail}"
             ) from exc
 
 
-def _describe(params: dict[str, Any]) -> str:
-    """Where a DSN points, as `postgresql://user@host:port/dbname`, without the password."""
-    user = f"{params['user']}@" if params.get("user") else ""
-    host = str(params.get("host") or params.get("hostaddr") or "localhost")
-    port = f":{params['port']}" if params.get("port") else ""
-    return f"postgresql://{user}{host}{port}/{params.get('dbname') or ''}"
+def audit_server(dsn: str, application_name: str) -> Server:
+    """The audit trail's server (`audit.dsn`), connected to as `application_name`.
+
+    Unless the DSN says otherwise: fail fast, notice a dead peer (the fleet's detectors share
+    these settings).
+    """
+    return Server.parse(
+        dsn,
+        key="audit.dsn",
+        error=AuditUnavailable,
+        application_name=application_name,
+        connect_timeout=5,
+        tcp_user_timeout_ms=15000,
+    )
 
 
 def _exists(conn: psycopg.Connection[Any]) -> bool:

@@ -19,11 +19,13 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bastion.audit.ahead import WriteAhead
 from bastion.audit.anchor import Anchor
-from bastion.audit.keys import DB_FILE, KEY_FILE, audit_dir, claim_writer_id
+from bastion.audit.keys import DB_FILE, KEY_FILE, audit_dir, claim_writer_id, load_checkpoint_key
+from bastion.audit.seal import Signer
 from bastion.audit.signer import open_signer
-from bastion.audit.store import SqliteAuditStore
-from bastion.audit.writer import AuditWriter, WriterOptions, open_writer
+from bastion.audit.store import SqliteAuditStore, Survives, Synchronous
+from bastion.audit.writer import AuditWriter, WriterOptions
 from bastion.config import AuditSettings, Settings
 from bastion.errors import AuditUnavailable, ConfigError
 
@@ -32,6 +34,43 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bastion.audit")
 HEARTBEAT_SECONDS = 60.0  # for sinks taking checkpoints when there is no anchor file
+
+
+def open_writer(
+    state_dir: str | os.PathLike[str],
+    options: WriterOptions | None = None,
+    *,
+    synchronous: Synchronous = "FULL",
+    survives: Survives | None = None,
+    max_bytes: int | None = None,
+    signer: Signer | None = None,
+    anchor: Anchor | None = None,
+) -> AuditWriter:
+    """A writer for `<state_dir>/audit/`: claims a writer id, loads the checkpoint key (unless
+    a `signer` is given) and anchors its checkpoints in `anchor`, when given.
+
+    `survives` (when given, it decides `synchronous`): `process`, a write-ahead and commits
+    without fsync; `power`, an fsync per commit, strict appends waiting for it. Without it,
+    strict appends wait for a commit at `synchronous`. `max_bytes` caps the store's size; past
+    it, writes fail and the writer turns unhealthy; strict appends then wait for commits even
+    at `process`, so that no call passes on a record the full store will not take.
+    """
+    if survives is not None:
+        synchronous = "FULL" if survives == "power" else "NORMAL"
+    directory = audit_dir(state_dir)
+    claim = claim_writer_id(directory)
+    try:
+        key = signer if signer is not None else load_checkpoint_key(directory)
+        store = SqliteAuditStore(directory / DB_FILE, synchronous=synchronous, max_bytes=max_bytes)
+    except BaseException:
+        claim.release()
+        raise
+    ahead = None
+    if survives == "process" and max_bytes is None:
+        ahead = WriteAhead(directory, claim.writer_id)
+    return AuditWriter(
+        store, claim.writer_id, key, options, claim=claim, anchor=anchor, ahead=ahead
+    )
 
 
 def open_trail_writer(settings: Settings) -> AuditWriter:

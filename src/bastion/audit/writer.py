@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -41,21 +40,17 @@ from bastion.audit.ahead import WriteAhead
 from bastion.audit.anchor import Anchor
 from bastion.audit.chain import Chain
 from bastion.audit.keys import (
-    DB_FILE,
     WriterClaim,
-    audit_dir,
-    claim_writer_id,
-    load_checkpoint_key,
 )
 from bastion.audit.record import AuditRecord
-from bastion.audit.seal import Checkpoint, Signer, sign_checkpoint
-from bastion.audit.store import AuditStore, SqliteAuditStore, Survives, Synchronous
+from bastion.audit.seal import Signer
+from bastion.audit.sealing import Sealer
+from bastion.audit.store import AuditStore
 from bastion.errors import AuditUnavailable
 from bastion.identity.keys import SigningKey
 
 log = logging.getLogger("bastion.audit")
 
-SEAL_BACKOFF_MAX = 30.0  # seconds between attempts to sign, at most, while the signer fails
 _Waiter: TypeAlias = "asyncio.Future[None] | None"
 _Item: TypeAlias = tuple[bytes, _Waiter]
 
@@ -98,19 +93,11 @@ class AuditWriter:
         self._ahead_files = ahead
         self._ahead = ahead  # None once a write to it failed: strict appends wait for commits
         self._assigned = 0  # the chain seq of the last record queued (the loop's)
-        self._key = key
-        self._anchor = anchor
-        self._next_beat = 0.0  # when the next heartbeat is due: at once, naming the writer live
-        self._seal_retry_at = 0.0  # after a signer failure, no new attempt before this
-        self._seal_backoff = 0.0
-        self._seal_broken = False  # the signer failed while stopping: stop without a seal
-        self._anchor_retry_at = 0.0  # when to try again lines the anchor file refused
         self._options = options or WriterOptions()
         self._claim = claim
         self._clock = clock
         self._chain = Chain(writer_id)  # the thread's alone once started
-        self._sealed_seq = 0
-        self._sealed_at = 0.0
+        self._seals = Sealer(writer_id, key, anchor, self._options, clock)
         self._cond = threading.Condition(threading.Lock())
         self._pending: deque[_Item] = deque()
         self._inflight: list[_Item] = []
@@ -142,7 +129,7 @@ class AuditWriter:
     @property
     def anchor(self) -> Anchor | None:
         """Where this writer's checkpoints and heartbeats go besides the store (for sinks)."""
-        return self._anchor
+        return self._seals.anchor
 
     @property
     def healthy(self) -> bool:
@@ -183,8 +170,7 @@ class AuditWriter:
         if self._ahead is not None:
             await asyncio.to_thread(self._replay, self._ahead)
         self._assigned = self._chain.seq
-        self._sealed_seq = mark.seq if mark is not None else 0
-        self._sealed_at = self._clock()
+        self._seals.start(mark)
         self._room, self._finished = asyncio.Event(), loop.create_future()
         self._thread = threading.Thread(target=self._main, name=f"bastion-audit-{wid}")
         self._thread.daemon = True  # a write hung in the kernel must not block exit
@@ -350,10 +336,10 @@ class AuditWriter:
             while True:
                 batch = self._take()
                 if batch is None:
-                    self._last_anchoring()
+                    self._seals.last_anchoring()
                     return
                 error = self._write(batch)
-                self._tend_anchor()
+                self._seals.tend_anchor(*self.head, self._stopping)
                 waiters = [done for _, done in batch if done is not None]
                 if waiters or self._room_waiters:
                     self._call(self._settle, waiters, error)
@@ -383,7 +369,8 @@ class AuditWriter:
         with self._cond:
             while not self._pending:
                 if self._stopping:
-                    unsealed = self._chain.seq > self._sealed_seq and not self._seal_broken
+                    seals = self._seals
+                    unsealed = self._chain.seq > seals.sealed_seq and not seals.broken
                     return [] if unsealed else None
                 due = self._due_in()
                 if due == 0:
@@ -407,7 +394,7 @@ class AuditWriter:
             count = min(options.batch_max, len(self._pending))
             # A batch ends where a checkpoint is due, so checkpoints fall every
             # `checkpoint_every` records however large batches grow.
-            due = self._sealed_seq + options.checkpoint_every - self._chain.seq
+            due = self._seals.sealed_seq + options.checkpoint_every - self._chain.seq
             if due > 0:
                 count = min(count, due)
             batch = [self._pending.popleft() for _ in range(count)]
@@ -418,14 +405,7 @@ class AuditWriter:
 
     def _due_in(self) -> float | None:
         """Seconds until a checkpoint, heartbeat or anchor retry is due; None when none is."""
-        now, options, anchor = self._clock(), self._options, self._anchor
-        times = []
-        if self._chain.seq > self._sealed_seq:
-            times.append(max(self._sealed_at + options.checkpoint_seconds, self._seal_retry_at))
-        if anchor is not None:
-            times.append(max(self._next_beat, self._seal_retry_at))
-            if anchor.pending:
-                times.append(self._anchor_retry_at)
+        now, times = self._clock(), self._seals.due_times(self._chain.seq)
         return max(0.0, min(times) - now) if times else None
 
     def _write(self, batch: list[_Item]) -> str | None:
@@ -434,7 +414,7 @@ class AuditWriter:
         try:
             entries = self._chain.extend(data for data, _ in batch)
             seq, head = (entries[-1].seq, entries[-1].hash) if entries else self.head
-            mark = self._checkpoint(seq, head, now)
+            mark = self._seals.checkpoint(seq, head, now, self._stopping)
             if not entries and mark is None:
                 return None  # a heartbeat's turn: the store was not touched, nothing to report
             self._store.append_batch(entries, [mark] if mark is not None else [])
@@ -453,78 +433,13 @@ class AuditWriter:
             self._chain.advance(entries[-1])
             self._ahead_committed(entries[-1].seq)
         if mark is not None:
-            self._sealed_seq, self._sealed_at = mark.seq, mark.time
-            if self._anchor is not None:
-                self._anchored(self._anchor.publish(mark, heartbeat=False))
+            self._seals.sealed(mark)
         with self._cond:
             self._inflight, self._write_started = [], None
         if not self._healthy:
             log.warning("audit writer %s: the store works again", self.writer_id)
         self._healthy, self._problem = True, ""
         return None
-
-    def _checkpoint(self, seq: int, head: str, now: float) -> Checkpoint | None:
-        options = self._options
-        due = (
-            seq - self._sealed_seq >= options.checkpoint_every
-            or now - self._sealed_at >= options.checkpoint_seconds
-            or self._stopping
-        )
-        # After a signer failure, wait out the backoff; at stop, one last try at once.
-        retry = now >= self._seal_retry_at or self._stopping
-        if seq > self._sealed_seq and due and retry:
-            return self._sign(seq, head, now, heartbeat=False)
-        return None
-
-    def _sign(self, seq: int, head: str, now: float, heartbeat: bool) -> Checkpoint | None:
-        """A signed head; None (logged, retried after a backoff) when the signer fails."""
-        try:
-            mark = sign_checkpoint(self._key, self.writer_id, seq, head, now, heartbeat=heartbeat)
-        except Exception as exc:  # whatever the signer's trouble, the records go on
-            if not self._seal_backoff:
-                problem = exc.message if isinstance(exc, AuditUnavailable) else repr(exc)
-                log.error("audit writer %s: cannot sign: %s", self.writer_id, problem)
-            # A signer that hangs (a blackholed Vault) holds up the batch it seals: rarely.
-            initial = self._options.retry_initial
-            self._seal_backoff = min(max(self._seal_backoff * 2, initial), SEAL_BACKOFF_MAX)
-            self._seal_retry_at = self._clock() + self._seal_backoff
-            self._seal_broken = self._stopping
-            return None
-        if self._seal_backoff:
-            log.warning("audit writer %s: signing works again", self.writer_id)
-        self._seal_backoff = 0.0
-        return mark
-
-    def _tend_anchor(self) -> None:
-        """In the thread: a heartbeat when one is due, and a retry of what the anchor refused."""
-        anchor = self._anchor
-        if anchor is None:
-            return
-        now = self._clock()
-        if now >= self._next_beat and now >= self._seal_retry_at and not self._stopping:
-            seq, head = self.head
-            beat = self._sign(seq, head, now, heartbeat=True)
-            if beat is not None:
-                self._anchored(anchor.publish(beat, heartbeat=True))
-                self._next_beat = now + anchor.heartbeat_seconds
-        elif anchor.pending and now >= self._anchor_retry_at:
-            self._anchored(anchor.flush())
-
-    def _anchored(self, written: bool) -> None:
-        """After the anchor file took (or refused) lines: when to try again."""
-        if not written:
-            self._anchor_retry_at = self._clock() + self._options.retry_max
-
-    def _last_anchoring(self) -> None:
-        """In the thread, at stop: one more try for anchor entries the file refused."""
-        anchor = self._anchor
-        if anchor is not None and anchor.pending and not anchor.flush():
-            log.error(
-                "audit writer %s: %d anchor entries could not be written to %s",
-                self.writer_id,
-                anchor.pending,
-                anchor.path,
-            )
 
     def _replay(self, ahead: WriteAhead) -> None:
         """In start's thread: commit what the write-ahead holds past the store's last record
@@ -570,40 +485,3 @@ class AuditWriter:
         if self._healthy:
             log.error("audit writer %s: %s; refusing strict appends", self.writer_id, message)
         self._healthy, self._problem = False, message
-
-
-def open_writer(
-    state_dir: str | os.PathLike[str],
-    options: WriterOptions | None = None,
-    *,
-    synchronous: Synchronous = "FULL",
-    survives: Survives | None = None,
-    max_bytes: int | None = None,
-    signer: Signer | None = None,
-    anchor: Anchor | None = None,
-) -> AuditWriter:
-    """A writer for `<state_dir>/audit/`: claims a writer id, loads the checkpoint key (unless
-    a `signer` is given) and anchors its checkpoints in `anchor`, when given.
-
-    `survives` (when given, it decides `synchronous`): `process`, a write-ahead and commits
-    without fsync; `power`, an fsync per commit, strict appends waiting for it. Without it,
-    strict appends wait for a commit at `synchronous`. `max_bytes` caps the store's size; past
-    it, writes fail and the writer turns unhealthy; strict appends then wait for commits even
-    at `process`, so that no call passes on a record the full store will not take.
-    """
-    if survives is not None:
-        synchronous = "FULL" if survives == "power" else "NORMAL"
-    directory = audit_dir(state_dir)
-    claim = claim_writer_id(directory)
-    try:
-        key = signer if signer is not None else load_checkpoint_key(directory)
-        store = SqliteAuditStore(directory / DB_FILE, synchronous=synchronous, max_bytes=max_bytes)
-    except BaseException:
-        claim.release()
-        raise
-    ahead = None
-    if survives == "process" and max_bytes is None:
-        ahead = WriteAhead(directory, claim.writer_id)
-    return AuditWriter(
-        store, claim.writer_id, key, options, claim=claim, anchor=anchor, ahead=ahead
-    )

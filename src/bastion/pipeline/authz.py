@@ -14,16 +14,11 @@ it published, and takes the time from a clock it is given.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import re
 import secrets
 import time
-import unicodedata
-from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
-from urllib.parse import unquote
 
 from bastion import methods
 from bastion.background import Jobs
@@ -31,7 +26,9 @@ from bastion.config import Settings
 from bastion.errors import ArgumentMismatch, Overloaded, PolicyError, StateUnavailable
 from bastion.pipeline.catalog import Lister, PolicyLoader, ResourceIndex
 from bastion.pipeline.exchange import Exchange
+from bastion.pipeline.history import History, history_key
 from bastion.pipeline.route import requested_name
+from bastion.pipeline.tenancy import TenantNames, client_ip
 from bastion.policy.approval import ApprovalState, ApprovalStates, call_digest
 from bastion.policy.catalog import action_id
 from bastion.policy.engine import CedarRequest, PolicyEngine, Verdict, Who
@@ -44,41 +41,9 @@ from bastion.types import JSON, Decision, Era, Principal
 
 log = logging.getLogger("bastion.policy")
 
-_MAX_HISTORIES = 10_000
-_HISTORY_IDLE_SECONDS = 3600.0
-_NO_TENANT = "(unrecognized)"
 # Requests with nothing for policy to decide: answered by the gateway itself (lists are then
 # filtered item by item), or only giving up access (resources/unsubscribe).
 _NOTHING_TO_DECIDE = ("no upstream action to decide; list items are filtered by policy",)
-
-
-class History:
-    """What each session (or, without one, each principal) already did: tools called and the
-    labels of those tools. Bounded; idle entries go first."""
-
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self._clock = clock
-        self._items: OrderedDict[str, tuple[float, set[str], set[str]]] = OrderedDict()
-
-    def get(self, key: str) -> tuple[list[str], list[str]]:
-        item = self._items.get(key)
-        if item is None or item[0] < self._clock() - _HISTORY_IDLE_SECONDS:
-            return [], []
-        return sorted(item[1]), sorted(item[2])
-
-    def add(self, key: str, tool: str | None, labels: Iterable[str]) -> None:
-        """Remember a tool called (None: only labels, e.g. what an answer carried)."""
-        item = self._items.get(key)
-        if item is None:
-            item = (0.0, set(), set())
-        tools, seen = item[1], item[2]
-        if tool is not None:
-            tools.add(tool)
-        seen.update(labels)
-        self._items[key] = (self._clock(), tools, seen)
-        self._items.move_to_end(key)
-        if len(self._items) > _MAX_HISTORIES:
-            self._items.popitem(last=False)
 
 
 class Authorizer:
@@ -110,10 +75,7 @@ class Authorizer:
         self.jobs = Jobs("catalog")
         self.loader = PolicyLoader(settings, lister, self.jobs, ticks)
         self.resources = ResourceIndex(settings, self.jobs, ticks)
-        self._tenant_patterns = {
-            name: {arg: _tenant_regex(glob) for arg, glob in up.tenant_arguments.items()}
-            for name, up in settings.upstreams.items()
-        }
+        self._tenant_names = TenantNames(settings)
 
     @property
     def engine(self) -> PolicyEngine | None:
@@ -231,7 +193,7 @@ class Authorizer:
             named = {"uri": uri}
         else:
             return None
-        tenants = self._tenants(target.upstream, named)
+        tenants = self._tenant_names.named(target.upstream, named)
         if tenants and tenants != [principal.tenant]:
             exchange.foreign_tenants = tuple(t for t in tenants if t != principal.tenant)
         if "request" in needs:
@@ -255,7 +217,7 @@ class Authorizer:
             "environment": self.settings.environment,
         }
         if "client_ip" in needs:
-            situation["client_ip"] = {"__extn": {"fn": "ip", "arg": _ip(exchange.client)}}
+            situation["client_ip"] = {"__extn": {"fn": "ip", "arg": client_ip(exchange.client)}}
         if "time" in needs:
             moment = time.gmtime(now)
             situation["time"] = {
@@ -279,24 +241,6 @@ class Authorizer:
                 "all": await self.rates.peek(f"ctx:{who}", 60.0),
             }
         return situation
-
-    def _tenants(self, upstream: str, values: Mapping[str, Any]) -> list[str]:
-        """The tenants the tenant-scoped arguments name (`tenant_arguments` of the upstream)."""
-        patterns = self._tenant_patterns.get(upstream)
-        if not patterns:
-            return []
-        named: set[str] = set()
-        for arg, pattern in patterns.items():
-            value = values.get(arg)
-            for item in value if isinstance(value, list) else [value]:
-                if isinstance(item, str):
-                    for spelling in _spellings(item):
-                        match = pattern.fullmatch(spelling)
-                        if match is not None:
-                            named.add(match.group("tenant"))
-                elif item is not None:
-                    named.add(_NO_TENANT)
-        return sorted(named)
 
     async def _approval_state(
         self, exchange: Exchange, principal: Principal
@@ -455,74 +399,6 @@ def _entity(kind: str, ident: str, server: str, attrs: Mapping[str, Any]) -> dic
         "attrs": {"server": {"__entity": {"type": "Bastion::Server", "id": server}}, **attrs},
         "parents": [{"type": "Bastion::Server", "id": server}],
     }
-
-
-def history_key(exchange: Exchange, principal: Principal) -> str:
-    if exchange.session is not None:
-        return f"s:{exchange.session.id}"
-    return "p:" + "/".join(str(part) for part in principal.binding_key())
-
-
-def _ip(client: str) -> str:
-    """The address of a client as the transport gives it: `host:port`, `[v6]:port`, or a
-    bare address (behind a trusted proxy, the forwarded one). None of those: 0.0.0.0."""
-    host = client
-    if client.startswith("["):
-        host = client[1 : client.find("]")]
-    elif client.count(":") == 1:
-        host = client.partition(":")[0]
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        return "0.0.0.0"  # noqa: S104 - no client address at all (never a real peer's)
-
-
-def _spellings(value: str) -> set[str]:
-    """The ways an upstream might read an id the client spelled: as sent; percent-decoded
-    (repeatedly: `%2567` is `%67` is `g`); without surrounding white space or invisible
-    format characters; with the URI's user part, empty path segments and dot segments
-    removed; and each of those folded for case and compatibility forms (NFKC). The client
-    chooses the spelling; it must not choose which tenant the check sees."""
-    forms = {value}
-    decoded = value
-    for _ in range(3):
-        decoded = unquote(decoded)
-        forms.add(decoded)
-    for form in list(forms):
-        bare = "".join(ch for ch in form if unicodedata.category(ch) != "Cf").strip()
-        forms.update((bare, _plain_uri(bare)))
-    return forms | {unicodedata.normalize("NFKC", form).casefold() for form in forms}
-
-
-def _plain_uri(value: str) -> str:
-    """`scheme://user@host//a/./b/../c` as `scheme://host/a/c`, with dot segments resolved
-    over the whole of it (`workspace://acme/../globex/x` is `workspace://globex/x` to an
-    upstream that joins paths as strings); anything without `://` unchanged."""
-    scheme, sep, rest = value.partition("://")
-    if not sep:
-        return value
-    kept: list[str] = []
-    for segment in rest.split("/"):
-        if segment == "..":
-            if kept:
-                kept.pop()
-        elif segment not in ("", "."):
-            kept.append(segment)
-    if kept:
-        kept[0] = kept[0].rpartition("@")[2]
-    return f"{scheme}://{'/'.join(kept)}"
-
-
-def _tenant_regex(glob: str) -> re.Pattern[str]:
-    out = []
-    for part in re.split(r"(\{tenant\}|\*)", glob):
-        if part == "{tenant}":
-            out.append(r"(?P<tenant>[a-z0-9]+(?:-[a-z0-9]+)*?)")
-        elif part == "*":
-            out.append(".*")
-        else:
-            out.append(re.escape(part))
-    return re.compile("".join(out), re.DOTALL)
 
 
 def _message(verdict: Verdict) -> str:

@@ -35,8 +35,8 @@ from bastion.inspect.answer import Checked, Rules, judge
 from bastion.inspect.injection import InjectionScanner
 from bastion.inspect.secrets import SecretScanner
 from bastion.inspect.tenants import TenantGuard
-from bastion.pipeline.authz import History, history_key
 from bastion.pipeline.exchange import Exchange
+from bastion.pipeline.history import History, history_key
 from bastion.pipeline.session import ClientSession
 from bastion.policy.redaction import paths, redact
 from bastion.types import JSON, Era, Principal, Target

@@ -24,8 +24,9 @@ from bastion.config import ENVIRONMENTS
 from bastion.config import load as load_config
 from bastion.errors import BastionError
 from bastion.methods import PROMPTS_GET, RESOURCES_READ, RESOURCES_SUBSCRIBE, TOOLS_CALL
-from bastion.pipeline.authz import Authorizer, history_key
+from bastion.pipeline.authz import Authorizer
 from bastion.pipeline.exchange import Exchange
+from bastion.pipeline.history import history_key
 from bastion.policy.lint import lint as lint_policy
 from bastion.state.rates import MemoryRateCounter
 from bastion.types import Era, Principal, Target

@@ -21,39 +21,31 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import ConnStatus, TransactionStatus
 
-# One description of a DSN (without its password) for every PostgreSQL store.
-from bastion.audit.postgres import _describe as describe
 from bastion.control.registry.db import _CONFLICT, Database, _Busy
 from bastion.control.registry.schema import POSTGRES_MIGRATIONS
 from bastion.errors import RegistryConflict, RegistryUnavailable
+from bastion.postgres import Server, bound_waits, close_if_interrupted
 
 __all__ = ["PostgresDatabase"]
 
 # "BASR": the registry's write lock, apart from the audit store's "BAST"/"BASU" keys.
 _WRITE_LOCK = (0x42415352, 0)
-# Unless the DSN says otherwise: fail fast (the view refuses after 5 s without a read, so a
-# watcher must not hang longer than that on a dead server), and notice a dead peer.
-_DEFAULTS = {
-    "connect_timeout": "3",
-    "application_name": "bastion-registry",
-    "keepalives": "1",
-    "keepalives_idle": "10",
-    "keepalives_interval": "5",
-    "keepalives_count": "3",
-    "tcp_user_timeout": "5000",
-}
 
 
-def _parsed(dsn: str) -> dict[str, Any]:
-    """The DSN's parameters; RegistryUnavailable without libpq's message, which may quote the
-    DSN, password and all."""
-    try:
-        return conninfo_to_dict(dsn)
-    except psycopg.Error:
-        raise RegistryUnavailable("registry.dsn is not a PostgreSQL DSN") from None
+def _server(dsn: str) -> Server:
+    """The registry's server (`registry.dsn`); unless the DSN says otherwise: fail fast (the
+    view refuses after 5 s without a read, so a watcher must not hang longer than that on a
+    dead server), and notice a dead peer."""
+    return Server.parse(
+        dsn,
+        key="registry.dsn",
+        error=RegistryUnavailable,
+        application_name="bastion-registry",
+        connect_timeout=3,
+        tcp_user_timeout_ms=5000,
+    )
 
 
 def _alive(conn: psycopg.Connection[Any]) -> bool:
@@ -75,10 +67,8 @@ class PostgresDatabase(Database):
     instance, opened again after the server went away."""
 
     def __init__(self, dsn: str, *, create: bool = True) -> None:
-        params = _parsed(dsn)
-        self.where, self._password = describe(params), str(params.get("password") or "")
-        given = {key: value for key, value in params.items() if value is not None}
-        self._conninfo = make_conninfo("", **{**_DEFAULTS, **given})
+        self._server = _server(dsn)
+        self.where = self._server.where
         self._lock = threading.RLock()
         self._conn: psycopg.Connection[Any] | None = None
         self._closed = False
@@ -105,10 +95,8 @@ class PostgresDatabase(Database):
             self._conn.close()
         if self._conn is None or self._conn.closed:
             self._conn = None
-            conn = psycopg.connect(self._conninfo, autocommit=True)
-            # A replica cut off inside a write must not hold the others' writes for long.
-            conn.execute("SET idle_in_transaction_session_timeout = '15s'")
-            conn.execute("SET lock_timeout = '10s'")
+            conn = self._server.connect()
+            bound_waits(conn)  # a replica cut off inside a write holds the others briefly
             self._conn = conn
         return self._conn
 
@@ -138,15 +126,10 @@ class PostgresDatabase(Database):
         try:
             yield
         except BaseException as exc:
-            conn = self._conn
-            if conn is not None and not conn.closed:
-                if conn.info.transaction_status != TransactionStatus.IDLE:
-                    conn.close()  # interrupted mid-statement: start over on a fresh connection
+            close_if_interrupted(self._conn)
             if isinstance(exc, psycopg.errors.IntegrityError):
                 raise RegistryConflict(_CONFLICT) from exc
             if isinstance(exc, psycopg.Error):
-                detail = " ".join(str(exc).split())
-                if self._password:
-                    detail = detail.replace(self._password, "***")
+                detail = self._server.detail(exc)
                 raise RegistryUnavailable(f"registry {self.where}: {detail}") from exc
             raise
