@@ -352,6 +352,7 @@ def test_suspending_an_agent_refuses_its_next_call(gw: GatewayProcess, browser: 
     ]
     browser.get(gw.url("/console/agents"))
     browser.find_element(By.ID, "resume-acme-reader").click()
+    assert _notice(browser, "Agent") == "Agent acme-reader is now active."
     again = _mcp(gw, ECHO, "tools/call", token, {"name": "echo", "arguments": {"text": "hi"}})
     assert again.status_code == 200 and "result" in again.json()
 

@@ -39,6 +39,7 @@ from bastion.types import LEGACY_VERSIONS, Era
 
 VERSION = "2025-06-18"
 ROUTE = "/servers/up/mcp"
+BOTH = "/both/mcp"  # the virtual server of `up` and the fleet's other upstreams
 ACCEPT = "application/json, text/event-stream"
 CLIENT = "shared-sessions-test"  # the client's name, as the upstream hears it at initialize
 
@@ -60,10 +61,43 @@ class Upstream:
     release: asyncio.Event = field(default_factory=asyncio.Event)  # `slow` finishes after it
     answers: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # client → it
     answered: asyncio.Event = field(default_factory=asyncio.Event)
+    refusing: bool = False  # initialize is answered 503 (the upstream is down) while set
+    # With `together` set (`hold`), the client's initializes (or requests in a session it
+    # forgot) are answered only once that many arrived: replicas opening an upstream session
+    # at the same moment, or calls finding it forgotten at the same moment, deterministically.
+    together: int = 0
+    holding: str = "initialize"
+    arrived: int = 0
+    all_in: asyncio.Event = field(default_factory=asyncio.Event)
 
     def client_sessions(self) -> list[str]:
         """The upstream sessions the test client's initialize opened (not the catalog's)."""
         return [sid for sid, name in self.sessions.items() if name == CLIENT]
+
+    def hold(self, together: int, holding: str = "initialize") -> None:
+        """Answer the client's next initializes (`holding` "forgotten": requests in a session
+        it forgot) only once `together` of them arrived."""
+        self.together, self.arrived, self.all_in = together, 0, asyncio.Event()
+        self.holding = holding
+
+    def forget(self) -> None:
+        """Forget every session, as a restart does: requests in them are answered 404, their
+        GET streams end."""
+        self.sessions.clear()
+        for pushed in self.pushed.values():
+            pushed.set()
+
+    async def _gather(self, holding: str, name: str = CLIENT) -> None:
+        """Hold a client's initialize (or a request in a forgotten session) until `together`
+        arrived (at most 10 s: a test that expects them all fails on `arrived`, never hangs)."""
+        if not self.together or holding != self.holding or name != CLIENT:
+            return
+        self.arrived += 1
+        if self.arrived >= self.together:
+            self.all_in.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                await self.all_in.wait()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -90,9 +124,13 @@ class Upstream:
                 break
         message = json.loads(body)
         method = message.get("method")
+        if method == "initialize" and self.refusing:
+            await _reply(send, 503, {"error": "starting"})
+            return
         if method == "initialize":
-            sid = secrets.token_hex(8)
             params = message["params"]
+            await self._gather("initialize", params.get("clientInfo", {}).get("name", ""))
+            sid = secrets.token_hex(8)
             self.sessions[sid] = params.get("clientInfo", {}).get("name", "")
             self.sent[sid], self.pushed[sid] = [], asyncio.Event()
             result = {
@@ -104,6 +142,7 @@ class Upstream:
             await _reply(send, 200, reply, [(b"mcp-session-id", sid.encode())])
             return
         if sid not in self.sessions:
+            await self._gather("forgotten")
             await _reply(send, 400 if not sid else 404, {"error": "no such session"})
             return
         if "method" not in message:  # the client's answer to this server's request
@@ -169,7 +208,7 @@ class Upstream:
         gone = asyncio.create_task(_disconnected(receive))
         self.listening.add(sid)
         try:
-            while not gone.done():
+            while not gone.done() and sid in self.sessions:
                 pushed.clear()
                 while cursor < len(sent):
                     cursor += 1
@@ -177,6 +216,8 @@ class Upstream:
                 waiting = asyncio.create_task(pushed.wait())
                 await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
                 waiting.cancel()
+            if not gone.done():  # forgotten: the stream ends
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             self.listening.discard(sid)
             gone.cancel()
@@ -226,58 +267,82 @@ class Replica:
 class Fleet:
     upstream: Upstream
     replicas: dict[str, Replica]
-    redis_url: str
+    redis_url: str | None
+    others: dict[str, Upstream] = field(default_factory=dict)  # with `up`, behind BOTH
 
     def __getitem__(self, name: str) -> Replica:
         return self.replicas[name]
 
+    def both(self, replica: str) -> str:
+        """The replica's URL of the virtual server joining `up` and the other upstreams."""
+        return self.replicas[replica].url.removesuffix(ROUTE) + BOTH
 
-def _settings(tmp: Path, up_port: int, agent: str, limits: str) -> config.Settings:
+
+def _settings(
+    tmp: Path, up_port: int, agent: str, limits: str, others: dict[str, int] | None = None
+) -> config.Settings:
+    """One replica's settings: the upstream `up` (its own route), and with `others` (name →
+    port) those upstreams too, joined with `up` on the virtual server at BOTH."""
     state = tmp / agent
     state.mkdir(exist_ok=True)
+    upstreams = {"up": up_port, **(others or {})}
+    listed = "".join(
+        f"""  {name}: {{transport: http, url: "http://127.0.0.1:{port}/mcp", protocol: legacy,
+       timeout_seconds: 5, credentials: {{mode: none}}}}\n"""
+        for name, port in upstreams.items()
+    )
+    joined = f"virtual_servers:\n  both: {{path: {BOTH}, upstreams: {list(upstreams)}}}\n"
     return config.parse(
         f"""
 state_dir: {state}
 auth: {{mode: none, tenant: acme, agent: {agent}}}
 limits: {{sse_keepalive_seconds: 1, {limits}}}
 {ALLOW_ALL_YAML}upstreams:
-  up: {{transport: http, url: "http://127.0.0.1:{up_port}/mcp", protocol: legacy,
-       timeout_seconds: 5, credentials: {{mode: none}}}}
-"""
+{listed}{joined if others else ""}"""
     )
 
 
 @contextlib.asynccontextmanager
 async def fleet(
     tmp: Path,
-    redis_url: str,
+    redis_url: str | None,
     agents: dict[str, str] | None = None,
     timeout: float = 1.0,
     limits: str = "session_idle_seconds: 3600",
+    others: tuple[str, ...] = (),
 ) -> AsyncIterator[Fleet]:
-    """Replicas (name → agent each serves as) sharing one Redis and one upstream."""
+    """Replicas (name → agent each serves as) sharing one Redis and one upstream (and with
+    `others`, more upstreams, joined with it on the virtual server at BOTH). Without
+    `redis_url`, one gateway on its own: the embedded default, to compare with."""
     upstream = Upstream()
-    up_server = HttpServer(upstream, max_body=1 << 20, keepalive_timeout=60)
-    up_port = await up_server.start("127.0.0.1", 0)
+    up_servers = [HttpServer(upstream, max_body=1 << 20, keepalive_timeout=60)]
+    up_port = await up_servers[0].start("127.0.0.1", 0)
+    more = {name: Upstream() for name in others}
+    ports: dict[str, int] = {}
     replicas: dict[str, Replica] = {}
     states: list[RedisState] = []
     try:
+        for name, other in more.items():
+            up_servers.append(HttpServer(other, max_body=1 << 20, keepalive_timeout=60))
+            ports[name] = await up_servers[-1].start("127.0.0.1", 0)
         for name, agent in (agents or {"A": "agent-1", "B": "agent-1"}).items():
-            shared = RedisState(redis_url, timeout=timeout)
-            states.append(shared)
-            gateway = Gateway(_settings(tmp, up_port, agent, limits), shared=shared)
+            shared = RedisState(redis_url, timeout=timeout) if redis_url else None
+            states += [shared] if shared else []
+            settings = _settings(tmp, up_port, agent, limits, ports)
+            gateway = Gateway(settings, shared=shared)
             await gateway.start()
             server = HttpServer(gateway.front, max_body=1 << 20, keepalive_timeout=60)
             port = await server.start("127.0.0.1", 0)
             replicas[name] = Replica(gateway, server, f"http://127.0.0.1:{port}{ROUTE}")
-        yield Fleet(upstream, replicas, redis_url)
+        yield Fleet(upstream, replicas, redis_url, more)
     finally:
         for replica in replicas.values():
             await replica.drop()
             await replica.gateway.stop()
         for shared in states:
             await shared.close()
-        await up_server.stop(grace=0)
+        for up_server in up_servers:
+            await up_server.stop(grace=0)
 
 
 def _headers(session: str | None = None) -> dict[str, str]:
@@ -299,8 +364,10 @@ async def _initialize(client: httpx.AsyncClient, url: str) -> str:
     return response.headers["mcp-session-id"]
 
 
-async def _call(client: httpx.AsyncClient, url: str, session: str) -> httpx.Response:
-    message = {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "whoami"}}
+async def _call(
+    client: httpx.AsyncClient, url: str, session: str, tool: str = "whoami"
+) -> httpx.Response:
+    message = {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": tool}}
     return await client.post(url, json=message, headers=_headers(session))
 
 
@@ -371,6 +438,90 @@ def test_a_session_survives_its_replica_dropped_without_closing(
             after = _upstream_session(await _call(client, f["B"].url, session))
             assert after == before
             assert f.upstream.deleted == []  # nothing ended the upstream session
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("opener", ["A", "B"])
+def test_an_upstream_opened_after_a_replica_re_attached_is_joined_there_not_reopened(
+    tmp_path: Path,
+    redis_server: RedisServer,  # noqa: F811
+    opener: str,
+) -> None:
+    """A opens the session on the virtual server of `up` and `x` while `x` is down (the
+    session opens with `up` only); the client's first call lands on B, which re-attaches it
+    (with `up` only) and serves the client's GET stream. `x` comes back; a call to it through
+    `opener` (A, which holds an unopened channel to `x` from the initialize, or B) opens the
+    upstream session; then a call to `x` lands on the other replica. Before the fix, that
+    replica opened an upstream session of its own (two upstream sessions for one client
+    session, each replica calling its own), and the server stream of `x` never reached the
+    client's GET stream on B. Now the other replica joins the recorded upstream session, and
+    B, listening, relays what `x` sends on it."""
+    other = "B" if opener == "A" else "A"
+
+    async def scenario() -> None:
+        async with (
+            fleet(tmp_path, redis_server.url(), others=("x",)) as f,
+            httpx.AsyncClient() as client,
+        ):
+            x = f.others["x"]
+            x.refusing = True
+            session = await _initialize(client, f.both("A"))
+            assert x.client_sessions() == []
+            _upstream_session(await _call(client, f.both("B"), session, "up__whoami"))
+            headers = {**_headers(session), "Accept": "text/event-stream"}
+            async with client.stream("GET", f.both("B"), headers=headers, timeout=15) as got:
+                assert got.status_code == 200
+                x.refusing = False
+                opened = _upstream_session(
+                    await _call(client, f.both(opener), session, "x__whoami")
+                )
+                assert x.client_sessions() == [opened]
+                joined = _upstream_session(await _call(client, f.both(other), session, "x__whoami"))
+                assert joined == opened, "a second upstream session for one client session"
+                assert x.client_sessions() == [opened]
+                assert [sid for sid, _ in x.calls] == [opened, opened]
+                await until_async(lambda: opened in x.listening, "B listening to x")
+                x.push(opened, _note(5))
+                [(_, note)] = await _events(got.aiter_lines(), 1)
+            assert note["params"]["data"] == 5
+
+    run(scenario())
+
+
+def test_in_one_process_an_upstream_opened_after_the_get_stream_is_relayed_on_it(
+    tmp_path: Path,
+) -> None:
+    """The same upstream `x`, down at initialize, in one process: the client's GET stream
+    opened while `x` was down; the first call to `x` opens its upstream session. Before the
+    fix the GET's relay of `x` had tried once (and failed) as the stream opened and was never
+    started again, so nothing `x` sent on its own stream reached the client."""
+
+    async def scenario() -> None:
+        agents = {"A": "agent-1"}
+        async with (
+            fleet(tmp_path, None, agents, others=("x",)) as f,
+            httpx.AsyncClient() as client,
+        ):
+            x = f.others["x"]
+            x.refusing = True
+            session = await _initialize(client, f.both("A"))
+            headers = {**_headers(session), "Accept": "text/event-stream"}
+            [held] = f["A"].gateway.pipeline.sessions.all()
+            up_sid = f.upstream.client_sessions()[0]
+
+            def relaying_up_only() -> bool:  # whatever the GET tried with `x` is over
+                return up_sid in f.upstream.listening and len(held.tasks) == 1
+
+            async with client.stream("GET", f.both("A"), headers=headers, timeout=15) as got:
+                assert got.status_code == 200
+                await until_async(relaying_up_only, "the GET relaying `up` alone")
+                x.refusing = False
+                opened = _upstream_session(await _call(client, f.both("A"), session, "x__whoami"))
+                await until_async(lambda: opened in x.listening, "A listening to x")
+                x.push(opened, _note(6))
+                [(_, note)] = await _events(got.aiter_lines(), 1)
+            assert note["params"]["data"] == 6
 
     run(scenario())
 

@@ -39,6 +39,11 @@ class SharedEvents:
         """A stream's stored events after `seq`, and whether it closed."""
         return await self.records.since(self.session_hash, stream, seq)
 
+    async def replay(self, stream: str, seq: int) -> tuple[list[tuple[int, bytes]], bool] | None:
+        """As `since`, for a client resuming the stream: None when the session has no such
+        stream (or is gone)."""
+        return await self.records.replay(self.session_hash, stream, seq)
+
 
 class Stream:
     """An SSE stream's events, kept so a client can resume with Last-Event-ID."""

@@ -346,7 +346,7 @@ class Pipeline:
         engine = self.authz.engine
         exchange.forward_headers = mirror.rebuild(exchange, engine.catalog if engine else None)
         answer = await self.dispatcher.run(exchange, route)
-        if exchange.session is not None:  # an upstream session reopened: recorded for all
+        if exchange.session is not None:  # relay an upstream session opened or reopened
             await self.sessions.sync(exchange.session)
         answer = self.approval.after(exchange, answer)
         target = exchange.target

@@ -12,30 +12,54 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from bastion.errors import SessionNotFound
+from bastion.errors import BastionError, SessionNotFound
 from bastion.pipeline.buffer import GONE, SharedEvents, Stream
 from bastion.types import JSON, Principal
 from bastion.upstream.base import Channel
 from bastion.upstream.http import LegacyHttpChannel
 
 __all__ = [
+    "MAX_PENDING_SERVER_REQUESTS",
     "ClientSession",
+    "FOLLOW_SECONDS",
     "CloseCredentials",
+    "Follow",
+    "Join",
+    "Listener",
+    "Record",
 ]
 
 log = logging.getLogger("bastion.session")
 
-_MAX_PENDING_SERVER_REQUESTS = 1024
+# Server requests (and the gateway's own) awaiting the client's answer, per session: past
+# this, the oldest is dropped (its answer then finds nothing pending), in this process and in
+# the shared state alike, so an upstream that asks endlessly grows neither.
+MAX_PENDING_SERVER_REQUESTS = 1024
 _CLOSE_SECONDS = 5.0  # to end one upstream session: its credential, then its DELETE
+# With shared state, how often a replica serving the session's GET stream looks for upstream
+# sessions other replicas opened or reopened (one read of the record), to relay their streams.
+FOLLOW_SECONDS = 1.0
 
 # The credential headers that end a principal's session with an upstream.
 CloseCredentials = Callable[[Principal, str], Awaitable[Mapping[str, str]]]
+# With shared state: the upstream session another replica recorded for this client session,
+# joined (None when none is recorded).
+Join = Callable[[str], Awaitable[Channel | None]]
+# With shared state: record an upstream session a channel opened, by compare-and-set
+# (upstream, the upstream session id it replaces, the new one as `attachment()` gives it) →
+# None when recorded, else the one another replica recorded first and where its stream got to.
+Record = Callable[[str, str | None, JSON], Awaitable[tuple[JSON, str | None] | None]]
+# With shared state: join the upstream sessions recorded for these upstreams that this replica
+# does not use yet (another replica opened or reopened them).
+Follow = Callable[[Sequence[str]], Awaitable[None]]
+# Relays an upstream's own stream (legacy GET) into the session's standalone stream.
+Listener = Callable[[str], Coroutine[Any, Any, None]]
 
 
 @dataclass(eq=False)
@@ -58,8 +82,14 @@ class ClientSession:
     last_seen: float = field(default_factory=time.monotonic)
     shared: SharedEvents | None = None  # its events stored for every replica
     refreshed: float = field(default_factory=time.monotonic)  # its shared expiry restarted
-    recorded: dict[str, JSON] = field(default_factory=dict)  # upstream sessions as stored
     unsaved: dict[str, tuple[str, Any]] = field(default_factory=dict)  # server requests
+    # With shared state, once its initialize has run (`SharedUpstreams.bind`).
+    join: Join | None = None
+    record: Record | None = None
+    follow: Follow | None = None
+    listener: Listener | None = None  # once a client opened its GET stream
+    # Upstream → the upstream session whose stream is relayed, and the task relaying it.
+    heard: dict[str, tuple[str | None, asyncio.Task[None]]] = field(default_factory=dict)
     _counter: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _open_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -97,12 +127,88 @@ class ClientSession:
             del self.streams[key]
         return stream
 
+    async def channel(self, upstream: str, create: Callable[[], Awaitable[Channel]]) -> Channel:
+        """The session's channel to an upstream: the one held here; else (with shared state)
+        one joined to the upstream session another replica recorded; else a new one from
+        `create`. A channel held here that has not opened its upstream session yet is
+        replaced by a joined one too: whichever replica opens an upstream session first,
+        every replica uses that one, never a second of its own."""
+        channel = self.channels.get(upstream)
+        if channel is not None and self._settled(channel):
+            return channel
+        async with self._open_lock:
+            channel = self.channels.get(upstream)
+            if channel is None or not self._settled(channel):
+                joined = await self.join(upstream) if self.join is not None else None
+                if joined is not None:
+                    channel = joined
+                elif channel is None:
+                    channel = await create()
+                self.hold(upstream, channel)
+            return channel
+
+    def hold(self, upstream: str, channel: Channel) -> None:
+        """Use `channel` to reach `upstream`; with shared state, an upstream session it opens
+        is recorded for every replica, or replaced by the one another replica recorded."""
+        self.channels[upstream] = channel
+        record = self.record
+        if record is not None and isinstance(channel, LegacyHttpChannel):
+            channel.claim = lambda replaced, opened: record(upstream, replaced, opened)
+
+    def _settled(self, channel: Channel) -> bool:
+        """Whether a channel held here is the one to use: always in one process; with
+        shared state, once it has opened its upstream session (or has none to share)."""
+        return self.join is None or _opened(channel)
+
+    def hear(self) -> None:
+        """Once a client opened the GET stream: relay the own stream of every upstream whose
+        session is open and not relayed yet: one opened or joined since, too, and one whose
+        upstream session changed (reopened, or another replica's adopted), whose old relay
+        stops."""
+        if self.listener is None:
+            return
+        for upstream, channel in list(self.channels.items()):
+            if not _opened(channel):
+                continue
+            relayed = _upstream_session(channel)
+            held = self.heard.get(upstream)
+            if held is not None and held[0] == relayed:
+                continue
+            if held is not None:
+                held[1].cancel()
+            self.heard[upstream] = (relayed, self.spawn(self.listener(upstream)))
+
+    def watch(self, upstreams: Sequence[str]) -> None:
+        """With shared state, while the session's GET stream is served here: join, now and
+        then, what other replicas opened or reopened with `upstreams`, and relay it."""
+        if self.follow is not None:
+            self.spawn(self._follow(self.follow, upstreams))
+
+    async def _follow(self, follow: Follow, upstreams: Sequence[str]) -> None:
+        while True:
+            await asyncio.sleep(FOLLOW_SECONDS)  # a polling period: another replica's record
+            if not self.streams["0"].attached:
+                continue  # no client reads the stream here now: no read of the record either
+            try:
+                await follow(upstreams)
+            except BastionError as exc:  # the shared state out of reach: tried again later
+                log.info(
+                    "session %s…: other replicas' upstream sessions not followed: %s",
+                    self.id[:6],
+                    exc.message,
+                )
+            except Exception:  # a record that cannot be read must not end the following
+                log.exception("session %s…: other replicas' upstream sessions", self.id[:6])
+            self.hear()
+
     def map_server_request(self, upstream: str, message: JSON) -> JSON:
         """Give a server→client request a gateway id, remembering whose it was."""
         gateway_id = f"bastion-{next(self._counter)}"
-        if len(self.server_requests) >= _MAX_PENDING_SERVER_REQUESTS:
+        if len(self.server_requests) >= MAX_PENDING_SERVER_REQUESTS:
             # A client that never answers must not grow the session without bound.
-            del self.server_requests[next(iter(self.server_requests))]
+            oldest = next(iter(self.server_requests))
+            del self.server_requests[oldest]
+            self.unsaved.pop(oldest, None)
         self.server_requests[gateway_id] = (upstream, message["id"])
         if self.shared is not None:  # saved before the client can see it (`save_requests`)
             self.unsaved[gateway_id] = (upstream, message["id"])
@@ -116,9 +222,10 @@ class ClientSession:
         carrying them is stored (and so before any client is sent it)."""
         if self.shared is None or not self.unsaved:
             return
-        fields = {f"request:{gid}": orjson.dumps(mapped) for gid, mapped in self.unsaved.items()}
+        mapped = {gid: orjson.dumps(m) for gid, m in self.unsaved.items()}
         self.unsaved.clear()
-        await self.shared.records.put(self.shared.session_hash, fields)
+        shared = self.shared
+        await shared.records.add_requests(shared.session_hash, mapped, MAX_PENDING_SERVER_REQUESTS)
 
     async def save_listened(self, upstream: str) -> None:
         """With shared events: store where the upstream's GET stream got to, so a replica
@@ -138,7 +245,7 @@ class ClientSession:
         if self.shared is None:
             return mapped
         self.unsaved.pop(gateway_id, None)
-        stored = await self.shared.records.take(self.shared.session_hash, f"request:{gateway_id}")
+        stored = await self.shared.records.take_request(self.shared.session_hash, gateway_id)
         if mapped is None and stored is not None:
             upstream, upstream_id = orjson.loads(stored)
             mapped = (str(upstream), upstream_id)
@@ -148,9 +255,9 @@ class ClientSession:
         """An id for a request the gateway itself sends the client, and where its answer
         will arrive."""
         gateway_id = f"bastion-ask-{next(self._counter)}"
-        if len(self.asks) >= _MAX_PENDING_SERVER_REQUESTS:
-            _, oldest = self.asks.popitem()
-            oldest.cancel()
+        if len(self.asks) >= MAX_PENDING_SERVER_REQUESTS:
+            # The oldest goes (`popitem` alone would take the newest: insertion order).
+            self.asks.pop(next(iter(self.asks))).cancel()
         future: asyncio.Future[JSON] = asyncio.get_running_loop().create_future()
         self.asks[gateway_id] = future
         return gateway_id, future
@@ -206,3 +313,15 @@ class ClientSession:
                 await channel.close(headers)
         except Exception as exc:  # the upstream may be gone; ending the client's session goes on
             log.info("upstream %r: ending its session failed: %r", upstream, exc)
+
+
+def _upstream_session(channel: Channel) -> str | None:
+    """The upstream session a channel uses (None for one without sessions of its own)."""
+    attachment = channel.attachment() if isinstance(channel, LegacyHttpChannel) else None
+    found = attachment.get("session") if attachment is not None else None
+    return found if isinstance(found, str) else None
+
+
+def _opened(channel: Channel) -> bool:
+    """Whether a channel's upstream session is open (one without a handshake always is)."""
+    return not isinstance(channel, LegacyHttpChannel) or channel.initialized is not None

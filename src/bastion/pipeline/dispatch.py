@@ -18,7 +18,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncGenerator, Awaitable, Callable
 
-from bastion.errors import BastionError, InvalidParams, MethodNotFound, UpstreamError, shown
+from bastion.errors import (
+    BastionError,
+    InvalidParams,
+    MethodNotFound,
+    SessionNotFound,
+    UpstreamError,
+    shown,
+)
 from bastion.methods import (
     KNOWN_METHODS,
     LOGGING_SET_LEVEL,
@@ -143,6 +150,8 @@ class Dispatcher:
             if method == SUBSCRIPTIONS_LISTEN:
                 return await self.streams.listen(exchange, route)
             raise MethodNotFound(f"method {shown(method)} is not served by this gateway")
+        except SessionNotFound:  # ended elsewhere meanwhile: 404, as before the call
+            raise
         except BastionError as exc:
             return Answer(error(exchange.id, exc))
 

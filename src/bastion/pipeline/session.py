@@ -3,7 +3,8 @@ record every replica serves a session from.
 
 A session belongs to the principal that opened it; anyone else presenting its id is told it does
 not exist, exactly as for an unknown id. Sessions are never authentication. One session as a
-replica holds it is a `ClientSession` (client_session.py).
+replica holds it is a `ClientSession` (client_session.py); with shared state, every replica
+uses the same upstream sessions for it (sharing.py).
 """
 
 from __future__ import annotations
@@ -14,19 +15,16 @@ import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from typing import Any
-
-import orjson
 
 from bastion.config import Limits
 from bastion.errors import BastionError, SessionNotFound, SessionQuotaExceeded
 from bastion.pipeline.buffer import GONE, SharedEvents, Stream
 from bastion.pipeline.client_session import ClientSession, CloseCredentials
+from bastion.pipeline.quotas import QUOTAS, fleet_quotas, quota_refusal
+from bastion.pipeline.sharing import Attach, SharedUpstreams
 from bastion.state.sessions import Quota, SessionRecords, record_owner, session_record
 from bastion.types import JSON, Principal
-from bastion.upstream.base import Channel
-from bastion.upstream.http import LegacyHttpChannel
 
 __all__ = [
     "Attach",
@@ -43,11 +41,6 @@ log = logging.getLogger("bastion.session")
 def session_hash(session_id: str) -> str:
     """How a session is named outside this process (the registry never sees raw ids)."""
     return hashlib.sha256(session_id.encode()).hexdigest()
-
-
-# Joins one upstream of a session another replica opened: (upstream, hello, tenant, the
-# upstream session as recorded, or None when it had not opened) → the channel.
-Attach = Callable[[str, JSON, str, JSON | None], Awaitable[Channel]]
 
 
 class SessionStore:
@@ -75,7 +68,8 @@ class SessionStore:
         self._limits = limits
         self._credentials = credentials
         self.records = records
-        self._attach = attach
+        # With shared state: the same upstream sessions on every replica (sharing.py).
+        self._upstreams = SharedUpstreams(records, attach) if records is not None else None
         self._loading: dict[str, asyncio.Lock] = {}
         self._per_agent: Counter[tuple[str, str]] = Counter()
         self._per_tenant: Counter[str] = Counter()
@@ -170,20 +164,17 @@ class SessionStore:
             await self.records.put(session_hash(session.id), {"initialized": b"1"})
 
     async def sync(self, session: ClientSession) -> None:
-        """Record the session's upstream sessions that opened or were reopened since last
-        recorded, so another replica joins the same ones (no I/O when none changed)."""
-        if self.records is None:
+        """After the session's initialize and each of its calls: relay the stream of an
+        upstream session opened (or reopened) since, when the session is listening. With
+        shared state, the first sync (the initialize's) records the upstream sessions opened;
+        from then on an upstream session this replica opens is recorded as it opens, by
+        compare-and-set, and one another replica recorded is joined (sharing.py)."""
+        session.hear()
+        if self._upstreams is None or session.join is not None:
             return
-        changed = {
-            name: attachment
-            for name, attachment in session.attachments().items()
-            if session.recorded.get(name) != attachment
-        }
-        if not changed:
-            return
-        fields = {f"up:{name}": orjson.dumps(a) for name, a in changed.items()}
-        await self.records.put(session_hash(session.id), fields)
-        session.recorded.update(changed)
+        # Nothing can be recorded before the client knows the session: a plain write.
+        await self._upstreams.record(session)
+        self._upstreams.bind(session)
 
     async def remove(self, session_id: str, strict: bool = True) -> bool:
         """End a session (for every replica) and its upstream sessions; False when there was
@@ -255,7 +246,7 @@ class SessionStore:
         if refused == 0:
             return None
         self._take(session.id)
-        quota = ("agent", "tenant", "gateway")[refused - 1]
+        quota = QUOTAS[refused - 1]
         refusal = self._refusal(quota, session.principal, held)
         log.info("session refused over the fleet: %s", refusal.message)
         return refusal
@@ -304,15 +295,14 @@ class SessionStore:
             SharedEvents(self.records, digest, session.keep_events),
             counter_start=secrets.randbelow(1 << 40) + (1 << 20),
         )
+        assert self._upstreams is not None  # noqa: S101 - only with shared state
         for key, value in fields.items():
-            if key.startswith("up:") and self._attach is not None:
-                name, attachment = key[3:], orjson.loads(value)
-                channel = await self._attach(name, hello, owner.tenant, attachment)
+            if key.startswith("up:") and self._upstreams.joins:
+                name = key[3:]
                 listened = fields.get(f"listen:{name}")
-                if isinstance(channel, LegacyHttpChannel) and listened is not None:
-                    channel.listened = listened.decode()
-                session.channels[name] = channel
-                session.recorded[name] = attachment
+                joined = await self._upstreams.joined(session, name, value, listened)
+                session.channels[name] = joined
+        self._upstreams.bind(session)
         self._put(session)  # admitted by the fleet when it opened: no quota is asked again
         log.info("session %s… re-attached from the shared state", session_id[:6])
 
@@ -373,41 +363,10 @@ class SessionStore:
         return None
 
     def _refusal(self, quota: str, principal: Principal, held: int) -> SessionQuotaExceeded:
-        """The refusal of a session over `quota` (agent, tenant or gateway), `held` counted."""
-        limits = self._limits
-        agent, tenant = principal.agent, principal.tenant
-        if quota == "agent":
-            return SessionQuotaExceeded(
-                "agent",
-                limits.max_sessions_per_agent,
-                f"session quota reached: agent {agent!r} of tenant {tenant!r} has {held} open "
-                f"sessions, the most limits.max_sessions_per_agent allows; end one (HTTP "
-                f"DELETE) or retry once one has been idle for "
-                f"{limits.session_reclaim_seconds:g} s",
-            )
-        if quota == "tenant":
-            return SessionQuotaExceeded(
-                "tenant",
-                limits.max_sessions_per_tenant,
-                f"session quota reached: tenant {tenant!r} has {held} open sessions, the most "
-                "limits.max_sessions_per_tenant allows; end one (HTTP DELETE) and retry",
-            )
-        return SessionQuotaExceeded(
-            "gateway",
-            limits.max_sessions,
-            f"session limit reached: the gateway holds {held} sessions, "
-            "the most limits.max_sessions allows, and none of yours is idle enough to "
-            "end for a new one; retry later",
-        )
+        return quota_refusal(self._limits, quota, principal, held)
 
     def _quotas(self, principal: Principal) -> list[Quota]:
-        """The quotas a session of `principal` counts in over the fleet, in `_over`'s order."""
-        limits = self._limits
-        return [
-            (f"agent:{principal.tenant}:{principal.agent}", limits.max_sessions_per_agent),
-            (f"tenant:{principal.tenant}", limits.max_sessions_per_tenant),
-            ("gateway", limits.max_sessions),
-        ]
+        return fleet_quotas(self._limits, principal)
 
     def _reclaimable(self, principal: Principal, now: float) -> ClientSession | None:
         """The principal's own least recently used session that may be ended for its next

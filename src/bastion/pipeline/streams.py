@@ -136,8 +136,11 @@ class Streams:
         if session.listening:
             return
         session.listening = True
-        for upstream in route.upstreams:
-            session.spawn(self._pump_session(session, upstream))
+        # Upstream sessions that open later are relayed too, once open (`ClientSession.hear`),
+        # with shared state those another replica opens or reopens too (`watch`).
+        session.listener = lambda upstream: self._pump_session(session, upstream)
+        session.hear()
+        session.watch(route.upstreams)
 
     async def _pump_session(self, session: ClientSession, upstream: str) -> None:
         channel = session.channels.get(upstream)

@@ -42,16 +42,10 @@ class Caller:
         """The channel this exchange uses to reach an upstream."""
         session = exchange.session
         if session is not None:
-            channel = session.channels.get(upstream)
-            if channel is None:
-                async with session._open_lock:
-                    channel = session.channels.get(upstream)
-                    if channel is None:
-                        channel = await self.upstreams.session_channel(
-                            upstream, session.hello, session.principal.tenant
-                        )
-                        session.channels[upstream] = channel
-            return channel
+            hello, tenant = session.hello, session.principal.tenant
+            return await session.channel(
+                upstream, lambda: self.upstreams.session_channel(upstream, hello, tenant)
+            )
         assert exchange.principal is not None  # noqa: S101 - authn ran
         return await self.upstreams.stateless_channel(upstream, exchange.principal.tenant)
 

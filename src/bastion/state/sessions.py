@@ -3,8 +3,12 @@
 ```
 SessionRecords (port)          what a replica needs to serve a session it did not open
 └── RedisSessionRecords        one hash per session, one capped list per SSE stream
-      session:<hash>                 record, initialized, up:<upstream>, streams, seq:<stream>,
-                                     closed:<stream>  (expires after the idle limit)
+      session:<hash>                 record, initialized, up:<upstream> (the upstream session
+                                     every replica uses, set by compare-and-set) and
+                                     listen:<upstream>, streams, seq:<stream>,
+                                     closed:<stream>, request:<id> and pending:* (the server
+                                     requests awaiting the client's answer, oldest dropped
+                                     past a cap)  (expires after the idle limit)
       session:<hash>:events:<id>     "<seq> <event>" entries, the newest `keep` of them
       sessions:<quota>               digests scored by expiry: a quota counted over the fleet
 ```
@@ -19,7 +23,7 @@ failure of Redis becomes `StateUnavailable` (503): a session is never served fro
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import orjson
 
@@ -29,6 +33,7 @@ if TYPE_CHECKING:  # the redis client is imported only when a gateway shares its
     from bastion.state.redis import RedisState
 
 __all__ = [
+    "Claimed",
     "RedisSessionRecords",
     "SessionRecords",
     "record_owner",
@@ -72,6 +77,73 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return 1
 """
+# Map server requests awaiting the client's answer (ARGV: cap, then gateway id, mapping
+# pairs), only while the session exists. Each is numbered in arrival order (`pending:<n>`
+# names it) and `pending:held` counts those not yet answered; past the cap the oldest are
+# dropped, as one process drops them, so a hostile upstream cannot grow the hash without end.
+_ADD_REQUESTS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local cap = tonumber(ARGV[1])
+local first = tonumber(redis.call('HGET', KEYS[1], 'pending:first') or '1')
+local upto = tonumber(redis.call('HGET', KEYS[1], 'pending:next') or '1')
+local held = tonumber(redis.call('HGET', KEYS[1], 'pending:held') or '0')
+for i = 2, #ARGV, 2 do
+  local field = 'request:' .. ARGV[i]
+  local again = redis.call('HGET', KEYS[1], field)
+  if again then
+    redis.call('HDEL', KEYS[1], 'pending:' .. (string.match(again, '^(%d+) ') or ''))
+  else
+    held = held + 1
+  end
+  redis.call('HSET', KEYS[1], field, upto .. ' ' .. ARGV[i + 1], 'pending:' .. upto, ARGV[i])
+  upto = upto + 1
+end
+while held > cap and first < upto do
+  local gid = redis.call('HGET', KEYS[1], 'pending:' .. first)
+  if gid then
+    redis.call('HDEL', KEYS[1], 'pending:' .. first)
+    local found = redis.call('HGET', KEYS[1], 'request:' .. gid)
+    if found and string.match(found, '^(%d+) ') == tostring(first) then
+      redis.call('HDEL', KEYS[1], 'request:' .. gid)
+      held = held - 1
+    end
+  end
+  first = first + 1
+end
+redis.call('HSET', KEYS[1], 'pending:first', first, 'pending:next', upto, 'pending:held', held)
+return 1
+"""
+# Record the upstream session a replica just opened (ARGV: upstream, its attachment, and the
+# upstream session it replaces, '' at a first open) unless the record already names another:
+# only while that field is absent or still names the replaced one. A new upstream session's
+# stream has no position yet. Returns {0} when the session is gone, {1} when recorded, else
+# {2, what is recorded, where its stream got to}: the replica uses that one instead.
+_CLAIM = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+local field = 'up:' .. ARGV[1]
+local current = redis.call('HGET', KEYS[1], field)
+if current then
+  local ok, found = pcall(cjson.decode, current)
+  local held = ok and type(found) == 'table' and found['session'] or nil
+  if ARGV[3] == '' or held ~= ARGV[3] then
+    return {2, current, redis.call('HGET', KEYS[1], 'listen:' .. ARGV[1]) or ''}
+  end
+end
+redis.call('HSET', KEYS[1], field, ARGV[2])
+redis.call('HDEL', KEYS[1], 'listen:' .. ARGV[1])
+return {1}
+"""
+# Take the mapping of one server request (the client answered it): once, whichever replica.
+_TAKE_REQUEST = """
+local found = redis.call('HGET', KEYS[1], 'request:' .. ARGV[1])
+if not found then return false end
+local number = string.match(found, '^(%d+) ')
+redis.call('HDEL', KEYS[1], 'request:' .. ARGV[1])
+if not number then return found end
+redis.call('HDEL', KEYS[1], 'pending:' .. number)
+redis.call('HINCRBY', KEYS[1], 'pending:held', -1)
+return string.sub(found, #number + 2)
+"""
 # The next stream id of a session (ids never collide across replicas); 0 when it is gone.
 _NEXT_STREAM = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -106,6 +178,14 @@ return {1, closed, kept, entries}
 Quota = tuple[str, int]
 
 
+class Claimed(NamedTuple):
+    """What recording an upstream session found (`SessionRecords.claim`)."""
+
+    exists: bool  # the client session still exists (else nothing was recorded)
+    first: bytes | None  # the upstream session another replica recorded first; None: this one
+    listened: bytes | None  # where the GET stream of `first` got to, when any replica said
+
+
 class SessionRecords(Protocol):
     """Where sessions are recorded for every replica (the port; Redis implements it)."""
 
@@ -120,6 +200,10 @@ class SessionRecords(Protocol):
         """A session's fields, or None when there is no such session (any more)."""
         ...
 
+    async def fields(self, session_hash: str, names: Sequence[str]) -> dict[str, bytes]:
+        """Some fields of a session: those of `names` it has (none when it is gone)."""
+        ...
+
     async def alive(self, session_hash: str, refresh: bool, quotas: Sequence[Quota] = ()) -> bool:
         """Whether the session still exists; `refresh` restarts its idle expiry (in the
         quotas it counts in too)."""
@@ -129,8 +213,22 @@ class SessionRecords(Protocol):
         """Set fields of an existing session; False when it is gone."""
         ...
 
-    async def take(self, session_hash: str, name: str) -> bytes | None:
-        """A field of the session, removed as it is read (None when there is none)."""
+    async def claim(
+        self, session_hash: str, upstream: str, attachment: bytes, replaced: str | None
+    ) -> Claimed:
+        """Record `attachment` as the upstream session every replica uses with `upstream`,
+        unless the record names one other than `replaced` (the upstream session id this
+        replica used before; None at a first open): then that one is returned instead."""
+        ...
+
+    async def add_requests(self, session_hash: str, mapped: dict[str, bytes], cap: int) -> bool:
+        """Keep server requests awaiting the client's answer (gateway id → mapping); past
+        `cap` unanswered, the oldest are dropped. False when the session is gone."""
+        ...
+
+    async def take_request(self, session_hash: str, gateway_id: str) -> bytes | None:
+        """The mapping of a server request, removed as it is read (None when there is none:
+        never mapped, answered already, or dropped past the cap)."""
         ...
 
     async def delete(self, session_hash: str, quotas: Sequence[Quota] = ()) -> bool:
@@ -156,6 +254,13 @@ class SessionRecords(Protocol):
         """A stream's kept events after `seq`, and whether it is closed."""
         ...
 
+    async def replay(
+        self, session_hash: str, stream: str, seq: int
+    ) -> tuple[list[tuple[int, bytes]], bool] | None:
+        """As `since`, but None when the session has no such stream (never had it, forgot
+        it, or is gone itself): what a client resuming a stream is told is an error."""
+        ...
+
 
 class RedisSessionRecords:
     """Session records and event buffers in Redis, expiring after `idle_seconds` unused."""
@@ -169,6 +274,9 @@ class RedisSessionRecords:
         self._next = state.script(_NEXT_STREAM)
         self._append = state.script(_APPEND)
         self._since = state.script(_SINCE)
+        self._add_requests = state.script(_ADD_REQUESTS)
+        self._take_request = state.script(_TAKE_REQUEST)
+        self._claim = state.script(_CLAIM)
 
     def _key(self, session_hash: str) -> str:
         return self._state.key("session", session_hash)
@@ -200,6 +308,13 @@ class RedisSessionRecords:
             return None
         return {k.decode(): v for k, v in fields.items()}
 
+    async def fields(self, session_hash: str, names: Sequence[str]) -> dict[str, bytes]:
+        """Those of `names` the session has (one round trip)."""
+        found: list[Any] = await self._state.run(
+            "read a session", self._state.client.hmget(self._key(session_hash), list(names))
+        )
+        return {name: bytes(v) for name, v in zip(names, found, strict=True) if v is not None}
+
     async def alive(self, session_hash: str, refresh: bool, quotas: Sequence[Quota] = ()) -> bool:
         """Whether the session exists (one round trip); `refresh` restarts its expiry."""
         key = self._key(session_hash)
@@ -219,12 +334,34 @@ class RedisSessionRecords:
         )
         return bool(done)
 
-    async def take(self, session_hash: str, name: str) -> bytes | None:
-        """A field of the session, removed as it is read: one reader gets it."""
-        pipe = self._state.client.pipeline(transaction=True)
-        pipe.hget(self._key(session_hash), name)
-        pipe.hdel(self._key(session_hash), name)
-        found, _ = await self._state.run("read a session", pipe.execute())
+    async def claim(
+        self, session_hash: str, upstream: str, attachment: bytes, replaced: str | None
+    ) -> Claimed:
+        """Record an upstream session by compare-and-set (one script)."""
+        args = [upstream, attachment, replaced or ""]
+        found = await self._state.run(
+            "record an upstream session", self._claim(keys=[self._key(session_hash)], args=args)
+        )
+        if int(found[0]) != 2:
+            return Claimed(exists=int(found[0]) == 1, first=None, listened=None)
+        return Claimed(exists=True, first=bytes(found[1]), listened=bytes(found[2]) or None)
+
+    async def add_requests(self, session_hash: str, mapped: dict[str, bytes], cap: int) -> bool:
+        """Keep server requests (one script: added, and the oldest dropped past `cap`)."""
+        args: list[bytes | str | int] = [max(cap, 1)]
+        for gateway_id, mapping in mapped.items():
+            args += [gateway_id, mapping]
+        done = await self._state.run(
+            "map a server request", self._add_requests(keys=[self._key(session_hash)], args=args)
+        )
+        return bool(done)
+
+    async def take_request(self, session_hash: str, gateway_id: str) -> bytes | None:
+        """A server request's mapping, removed as it is read: one reader gets it."""
+        found = await self._state.run(
+            "read a server request",
+            self._take_request(keys=[self._key(session_hash)], args=[gateway_id]),
+        )
         return bytes(found) if found is not None else None
 
     async def delete(self, session_hash: str, quotas: Sequence[Quota] = ()) -> bool:
@@ -261,12 +398,22 @@ class RedisSessionRecords:
         self, session_hash: str, stream: str, seq: int
     ) -> tuple[list[tuple[int, bytes]], bool]:
         """The stream's kept events after `seq` (oldest first) and whether it closed; a
-        session that is gone, or a stream it never had, reads as closed without events."""
+        session that is gone, or a stream it never had, reads as closed without events (a
+        reader following the stream stops)."""
+        found = await self.replay(session_hash, stream, seq)
+        return found if found is not None else ([], True)
+
+    async def replay(
+        self, session_hash: str, stream: str, seq: int
+    ) -> tuple[list[tuple[int, bytes]], bool] | None:
+        """As `since`; None when the session is gone or has no such stream (the standalone
+        stream "0" always exists; a POST's stream stores its first event as it opens, so one
+        without kept events was never opened, or its events expired)."""
         keys = [self._key(session_hash), self._events(session_hash, stream)]
         found = self._since(keys=keys, args=[stream, str(seq)])
         exists, closed, kept, entries = await self._state.run("read a stream", found)
         if not exists or (stream != "0" and not kept):
-            return [], True  # a POST's stream stores its first event as it opens
+            return None
         events: list[tuple[int, bytes]] = []
         for entry in entries:
             number, _, data = bytes(entry).partition(b" ")

@@ -6,7 +6,9 @@ __all__ = [
     "client_ip",
     "delivery",
     "front",
+    "intake",
     "response",
+    "resumption",
     "server",
     "tls",
 ]

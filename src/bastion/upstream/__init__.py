@@ -2,6 +2,7 @@
 
 __all__ = [
     "base",
+    "client",
     "http",
     "issuers",
     "oauth",

@@ -1,4 +1,7 @@
-"""Streamable HTTP upstreams over a keep-alive connection pool, in both protocol eras."""
+"""Streamable HTTP upstreams in both protocol eras: `LegacyHttpChannel` (a 2025-era session)
+and `ModernHttpChannel` (stateless 2026-07-28 requests), over one `HttpClient` (client.py) per
+upstream.
+"""
 
 from __future__ import annotations
 
@@ -6,314 +9,31 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
 
-from bastion.config import HttpUpstream
-from bastion.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable, WireError
-from bastion.methods import INITIALIZE, INITIALIZED, SERVER_DISCOVER, SUBSCRIPTIONS_LISTEN
+from bastion.errors import UpstreamError
+from bastion.methods import INITIALIZE, INITIALIZED, SUBSCRIPTIONS_LISTEN
 from bastion.sse import Decoder
-from bastion.types import (
-    JSON,
-    LEGACY_VERSIONS,
-    META_VERSION,
-    MODERN_VERSION,
-    PROBE_META,
-    UPSTREAM_STATUS,
-    Era,
-)
-from bastion.upstream.base import (
-    Answer,
-    IdMap,
-    answer_from,
-    decode_message,
-    header_value,
-    mcp_name,
-    refusal,
-    response_for,
-    speaks_modern,
-)
-from bastion.wire import Pool, Response
+from bastion.types import JSON, LEGACY_VERSIONS, META_VERSION, MODERN_VERSION, Era
+from bastion.upstream.base import Answer, IdMap, header_value, mcp_name, refusal
+from bastion.upstream.client import MAX_EVENT_BYTES, HttpClient
+
+# The client and its limit are named here too: the pool and the channels' users import them
+# from the module of HTTP upstreams.
+__all__ = ["MAX_EVENT_BYTES", "Claim", "HttpClient", "LegacyHttpChannel", "ModernHttpChannel"]
 
 log = logging.getLogger("bastion.upstream")
 
-MAX_EVENT_BYTES = 16 * 1024 * 1024
 _MAX_RESUMES = 20
-_ACCEPT = "application/json, text/event-stream"
 
-# Called when an SSE answer ended without the response: resumes the stream, or yields nothing.
-Resume = Callable[[Decoder], AsyncIterator[JSON]]
-
-
-class _EventLines:
-    """Cuts an SSE byte stream into lines (ended by LF, CRLF or CR) and keeps the size of the
-    event being read: its data lines so far plus the line not yet ended.
-
-    Only each new chunk is searched for line breaks and the unended line grows in place, so a
-    long line sent in small pieces costs work in proportion to its length, not its square.
-    """
-
-    __slots__ = ("_after_cr", "_data", "_tail")
-
-    def __init__(self) -> None:
-        self._tail = bytearray()  # the line begun and not yet ended
-        self._after_cr = False  # the last chunk ended in CR: a LF opening the next one pairs it
-        self._data = 0  # bytes of the current event's data lines
-
-    @property
-    def held(self) -> int:
-        """Bytes of the current event held so far: its data lines and the unended line."""
-        return self._data + len(self._tail)
-
-    def feed(self, chunk: bytes) -> Iterator[bytes]:
-        """The lines this chunk ends, each with its line ending, counted as they are taken."""
-        if self._after_cr and chunk.startswith(b"\n"):
-            chunk = chunk[1:]
-        self._after_cr = chunk.endswith(b"\r")
-        lines = chunk.splitlines(keepends=True)  # bytes split only at LF, CRLF and CR
-        rest = lines.pop() if lines and not lines[-1].endswith((b"\n", b"\r")) else b""
-        if lines and self._tail:
-            self._tail += lines[0]
-            lines[0] = bytes(self._tail)
-            self._tail.clear()
-        self._tail += rest
-        for line in lines:
-            if line in (b"\n", b"\r\n", b"\r"):
-                self._data = 0  # a blank line ends the event
-            elif line.startswith(b"data:") or line.rstrip(b"\r\n") == b"data":
-                # The decoder keeps every data line until the blank line: an upstream that
-                # never sends one must not make it keep them without end.
-                self._data += len(line)
-            yield line
-
-
-class HttpClient:
-    """The pooled connection to one HTTP upstream, shared by all its channels."""
-
-    def __init__(self, name: str, settings: HttpUpstream) -> None:
-        self.name = name
-        self.settings = settings
-        # The read timeout bounds every wait for bytes (headers, body, the gap between SSE
-        # events): an idle timeout, so progress notifications keep a long call alive.
-        self.pool = Pool(
-            settings.url,
-            settings.max_connections,
-            settings.connect_timeout_seconds,
-            settings.timeout_seconds,
-        )
-        self.modern: bool | None = (
-            None if settings.protocol == "auto" else (settings.protocol == "modern")
-        )
-        self._probe_lock = asyncio.Lock()
-
-    async def close(self) -> None:
-        """Close the pool."""
-        self.pool.close()
-
-    async def supports_modern(self) -> bool:
-        """Whether the upstream serves 2026-07-28 requests, probed once with server/discover."""
-        if self.modern is not None:
-            return self.modern
-        async with self._probe_lock:
-            if self.modern is None:
-                self.modern = await self._probe()
-                era = "2026-07-28" if self.modern else "legacy"
-                log.info("upstream %r speaks %s", self.name, era)
-        return self.modern
-
-    async def _probe(self) -> bool:
-        probe = {
-            "jsonrpc": "2.0",
-            "id": 0,
-            "method": SERVER_DISCOVER,
-            "params": {"_meta": PROBE_META},
-        }
-        headers = {"MCP-Protocol-Version": MODERN_VERSION, "Mcp-Method": SERVER_DISCOVER}
-        try:
-            answer = await self.exchange(probe, headers, 0, "probe")
-            await answer.close()
-        except UpstreamError:
-            return False
-        return speaks_modern(answer.first)
-
-    async def post(
-        self, body: bytes, headers: Mapping[str, str], long_lived: bool = False
-    ) -> Response:
-        """POST one message; failures become UpstreamTimeout or UpstreamUnavailable."""
-        all_headers = {"Accept": _ACCEPT, "Content-Type": "application/json", **headers}
-        return await self.send("POST", all_headers, body, long_lived)
-
-    async def send(
-        self, method: str, headers: dict[str, str], body: bytes = b"", long_lived: bool = False
-    ) -> Response:
-        """Any request to the upstream's MCP endpoint, with errors named for the upstream."""
-        try:
-            return await self.pool.request(method, headers, body, long_lived)
-        except TimeoutError as exc:
-            raise UpstreamTimeout(
-                f"upstream {self.name!r} did not answer within {self.settings.timeout_seconds:g} s"
-            ) from exc
-        except (OSError, WireError) as exc:
-            raise UpstreamUnavailable(f"upstream {self.name!r} is unreachable: {exc}") from exc
-
-    async def exchange(
-        self,
-        message: JSON,
-        headers: Mapping[str, str],
-        upstream_id: Any,
-        original: Any,
-        long_lived: bool = False,
-    ) -> Answer:
-        """POST a request (already carrying `upstream_id`) and answer under `original`."""
-        response = await self.post(orjson.dumps(message), headers, long_lived)
-        return await self.answer(response, upstream_id, original)
-
-    async def answer(
-        self,
-        response: Response,
-        upstream_id: Any,
-        original: Any,
-        resume: Resume | None = None,
-        done: Callable[[], None] | None = None,
-    ) -> Answer:
-        """Turn an HTTP answer (JSON, SSE or an error status) into an Answer; the response is
-        released here for single messages and by the stream otherwise."""
-        ctype = response.headers.get("content-type", "")
-        if response.status >= 400 or not ctype.startswith(
-            ("application/json", "text/event-stream")
-        ):
-            try:
-                error = await self._error_answer(response, upstream_id)
-            finally:
-                response.release()
-                if done is not None:
-                    done()
-            return Answer(response_for(error, original, self.name))
-        if ctype.startswith("application/json"):
-            try:
-                message = decode_message(await self.read_body(response), self.name)
-            finally:
-                response.release()
-                if done is not None:
-                    done()
-            return Answer(response_for(message, original, self.name))
-        stream = self._stream(response, upstream_id, original, resume, done)
-        return await answer_from(stream, self.name)
-
-    async def _stream(
-        self,
-        response: Response,
-        upstream_id: Any,
-        original: Any,
-        resume: Resume | None,
-        done: Callable[[], None] | None,
-    ) -> AsyncGenerator[JSON, None]:
-        decoder = Decoder()
-        try:
-            async with response:
-                async for message in self.read_events(response, decoder):
-                    if "method" in message:
-                        yield message
-                    elif message.get("id") == upstream_id:
-                        yield response_for(message, original, self.name)
-                        return
-                    else:
-                        self._stray()
-            if resume is not None and decoder.last_id is not None:
-                # The upstream closed the stream early (SSE polling): resume it.
-                async for message in resume(decoder):
-                    if "method" in message:
-                        yield message
-                    elif message.get("id") == upstream_id:
-                        yield response_for(message, original, self.name)
-                        return
-                    else:
-                        self._stray()
-            raise UpstreamError(f"upstream {self.name!r} closed its stream before answering")
-        finally:
-            if done is not None:
-                done()
-
-    def _stray(self) -> None:
-        # A response to some other request on this request's stream: passed on, the client
-        # would take it for its own answer.
-        log.warning("upstream %r answered another request on a call's stream; dropped", self.name)
-
-    async def read_events(
-        self, response: Response, decoder: Decoder | None = None
-    ) -> AsyncIterator[JSON]:
-        """Yield the JSON-RPC messages of an SSE stream (idle time bounded by the timeout)."""
-        decoder = decoder or Decoder()
-        lines = _EventLines()
-        chunks = response.iter_chunks()
-        while True:
-            try:
-                chunk = await anext(chunks, None)
-            except TimeoutError as exc:
-                raise UpstreamTimeout(
-                    f"upstream {self.name!r} sent nothing for {self.settings.timeout_seconds:g} s"
-                ) from exc
-            except (OSError, WireError) as exc:
-                raise UpstreamUnavailable(
-                    f"upstream {self.name!r} broke its stream: {exc}"
-                ) from exc
-            if chunk is None:
-                return
-            for line in lines.feed(chunk):
-                self._check_event_size(lines)
-                event = decoder.feed_line(line)
-                if event is not None and event.event == "message":
-                    yield decode_message(event.data, self.name)
-            self._check_event_size(lines)
-
-    def _check_event_size(self, lines: _EventLines) -> None:
-        # One bound for the whole event, not per line: an event of many short data lines
-        # would otherwise hold memory until the idle timeout.
-        if lines.held > MAX_EVENT_BYTES:
-            raise UpstreamError(
-                f"upstream {self.name!r} sent an event over {MAX_EVENT_BYTES >> 20} MiB"
-            )
-
-    async def read_body(self, response: Response) -> bytes:
-        """The whole body of a response (at most 16 MiB), with failures named for the upstream.
-
-        A bigger body is refused before it is all in memory; the connection is then dropped,
-        since the rest of the answer was never read.
-        """
-        parts: list[bytes] = []
-        size = 0
-        try:
-            async for chunk in response.iter_chunks():
-                size += len(chunk)
-                if size > MAX_EVENT_BYTES:
-                    raise UpstreamError(
-                        f"upstream {self.name!r} sent an answer over {MAX_EVENT_BYTES >> 20} MiB"
-                    )
-                parts.append(chunk)
-        except TimeoutError as exc:
-            raise UpstreamTimeout(
-                f"upstream {self.name!r} did not finish its answer within "
-                f"{self.settings.timeout_seconds:g} s"
-            ) from exc
-        except (OSError, WireError) as exc:
-            raise UpstreamUnavailable(f"upstream {self.name!r} broke its answer: {exc}") from exc
-        return b"".join(parts)
-
-    async def _error_answer(self, response: Response, upstream_id: Any) -> JSON:
-        body = await self.read_body(response)
-        with contextlib.suppress(UpstreamError):
-            message = decode_message(body, self.name)
-            if isinstance(message.get("error"), dict):
-                message["id"] = upstream_id
-                message[UPSTREAM_STATUS] = response.status
-                return message
-        raise UpstreamError(
-            f"upstream {self.name!r} answered HTTP {response.status} "
-            f"({response.headers.get('content-type', 'no content type')})",
-            data={"upstream": self.name, "status": response.status},
-        )
+# With shared state: record an upstream session this channel just opened, in place of the one
+# it used before (None at its first open), unless another replica recorded another first.
+# Returns None when this one is recorded, else the one recorded (as `attachment()` gives it)
+# and where its GET stream got to, for this channel to use instead.
+Claim = Callable[[str | None, JSON], Awaitable[tuple[JSON, str | None] | None]]
 
 
 class LegacyHttpChannel:
@@ -333,6 +53,8 @@ class LegacyHttpChannel:
         # The upstream's id of the last event its GET stream sent: a listen after a break (on
         # this replica or another) resumes from there, missing nothing the upstream kept.
         self.listened: str | None = None
+        # Set by the client session with shared state: every replica uses one upstream session.
+        self.claim: Claim | None = None
 
     @classmethod
     def attached(cls, client: HttpClient, hello: JSON, attachment: JSON) -> LegacyHttpChannel:
@@ -340,15 +62,30 @@ class LegacyHttpChannel:
         `attachment()` gave it): no new handshake; reopened, as any, if the upstream forgot
         the session."""
         channel = cls(client, hello)
-        session_id = attachment.get("session")
-        result = attachment.get("initialized")
-        channel._session_id = session_id if isinstance(session_id, str) else None
-        channel._version = str(attachment.get("version") or channel._version)
-        channel.initialized = result if isinstance(result, dict) else None
+        channel._use(attachment)
         # Request ids another replica used in this upstream session must not come back: an
         # upstream may still be answering one of them.
-        channel._ids = IdMap(secrets.randbelow(1 << 40) + (1 << 20))
+        channel._ids = _shared_ids()
         return channel
+
+    def _use(self, attachment: JSON) -> None:
+        """Use the upstream session `attachment` names (as `attachment()` gives it)."""
+        session_id = attachment.get("session")
+        result = attachment.get("initialized")
+        self._session_id = session_id if isinstance(session_id, str) else None
+        self._version = str(attachment.get("version") or self._version)
+        self.initialized = result if isinstance(result, dict) else None
+
+    async def adopt(self, attachment: JSON, listened: str | None, instead_of: str | None) -> None:
+        """Use the upstream session another replica recorded (`attachment`) from now on, its
+        GET stream resumed from `listened`, unless this channel no longer uses the session
+        `instead_of` (it reopened meanwhile, and recorded or adopted what to use then)."""
+        async with self._lock:
+            if self._session_id != instead_of:
+                return
+            self._use(attachment)
+            self.listened = listened
+            self._ids = _shared_ids()
 
     def attachment(self) -> JSON | None:
         """What another replica needs to join this upstream session (None before it opened):
@@ -362,10 +99,7 @@ class LegacyHttpChannel:
         }
 
     def _headers(self, extra: Mapping[str, str]) -> dict[str, str]:
-        headers = {"MCP-Protocol-Version": self._version, **extra}
-        if self._session_id is not None:
-            headers["Mcp-Session-Id"] = self._session_id
-        return headers
+        return _session_headers(self._version, self._session_id, extra)
 
     async def open(self, headers: Mapping[str, str]) -> JSON:
         """Run the initialize handshake if it has not run; return the InitializeResult."""
@@ -377,7 +111,25 @@ class LegacyHttpChannel:
         return self.initialized
 
     async def _initialize(self, headers: Mapping[str, str]) -> None:
-        self._session_id = None
+        """Open an upstream session (again, when the upstream forgot the one in use); with
+        shared state, the one every replica uses (`claim`)."""
+        # The session being replaced stays named after a failed reopen: the next attempt
+        # replaces the same one in the shared record.
+        replaced = self._session_id
+        try:
+            opened = await self._handshake(headers)
+            if self.claim is not None:
+                opened = await self._settle(replaced, opened, headers)
+            else:
+                self.listened = None  # a new upstream session: its stream starts afresh
+        except BaseException:
+            self.initialized = None  # a failed (re)open: the next request opens afresh
+            raise
+        self._use(opened)
+
+    async def _handshake(self, headers: Mapping[str, str]) -> JSON:
+        """initialize, then notifications/initialized: the new upstream session, as
+        `attachment()` names one."""
         message, upstream_id = self._ids.outgoing(
             {"jsonrpc": "2.0", "id": 0, "method": INITIALIZE, "params": self._hello}
         )
@@ -393,13 +145,34 @@ class LegacyHttpChannel:
             raise UpstreamError(
                 f"upstream {self._client.name!r} refused initialize: {refusal(reply)}"
             )
-        self._version = str(result.get("protocolVersion", self._version))
-        self._session_id = session_id
-        self.initialized = result
+        version = str(result.get("protocolVersion", self._version))
         note = {"jsonrpc": "2.0", "method": INITIALIZED}
-        ack = await self._client.post(orjson.dumps(note), self._headers(headers))
+        ack = await self._client.post(
+            orjson.dumps(note), _session_headers(version, session_id, headers)
+        )
         async with ack:
             await ack.read()
+        return {"session": session_id, "version": version, "initialized": result}
+
+    async def _settle(self, replaced: str | None, opened: JSON, headers: Mapping[str, str]) -> JSON:
+        """With shared state: the upstream session to use, `opened` when it is recorded for
+        every replica; else the one another replica recorded first, and `opened` is ended (no
+        request went into it), so one client session never splits over two upstream ones."""
+        assert self.claim is not None  # noqa: S101 - only with shared state
+        try:
+            won = await self.claim(replaced, opened)
+        except Exception:
+            await self._end(opened, headers)  # unrecorded: no replica would ever use it
+            raise
+        if won is None:
+            self.listened = None  # a new upstream session: its stream starts afresh
+            return opened
+        recorded, listened = won
+        log.info("upstream %r: another replica's session recorded first; used", self._client.name)
+        await self._end(opened, headers)
+        self.listened = listened
+        self._ids = _shared_ids()
+        return recorded
 
     async def call(self, message: JSON, headers: Mapping[str, str]) -> Answer:
         """Send a request in the session; reopen once if the upstream forgot the session."""
@@ -408,16 +181,15 @@ class LegacyHttpChannel:
         for attempt in (1, 2):
             outgoing, upstream_id = self._ids.outgoing(message)
             self.inflight[original] = upstream_id
+            sent_in = self._session_id
             try:
                 response = await self._client.post(orjson.dumps(outgoing), self._headers(headers))
             except BaseException:
                 self.inflight.pop(original, None)
                 raise
-            if response.status == 404 and self._session_id is not None and attempt == 1:
+            if response.status == 404 and sent_in is not None and attempt == 1:
                 response.release()
-                log.info("upstream %r forgot session; reopening", self._client.name)
-                async with self._lock:
-                    await self._initialize(headers)
+                await self._reopen(sent_in, headers)
                 continue
             return await self._client.answer(
                 response,
@@ -427,6 +199,14 @@ class LegacyHttpChannel:
                 done=lambda: self.inflight.pop(original, None),
             )
         raise UpstreamError(f"upstream {self._client.name!r} keeps forgetting the session")
+
+    async def _reopen(self, forgotten: str, headers: Mapping[str, str]) -> None:
+        """The upstream forgot session `forgotten`: open another, unless a concurrent request
+        (or, with shared state, another replica's record) already replaced it."""
+        async with self._lock:
+            if self._session_id == forgotten or self.initialized is None:
+                log.info("upstream %r forgot session; reopening", self._client.name)
+                await self._initialize(headers)
 
     async def _resume(self, decoder: Decoder, headers: Mapping[str, str]) -> AsyncIterator[JSON]:
         """Reconnect to a stream the upstream closed early, from its last event id, as often
@@ -486,13 +266,37 @@ class LegacyHttpChannel:
         the credential in `headers`: an upstream that checks every request refuses it without."""
         if self._session_id is None:
             return
-        headers = self._headers(headers or {})
+        opened = {"session": self._session_id, "version": self._version}
         self._session_id = None
+        await self._end(opened, headers or {})
+
+    async def _end(self, opened: JSON, headers: Mapping[str, str]) -> None:
+        """DELETE the upstream session `opened` names, best effort and bounded in time."""
+        session_id = opened.get("session")
+        if not isinstance(session_id, str):
+            return
+        all_headers = _session_headers(str(opened.get("version")), session_id, headers)
         with contextlib.suppress(UpstreamError, TimeoutError):
             async with asyncio.timeout(2):
-                response = await self._client.send("DELETE", headers)
+                response = await self._client.send("DELETE", all_headers)
                 async with response:
                     await response.read()
+
+
+def _session_headers(
+    version: str, session_id: str | None, extra: Mapping[str, str]
+) -> dict[str, str]:
+    """The headers of a request in an upstream session."""
+    headers = {"MCP-Protocol-Version": version, **extra}
+    if session_id is not None:
+        headers["Mcp-Session-Id"] = session_id
+    return headers
+
+
+def _shared_ids() -> IdMap:
+    """Request ids for an upstream session other replicas use too: started at random, far
+    from theirs (an upstream may still be answering one of their requests)."""
+    return IdMap(secrets.randbelow(1 << 40) + (1 << 20))
 
 
 class ModernHttpChannel:
