@@ -60,6 +60,7 @@ from bastion.app import Gateway
 from bastion.errors import StateUnavailable
 from bastion.pipeline import client_session
 from bastion.pipeline.session import session_hash
+from bastion.state import sessions
 from bastion.state.memory import SKEW_LEEWAY
 from bastion.state.shared import RedisReplays, SharedStateService
 from bastion.transport.server import HttpServer
@@ -589,3 +590,157 @@ async def test_a_session_ended_while_its_upstream_session_reopens_leaves_none_op
         assert refused["error"]["data"]["code"] == "protocol.session", refused
         assert refused["error"]["message"].startswith("session not found")
         assert f.upstream.client_sessions() == []  # the one A opened was ended
+
+
+# -- review of 825ff72: what an ended session leaves behind --------------------------------
+
+
+async def test_a_delete_on_one_replica_ends_the_upstream_session_only_another_opened(
+    tmp_path: Path,
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    """`x` is down when the session opens on A; B re-attaches the session and opens (and
+    records) an upstream session of `x`; the client's DELETE lands on A. Before the fix A
+    ended only the upstream sessions it held (none of `x`), and B, told of the DELETE by the
+    client's next request, only let go of its copy: the upstream session of `x` stayed open
+    and no replica would ever end it. Now the replica ending a session ends every upstream
+    session its record names."""
+    async with (
+        fleet(tmp_path, redis_server.url(), others=("x",)) as f,
+        httpx.AsyncClient() as client,
+    ):
+        x = f.others["x"]
+        x.refusing = True
+        session = await _initialize(client, f.both("A"))
+        x.refusing = False
+        opened = _upstream_session(await _call(client, f.both("B"), session, "x__whoami"))
+        assert x.client_sessions() == [opened]
+        deleted = await client.delete(f.both("A"), headers=_headers(session))
+        assert deleted.status_code == 200
+        after = await _call(client, f.both("B"), session, "x__whoami")
+        assert after.status_code == 404, after.text
+        assert x.client_sessions() == [], "an upstream session no replica will end"
+        assert x.deleted == [opened]
+
+
+async def _streamed_call(client: httpx.AsyncClient, url: str, session: str) -> str:
+    """A call answered over SSE (the upstream's `slow`, released at once): the id of its
+    last event."""
+    got = await _call(client, url, session, "slow")
+    assert got.status_code == 200, got.text
+    ids = [line[3:].strip() for line in got.text.splitlines() if line.startswith("id:")]
+    assert ids, got.text
+    return ids[-1]
+
+
+async def test_a_client_streaming_answers_cannot_grow_the_shared_session(
+    tmp_path: Path,
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    """The attack: a client makes call after call answered over SSE in one session. Each
+    answer's stream gets a counter and a closed mark in the session's Redis hash, so another
+    replica can resume it; before the fix neither was ever removed (one process forgets all
+    but its newest finished streams), so the hash grew by two fields per call for as long as
+    the client kept the session alive. Now a finished stream is forgotten once
+    KEPT_STREAMS newer ones opened: the hash stays bounded, the newest answer can still be
+    resumed on another replica, and resuming a forgotten one is a 400, as in one process."""
+    calls = 2 * sessions.KEPT_STREAMS + 10
+    async with fleet(tmp_path, redis_server.url()) as f, httpx.AsyncClient() as client:
+        f.upstream.release.set()
+        session = await _initialize(client, f["A"].url)
+        first = await _streamed_call(client, f["A"].url, session)
+        for _ in range(calls - 2):
+            await _streamed_call(client, f["A"].url, session)
+        last = await _streamed_call(client, f["A"].url, session)
+        records = f["A"].gateway.pipeline.sessions.records
+        assert records is not None
+        fields = await records.load(session_hash(session))
+        assert fields is not None
+        assert len(fields) <= 2 * sessions.KEPT_STREAMS + 12, len(fields)
+        await _resume(client, f["B"].url, session, first.encode())
+        stream, _, seq = last.rpartition("-")
+        headers = {**_headers(session), "Accept": "text/event-stream"}
+        headers["Last-Event-ID"] = f"{stream}-{int(seq) - 1}"
+        async with client.stream("GET", f["B"].url, headers=headers, timeout=15) as got:
+            assert got.status_code == 200
+            [(event_id, answer)] = await _events(got.aiter_lines(), 1)
+        assert event_id == last and answer["result"]["content"][0]["text"] == "done"
+
+
+async def _refused_at_once(client: httpx.AsyncClient, url: str, session: str, last: str) -> None:
+    """A GET naming `last` is answered 400 at once; a stream held open instead (200) fails."""
+    headers = {**_headers(session), "Accept": "text/event-stream", "Last-Event-ID": last}
+    async with client.stream("GET", url, headers=headers, timeout=5) as got:
+        assert got.status_code == 400, f"{last!r}: {got.status_code}, the GET held open"
+        error = orjson.loads(await got.aread())["error"]
+    assert error["code"] == -32600, error
+    assert error["message"].startswith("Last-Event-ID"), error
+    assert "names no stream" in error["message"] or "names an event never sent" in error["message"]
+
+
+async def test_a_last_event_id_past_the_streams_newest_event_is_a_400_on_every_replica(
+    tmp_path: Path,
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    """The attack: a Last-Event-ID naming an event the stream never had (past its newest,
+    18 digits or 2). Before the fix the GET was a 200 that waited for an event after that
+    number: no event the stream will ever send, so the client got nothing for ever (and on
+    the standalone stream, its next plain GET was a 409). Now it is a 400, as for a stream
+    the session never had; the stream's own newest id still resumes."""
+    async with fleet(tmp_path, redis_server.url()) as f, httpx.AsyncClient() as client:
+        f.upstream.release.set()
+        session = await _initialize(client, f["A"].url)
+        last = await _streamed_call(client, f["A"].url, session)
+        stream, _, seq = last.rpartition("-")
+        for replica in ("A", "B"):
+            for hostile in ("0-" + "9" * 18, "0-2", f"{stream}-{int(seq) + 1}"):
+                await _refused_at_once(client, f[replica].url, session, hostile)
+            await _still_open(client, f[replica].url, session, "0-0")
+
+
+async def test_a_last_event_id_past_the_streams_newest_event_is_a_400_in_one_process(
+    tmp_path: Path,
+) -> None:
+    """As on every replica, in one process."""
+    async with fleet(tmp_path, None, {"A": "agent-1"}) as f, httpx.AsyncClient() as client:
+        f.upstream.release.set()
+        session = await _initialize(client, f["A"].url)
+        last = await _streamed_call(client, f["A"].url, session)
+        stream, _, seq = last.rpartition("-")
+        for hostile in ("0-" + "9" * 18, "0-2", f"{stream}-{int(seq) + 1}"):
+            await _refused_at_once(client, f["A"].url, session, hostile)
+        await _still_open(client, f["A"].url, session, "0-0")
+
+
+async def test_a_stream_finishing_after_newer_ones_opened_is_forgotten_as_it_ends(
+    tmp_path: Path,
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    """The same attack with one answer held open (the upstream asks the client first) while
+    KEPT_STREAMS newer ones open and finish: forgetting only streams finished by then would
+    keep the held one's fields for ever once it ends. It is forgotten as it ends."""
+    async with fleet(tmp_path, redis_server.url()) as f, httpx.AsyncClient() as client:
+        f.upstream.release.set()
+        session = await _initialize(client, f["A"].url)
+        message = {"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"name": "ask"}}
+        async with client.stream(
+            "POST", f["A"].url, json=message, headers=_headers(session), timeout=15
+        ) as held:
+            assert held.status_code == 200
+            lines = held.aiter_lines()
+            [(event_id, question)] = await _events(lines, 1)
+            stream = event_id.rpartition("-")[0]
+            for _ in range(sessions.KEPT_STREAMS + 1):
+                await _streamed_call(client, f["A"].url, session)
+            assert await _answer(client, f["A"].url, session, str(question["id"])) == 202
+            [(_, answer)] = await _events(lines, 1)
+        assert answer["result"]["content"][0]["text"] == "thanks"
+        records = f["A"].gateway.pipeline.sessions.records
+        assert records is not None
+        names = [f"seq:{stream}", f"closed:{stream}"]
+        await until_async(lambda: _no_fields(records, session, names), f"stream {stream} forgotten")
+        await _resume(client, f["B"].url, session, f"{stream}-1".encode())
+
+
+async def _no_fields(records: sessions.SessionRecords, session: str, names: list[str]) -> bool:
+    return await records.fields(session_hash(session), names) == {}

@@ -182,11 +182,12 @@ class SessionStore:
         ends nothing (a client's DELETE, retried later); else the session is ended here all
         the same (a registry change: every replica refuses the agent or the killed session
         by the registry, and the record expires)."""
+        recorded: dict[str, bytes] | None = None
         if self.records is not None:
             held = self._sessions.get(session_id)
             quotas = self._quotas(held.principal) if held is not None else []
             try:
-                await self.records.delete(session_hash(session_id), quotas)
+                recorded = await self.records.delete(session_hash(session_id), quotas)
             except BastionError as exc:
                 if strict:
                     raise
@@ -194,7 +195,7 @@ class SessionStore:
         session = self._take(session_id)
         if session is None:
             return False
-        await session.close(self._credentials)
+        await self._close(session, recorded)
         return True
 
     async def discard(self, session: ClientSession) -> None:
@@ -320,12 +321,20 @@ class SessionStore:
     async def _end(self, session: ClientSession) -> None:
         """End a session taken out of the store: its record (best effort: it expires anyway)
         and its upstream sessions."""
+        recorded: dict[str, bytes] | None = None
         if self.records is not None and session.shared is not None:
             try:
                 quotas = self._quotas(session.principal)
-                await self.records.delete(session_hash(session.id), quotas)
+                recorded = await self.records.delete(session_hash(session.id), quotas)
             except BastionError as exc:
                 log.warning("session record not removed (it expires): %s", exc.message)
+        await self._close(session, recorded)
+
+    async def _close(self, session: ClientSession, recorded: dict[str, bytes] | None) -> None:
+        """Close a session ended for good: its upstream sessions, with those its record named
+        as it was ended (`recorded`: opened on other replicas too)."""
+        if recorded and self._upstreams is not None:
+            await self._upstreams.ending(session, recorded)
         await session.close(self._credentials)
 
     # -- quotas -----------------------------------------------------------------------------

@@ -150,6 +150,27 @@ class SharedUpstreams:
             position = listened.decode() if listened is not None else None
             await held.adopt(attachment, position, instead_of=used)
 
+    async def ending(self, session: ClientSession, recorded: dict[str, bytes]) -> None:
+        """Before `session` is closed for good: hold every upstream session its record named
+        as it was ended (`recorded`), so closing it ends those other replicas opened too (no
+        replica would ever end them: the others only let go of the session)."""
+        if self._attach is None:
+            return
+        for key, value in recorded.items():
+            upstream = key.removeprefix("up:")
+            if upstream == key:
+                continue
+            held = session.channels.get(upstream)
+            now = held.attachment() if isinstance(held, LegacyHttpChannel) else None
+            if held is not None and not isinstance(held, LegacyHttpChannel):
+                continue  # no upstream session of its own (stdio, stateless)
+            try:
+                if now is not None and now.get("session") == orjson.loads(value).get("session"):
+                    continue
+                session.channels[upstream] = await self.joined(session, upstream, value, None)
+            except Exception as exc:  # best effort, as ending any upstream session is
+                log.info("upstream %r: its session not ended: %r", upstream, exc)
+
 
 def _digest(session: ClientSession) -> str:
     """The name of the session's record (kept with its shared events)."""

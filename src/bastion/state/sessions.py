@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # the redis client is imported only when a gateway shares its
     from bastion.state.redis import RedisState
 
 __all__ = [
+    "KEPT_STREAMS",
     "Claimed",
     "RedisSessionRecords",
     "SessionRecords",
@@ -145,9 +146,32 @@ redis.call('HINCRBY', KEYS[1], 'pending:held', -1)
 return string.sub(found, #number + 2)
 """
 # The next stream id of a session (ids never collide across replicas); 0 when it is gone.
+# The stream opened ARGV[1] streams before it is forgotten if it finished (its fields and
+# events, named by the prefix ARGV[2]); one finishing later is forgotten as it ends
+# (_END_STREAM), so the record holds the counters of a bounded number of streams.
 _NEXT_STREAM = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-return redis.call('HINCRBY', KEYS[1], 'streams', 1)
+local n = redis.call('HINCRBY', KEYS[1], 'streams', 1)
+local old = n - tonumber(ARGV[1])
+if old > 0 and redis.call('HEXISTS', KEYS[1], 'closed:' .. old) == 1 then
+  redis.call('HDEL', KEYS[1], 'seq:' .. old, 'closed:' .. old)
+  redis.call('DEL', ARGV[2] .. old)
+end
+return n
+"""
+# Mark a stream (ARGV[1]) closed, or forget it (KEYS[2]: its events) when ARGV[2] newer
+# streams opened since it did; only while the session exists.
+_END_STREAM = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local number = tonumber(ARGV[1])
+local newest = tonumber(redis.call('HGET', KEYS[1], 'streams') or '0')
+if ARGV[1] ~= '0' and number and number <= newest - tonumber(ARGV[2]) then
+  redis.call('HDEL', KEYS[1], 'seq:' .. ARGV[1], 'closed:' .. ARGV[1])
+  redis.call('DEL', KEYS[2])
+else
+  redis.call('HSET', KEYS[1], 'closed:' .. ARGV[1], '1')
+end
+return 1
 """
 # Store one event, numbered by the session's counter for its stream; 0 when it is gone.
 _APPEND = """
@@ -173,6 +197,10 @@ if wanted > 0 then entries = redis.call('LRANGE', KEYS[2], -wanted, -1) end
 return {1, closed, kept, entries}
 """
 
+
+# Finished streams of a session kept for resumption past the newest, as one process keeps
+# them (client_session.py): a stream is forgotten once this many newer ones opened.
+KEPT_STREAMS = 64
 
 # A quota counted over the fleet: (what it counts, e.g. "tenant:acme", its limit).
 Quota = tuple[str, int]
@@ -231,9 +259,11 @@ class SessionRecords(Protocol):
         never mapped, answered already, or dropped past the cap)."""
         ...
 
-    async def delete(self, session_hash: str, quotas: Sequence[Quota] = ()) -> bool:
-        """End a session for every replica (no longer counted in `quotas`); False when there
-        was none."""
+    async def delete(
+        self, session_hash: str, quotas: Sequence[Quota] = ()
+    ) -> dict[str, bytes] | None:
+        """End a session for every replica (no longer counted in `quotas`): the fields it had
+        as it was ended (its upstream sessions, to end), None when there was none."""
         ...
 
     async def next_stream(self, session_hash: str) -> int:
@@ -272,6 +302,7 @@ class RedisSessionRecords:
         self._refresh = state.script(_REFRESH)
         self._put = state.script(_PUT)
         self._next = state.script(_NEXT_STREAM)
+        self._end_stream = state.script(_END_STREAM)
         self._append = state.script(_APPEND)
         self._since = state.script(_SINCE)
         self._add_requests = state.script(_ADD_REQUESTS)
@@ -364,20 +395,29 @@ class RedisSessionRecords:
         )
         return bytes(found) if found is not None else None
 
-    async def delete(self, session_hash: str, quotas: Sequence[Quota] = ()) -> bool:
+    async def delete(
+        self, session_hash: str, quotas: Sequence[Quota] = ()
+    ) -> dict[str, bytes] | None:
         """End the session everywhere (its standalone stream's events with it; other streams'
-        events expire on their own and cannot be read without the session)."""
+        events expire on their own and cannot be read without the session). Its fields are
+        read in the same transaction: an upstream session recorded up to the end is named."""
+        key = self._key(session_hash)
         pipe = self._state.client.pipeline(transaction=True)
-        pipe.delete(self._key(session_hash), self._events(session_hash, "0"))
+        pipe.hgetall(key)
+        pipe.delete(key, self._events(session_hash, "0"))
         for quota in quotas:
             pipe.zrem(self._quota(quota), session_hash)
         removed = await self._state.run("end a session", pipe.execute())
-        return bool(removed[0])
+        if not removed[1]:
+            return None
+        return {bytes(k).decode(): bytes(v) for k, v in removed[0].items()}
 
     async def next_stream(self, session_hash: str) -> int:
-        """A new stream id, from the session's counter."""
+        """A new stream id, from the session's counter (the finished stream KEPT_STREAMS
+        before it is forgotten)."""
+        args = [KEPT_STREAMS, self._events(session_hash, "")]
         found = await self._state.run(
-            "open a stream", self._next(keys=[self._key(session_hash)], args=[])
+            "open a stream", self._next(keys=[self._key(session_hash)], args=args)
         )
         return int(found)
 
@@ -391,8 +431,11 @@ class RedisSessionRecords:
         return int(seq)
 
     async def end_stream(self, session_hash: str, stream: str) -> None:
-        """Mark the stream closed."""
-        await self.put(session_hash, {f"closed:{stream}": b"1"})
+        """Mark the stream closed (forgotten, when KEPT_STREAMS newer ones opened since)."""
+        keys = [self._key(session_hash), self._events(session_hash, stream)]
+        await self._state.run(
+            "end a stream", self._end_stream(keys=keys, args=[stream, KEPT_STREAMS])
+        )
 
     async def since(
         self, session_hash: str, stream: str, seq: int

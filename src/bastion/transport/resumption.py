@@ -63,6 +63,8 @@ async def serve_stream(
         if found is None or not _decimal(seq) or len(seq) > _MAX_SEQ_DIGITS:
             raise InvalidRequest(f"Last-Event-ID {shown(last)} names no stream of this session")
         stream, after = found, int(seq)
+        if after > stream.last:  # no event it will send comes after it: a wait for ever
+            raise InvalidRequest(f"Last-Event-ID {shown(last)} names an event never sent")
     elif stream.attached:
         await send_plain(send, 409, GET_OPEN)
         return
@@ -109,6 +111,8 @@ async def _serve_shared(
         raise SessionNotFound(GONE)  # ended on another replica since it was found
     if replay is None:  # as one process answers a stream it does not hold
         raise InvalidRequest(f"Last-Event-ID {shown(last)} names no stream of this session")
+    if not replay[0] and await _past_newest(session, stream_id, after):
+        raise InvalidRequest(f"Last-Event-ID {shown(last)} names an event never sent")
     local = session.streams.get(stream_id)
     if stream_id == "0" and local is not None:
         if last is None and local.attached:
@@ -126,6 +130,18 @@ async def _serve_shared(
     priming = sse.encode_priming(f"{stream_id}-{after}")
     await send({"type": "http.response.body", "body": priming, "more_body": True})
     await write_shared(send, session.shared, stream_id, replay, after, local, receive, keepalive)
+
+
+async def _past_newest(session: ClientSession, stream_id: str, after: int) -> bool:
+    """Whether event `after` is past every event any replica stored of the stream (only
+    asked when none came after it): no event it will send comes after it either."""
+    assert session.shared is not None  # noqa: S101 - only for shared sessions
+    if after == 0:
+        return False
+    name = f"seq:{stream_id}"
+    found = await session.shared.records.fields(session.shared.session_hash, [name])
+    newest = found.get(name, b"0")
+    return not newest.isdigit() or after > int(newest)
 
 
 def _decimal(text: str) -> bool:
