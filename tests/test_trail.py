@@ -17,6 +17,8 @@ from bastion.audit.trail import open_writer
 from bastion.audit.writer import AuditWriter
 from bastion.config import parse
 from bastion.pipeline import trail as trail_module
+from bastion.pipeline.consent import APPROVAL_KEY
+from bastion.pipeline.elicitation import _without_ours
 from bastion.pipeline.exchange import Exchange
 from bastion.pipeline.route import Route
 from bastion.pipeline.trail import Trail
@@ -102,3 +104,32 @@ async def test_an_outcome_the_gateway_could_not_deliver_says_why(
     assert outcome["credential_id"] == "jti-1"
     assert "failure" not in records["decision"].get("detail", {})
     assert "credential_id" not in records["decision"]
+
+
+async def test_a_tool_call_without_arguments_rewritten_by_its_approval_has_a_true_digest(
+    tmp_path: Path, writer: AuditWriter
+) -> None:
+    # A tools/call with no `arguments`: the trail takes the params as its arguments, and a
+    # 2026-07-28 approval retry's params lose the gateway's approval answer and requestState
+    # after the decision record (as `elicitation.ask_by_retry` does on a grant).
+    settings = parse(
+        f"state_dir: {tmp_path}\nauth: {{mode: none, tenant: acme}}\n"
+        "audit: {record_arguments: true}\n"
+        "upstreams:\n  echo: {transport: http, url: 'http://127.0.0.1:9/mcp'}\n"
+    )
+    trail, exchange = Trail(settings, writer), _exchange()
+    retry = {
+        "name": "echo",
+        "inputResponses": {APPROVAL_KEY: {"action": "accept"}},
+        "requestState": "sealed-by-the-gateway",
+    }
+    exchange.message = {**exchange.message, "params": retry}
+    await trail.decision(exchange, ROUTE)
+    exchange.message = {**exchange.message, "params": _without_ours(exchange.params)}
+    answer = {"jsonrpc": "2.0", "id": 7, "result": {"content": []}}
+    await trail.outcome(exchange, ROUTE, answer)
+    records = await _records(tmp_path, writer, exchange.request_id)
+    assert records["decision"]["args_digest"] == digest(retry)
+    outcome = records["outcome"]
+    assert outcome["args"] == {"name": "echo"}
+    assert outcome["args_digest"] == digest(outcome["args"])  # the digest of what it records

@@ -9,6 +9,7 @@ what it missed, and numbers never collide whichever replica produced them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from dataclasses import dataclass
 
@@ -123,11 +124,11 @@ class Stream:
         return self._seq
 
     async def wait(self, seq: int, limit: float) -> None:
-        """Return when an event after `seq` exists, the stream closed, or `limit` seconds passed."""
-        while self._seq <= seq and not self.closed:
-            self._changed.clear()
-            try:
-                async with asyncio.timeout(limit):
-                    await self._changed.wait()
-            except TimeoutError:
-                return
+        """Return when an event after `seq` exists, the stream closed, it was woken (its
+        client went away), or `limit` seconds passed."""
+        if self._seq > seq or self.closed:
+            return
+        self._changed.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(limit):
+                await self._changed.wait()

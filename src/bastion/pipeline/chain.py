@@ -347,7 +347,11 @@ class Pipeline:
         exchange.forward_headers = mirror.rebuild(exchange, engine.catalog if engine else None)
         answer = await self.dispatcher.run(exchange, route)
         if exchange.session is not None:  # relay an upstream session opened or reopened
-            await self.sessions.sync(exchange.session)
+            try:
+                await self.sessions.sync(exchange.session)
+            except BaseException:
+                await answer.close()  # a streamed answer no one will read
+                raise
         answer = self.approval.after(exchange, answer)
         target = exchange.target
         upstreams = (target.upstream,) if target is not None else route.upstreams
@@ -364,10 +368,13 @@ class Pipeline:
             yield ask.refusal
             return
         answer = await self._upstream(exchange, route)
-        yield answer.first
-        if answer.rest is not None:
-            async for message in answer.rest:
-                yield message
+        try:
+            yield answer.first
+            if answer.rest is not None:
+                async for message in answer.rest:
+                    yield message
+        finally:  # closed early (the client went): the upstream's stream is let go now
+            await answer.close()
 
     async def _decide(self, exchange: Exchange, route: Route) -> None:
         """The authz stage: policy's view of the target's upstream is current, then decide.

@@ -130,7 +130,7 @@ class Dispatcher:
         """Execute the exchange's method; the Answer ends with the response."""
         answer = await self._run(exchange, route)
         if answer.rest is not None:
-            answer.rest = _guard(exchange, answer.rest)
+            return answer.wrapped(answer.first, _guard(exchange, answer.rest))
         return answer
 
     async def _run(self, exchange: Exchange, route: Route) -> Answer:

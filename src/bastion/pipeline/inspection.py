@@ -118,7 +118,7 @@ class Inspection:
         if answer.rest is None:
             assert first is not None  # noqa: S101 - a final response is never dropped
             return Answer(first)
-        return Answer(first or _dropped(exchange), self._rest(exchange, rules, answer))
+        return answer.wrapped(first or _dropped(exchange), self._rest(exchange, rules, answer))
 
     async def unsolicited(
         self, session: ClientSession, upstream: str, message: JSON

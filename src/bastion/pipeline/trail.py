@@ -204,7 +204,7 @@ class Trail:
             server=target.upstream if target else None,
             tool_original=target.name if target and exchange.method == methods.TOOLS_CALL else None,
             tool_exposed=params.get("name") if exchange.method == methods.TOOLS_CALL else None,
-            args_digest=self._args_digest(exchange, arguments),
+            args_digest=self._args_digest(exchange, arguments, params),
             args=arguments
             if self._audit.record_arguments and isinstance(arguments, dict)
             else None,
@@ -226,11 +226,15 @@ class Trail:
         )
 
     @staticmethod
-    def _args_digest(exchange: Exchange, arguments: Any) -> str | None:
+    def _args_digest(exchange: Exchange, arguments: Any, params: JSON) -> str | None:
         """The arguments' digest, made once per exchange (the decision and the outcome record
-        name the same arguments: the arguments as received)."""
+        name the same arguments: the arguments as received). Params standing in for absent
+        arguments are digested each time: an approval's retry loses members after the
+        decision, and a record's digest must be of the arguments it names."""
         if not arguments:
             return None
+        if arguments is params:
+            return digest(arguments)
         if exchange.args_digest is None:
             exchange.args_digest = digest(arguments)
         return exchange.args_digest

@@ -28,6 +28,7 @@ import orjson
 from bastion import rpc, sse
 from bastion.asgi import Message, Receive, Send
 from bastion.errors import BastionError, MethodNotFound, UpstreamError
+from bastion.methods import SUBSCRIPTIONS_LISTEN
 from bastion.pipeline.buffer import SharedEvents, Stream
 from bastion.pipeline.exchange import Exchange
 from bastion.pipeline.session import ClientSession
@@ -63,6 +64,7 @@ SSE_HEADERS = [
 _POLL_SECONDS = 0.25
 _ANSWER_FAILED = "the gateway failed while answering; its log has the details"
 _RELAY_FAILED = "the gateway failed while relaying this answer; its log has the details"
+_CUT_OFF = "the stream ended before the response: the client closed it or the call was cut off"
 
 
 @dataclass(slots=True)
@@ -126,7 +128,9 @@ async def deliver(
             pumping.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await pumping
-        ended.reply = stream.final()
+            with contextlib.suppress(Exception):  # a pump cancelled before it ran closed nothing
+                await answer.close()
+        _end(ended, stream, exchange.method != SUBSCRIPTIONS_LISTEN)
         return
     # Legacy: the session owns the pump, so the answer survives a dropped connection and
     # the client can resume it with Last-Event-ID (on any replica, with shared state: each
@@ -144,7 +148,16 @@ async def deliver(
         priming = sse.encode_priming(stream.event_id(0))
         await send({"type": "http.response.body", "body": priming, "more_body": True})
     await write_stream(send, stream, 0, receive, keepalive)
-    ended.reply = stream.final()
+    _end(ended, stream, stream.closed)
+
+
+def _end(ended: Ended, stream: Stream, answer_due: bool) -> None:
+    """How a streamed answer ended: its response (never a notification or request standing
+    in for it), else, when one was due, why there is none (the call was cut off)."""
+    final = stream.final()
+    ended.reply = final if final is not None and "method" not in final else None
+    if ended.reply is None and answer_due:
+        ended.failure = _CUT_OFF
 
 
 async def deliver_failure(
@@ -200,6 +213,8 @@ async def write_stream(
                 )
                 seq = number
             if stream.closed and seq >= stream.last:
+                break
+            if gone.is_set():  # went while events were written: no wake-up comes after
                 break
             before = stream.last
             await stream.wait(seq, keepalive)

@@ -28,11 +28,21 @@ class Answer:
 
     first: JSON
     rest: AsyncGenerator[JSON, None] | None = None
+    # The streams `rest` reads, innermost first: a wrapper never started would not close
+    # them (closing a generator that never ran runs none of it), so `close` does.
+    inner: tuple[AsyncGenerator[JSON, None], ...] = ()
 
     async def close(self) -> None:
         """Stop reading the rest (and let the upstream connection go)."""
         if self.rest is not None:
             await self.rest.aclose()
+        for stream in reversed(self.inner):
+            await stream.aclose()
+
+    def wrapped(self, first: JSON, rest: AsyncGenerator[JSON, None]) -> Answer:
+        """An answer whose `rest` reads this one's; closing it closes this one's too."""
+        inner = (*self.inner, self.rest) if self.rest is not None else self.inner
+        return Answer(first, rest, inner)
 
     def map_result(self, id_: Any, fix: Callable[[JSON], JSON]) -> Answer:
         """This answer with `fix` applied to the result of the response to request `id_`
@@ -55,7 +65,7 @@ class Answer:
             finally:
                 await rest.aclose()
 
-        return Answer(one(self.first), fixed())
+        return self.wrapped(one(self.first), fixed())
 
 
 async def answer_from(

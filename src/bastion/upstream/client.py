@@ -204,9 +204,15 @@ class HttpClient:
                 async for message in self.read_events(response, decoder):
                     yield message
             if resume is not None and decoder.last_id is not None:
-                # The upstream closed the stream early (SSE polling): resume it.
-                async for message in resume(decoder):
-                    yield message
+                # The upstream closed the stream early (SSE polling): resume it. Closed here,
+                # not by the garbage collector: it holds the resumed response.
+                resumed = resume(decoder)
+                try:
+                    async for message in resumed:
+                        yield message
+                finally:
+                    if isinstance(resumed, AsyncGenerator):
+                        await resumed.aclose()
 
         try:
             async with contextlib.aclosing(messages()) as stream:
