@@ -227,9 +227,16 @@ async def settled(replicas: list[Replica]) -> list[AuditRecord]:
     """Once the leader handled everything in the trail (its alerts are committed by then):
     the rate-spike alerts recorded."""
     last = end(replicas[0])
-    lead = await leader(replicas)
-    assert lead.fleet is not None
-    await until_async(lambda: lead.fleet is not None and lead.fleet.position >= last, "caught up")
+    await leader(replicas)
+
+    def caught_up() -> bool:
+        # Whichever replica leads by then: the one `leader` saw may be stepping down still
+        # (its last save failed), and its successor is the one that catches up.
+        return any(
+            r.fleet is not None and r.fleet.leading and r.fleet.position >= last for r in replicas
+        )
+
+    await until_async(caught_up, "caught up")
     return alerts(replicas[0])
 
 
