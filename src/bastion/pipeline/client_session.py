@@ -33,6 +33,7 @@ __all__ = [
     "Join",
     "Listener",
     "Record",
+    "upstream_session",
 ]
 
 log = logging.getLogger("bastion.session")
@@ -170,7 +171,7 @@ class ClientSession:
         for upstream, channel in list(self.channels.items()):
             if not _opened(channel):
                 continue
-            relayed = _upstream_session(channel)
+            relayed = upstream_session(channel)
             held = self.heard.get(upstream)
             if held is not None and held[0] == relayed:
                 continue
@@ -295,12 +296,17 @@ class ClientSession:
         for stream in self.streams.values():
             stream.close()
 
-    async def close(self, credentials: CloseCredentials | None = None) -> None:
-        """Cancel the session's tasks and end its upstream sessions, each with the credential
-        `credentials` gives for its upstream (an upstream that checks every request would
-        refuse the DELETE without one, and keep the session)."""
+    async def close(
+        self,
+        credentials: CloseCredentials | None = None,
+        also: Sequence[tuple[str, Channel]] = (),
+    ) -> None:
+        """Cancel the session's tasks and end its upstream sessions (and those `also` names:
+        joined only to be ended), each with the credential `credentials` gives for its
+        upstream (an upstream that checks every request would refuse the DELETE without one,
+        and keep the session)."""
         await self.detach()
-        channels = list(self.channels.items())
+        channels = [*self.channels.items(), *also]
         await asyncio.gather(*(self._end(name, ch, credentials) for name, ch in channels))
 
     async def _end(
@@ -315,7 +321,7 @@ class ClientSession:
             log.info("upstream %r: ending its session failed: %r", upstream, exc)
 
 
-def _upstream_session(channel: Channel) -> str | None:
+def upstream_session(channel: Channel) -> str | None:
     """The upstream session a channel uses (None for one without sessions of its own)."""
     attachment = channel.attachment() if isinstance(channel, LegacyHttpChannel) else None
     found = attachment.get("session") if attachment is not None else None

@@ -333,9 +333,10 @@ class SessionStore:
     async def _close(self, session: ClientSession, recorded: dict[str, bytes] | None) -> None:
         """Close a session ended for good: its upstream sessions, with those its record named
         as it was ended (`recorded`: opened on other replicas too)."""
+        also = []
         if recorded and self._upstreams is not None:
-            await self._upstreams.ending(session, recorded)
-        await session.close(self._credentials)
+            also = await self._upstreams.ending(session, recorded)
+        await session.close(self._credentials, also)
 
     # -- quotas -----------------------------------------------------------------------------
 

@@ -20,19 +20,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING
 
 import orjson
 
 from bastion.errors import SessionNotFound
 from bastion.pipeline.buffer import GONE
+from bastion.pipeline.client_session import ClientSession, upstream_session
 from bastion.state.sessions import SessionRecords
 from bastion.types import JSON
 from bastion.upstream.base import Channel
 from bastion.upstream.http import LegacyHttpChannel
-
-if TYPE_CHECKING:
-    from bastion.pipeline.client_session import ClientSession
 
 __all__ = ["Attach", "SharedUpstreams"]
 
@@ -150,26 +147,27 @@ class SharedUpstreams:
             position = listened.decode() if listened is not None else None
             await held.adopt(attachment, position, instead_of=used)
 
-    async def ending(self, session: ClientSession, recorded: dict[str, bytes]) -> None:
-        """Before `session` is closed for good: hold every upstream session its record named
-        as it was ended (`recorded`), so closing it ends those other replicas opened too (no
-        replica would ever end them: the others only let go of the session)."""
+    async def ending(
+        self, session: ClientSession, recorded: dict[str, bytes]
+    ) -> list[tuple[str, Channel]]:
+        """The upstream sessions `session`'s record named as it was ended (`recorded`) that
+        this replica does not use, joined so that closing them with the session ends them:
+        other replicas opened them, and only let go of the session."""
         if self._attach is None:
-            return
+            return []
+        used = {upstream_session(channel) for channel in session.channels.values()}
+        extra = []
         for key, value in recorded.items():
             upstream = key.removeprefix("up:")
-            if upstream == key:
-                continue
             held = session.channels.get(upstream)
-            now = held.attachment() if isinstance(held, LegacyHttpChannel) else None
-            if held is not None and not isinstance(held, LegacyHttpChannel):
-                continue  # no upstream session of its own (stdio, stateless)
+            if upstream == key or (held is not None and not isinstance(held, LegacyHttpChannel)):
+                continue  # not an upstream session, or an upstream without one (stdio)
             try:
-                if now is not None and now.get("session") == orjson.loads(value).get("session"):
-                    continue
-                session.channels[upstream] = await self.joined(session, upstream, value, None)
+                if orjson.loads(value).get("session") not in used:
+                    extra.append((upstream, await self.joined(session, upstream, value, None)))
             except Exception as exc:  # best effort, as ending any upstream session is
                 log.info("upstream %r: its session not ended: %r", upstream, exc)
+        return extra
 
 
 def _digest(session: ClientSession) -> str:

@@ -175,7 +175,7 @@ class Trail:
         phase: str,
         *,
         failure: str | None = None,
-        outcome: str | None = None,
+        outcome: Outcome | None = None,
         **measured: Any,
     ) -> AuditRecord:
         """The record of `exchange` at `phase`; an outcome record also gets what was
@@ -220,7 +220,7 @@ class Trail:
             obligations=dict(decision.obligations) if decision else {},
             upstream=self._upstreams.get(target.upstream) if target else None,
             request_bytes=exchange.request_bytes or None,
-            outcome="denied" if phase == "authn" else outcome,  # type: ignore[arg-type]
+            outcome="denied" if phase == "authn" else outcome,
             detail=_detail(exchange, failure),
             **measured,
         )
